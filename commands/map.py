@@ -1,0 +1,33 @@
+"""sage map: transform each record with a Python expression."""
+
+from typing import Annotated
+
+import typer
+
+from sage_cli.command import operator_command, single_command_app
+
+app = single_command_app()
+
+
+@operator_command(app, "map")
+def map_records(
+    expr: Annotated[str | None, typer.Argument(
+        metavar="EXPR", help="Python expression over the record `r`; must return an object.",
+        show_default=False)] = None,
+    fn: Annotated[str | None, typer.Option(
+        "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR.")] = None,
+):
+    """Replace each record with what EXPR returns (an object).
+
+    EXPR is Python over the record `r`, compiled once; `json`, `math` and `re` are available.
+    An exception in EXPR is that record's error (see --on-error).
+
+    \b
+    Examples:
+      sage map 'r | {"n": len(r["text"])}' docs.ndjson
+      sage map '{"id": r["id"], "text": r["text"].lower()}'
+      sage map --fn mymodule:clean < in.ndjson > out.ndjson
+    """
+    from operators.expr import Map
+
+    return Map(expr, fn)

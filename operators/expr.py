@@ -1,0 +1,141 @@
+"""User expressions for map, filter and flatmap: Python over the record `r`, compiled once.
+
+Expressions come only from the command line (or a module named with --fn), never from record
+content. An exception inside one is that record's error, with the expression in the message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from operators.base import OptionError, Operator, Record, RecordError
+
+#: names an expression can use besides `r` and the builtins
+EXPRESSION_GLOBALS: dict[str, Any] = {"json": json, "math": math, "re": re}
+
+
+def compile_expression(expr: str) -> Callable[[Record], Any]:
+    """Compile `expr` into a function of `r`, or raise OptionError saying what is wrong."""
+    if not expr.strip():
+        raise OptionError("empty expression; write Python over the record `r`, e.g. 'r[\"text\"]'")
+    try:
+        code = compile(f"lambda r: ({expr}\n)", "<expression>", "eval")
+    except SyntaxError as exc:
+        raise OptionError(f"invalid expression {expr!r}: {exc.msg}") from None
+    return eval(code, dict(EXPRESSION_GLOBALS))  # noqa: S307 - the user's own command line
+
+
+def load_function(spec: str) -> Callable[[Record], Any]:
+    """Load `module:function` (the module from the current directory or sys.path)."""
+    module_name, _, func_name = spec.partition(":")
+    if not module_name or not func_name:
+        raise OptionError(f"--fn {spec!r}: expected module:function")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise OptionError(f"--fn {spec!r}: cannot import {module_name!r}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise OptionError(f"--fn {spec!r}: {module_name} has no function {func_name!r}")
+    return func
+
+
+def user_function(expr: str | None, fn: str | None) -> tuple[Callable[[Record], Any], str]:
+    """The callable and a label for messages, from an expression or a --fn spec (exactly one)."""
+    if (expr is None) == (fn is None):
+        raise OptionError("give an expression or --fn module:function (one of them)")
+    if fn is not None:
+        return load_function(fn), f"--fn {fn}"
+    assert expr is not None
+    return compile_expression(expr), repr(expr)
+
+
+def _failed(kind: str, label: str, exc: Exception) -> RecordError:
+    return RecordError(f"{kind} {label} failed: {type(exc).__name__}: {exc}")
+
+
+class Map(Operator):
+    """Replace each record with what a Python expression over `r` returns (an object)."""
+
+    name = "map"
+
+    def __init__(self, expr: str | None = None, fn: str | None = None) -> None:
+        self.func, self.label = user_function(expr, fn)
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        func = self.func
+        try:
+            out = [func(r) for r in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                raise _failed("map", self.label, exc) from None
+            raise
+        for value in out:
+            if type(value) is not dict:
+                if len(batch) == 1:
+                    raise RecordError(f"map {self.label} must return an object (dict), "
+                                      f"got {type(value).__name__}")
+                raise RecordError("map returned a non-object")  # retried one by one
+        return out
+
+
+class Filter(Operator):
+    """Keep the records for which a Python expression over `r` is true."""
+
+    name = "filter"
+
+    def __init__(self, expr: str | None = None, fn: str | None = None,
+                 invert: bool = False) -> None:
+        self.func, self.label = user_function(expr, fn)
+        self.invert = invert
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        func = self.func
+        try:
+            if self.invert:
+                return [r for r in batch if not func(r)]
+            return [r for r in batch if func(r)]
+        except Exception as exc:
+            if len(batch) == 1:
+                raise _failed("filter", self.label, exc) from None
+            raise
+
+
+class FlatMap(Operator):
+    """Replace each record with the records (a list or generator of objects) an expression
+    over `r` returns; strings become `{"text": ...}` records."""
+
+    name = "flatmap"
+
+    def __init__(self, expr: str | None = None, fn: str | None = None) -> None:
+        self.func, self.label = user_function(expr, fn)
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        out: list[Record] = []
+        for r in batch:
+            try:
+                values = self.func(r)
+                if values is None:
+                    continue
+                if isinstance(values, dict | str):
+                    values = [values]
+                items = list(values)
+            except Exception as exc:
+                raise _failed("flatmap", self.label, exc) from None
+            for value in items:
+                if isinstance(value, str):
+                    out.append({"text": value})
+                elif isinstance(value, dict):
+                    out.append(value)
+                else:
+                    raise RecordError(f"flatmap {self.label} must yield objects or strings, "
+                                      f"got {type(value).__name__}")
+        return out

@@ -1,0 +1,5 @@
+import sys
+
+from sage_cli.app import main
+
+sys.exit(main())

@@ -1,0 +1,121 @@
+"""`sage`: the top-level command. Subcommands are imported only when they run, so
+`sage <op> --help` stays fast and no heavy library (numpy, llama.cpp, rich) loads here."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+import typer
+import typer.core
+
+from sage_cli import __version__
+from sage_cli.command import CONTEXT, fail
+
+#: name -> (module in commands/, one-line summary shown by `sage --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    # dataflow
+    "source": ("commands.source", "Read files, directories, globs or stdin as records."),
+    "map": ("commands.map", "Transform each record with a Python expression over `r`."),
+    "filter": ("commands.filter", "Keep the records for which a Python expression is true."),
+    "flatmap": ("commands.flatmap", "Turn each record into zero or more records."),
+    "keyby": ("commands.keyby", "Tag each record with a partition key from a field."),
+    "window": ("commands.window", "Aggregate records in tumbling or sliding windows."),
+    "join": ("commands.join", "Enrich records from an NDJSON lookup table."),
+    "merge": ("commands.merge", "Interleave several NDJSON inputs as they arrive."),
+    "head": ("commands.head", "Pass the first N records and stop reading."),
+    "dedupe": ("commands.dedupe", "Drop records whose key was already seen."),
+    "sample": ("commands.sample", "Keep a random sample of records."),
+    "sink": ("commands.sink", "Write records to the terminal or a file (ndjson, json, csv, md)."),
+    # RAG
+    "chunk": ("commands.chunk", "Split `text` into overlapping chunks."),
+    "embed": ("commands.embed", "Add an `embedding` to each record with a local model."),
+    "index": ("commands.index", "Build and inspect vector indexes (annoy)."),
+    "retrieve": ("commands.retrieve", "Attach the documents most relevant to `query`."),
+    "rerank": ("commands.rerank", "Reorder retrieved `docs` (MMR or the local model)."),
+    "prompt": ("commands.prompt", "Render a prompt from a template and the record."),
+    "generate": ("commands.generate", "Generate an `answer` with a local model or an OpenAI API."),
+    "eval": ("commands.eval", "Score answers and retrieval against gold labels."),
+    # operations
+    "models": ("commands.models", "List, locate, verify and convert the local models."),
+    "doctor": ("commands.doctor", "Check the installation and say how to fix what is wrong."),
+    "run": ("commands.run", "Run a pipeline script under supervision, with traces."),
+    "trace": ("commands.trace", "Show the trace of a run."),
+}
+
+
+def available_commands() -> list[str]:
+    return [name for name, (module, _) in COMMANDS.items() if importlib.util.find_spec(module)]
+
+
+class LazyGroup(typer.core.TyperGroup):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return available_commands()
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        entry = COMMANDS.get(cmd_name)
+        if entry is None or not importlib.util.find_spec(entry[0]):
+            return None
+        module = importlib.import_module(entry[0])
+        command = typer.main.get_command(module.app)
+        command.name = cmd_name
+        return command
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in available_commands()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"sage {__version__}")
+        raise typer.Exit()
+
+
+app = typer.Typer(
+    cls=LazyGroup,
+    name="sage",
+    help="Unix-style NDJSON operators for LLM pipelines. Each command reads NDJSON on stdin "
+    "and writes NDJSON on stdout.\n\n"
+    "\b\nExamples:\n"
+    "  sage source docs/ | sage chunk | sage embed | sage index build idx/\n"
+    "  sage source questions.txt -R | sage retrieve --index idx/ | sage prompt | sage generate\n"
+    "  sage <command> --help",
+    context_settings=CONTEXT,
+    rich_markup_mode=None,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Unix-style NDJSON operators for LLM pipelines."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `sage` script: usage errors become one line and exit 2."""
+    args = sys.argv[1:] if argv is None else argv
+    prog = "sage" if not args or args[0].startswith("-") else f"sage {args[0]}"
+    try:
+        result = app(args=args, prog_name="sage", standalone_mode=False)
+    except Exception as exc:  # click's UsageError and friends: duck-typed, click is vendored
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):
+            ctx = getattr(exc, "ctx", None)
+            where = ctx.command_path if ctx is not None else prog
+            hint = f" (see '{where} --help')" if ctx is not None else ""
+            return fail(where, exc.format_message() + hint, exc.exit_code)
+        raise
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""What every operator command shares: the I/O flags, `--schema`, running the driver, and
+turning every way a stage can end (error, SIGINT, SIGTERM, closed stdout) into one line on stderr
+and a documented exit code.
+
+A command module writes a function that parses its own flags and returns an Operator;
+`operator_command` adds the common flags and does the rest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from operators.base import Operator, Record
+from sage_cli.driver import Driver, ErrorMode, ErrorPolicy, Stats, convert_operator_error
+from sage_cli.errors import SageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.io import RecordReader, RecordWriter
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives."""
+
+
+@dataclass
+class IOOptions:
+    """The flags every operator command takes."""
+
+    on_error: ErrorMode = ErrorMode.fail
+    errors: str | None = None
+    batch_size: int | None = None
+    line_buffered: bool = False
+    schema: bool = False
+    quiet: bool = False
+    progress: bool = False
+    files: list[str] | None = None
+
+
+_COMMON: list[tuple[str, Any, Any]] = [
+    ("on_error", Annotated[ErrorMode, typer.Option(
+        "--on-error", help="What to do with a bad line or a record that fails: stop (exit 65), "
+        "skip it, or emit an `_error` record in its place.", case_sensitive=False)], ErrorMode.fail),
+    ("errors", Annotated[str | None, typer.Option(
+        "--errors", metavar="FILE", help="Append every bad line or failed record to this NDJSON "
+        "dead-letter file.")], None),
+    ("batch_size", Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Records per batch handed to the operator.")], None),
+    ("line_buffered", Annotated[bool, typer.Option(
+        "--line-buffered", help="Flush stdout after every record.")], False),
+    ("schema", Annotated[bool, typer.Option(
+        "--schema", help="Print the fields this operator needs and produces as JSON Schema, "
+        "and exit.")], False),
+    ("quiet", Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No warnings or progress on stderr; errors only.")], False),
+    ("progress", Annotated[bool, typer.Option(
+        "--progress", help="Show progress on stderr even when it is not a terminal.")], False),
+]
+_FILES = ("files", Annotated[list[str] | None, typer.Argument(
+    metavar="[FILE]...", help="NDJSON inputs; none or `-` reads stdin.", show_default=False)], None)
+
+
+def stage_name(command: str) -> str:
+    return f"sage {command}"
+
+
+def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
+    """Print `sage <op>: error: <message>` and return the exit code."""
+    message = str(err)
+    if not message.endswith("\n"):
+        message += "\n"
+    try:
+        sys.stderr.write(f"{prog}: error: {message}")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    if code is not None:
+        return code
+    return int(err.code) if isinstance(err, SageError) else int(ExitCode.FAILURE)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def silence_stdout() -> None:
+    """After stdout is closed by the reader (`| head`), make later writes to it harmless."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | None = None) -> int:
+    """Run `body` and turn every way it can end into an exit code and at most one line on stderr.
+
+    `on_stop` flushes complete output when the run is cut short by an error or a signal.
+    """
+    debug = os.environ.get("SAGE_DEBUG") == "1"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        body()
+        return int(ExitCode.OK)
+    except BrokenPipeError:
+        silence_stdout()
+        return int(ExitCode.OK)
+    except KeyboardInterrupt:
+        _stop(on_stop)
+        return int(ExitCode.INTERRUPTED)
+    except Terminated:
+        _stop(on_stop)
+        return int(ExitCode.TERMINATED)
+    except SageError as err:
+        _stop(on_stop)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        return fail(prog, err)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        _stop(on_stop)
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        converted = convert_operator_error(exc)
+        if converted is not None:
+            return fail(prog, converted)
+        if isinstance(exc, MemoryError):
+            return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
+        if isinstance(exc, OSError) and exc.strerror:
+            where = f"{exc.filename}: " if exc.filename else ""
+            return fail(prog, f"{where}{exc.strerror}", ExitCode.FAILURE)
+        return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(on_stop: Callable[[], None] | None) -> None:
+    if on_stop is None:
+        return
+    try:
+        on_stop()
+    except BrokenPipeError:
+        silence_stdout()
+    except Exception:  # noqa: BLE001 - flushing on the way out must not hide the real error
+        pass
+
+
+def schema_of(op: Operator, command: str) -> dict[str, Any]:
+    """The JSON Schema of what `op` reads and writes (DESIGN §2)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": stage_name(command),
+        "description": (type(op).__doc__ or "").strip().split("\n")[0],
+        "x-sage-memory": op.memory,
+        "x-sage-stateless": op.stateless,
+        "$defs": {
+            "input": {"type": "object", "required": sorted(op.requires),
+                      "properties": dict(op.requires), "additionalProperties": True},
+            "output": {"type": "object", "properties": dict(op.produces),
+                       "additionalProperties": True},
+        },
+    }
+
+
+def print_schema(op: Operator, command: str) -> None:
+    import orjson
+
+    sys.stdout.buffer.write(orjson.dumps(schema_of(op, command), option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.flush()
+
+
+def run_operator(command: str, op: Operator, opts: IOOptions,
+                 records: Iterable[Record] | None = None) -> int:
+    """Run `op` over NDJSON inputs (or over `records`, for sources) and return the exit code."""
+    prog = stage_name(command)
+    if opts.schema:
+        print_schema(op, command)
+        return 0
+    writer = RecordWriter(line_buffered=opts.line_buffered)
+    stats = Stats()
+    policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
+    progress = make_progress(prog, opts)
+    driver = Driver(op, writer, policy, opts.batch_size or op.default_batch_size,
+                    on_batch=progress.update if progress else None)
+
+    def body() -> None:
+        try:
+            if records is not None:
+                driver.run_records(records, origin=command)
+            else:
+                reader = RecordReader(opts.files, on_idle=driver.idle,
+                                      idle_interval=op.tick_interval)
+                driver.run_reader(reader)
+        finally:
+            policy.close()
+            if progress:
+                progress.close()
+        if stats.skipped and not opts.quiet:
+            sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
+
+    return guarded(prog, body, on_stop=writer.flush)
+
+
+def make_progress(prog: str, opts: IOOptions) -> Any:
+    if opts.quiet:
+        return None
+    if not (opts.progress or sys.stderr.isatty()):
+        return None
+    from sage_cli.progress import Progress
+
+    return Progress(prog)
+
+
+def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
+                     **command_kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `build` as the command `name`: it parses the command's own flags and returns
+    an Operator (or `(operator, records)` for a source); the common I/O flags are added here.
+    """
+
+    def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(build, eval_str=True)
+        own = list(sig.parameters.values())
+        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+                 for n, a, d in _COMMON]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        if reads_stdin:
+            n, a, d = _FILES
+            params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d))
+        params.extend(extra)
+        common_names = {n for n, _, _ in _COMMON} | {_FILES[0]}
+
+        def command(**kwargs: Any) -> None:
+            opts = IOOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in common_names})
+            prog = stage_name(name)
+            built: Any = None
+
+            def construct() -> None:
+                nonlocal built
+                built = build(**kwargs)
+
+            code = guarded(prog, construct)
+            if code:
+                raise typer.Exit(code)
+            op, records = built if isinstance(built, tuple) else (built, None)
+            raise typer.Exit(run_operator(name, op, opts, records))
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = build.__doc__
+        command.__name__ = build.__name__
+        app.command(name, **command_kwargs)(command)
+        return build
+
+    return decorate
+
+
+def single_command_app() -> typer.Typer:
+    """The typer app a one-command module registers into."""
+    return typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

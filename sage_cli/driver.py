@@ -1,0 +1,250 @@
+"""The one driver that runs every operator (DESIGN §4).
+
+It owns batching, the error policy, `_error` pass-through, per-record retry of a failed batch,
+ordering and counters. Operators never re-implement any of these.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import orjson
+
+from operators.base import (
+    Operator,
+    OptionError,
+    Record,
+    RecordError,
+    ResourceUnavailable,
+    TransientError,
+)
+from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.io import BadLine, RecordReader, RecordWriter
+
+
+class ErrorMode(str, Enum):
+    fail = "fail"
+    skip = "skip"
+    emit = "emit"
+
+
+@dataclass
+class Stats:
+    """Counters a stage keeps for progress and traces."""
+
+    records_in: int = 0
+    records_out: int = 0
+    errors: int = 0
+    skipped: int = 0
+    batches: int = 0
+    busy_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class ErrorPolicy:
+    """Applies `--on-error` and `--errors FILE` to a bad line or a failed record."""
+
+    def __init__(self, stage: str, mode: ErrorMode = ErrorMode.fail,
+                 dead_letter: str | None = None, stats: Stats | None = None) -> None:
+        self.stage = stage
+        self.mode = ErrorMode(mode)
+        self.dead_letter = dead_letter
+        self.stats = stats if stats is not None else Stats()
+        self._dead_fh: Any = None
+
+    def _record_dead(self, entry: Record) -> None:
+        if self.dead_letter is None:
+            return
+        if self._dead_fh is None:
+            try:
+                self._dead_fh = open(self.dead_letter, "ab")  # noqa: SIM115 - kept open for the run
+            except OSError as exc:
+                raise SageError(f"--errors {self.dead_letter}: cannot open: {exc.strerror}") from None
+        self._dead_fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE, default=str))
+        self._dead_fh.flush()  # a dead letter must survive a crash of this process
+
+    def bad_line(self, bad: BadLine) -> list[Record]:
+        """A line that is not a JSON object. Returns what to write in its place."""
+        entry = {"stage": self.stage, "origin": bad.origin, "line": bad.line,
+                 "error": bad.reason, "raw": bad.raw_text()}
+        return self._apply(entry, bad.message(), ExitCode.DATA, {"_error": entry})
+
+    def bad_record(self, record: Record, origin: str, line: int, exc: BaseException) -> list[Record]:
+        """A record the operator could not process."""
+        reason = str(exc) or type(exc).__name__
+        entry = {"stage": self.stage, "origin": origin, "line": line, "error": reason}
+        dead = dict(entry, raw=record)
+        code = ExitCode.DATA if isinstance(exc, RecordError) else ExitCode.FAILURE
+        if isinstance(exc, TransientError):
+            code = ExitCode.TEMPFAIL
+        emitted = dict(record)
+        emitted["_error"] = entry
+        return self._apply(dead, f"{origin}:{line}: {reason}", code, emitted)
+
+    def _apply(self, dead: Record, message: str, code: ExitCode, emitted: Record) -> list[Record]:
+        self.stats.errors += 1
+        self._record_dead(dead)
+        if self.mode is ErrorMode.fail:
+            hint = "" if self.dead_letter else " (--on-error skip|emit to go on)"
+            raise SageError(message + hint, code)
+        if self.mode is ErrorMode.skip:
+            self.stats.skipped += 1
+            return []
+        return [emitted]
+
+    def close(self) -> None:
+        if self._dead_fh is not None:
+            self._dead_fh.close()
+            self._dead_fh = None
+
+
+def convert_operator_error(exc: Exception) -> SageError | None:
+    """Map an operator-level exception that stops the stage to a user-facing SageError."""
+    if isinstance(exc, OptionError):
+        return UsageError(str(exc))
+    if isinstance(exc, ResourceUnavailable):
+        return UnavailableError(str(exc))
+    if isinstance(exc, TransientError):
+        return TempFailError(str(exc))
+    if isinstance(exc, RecordError):
+        return DataError(str(exc))
+    return None
+
+
+class Driver:
+    """Feeds records through one operator in batches and writes what it returns."""
+
+    def __init__(self, op: Operator, writer: RecordWriter, policy: ErrorPolicy,
+                 batch_size: int = 256, on_batch: Callable[[Stats], None] | None = None) -> None:
+        self.op = op
+        self.writer = writer
+        self.policy = policy
+        self.batch_size = max(1, batch_size)
+        self.stats = policy.stats
+        self.on_batch = on_batch
+
+    # -- the public entry points -------------------------------------------------------------
+
+    def run_reader(self, reader: RecordReader) -> None:
+        """Run the operator over everything `reader` yields, then close it."""
+        self.op.setup()
+        for block in reader.blocks():
+            self.feed_block(block.origin, block.first_line, block.items, block.lines, block.clean)
+            if self.op.done:
+                break
+            self.writer.maybe_flush()
+        self.finish()
+
+    def run_records(self, records: Iterable[Record], origin: str = "input") -> None:
+        """Run the operator over records that did not come from NDJSON (a source, a table)."""
+        self.op.setup()
+        batch: list[Record] = []
+        line = 0
+        for record in records:
+            batch.append(record)
+            if len(batch) >= self.batch_size:
+                self.feed_block(origin, line + 1, batch, None, False)
+                line += len(batch)
+                batch = []
+                self.writer.maybe_flush()
+                if self.op.done:
+                    break
+        if batch and not self.op.done:
+            self.feed_block(origin, line + 1, batch, None, False)
+        self.finish()
+
+    def idle(self) -> None:
+        """Input is idle: emit what time-driven operators have ready, then flush."""
+        out = self.op.tick(time.time())
+        if out:
+            self._write(out)
+        self.writer.flush()
+
+    def finish(self) -> None:
+        self._write(self.op.close())
+        self.writer.flush()
+
+    # -- batching ----------------------------------------------------------------------------
+
+    def feed_block(self, origin: str, first_line: int, items: list[Any],
+                   lines: Sequence[int] | None, clean: bool) -> None:
+        """Process one block of items read together.
+
+        A clean block holds only records without `_error`, numbered from `first_line`: it is
+        cut into batches with no per-record checks. Anything else goes item by item.
+        """
+        bs = self.batch_size
+        if clean:
+            n = len(items)
+            for start in range(0, n, bs):
+                batch = items if n <= bs else items[start:start + bs]
+                self._run_batch(origin, batch, range(first_line + start, first_line + start + len(batch)))
+                if self.op.done:
+                    return
+            return
+        if lines is None:
+            lines = range(first_line, first_line + len(items))
+        batch: list[Record] = []
+        batch_lines: list[int] = []
+        for item, line in zip(items, lines):
+            if type(item) is dict and "_error" not in item:
+                batch.append(item)
+                batch_lines.append(line)
+                if len(batch) >= bs:
+                    self._run_batch(origin, batch, batch_lines)
+                    batch, batch_lines = [], []
+                    if self.op.done:
+                        return
+                continue
+            if batch:
+                self._run_batch(origin, batch, batch_lines)
+                batch, batch_lines = [], []
+                if self.op.done:
+                    return
+            if isinstance(item, BadLine):
+                self._write(self.policy.bad_line(item))
+            else:
+                self.stats.records_in += 1
+                self._write([item])  # an _error record passes through untouched
+        if batch:
+            self._run_batch(origin, batch, batch_lines)
+
+    def _run_batch(self, origin: str, batch: list[Record], lines: Sequence[int]) -> None:
+        stats = self.stats
+        stats.records_in += len(batch)
+        stats.batches += 1
+        t0 = time.perf_counter()
+        try:
+            out = self.op.process(batch)
+        except (ResourceUnavailable, KeyboardInterrupt):
+            raise
+        except Exception:
+            out = self._one_by_one(origin, batch, lines)
+        stats.busy_seconds += time.perf_counter() - t0
+        self._write(out)
+        if self.on_batch is not None:
+            self.on_batch(stats)
+
+    def _one_by_one(self, origin: str, batch: list[Record], lines: Sequence[int]) -> list[Record]:
+        """Retry a failed batch record by record; the policy handles the records that fail."""
+        out: list[Record] = []
+        for i, record in enumerate(batch):
+            try:
+                out.extend(self.op.process([record]))
+            except (ResourceUnavailable, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's
+                self._write(out)  # what came before the bad record is written first
+                out = []
+                out.extend(self.policy.bad_record(record, origin, lines[i], exc))
+        return out
+
+    def _write(self, records: list[Record]) -> None:
+        if records:
+            self.stats.records_out += len(records)
+            self.writer.write(records)

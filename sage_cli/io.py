@@ -1,0 +1,291 @@
+"""NDJSON in and out (DESIGN §3).
+
+Reading: files or stdin (`-`), in large blocks, blank lines skipped, every line numbered so an
+error can say `FILE:LINE`. Before a read that would block, the reader calls `on_idle` so the
+writer can flush: output is never held back while we wait for input.
+
+Writing: records are serialised with orjson into a buffer that is written out in blocks, when it
+grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least every FLUSH_SECONDS.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import stat
+import time
+from collections.abc import Callable, Iterator
+from itertools import repeat
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from sage_cli.errors import DataError, SageError, UsageError
+from sage_cli.exitcodes import ExitCode
+
+BLOCK_SIZE = 64 * 1024
+FILE_BLOCK_SIZE = 1024 * 1024
+FLUSH_SECONDS = 0.1
+#: longest excerpt of a bad line quoted in an error message
+QUOTE_LIMIT = 80
+
+Record = dict[str, Any]
+_loads = orjson.loads
+_dumps = orjson.dumps
+_NL = orjson.OPT_APPEND_NEWLINE
+
+
+@dataclass
+class BadLine:
+    """A line that is not a JSON object: where it was, why, and its raw bytes."""
+
+    origin: str
+    line: int
+    reason: str
+    raw: bytes
+
+    def message(self) -> str:
+        return f"{self.origin}:{self.line}: {self.reason}"
+
+    def raw_text(self) -> str:
+        return self.raw.decode("utf-8", errors="replace")
+
+
+def describe_json_error(raw: bytes, exc: Exception) -> str:
+    """A short reason for a line orjson rejected, with an excerpt of the line."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"invalid UTF-8 at byte {err.start}"
+    reason = str(exc).split(":", 1)[0] if str(exc) else "invalid JSON"
+    excerpt = raw[:QUOTE_LIMIT].decode("utf-8", errors="replace")
+    if len(raw) > QUOTE_LIMIT:
+        excerpt += "..."
+    return f"invalid JSON ({reason}): {excerpt}"
+
+
+def parse_line(raw: bytes) -> Record | str:
+    """Parse one NDJSON line: the record, or a string saying why it is not one."""
+    try:
+        value = _loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return describe_json_error(raw, exc)
+    if type(value) is not dict:
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        return f"expected a JSON object, got {kind}"
+    return value
+
+
+def open_input(path: str) -> int:
+    """Open an input path (or `-` for stdin) as a raw fd, with a one-line error on failure."""
+    if path == "-":
+        return 0
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file; check the path") from None
+    except PermissionError:
+        raise SageError(f"{path}: permission denied; check its permissions", ExitCode.FAILURE) from None
+    except OSError as exc:
+        raise SageError(f"{path}: cannot open: {exc.strerror}") from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path}: is a directory; NDJSON input must be a file (use `sage source DIR`)")
+    return fd
+
+
+def read_blocks(fd: int, on_idle: Callable[[], None] | None = None,
+                idle_interval: float | None = None) -> Iterator[bytes]:
+    """Yield runs of complete lines (joined, without the final `\\n`) as they arrive on `fd`.
+
+    Before blocking on a pipe or terminal, call `on_idle` (and again every `idle_interval`
+    seconds while nothing arrives). A final line without `\\n` is still yielded.
+    """
+    is_regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    size = FILE_BLOCK_SIZE if is_regular else BLOCK_SIZE
+    pending: list[bytes] = []
+    read = os.read
+    while True:
+        if not is_regular and on_idle is not None:
+            ready, _, _ = select.select([fd], [], [], 0)
+            while not ready:
+                on_idle()
+                ready, _, _ = select.select([fd], [], [], idle_interval)
+        try:
+            chunk = read(fd, size)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+            continue
+        except IsADirectoryError:
+            raise UsageError("input is a directory; use `sage source DIR`") from None
+        if not chunk:
+            break
+        nl = chunk.rfind(b"\n")
+        if nl < 0:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk[: nl])
+            head = b"".join(pending)
+            pending = []
+        else:
+            head = chunk[:nl]
+        rest = chunk[nl + 1:]
+        if rest:
+            pending.append(rest)
+        yield head
+    if pending:
+        yield b"".join(pending)
+
+
+@dataclass
+class Block:
+    """Records read together. `items` holds records and BadLines in input order.
+
+    `lines[i]` is the line number of `items[i]`; None means `first_line + i`. A `clean` block
+    holds only records without `_error` and no gaps, so the driver can batch it with no checks.
+    """
+
+    origin: str
+    first_line: int
+    items: list[Any]
+    lines: list[int] | None
+    clean: bool
+
+
+class RecordReader:
+    """Reads NDJSON records from a list of inputs, block by block, with line numbers."""
+
+    def __init__(self, paths: list[str] | None = None,
+                 on_idle: Callable[[], None] | None = None,
+                 idle_interval: float | None = None) -> None:
+        self.paths = list(paths) if paths else ["-"]
+        self.on_idle = on_idle
+        self.idle_interval = idle_interval
+
+    def blocks(self) -> Iterator[Block]:
+        for path in self.paths:
+            origin = "stdin" if path == "-" else path
+            fd = open_input(path)
+            try:
+                yield from self._blocks_of(fd, origin)
+            finally:
+                if fd != 0:
+                    os.close(fd)
+
+    def _blocks_of(self, fd: int, origin: str) -> Iterator[Block]:
+        lineno = 0
+        loads = _loads
+        for data in read_blocks(fd, self.on_idle, self.idle_interval):
+            lines = data.split(b"\n")
+            first = lineno + 1
+            lineno += len(lines)
+            # Fast path: every line parses to an object and none can carry `_error`.
+            try:
+                items = [loads(raw) for raw in lines]
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                if all(map(isinstance, items, repeat(dict))):
+                    # any key spelled `_error` (escaped or not) ends in `error"`
+                    clean = b'error"' not in data or not any("_error" in v for v in items)
+                    yield Block(origin, first, items, None, clean)
+                    continue
+            yield self._slow_block(origin, first, lines)
+
+    @staticmethod
+    def _slow_block(origin: str, first: int, lines: list[bytes]) -> Block:
+        items: list[Any] = []
+        numbers: list[int] = []
+        for offset, raw in enumerate(lines):
+            line = first + offset
+            if not raw.strip():
+                continue  # blank lines are skipped
+            parsed = parse_line(raw)
+            items.append(parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw))
+            numbers.append(line)
+        return Block(origin, first, items, numbers, False)
+
+
+class RecordWriter:
+    """Buffered NDJSON writer on a raw fd (stdout by default)."""
+
+    def __init__(self, fd: int = 1, line_buffered: bool = False) -> None:
+        self.fd = fd
+        self.line_buffered = line_buffered
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._last_flush = time.monotonic()
+        self.records_written = 0
+
+    def write(self, records: list[Record]) -> None:
+        if not records:
+            return
+        dumps = _dumps
+        opt = _NL
+        try:
+            data = b"".join([dumps(r, option=opt) for r in records])
+        except TypeError:
+            data = b"".join([dump_record(r) for r in records])
+        self.records_written += len(records)
+        self._parts.append(data)
+        self._size += len(data)
+        if self.line_buffered or self._size >= BLOCK_SIZE:
+            self.flush()
+
+    def maybe_flush(self) -> None:
+        """Flush if output has waited FLUSH_SECONDS or more."""
+        if self._parts and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._parts:
+            return
+        data = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        write_all(self.fd, data)
+
+
+def dump_record(record: Record) -> bytes:
+    """Serialise one record; values JSON cannot hold become strings rather than a crash."""
+    return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:  # pragma: no cover
+            continue
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise BrokenPipeError(errno.EPIPE, "broken pipe") from None
+            raise
+        view = view[n:]
+
+
+def loads_record(raw: bytes | str, origin: str = "input", line: int = 1) -> Record:
+    """Parse one line into a record or raise DataError naming where it came from."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogateescape")
+    result = parse_line(raw)
+    if isinstance(result, str):
+        raise DataError(f"{origin}:{line}: {result}")
+    return result
+
+
+def read_table(path: str) -> list[Record]:
+    """Read a whole NDJSON file (a lookup table, a gold file) or fail with FILE:LINE."""
+    out: list[Record] = []
+    for block in RecordReader([path]).blocks():
+        for item in block.items:
+            if isinstance(item, BadLine):
+                raise DataError(item.message())
+            out.append(item)
+    return out

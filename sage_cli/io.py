@@ -14,11 +14,12 @@ import errno
 import os
 import select
 import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from itertools import repeat
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -80,10 +81,16 @@ def parse_line(raw: bytes) -> Record | str:
     return value
 
 
-def open_input(path: str) -> int:
-    """Open an input path (or `-` for stdin) as a raw fd, with a one-line error on failure."""
+def open_input(path: str) -> int | BinaryIO:
+    """Open an input path (or `-` for stdin) as a raw fd, with a one-line error on failure.
+
+    stdin that is not a real file descriptor (a test harness) comes back as a binary stream.
+    """
     if path == "-":
-        return 0
+        try:
+            return sys.stdin.fileno()
+        except (AttributeError, OSError, ValueError):
+            return sys.stdin.buffer
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -98,17 +105,25 @@ def open_input(path: str) -> int:
     return fd
 
 
-def read_blocks(fd: int, on_idle: Callable[[], None] | None = None,
+def read_blocks(fd: int | BinaryIO, on_idle: Callable[[], None] | None = None,
                 idle_interval: float | None = None) -> Iterator[bytes]:
     """Yield runs of complete lines (joined, without the final `\\n`) as they arrive on `fd`.
 
     Before blocking on a pipe or terminal, call `on_idle` (and again every `idle_interval`
     seconds while nothing arrives). A final line without `\\n` is still yielded.
     """
-    is_regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    if isinstance(fd, int):
+        is_regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        raw_read = os.read
+    else:  # a binary stream with no fd: read it like a file
+        is_regular = True
+        stream = fd
+
+        def raw_read(_fd: Any, n: int) -> bytes:
+            return stream.read(n) or b""
     size = FILE_BLOCK_SIZE if is_regular else BLOCK_SIZE
     pending: list[bytes] = []
-    read = os.read
+    read = raw_read
     while True:
         if not is_regular and on_idle is not None:
             ready, _, _ = select.select([fd], [], [], 0)
@@ -173,10 +188,10 @@ class RecordReader:
             try:
                 yield from self._blocks_of(fd, origin)
             finally:
-                if fd != 0:
+                if isinstance(fd, int) and path != "-":
                     os.close(fd)
 
-    def _blocks_of(self, fd: int, origin: str) -> Iterator[Block]:
+    def _blocks_of(self, fd: int | BinaryIO, origin: str) -> Iterator[Block]:
         lineno = 0
         loads = _loads
         for data in read_blocks(fd, self.on_idle, self.idle_interval):
@@ -211,9 +226,20 @@ class RecordReader:
 
 
 class RecordWriter:
-    """Buffered NDJSON writer on a raw fd (stdout by default)."""
+    """Buffered NDJSON writer on a raw fd (stdout's by default).
 
-    def __init__(self, fd: int = 1, line_buffered: bool = False) -> None:
+    When stdout is not a real file descriptor (a test harness), it writes to `sys.stdout`.
+    """
+
+    def __init__(self, fd: int | None = None, line_buffered: bool = False) -> None:
+        self.stream: BinaryIO | None = None
+        if fd is None:
+            try:
+                fd = sys.stdout.fileno()
+                sys.stdout.flush()
+            except (AttributeError, OSError, ValueError):
+                self.stream = sys.stdout.buffer
+                fd = -1
         self.fd = fd
         self.line_buffered = line_buffered
         self._parts: list[bytes] = []
@@ -248,7 +274,11 @@ class RecordWriter:
         data = b"".join(self._parts)
         self._parts = []
         self._size = 0
-        write_all(self.fd, data)
+        if self.stream is not None:
+            self.stream.write(data)
+            self.stream.flush()
+        else:
+            write_all(self.fd, data)
 
 
 def dump_record(record: Record) -> bytes:

@@ -1,0 +1,70 @@
+"""Shared test helpers: run sage in a real subprocess, or through typer's CliRunner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a sage subprocess: PYTHONUNBUFFERED removed (DESIGN §7)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env.pop("SAGE_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def sage_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sage_cli", *args]
+
+
+def run_sage(*args: str, input: bytes | str | None = None, env: dict[str, str] | None = None,
+             timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    """Run `sage ARGS` as a subprocess and return the completed process (bytes out/err)."""
+    if isinstance(input, str):
+        input = input.encode()
+    return subprocess.run(sage_argv(*args), input=input, capture_output=True,
+                          env=env or clean_env(), timeout=timeout, cwd=cwd)
+
+
+def ndjson(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+def parse_ndjson(data: bytes | str) -> list[dict[str, Any]]:
+    if isinstance(data, str):
+        data = data.encode()
+    return [orjson.loads(line) for line in data.splitlines() if line.strip()]
+
+
+class Cli:
+    """typer's CliRunner over the whole `sage` app, stdout and stderr kept apart."""
+
+    def __init__(self) -> None:
+        from typer.testing import CliRunner
+
+        self.runner = CliRunner()
+
+    def __call__(self, *args: str, input: str | bytes | None = None) -> Any:
+        from sage_cli.app import app
+
+        return self.runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+@pytest.fixture
+def cli() -> Cli:
+    return Cli()
+
+
+@pytest.fixture
+def sage():
+    return run_sage

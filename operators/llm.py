@@ -1,0 +1,183 @@
+"""The one way sage loads a llama.cpp model, and the sentence embedder built on it.
+
+Every model operator (embed, retrieve, rerank, generate, eval) loads models through
+`load_llama`, which validates the GGUF file first (`operators.gguf_check`): a missing, truncated
+or corrupt file is a `ResourceUnavailable` (exit 69) with the fix, never a llama.cpp abort.
+`llama_cpp` is imported inside the functions, so importing this module stays cheap.
+
+Usage::
+
+    from operators.llm import load_llama, Embedder
+
+    llm = load_llama(path, n_ctx=4096, n_threads=2)               # generation
+    emb = Embedder(path, n_threads=2)                             # sentence embeddings
+    vectors = emb.embed(["a sentence", "another"])                # float32 (n, dim), unit norm
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from operators.base import OptionError, ResourceUnavailable
+from operators.gguf_check import FIX, GGUFInfo, check_gguf
+
+if TYPE_CHECKING:
+    import numpy as np
+
+#: embedding context: MiniLM is trained on 256-token inputs and llama.cpp packs several short
+#: sentences into one n_batch-token decode; 128 measured fastest here (MODELS.md, ~300 sent/s)
+EMBED_CTX = 128
+#: texts per `Llama.embed` call in `Embedder.embed`
+EMBED_BATCH = 64
+
+_lock = threading.Lock()
+
+
+def load_llama(
+    path: str | os.PathLike[str],
+    *,
+    embedding: bool = False,
+    n_ctx: int = 2048,
+    n_threads: int | None = None,
+    n_batch: int = 512,
+    n_ubatch: int | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Any:
+    """Validate the GGUF file at `path`, then return a quiet `llama_cpp.Llama` for it.
+
+    Signature (keyword-only after `path`):
+
+        load_llama(path, *, embedding=False, n_ctx=2048, n_threads=None, n_batch=512,
+                   n_ubatch=None, seed=0, **kwargs) -> llama_cpp.Llama
+
+    - `path`: a GGUF file (resolve names such as "smollm2-135m" with `operators.models.locate`).
+    - `embedding`: build an embedding context (`Llama.embed`); a generation model otherwise.
+    - `n_ctx`: context length in tokens (prompt + completion for generation).
+    - `n_threads`: CPU threads for decode and batch; None = 1 (callers pass the fair share the
+      command computed, e.g. `sage_cli.resources.default_threads()`: never let two model stages
+      each take every core).
+    - `n_batch`, `n_ubatch`: llama.cpp logical/physical batch; `n_ubatch` None = `n_batch`.
+    - `seed`: the sampling seed (temperature 0 is deterministic whatever it is).
+    - `**kwargs`: passed to `llama_cpp.Llama` as is (e.g. `chat_format`, `logits_all`).
+
+    Raises `ResourceUnavailable` (exit 69) for a missing or corrupt file or one llama.cpp
+    refuses, `OptionError` (exit 2) for impossible sizes. `verbose=False` always.
+    """
+    if n_ctx < 8 or n_batch < 1 or (n_ubatch is not None and n_ubatch < 1):
+        raise OptionError(f"bad context sizes: n_ctx={n_ctx}, n_batch={n_batch}")
+    if n_threads is not None and n_threads < 1:
+        raise OptionError(f"--threads must be at least 1, got {n_threads}")
+    check_gguf(path)
+    threads = n_threads or 1
+    from llama_cpp import Llama
+
+    try:
+        with _lock:
+            return Llama(
+                model_path=str(path),
+                embedding=embedding,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_ubatch or n_batch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                seed=seed,
+                verbose=False,
+                **kwargs,
+            )
+    except (ValueError, RuntimeError) as exc:
+        # llama-cpp-python raises ValueError("Failed to load model from file") and friends
+        raise ResourceUnavailable(f"llama.cpp could not load {path}: {exc}; {FIX}") from None
+
+
+class Embedder:
+    """Sentence embeddings from a BERT-family GGUF (mean pooling), L2-normalised float32.
+
+    `Embedder(model_path, n_threads, batch_size=EMBED_BATCH, n_ctx=EMBED_CTX)`; the model loads
+    on first use (or `load()`). `embed(texts)` returns a float32 array of shape (len(texts), dim)
+    and makes one `Llama.embed(list)` call per `batch_size` texts. A text longer than the
+    context is truncated to its first `n_ctx` tokens, never an error. `dim` and `model_sha256`
+    (computed lazily, or passed in when the caller already knows it) describe the model.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        batch_size: int = EMBED_BATCH,
+        *,
+        n_ctx: int = EMBED_CTX,
+        model_sha256: str | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise OptionError(f"batch size must be at least 1, got {batch_size}")
+        self.model_path = Path(model_path)
+        self.n_threads = n_threads
+        self.batch_size = batch_size
+        self.n_ctx = n_ctx
+        self._sha256 = model_sha256
+        self._llm: Any = None
+        self.info: GGUFInfo | None = None
+        #: texts embedded by the model (not from any cache) since construction
+        self.count = 0
+
+    def load(self) -> None:
+        if self._llm is not None:
+            return
+        self.info = check_gguf(self.model_path)
+        pooling = self.info.metadata.get(f"{self.info.architecture}.pooling_type")
+        if pooling == 0:
+            raise ResourceUnavailable(
+                f"{self.model_path} has no pooling (pooling_type 0): not a sentence-embedding model"
+            )
+        self._llm = load_llama(
+            self.model_path,
+            embedding=True,
+            n_ctx=self.n_ctx,
+            n_batch=self.n_ctx,
+            n_ubatch=self.n_ctx,
+            n_threads=self.n_threads,
+        )
+
+    @property
+    def dim(self) -> int:
+        self.load()
+        return int(self._llm.n_embd())
+
+    @property
+    def model_sha256(self) -> str:
+        if self._sha256 is None:
+            from operators.models import sha256_file
+
+            self._sha256 = sha256_file(self.model_path)
+        return self._sha256
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed `texts`: float32 array (len(texts), dim), each row of unit length."""
+        import numpy as np
+
+        self.load()
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(texts), self.batch_size):
+            chunk = [t if t else " " for t in texts[start : start + self.batch_size]]
+            with _lock:
+                rows = self._llm.embed(chunk, normalize=False, truncate=True)
+            out[start : start + len(chunk)] = np.asarray(rows, dtype=np.float32)
+        self.count += len(texts)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.divide(out, norms, out=out, where=norms > 0)
+        return out
+
+    def close(self) -> None:
+        if self._llm is not None:
+            try:
+                self._llm.close()
+            except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
+                pass
+            self._llm = None

@@ -141,11 +141,25 @@ class Driver:
         self.finish()
 
     def run_records(self, records: Iterable[Record], origin: str = "input") -> None:
-        """Run the operator over records that did not come from NDJSON (a source, a table)."""
+        """Run the operator over records that did not come from NDJSON (a source, a table).
+
+        `records` may also yield a BadLine (the policy handles it, with its own FILE:LINE) and
+        None, which means "input is idle now": what is pending is processed and flushed, so a
+        live source (`source --watch`, `merge` over FIFOs) never holds output back.
+        """
         self.op.setup()
         batch: list[Record] = []
         line = 0
         for record in records:
+            if record is None:
+                if batch:
+                    self.feed_block(origin, line + 1, batch, None, False)
+                    line += len(batch)
+                    batch = []
+                if self.op.done:
+                    break
+                self.idle()
+                continue
             batch.append(record)
             if len(batch) >= self.batch_size:
                 self.feed_block(origin, line + 1, batch, None, False)

@@ -23,62 +23,23 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shared with sources
+    QUOTE_LIMIT,
+    BadLine,
+    describe_json_error,
+    parse_line,
+)
 from sage_cli.errors import DataError, SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 
 BLOCK_SIZE = 64 * 1024
 FILE_BLOCK_SIZE = 1024 * 1024
 FLUSH_SECONDS = 0.1
-#: longest excerpt of a bad line quoted in an error message
-QUOTE_LIMIT = 80
 
 Record = dict[str, Any]
 _loads = orjson.loads
 _dumps = orjson.dumps
 _NL = orjson.OPT_APPEND_NEWLINE
-
-
-@dataclass
-class BadLine:
-    """A line that is not a JSON object: where it was, why, and its raw bytes."""
-
-    origin: str
-    line: int
-    reason: str
-    raw: bytes
-
-    def message(self) -> str:
-        return f"{self.origin}:{self.line}: {self.reason}"
-
-    def raw_text(self) -> str:
-        return self.raw.decode("utf-8", errors="replace")
-
-
-def describe_json_error(raw: bytes, exc: Exception) -> str:
-    """A short reason for a line orjson rejected, with an excerpt of the line."""
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        return f"invalid UTF-8 at byte {err.start}"
-    reason = str(exc).split(":", 1)[0] if str(exc) else "invalid JSON"
-    excerpt = raw[:QUOTE_LIMIT].decode("utf-8", errors="replace")
-    if len(raw) > QUOTE_LIMIT:
-        excerpt += "..."
-    return f"invalid JSON ({reason}): {excerpt}"
-
-
-def parse_line(raw: bytes) -> Record | str:
-    """Parse one NDJSON line: the record, or a string saying why it is not one."""
-    try:
-        value = _loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return describe_json_error(raw, exc)
-    if type(value) is not dict:
-        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-            type(value), "a number"
-        )
-        return f"expected a JSON object, got {kind}"
-    return value
 
 
 def open_input(path: str) -> int | BinaryIO:

@@ -1,0 +1,67 @@
+"""Parsing one NDJSON line, shared by the NDJSON reader in sage_cli.io and by the operators
+that read files themselves (source, merge).
+
+A line that is not a JSON object becomes a BadLine: where it was, why, and its raw bytes. The
+driver applies the error policy to it (`--on-error`, `--errors FILE`) with `FILE:LINE`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Record = dict[str, Any]
+
+#: longest excerpt of a bad line quoted in an error message
+QUOTE_LIMIT = 80
+
+
+@dataclass
+class BadLine:
+    """A line that is not a JSON object: where it was, why, and its raw bytes."""
+
+    origin: str
+    line: int
+    reason: str
+    raw: bytes
+
+    def message(self) -> str:
+        return f"{self.origin}:{self.line}: {self.reason}"
+
+    def raw_text(self) -> str:
+        return self.raw.decode("utf-8", errors="replace")
+
+
+def describe_json_error(raw: bytes, exc: Exception) -> str:
+    """A short reason for a line orjson rejected, with an excerpt of the line."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return f"invalid UTF-8 at byte {err.start}"
+    reason = str(exc).split(":", 1)[0] if str(exc) else "invalid JSON"
+    excerpt = raw[:QUOTE_LIMIT].decode("utf-8", errors="replace")
+    if len(raw) > QUOTE_LIMIT:
+        excerpt += "..."
+    return f"invalid JSON ({reason}): {excerpt}"
+
+
+def parse_line(raw: bytes) -> Record | str:
+    """Parse one NDJSON line: the record, or a string saying why it is not one."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return describe_json_error(raw, exc)
+    if type(value) is not dict:
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(value), "a number"
+        )
+        return f"expected a JSON object, got {kind}"
+    return value
+
+
+def parse_or_bad(raw: bytes, origin: str, line: int) -> Record | BadLine:
+    """The record on `raw`, or a BadLine naming `origin:line`."""
+    parsed = parse_line(raw)
+    return parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)

@@ -1,0 +1,43 @@
+from tests.conftest import ndjson, parse_ndjson
+
+
+def test_eval_scores_and_summary(cli):
+    records = [
+        {"id": "1", "answer": "The capital is Paris.", "gold": ["Paris"]},
+        {
+            "id": "2",
+            "answer": "Berlin",
+            "gold": "Paris",
+            "docs": [{"id": "d1"}, {"id": "d2#0"}],
+            "gold_ids": ["d2"],
+        },
+    ]
+    result = cli("eval", "-k", "2", input=ndjson(records))
+    assert result.exit_code == 0, result.stderr
+    out = parse_ndjson(result.stdout)
+    assert [r["id"] for r in out] == ["1", "2", "_summary"]
+    assert out[0]["eval"]["contains"] == 1.0 and out[0]["eval"]["exact_match"] == 0.0
+    assert out[1]["eval"]["mrr"] == 0.5 and out[1]["eval"]["recall@2"] == 1.0
+    assert out[2]["eval"]["contains"] == 0.5 and out[2]["count"] == 2
+    assert result.stderr == ""  # the table is only for a terminal
+
+
+def test_eval_no_summary(cli):
+    result = cli("eval", "--no-summary", input=ndjson([{"answer": "a", "gold": "a"}]))
+    assert result.exit_code == 0
+    assert len(parse_ndjson(result.stdout)) == 1
+
+
+def test_eval_missing_gold_is_a_record_error(cli):
+    result = cli("eval", input=ndjson([{"answer": "x"}]))
+    assert result.exit_code == 65
+    assert "stdin:1" in result.stderr and "'gold'" in result.stderr
+
+
+def test_eval_emit_keeps_going_and_summary_counts_good_records(cli):
+    records = [{"answer": "x"}, {"answer": "a", "gold": "a"}]
+    result = cli("eval", "--on-error", "emit", input=ndjson(records))
+    assert result.exit_code == 0
+    out = parse_ndjson(result.stdout)
+    assert "_error" in out[0] and out[1]["eval"]["exact_match"] == 1.0
+    assert out[2]["count"] == 1

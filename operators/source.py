@@ -1,0 +1,500 @@
+"""Read files, directories, globs or a stream as records (`sage source`).
+
+Formats, chosen by extension (or forced with `fmt`):
+
+- text (.txt, .md, .markdown, .rst and any other named file): one record per file,
+  `{"id", "text", "metadata": {"path", "mtime", "bytes"}}`. Invalid UTF-8 is decoded with
+  U+FFFD replacement characters and the record gets `metadata.warning` saying so.
+- ndjson (.ndjson, .jsonl; stdin by default): records as they are. A line that is not a JSON
+  object is a BadLine with `FILE:LINE` for the error policy.
+- json (.json): an array of objects (one record each) or one object.
+- csv (.csv): the header row names the fields; values stay strings.
+- raw (`raw=True`, `-R`): every non-blank line of any file becomes `{"id", "text"}`.
+
+Ids: a record that has an `id` keeps it. Otherwise the id is path-based (`PATH` for a whole
+file, `PATH:LINE` for a line or row, `PATH:N` for the N-th element of a JSON array) or, with
+`id_by="content"`, the first 16 hex digits of the SHA-256 of the text (or of the canonical JSON of
+a record without text). A record with `content` and no `text` gets `text` (the alias is renamed).
+
+Directories are read recursively, in sorted order, skipping hidden entries and files whose
+extension is not one of the above. With `watch=True` the source emits every matching file once,
+then each file again whenever it is created or its content changes, until interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import glob
+import hashlib
+import io
+import os
+import stat
+from collections.abc import Iterator
+from typing import Any, BinaryIO, ClassVar
+
+import orjson
+
+from operators.base import Operator, OptionError, Record
+from operators.ndjson import BadLine, describe_json_error, parse_or_bad
+
+#: extension -> format, for files found in directories and for `fmt="auto"`
+EXTENSIONS: dict[str, str] = {
+    ".txt": "text",
+    ".md": "text",
+    ".markdown": "text",
+    ".rst": "text",
+    ".ndjson": "ndjson",
+    ".jsonl": "ndjson",
+    ".json": "json",
+    ".csv": "csv",
+}
+FORMATS = ("auto", "text", "ndjson", "json", "csv")
+CHUNK = 1024 * 1024
+STDIN = "-"
+
+#: what the records iterable yields: a record, a bad line, or None ("idle: flush now")
+Item = Record | BadLine | None
+
+
+def _permission_error(path: str) -> PermissionError:
+    return PermissionError(errno.EACCES, "permission denied; check its permissions", path)
+
+
+def _missing(path: str) -> OptionError:
+    return OptionError(f"{path}: no such file or directory; check the path")
+
+
+class Source(Operator):
+    """Read files, directories, globs or stdin as records."""
+
+    name = "source"
+    produces: ClassVar[dict[str, dict[str, Any]]] = {
+        "id": {"type": "string"},
+        "text": {"type": "string"},
+        "metadata": {
+            "type": "object",
+            "properties": {
+                "path": {"type": "string"},
+                "mtime": {"type": "number"},
+                "bytes": {"type": "integer"},
+                "warning": {"type": "string"},
+            },
+        },
+    }
+
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        *,
+        raw: bool = False,
+        id_by: str = "path",
+        fmt: str = "auto",
+        watch: bool = False,
+        stdin: BinaryIO | None = None,
+        watch_step_ms: int = 50,
+    ) -> None:
+        if id_by not in ("path", "content"):
+            raise OptionError(f"--id-by {id_by!r}: expected path or content")
+        if fmt not in FORMATS:
+            raise OptionError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        self.paths = list(paths) if paths else [STDIN]
+        if watch and STDIN in self.paths:
+            raise OptionError("--watch needs files or directories, not stdin")
+        self.raw = raw
+        self.by_content = id_by == "content"
+        self.fmt = fmt
+        self.watch = watch
+        self.stdin = stdin
+        self.watch_step_ms = watch_step_ms
+        self._seen: dict[str, bytes] = {}  # path -> digest of what was last emitted (watch)
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        return batch
+
+    # -- records ---------------------------------------------------------------------------
+
+    def records(self) -> Iterator[Item]:
+        """Everything the inputs hold, in order; None marks a moment when input is idle."""
+        if self.watch:
+            yield from self._watch()
+            return
+        for path in self.expand():
+            yield from self.read_path(path)
+
+    def expand(self) -> list[str]:
+        """The inputs named by `paths`: files, directories walked in sorted order, globs."""
+        out: list[str] = []
+        seen: set[str] = set()
+
+        def add(path: str) -> None:
+            key = path if path == STDIN else os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+
+        for arg in self.paths:
+            if arg == STDIN:
+                add(arg)
+            elif os.path.isdir(arg):
+                for path in walk(arg):
+                    add(path)
+            elif os.path.lexists(arg):
+                add(arg)
+            elif glob.has_magic(arg):
+                matches = sorted(glob.glob(arg, recursive=True))
+                if not matches:
+                    raise OptionError(f"{arg}: no file matches this pattern")
+                for match in matches:
+                    for path in walk(match) if os.path.isdir(match) else [match]:
+                        add(path)
+            else:
+                raise _missing(arg)
+        return out
+
+    def format_of(self, path: str) -> str:
+        if self.raw:
+            return "raw"
+        if self.fmt != "auto":
+            return self.fmt
+        if path == STDIN:
+            return "ndjson"
+        return EXTENSIONS.get(os.path.splitext(path)[1].lower(), "text")
+
+    def read_path(self, path: str) -> Iterator[Item]:
+        """The records of one input."""
+        fmt = self.format_of(path)
+        if path == STDIN:
+            stream = self.stdin
+            if stream is None:
+                raise OptionError("no stdin to read from")
+            if fmt in ("raw", "ndjson"):
+                yield from self._lines(stream, "stdin", fmt, live=not _is_regular(stream))
+            else:
+                yield from self._whole("stdin", read_all(stream), fmt, None)
+            return
+        if fmt in ("raw", "ndjson"):
+            with open_file(path) as fh:
+                yield from self._lines(fh, path, fmt, live=False)
+            return
+        with open_file(path) as fh:
+            st = os.fstat(fh.fileno())
+            data = read_all(fh)
+        yield from self._whole(path, data, fmt, st)
+
+    # -- line formats ----------------------------------------------------------------------
+
+    def _lines(self, stream: BinaryIO, origin: str, fmt: str, live: bool) -> Iterator[Item]:
+        for lineno, raw in numbered_lines(stream, live):
+            if raw is None:
+                yield None
+                continue
+            if fmt == "raw":
+                yield self._raw_line(origin, lineno, raw)
+                continue
+            item = parse_or_bad(raw, origin, lineno)
+            yield item if isinstance(item, BadLine) else self._finish(item, f"{origin}:{lineno}")
+
+    def _raw_line(self, origin: str, lineno: int, raw: bytes) -> Record:
+        text, warning = decode_text(raw.rstrip(b"\r"))
+        record: Record = {"id": self._id(text, f"{origin}:{lineno}"), "text": text}
+        if warning:
+            record["metadata"] = {"warning": warning}
+        return record
+
+    # -- whole-file formats ----------------------------------------------------------------
+
+    def _whole(self, path: str, data: bytes, fmt: str, st: os.stat_result | None) -> Iterator[Item]:
+        if fmt == "text":
+            text, warning = decode_text(data)
+            meta: Record = {"path": path}
+            if st is not None:
+                meta["mtime"] = st.st_mtime
+            meta["bytes"] = len(data)
+            if warning:
+                meta["warning"] = warning
+            yield {"id": self._id(text, path), "text": text, "metadata": meta}
+        elif fmt == "json":
+            yield from self._json(path, data)
+        elif fmt == "csv":
+            yield from self._csv(path, data)
+        else:  # ndjson from a whole buffer (not reached from read_path; kept for completeness)
+            yield from self._lines(io.BytesIO(data), path, "ndjson", live=False)
+
+    def _json(self, path: str, data: bytes) -> Iterator[Item]:
+        if not data.strip():
+            return  # an empty file holds no records
+        try:
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            yield BadLine(
+                path, getattr(exc, "lineno", 1), describe_json_error(data, exc), data[:200]
+            )
+            return
+        if isinstance(value, dict):
+            yield self._finish(value, path)
+            return
+        if not isinstance(value, list):
+            yield BadLine(path, 1, "expected a JSON object or an array of objects", data[:200])
+            return
+        for i, element in enumerate(value, 1):
+            if isinstance(element, dict):
+                yield self._finish(element, f"{path}:{i}")
+            else:
+                raw = orjson.dumps(element)[:200]
+                yield BadLine(path, i, f"array element {i} is not a JSON object", raw)
+
+    def _csv(self, path: str, data: bytes) -> Iterator[Item]:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            yield BadLine(path, line, f"invalid UTF-8 at byte {err.start}", data[:200])
+            return
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            for row in reader:
+                extra = row.pop(None, None)  # type: ignore[call-overload]
+                if extra is not None:
+                    n = len(reader.fieldnames or ())
+                    reason = f"row has {n + len(extra)} fields, the header has {n}"
+                    yield BadLine(path, reader.line_num, reason, ",".join(extra).encode())
+                    continue
+                yield self._finish(dict(row), f"{path}:{reader.line_num}")
+        except csv.Error as exc:
+            yield BadLine(path, reader.line_num, f"invalid CSV: {exc}", b"")
+
+    # -- ids -------------------------------------------------------------------------------
+
+    def _finish(self, record: Record, where: str) -> Record:
+        """Apply the `content` alias and give a record without an id its id."""
+        if "text" not in record and isinstance(record.get("content"), str):
+            record["text"] = record.pop("content")
+        if "id" not in record:
+            text = record.get("text")
+            record["id"] = self._id(text if isinstance(text, str) else record, where)
+        return record
+
+    def _id(self, content: str | Record, where: str) -> str:
+        if not self.by_content:
+            return where
+        data = (
+            content.encode("utf-8", "surrogatepass")
+            if isinstance(content, str)
+            else orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+        )
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    # -- watch -----------------------------------------------------------------------------
+
+    def _watch(self) -> Iterator[Item]:
+        import watchfiles
+
+        roots, wanted = self._watch_roots()
+        changes_seen = watchfiles.watch(
+            *roots,
+            watch_filter=lambda _change, path: wanted(path),
+            step=self.watch_step_ms,
+            debounce=1000,
+            rust_timeout=200,
+            yield_on_timeout=True,
+            raise_interrupt=True,
+        )
+        # The watcher starts on the first step; only then list what is already there, so a file
+        # created in between is seen by one or the other (and emitted once: see _changed).
+        first = next(changes_seen)
+        for path in self.expand():
+            yield from self._emit_if_changed(path)
+        yield None
+        batches = [first]
+        for changes in changes_seen:
+            batches.append(changes)
+            for batch in batches:
+                for kind, path in sorted(batch):
+                    if kind == watchfiles.Change.deleted:
+                        self._seen.pop(os.path.realpath(path), None)
+                for path in sorted({p for kind, p in batch if kind != watchfiles.Change.deleted}):
+                    yield from self._emit_if_changed(self._shown(path))
+            batches = []
+            yield None
+
+    def _shown(self, path: str) -> str:
+        """A path reported by the watcher (absolute) as the arguments name it."""
+        real = os.path.realpath(path)
+        for arg in self.paths:
+            if os.path.isdir(arg):
+                rel = os.path.relpath(real, os.path.realpath(arg))
+                if not rel.startswith(".."):
+                    return os.path.join(arg, rel)
+            elif os.path.exists(arg) and os.path.realpath(arg) == real:
+                return arg
+        return path if any(os.path.isabs(a) for a in self.paths) else os.path.relpath(path)
+
+    def _emit_if_changed(self, path: str) -> Iterator[Item]:
+        """The records of `path`, unless its content is what was last emitted for it."""
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode):
+                return
+            with open(path, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).digest()
+        except FileNotFoundError:
+            return  # gone again before we could read it
+        key = os.path.realpath(path)
+        if self._seen.get(key) == digest:
+            return
+        self._seen[key] = digest
+        yield from self.read_path(path)
+
+    def _watch_roots(self) -> tuple[list[str], Any]:
+        """The directories to watch and a predicate for the files that count."""
+        roots: list[str] = []
+        files: set[str] = set()
+        dirs: list[str] = []
+        patterns: list[str] = []
+        for arg in self.paths:
+            if os.path.isdir(arg):
+                dirs.append(os.path.realpath(arg))
+                roots.append(arg)
+            elif glob.has_magic(arg) and not os.path.exists(arg):
+                base = _glob_base(arg)
+                if not os.path.isdir(base):
+                    raise _missing(base)
+                patterns.append(os.path.abspath(arg))
+                roots.append(base)
+            elif os.path.exists(arg):
+                files.add(os.path.realpath(arg))
+                roots.append(os.path.dirname(os.path.abspath(arg)))
+            else:
+                raise _missing(arg)
+        import fnmatch
+
+        def wanted(path: str) -> bool:
+            real = os.path.realpath(path)
+            if real in files:
+                return True
+            if any(fnmatch.fnmatch(os.path.abspath(path), p) for p in patterns):
+                return not _hidden(os.path.basename(path))
+            for d in dirs:
+                rel = os.path.relpath(real, d)
+                if not rel.startswith(".."):
+                    parts = rel.split(os.sep)
+                    if not any(_hidden(p) for p in parts) and _listed(path):
+                        return True
+            return False
+
+        return sorted(set(roots)), wanted
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _listed(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in EXTENSIONS
+
+
+def _glob_base(pattern: str) -> str:
+    """The longest leading directory of `pattern` without glob characters."""
+    parts = pattern.split(os.sep)
+    base: list[str] = []
+    for part in parts[:-1]:
+        if glob.has_magic(part):
+            break
+        base.append(part)
+    return os.sep.join(base) or ("/" if pattern.startswith("/") else ".")
+
+
+def walk(root: str) -> list[str]:
+    """Files under `root` with a known extension, recursively, sorted, hidden entries skipped.
+
+    A directory that cannot be listed is an error naming it, not a silent gap.
+    """
+    out: list[str] = []
+
+    def visit(directory: str) -> None:
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except PermissionError:
+            raise _permission_error(directory) from None
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            if entry.is_dir():
+                visit(entry.path)
+            elif entry.is_file() and _listed(entry.name):
+                out.append(entry.path)
+
+    visit(root)
+    return out
+
+
+def open_file(path: str) -> BinaryIO:
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        raise _missing(path) from None
+    except PermissionError:
+        raise _permission_error(path) from None
+    except IsADirectoryError:
+        raise OptionError(f"{path}: is a directory") from None
+    return fh
+
+
+def read_all(stream: BinaryIO) -> bytes:
+    try:
+        return stream.read()
+    except IsADirectoryError:
+        raise OptionError(f"{getattr(stream, 'name', 'input')}: is a directory") from None
+
+
+def _is_regular(stream: BinaryIO) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return True  # a stream with no fd (a test harness): read it like a file
+
+
+def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without `\\n`) for every non-blank line of `stream`.
+
+    With `live` (a pipe or terminal), `(n, None)` follows each chunk read: the caller should
+    flush what it has before the next read, which may block.
+    """
+    read = getattr(stream, "read1", stream.read)
+    lineno = 0
+    pending: list[bytes] = []  # the start of a line not yet ended (a 50 MB line comes in parts)
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        nl = chunk.rfind(b"\n")
+        if nl < 0:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk[:nl])
+            head = b"".join(pending)
+        else:
+            head = chunk[:nl]
+        rest = chunk[nl + 1 :]
+        pending = [rest] if rest else []
+        for raw in head.split(b"\n"):
+            lineno += 1
+            if raw.strip():
+                yield lineno, raw
+        if live:
+            yield lineno, None
+    last = b"".join(pending)
+    if last.strip():
+        yield lineno + 1, last
+
+
+def decode_text(data: bytes) -> tuple[str, str | None]:
+    """Text from UTF-8 bytes; invalid bytes become U+FFFD and a warning says where."""
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as err:
+        warning = f"invalid UTF-8 at byte {err.start}; replaced with U+FFFD"
+        return data.decode("utf-8", errors="replace"), warning

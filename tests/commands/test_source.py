@@ -1,0 +1,176 @@
+import errno
+import os
+import signal
+import subprocess
+import time
+
+import orjson
+
+from tests.conftest import clean_env, parse_ndjson, run_sage, sage_argv
+
+
+def test_source_reads_files_and_directories(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha")
+    (tmp_path / "docs" / "b.jsonl").write_text('{"text": "beta"}\n')
+    result = cli("source", "docs")
+    assert result.exit_code == 0, result.stderr
+    out = parse_ndjson(result.stdout)
+    assert [(r["id"], r["text"]) for r in out] == [
+        ("docs/a.txt", "alpha"),
+        ("docs/b.jsonl:1", "beta"),
+    ]
+    assert out[0]["metadata"]["bytes"] == 5
+
+
+def test_source_raw_stdin_lines(cli):
+    result = cli("source", "-R", input=b"what is sage?\n\nwhy?\n")
+    assert result.exit_code == 0
+    assert parse_ndjson(result.stdout) == [
+        {"id": "stdin:1", "text": "what is sage?"},
+        {"id": "stdin:3", "text": "why?"},
+    ]
+
+
+def test_source_no_path_reads_ndjson_stdin(cli):
+    result = cli("source", input=b'{"id": "x", "content": "c"}\n{"text": "t"}\n')
+    assert result.exit_code == 0
+    assert parse_ndjson(result.stdout) == [{"id": "x", "text": "c"}, {"text": "t", "id": "stdin:2"}]
+
+
+def test_source_bad_line_in_file_names_file_and_line_after_good_ones(cli, tmp_path):
+    f = tmp_path / "in.ndjson"
+    f.write_text('{"a": 1}\n{"a": 2}\n{oops\n{"a": 4}\n')
+    result = cli("source", str(f))
+    assert result.exit_code == 65
+    assert f"{f}:3: invalid JSON" in result.stderr and result.stderr.count("\n") == 1
+    assert [r["a"] for r in parse_ndjson(result.stdout)] == [1, 2]
+    result = cli("source", str(f), "--on-error", "skip")
+    assert result.exit_code == 0 and [r["a"] for r in parse_ndjson(result.stdout)] == [1, 2, 4]
+
+
+def test_source_missing_file_is_exit_2_one_line(cli, tmp_path):
+    result = cli("source", str(tmp_path / "missing.txt"))
+    assert result.exit_code == 2
+    assert (
+        result.stderr
+        == f"sage source: error: {tmp_path}/missing.txt: no such file or directory; check the path\n"
+    )
+
+
+def test_source_unreadable_directory_is_one_line_exit_1(cli, tmp_path, monkeypatch):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "ok.txt").write_text("fine")
+    real = os.scandir
+
+    def scandir(path):  # root ignores chmod 000, so deny the listing the way the OS would
+        if str(path).endswith("locked"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = cli("source", str(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"sage source: error: {tmp_path}/locked: permission denied")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_source_unreadable_file_is_one_line_exit_1(cli, tmp_path, monkeypatch):
+    f = tmp_path / "secret.txt"
+    f.write_text("x")
+    import builtins
+
+    real_open = builtins.open
+
+    def deny(path, *a, **k):
+        if str(path) == str(f):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", deny)
+    result = cli("source", str(f))
+    assert result.exit_code == 1
+    assert result.stderr == f"sage source: error: {f}: permission denied; check its permissions\n"
+
+
+def test_source_id_by_content_and_bad_option(cli, tmp_path):
+    (tmp_path / "a.txt").write_text("same")
+    (tmp_path / "b.txt").write_text("same")
+    result = cli("source", "--id-by", "content", str(tmp_path))
+    ids = [r["id"] for r in parse_ndjson(result.stdout)]
+    assert result.exit_code == 0 and ids[0] == ids[1] and len(ids[0]) == 16
+    result = cli("source", "--id-by", "nope", str(tmp_path))
+    assert result.exit_code == 2 and "--id-by" in result.stderr
+
+
+def test_source_format_flag_reads_txt_as_ndjson(cli, tmp_path):
+    (tmp_path / "r.txt").write_text('{"a": 1}\n')
+    result = cli("source", "--format", "ndjson", str(tmp_path / "r.txt"))
+    assert parse_ndjson(result.stdout) == [{"a": 1, "id": f"{tmp_path}/r.txt:1"}]
+
+
+def test_source_streams_stdin_lines_before_it_closes():
+    proc = subprocess.Popen(
+        sage_argv("source", "-R"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        proc.stdin.write(b"first line\n")
+        proc.stdin.flush()
+        line = proc.stdout.readline()  # arrives while stdin is still open
+        assert orjson.loads(line) == {"id": "stdin:1", "text": "first line"}
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+def _read_record(proc, deadline):
+    import select
+
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+        if ready:
+            return orjson.loads(proc.stdout.readline())
+    raise AssertionError("no record within the deadline")
+
+
+def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "old.txt").write_text("old")
+    proc = subprocess.Popen(
+        sage_argv("source", "--watch", "inbox"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 20
+        assert _read_record(proc, deadline)["id"] == "inbox/old.txt"
+        (inbox / "new.md").write_text("brand new")
+        r = _read_record(proc, deadline)
+        assert (r["id"], r["text"]) == ("inbox/new.md", "brand new")
+        (inbox / "skip.bin").write_text("not a known extension")
+        (inbox / "old.txt").write_text("old, edited")
+        r = _read_record(proc, deadline)
+        assert (r["id"], r["text"]) == ("inbox/old.txt", "old, edited")
+        os.utime(inbox / "old.txt")  # no content change: nothing new
+        time.sleep(0.6)
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert rest == b"" and err == b""
+
+
+def test_source_watch_with_stdin_is_a_usage_error():
+    result = run_sage("source", "--watch", "-", input=b"")
+    assert result.returncode == 2 and b"--watch" in result.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 
@@ -22,7 +22,7 @@ class Dedupe(Operator):
 
     name = "dedupe"
     stateless = False
-    memory: ClassVar[Any] = "bounded"
+    memory = "bounded"
 
     def __init__(self, keys: list[str] | None = None, max_keys: int | None = None) -> None:
         self.keys = list(keys) if keys else ["id"]

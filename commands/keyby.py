@@ -1,0 +1,35 @@
+"""sage keyby: tag each record with a partition key."""
+
+from typing import Annotated
+
+import typer
+
+from sage_cli.command import operator_command, single_command_app
+
+app = single_command_app()
+
+
+@operator_command(app, "keyby")
+def keyby_records(
+    fields: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="FIELD...",
+            help="Field(s) whose value is the key; a.b reads a nested field.",
+            show_default=False,
+        ),
+    ],
+):
+    """Copy the value of FIELD into `_key` (several fields: a list of their values).
+
+    `window` groups by `_key` when it has no --key; `dedupe --key _key` uses it too. A record
+    without the field is a record error (see --on-error).
+
+    \b
+    Examples:
+      sage keyby user < events.ndjson | sage window --size 10 --agg count
+      sage keyby metadata.path | sage dedupe --key _key
+    """
+    from operators.keyby import KeyBy
+
+    return KeyBy(fields)

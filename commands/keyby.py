@@ -11,16 +11,17 @@ app = single_command_app()
 
 @operator_command(app, "keyby")
 def keyby_records(
-    fields: Annotated[
-        list[str],
+    field: Annotated[
+        str,
         typer.Argument(
-            metavar="FIELD...",
-            help="Field(s) whose value is the key; a.b reads a nested field.",
+            metavar="FIELD",
+            help="Field whose value is the key; a.b reads a nested field; a,b makes a "
+            "compound key.",
             show_default=False,
         ),
     ],
 ):
-    """Copy the value of FIELD into `_key` (several fields: a list of their values).
+    """Copy the value of FIELD into `_key` (FIELD a,b: the list of their values).
 
     `window` groups by `_key` when it has no --key; `dedupe --key _key` uses it too. A record
     without the field is a record error (see --on-error).
@@ -29,7 +30,8 @@ def keyby_records(
     Examples:
       sage keyby user < events.ndjson | sage window --size 10 --agg count
       sage keyby metadata.path | sage dedupe --key _key
+      sage keyby user,day < events.ndjson
     """
     from operators.keyby import KeyBy
 
-    return KeyBy(fields)
+    return KeyBy([f for f in field.split(",") if f])

@@ -13,7 +13,8 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import typer
@@ -40,7 +41,39 @@ class IOOptions:
     schema: bool = False
     quiet: bool = False
     progress: bool = False
+    workers: int = 1
+    unordered: bool = False
     files: list[str] | None = None
+
+
+@dataclass
+class OperatorFactory:
+    """Builds a command's operator again in another process (a `--workers` worker, a Ray
+    actor): the command's build function and its parsed flags. Picklable, because `build` is
+    the module-level function `operator_command` registered."""
+
+    command: str
+    build: Callable[..., Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> Operator:
+        built = self.build(**self.kwargs)
+        return built[0] if isinstance(built, tuple) else built
+
+
+@dataclass
+class OperatorCall:
+    """What one `sage VERB ...` command line would run: its operator factory, common flags,
+    and whether it reads records (False for a source)."""
+
+    factory: OperatorFactory
+    opts: IOOptions
+    reads_stdin: bool
+
+
+#: set by `sage_cli.stages.parse_stage`: an operator command then records its OperatorCall here
+#: instead of running
+CAPTURE: ContextVar[list[OperatorCall] | None] = ContextVar("sage_capture", default=None)
 
 
 _COMMON: list[tuple[str, Any, Any]] = [
@@ -57,6 +90,12 @@ _COMMON: list[tuple[str, Any, Any]] = [
     ("schema", Annotated[bool, typer.Option(
         "--schema", help="Print the fields this operator needs and produces as JSON Schema, "
         "and exit.")], False),
+    ("workers", Annotated[int, typer.Option(
+        "--workers", min=1, metavar="N", help="Run a stateless operator in N worker processes "
+        "(each loads its model once; --threads is divided among them).")], 1),
+    ("unordered", Annotated[bool, typer.Option(
+        "--unordered", help="With --workers: write results as they finish, not in input "
+        "order.")], False),
     ("quiet", Annotated[bool, typer.Option(
         "--quiet", "-q", help="No warnings or progress on stderr; errors only.")], False),
     ("progress", Annotated[bool, typer.Option(
@@ -180,8 +219,12 @@ def print_schema(op: Operator, command: str) -> None:
 
 
 def run_operator(command: str, op: Operator, opts: IOOptions,
-                 records: Iterable[Record] | None = None) -> int:
-    """Run `op` over NDJSON inputs (or over `records`, for sources) and return the exit code."""
+                 records: Iterable[Record] | None = None,
+                 factory: OperatorFactory | None = None) -> int:
+    """Run `op` over NDJSON inputs (or over `records`, for sources) and return the exit code.
+
+    With `opts.workers` > 1, `factory` rebuilds the operator in each worker process.
+    """
     prog = stage_name(command)
     if opts.schema:
         print_schema(op, command)
@@ -190,8 +233,17 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
     progress = make_progress(prog, opts)
-    driver = Driver(op, writer, policy, opts.batch_size or op.default_batch_size,
-                    on_batch=progress.update if progress else None)
+    batch_size = opts.batch_size or op.default_batch_size
+    on_batch = progress.update if progress else None
+    driver: Driver
+    if opts.workers > 1 and factory is not None:
+        from sage_cli.workers import parallel_driver, worker_kwargs
+
+        factory = OperatorFactory(command, factory.build, worker_kwargs(factory.kwargs, opts.workers))
+        driver = parallel_driver(op, writer, policy, batch_size, on_batch, factory, opts.workers,
+                                 ordered=not opts.unordered)
+    else:
+        driver = Driver(op, writer, policy, batch_size, on_batch=on_batch)
 
     def body() -> None:
         try:
@@ -202,6 +254,9 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
                                       idle_interval=op.tick_interval)
                 driver.run_reader(reader)
         finally:
+            shutdown = getattr(driver, "shutdown", None)  # --workers: stop the worker processes
+            if shutdown is not None:
+                shutdown()
             policy.close()
             if progress:
                 progress.close()
@@ -242,6 +297,11 @@ def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
         def command(**kwargs: Any) -> None:
             opts = IOOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in common_names})
             prog = stage_name(name)
+            factory = OperatorFactory(name, build, kwargs)
+            capture = CAPTURE.get()
+            if capture is not None:
+                capture.append(OperatorCall(factory, opts, reads_stdin))
+                return
             built: Any = None
 
             def construct() -> None:
@@ -252,7 +312,10 @@ def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
             if code:
                 raise typer.Exit(code)
             op, records = built if isinstance(built, tuple) else (built, None)
-            raise typer.Exit(run_operator(name, op, opts, records))
+            if opts.workers > 1 and not op.stateless and not opts.schema:
+                raise typer.Exit(fail(prog, f"--workers needs a stateless operator; {prog} keeps "
+                                      "state between records: run it as one process", ExitCode.USAGE))
+            raise typer.Exit(run_operator(name, op, opts, records, factory))
 
         command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}

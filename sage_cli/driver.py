@@ -241,6 +241,8 @@ class Driver:
             out = self._one_by_one(origin, batch, lines)
         stats.busy_seconds += time.perf_counter() - t0
         self._write(out)
+        # a slow operator over a file never blocks on input: flush at least every ~100 ms
+        self.writer.maybe_flush()
         if self.on_batch is not None:
             self.on_batch(stats)
 

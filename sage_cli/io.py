@@ -10,7 +10,6 @@ grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least ev
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import stat
@@ -186,6 +185,35 @@ class RecordReader:
         return Block(origin, first, items, numbers, False)
 
 
+class WriteGuard:
+    """Holds back SIGINT/SIGTERM while stdout is being written.
+
+    A handler that raised between a partial `os.write` and the bookkeeping after it would leave
+    half a record on stdout (or write a block twice). The handlers `sage_cli.command.guarded`
+    installs call `hold` first: during a write it notes the signal and returns, and the writer
+    raises it once the block is out. A second signal during the same write is not held, so a
+    consumer that never reads cannot make a stage ignore Ctrl-C.
+    """
+
+    def __init__(self) -> None:
+        self.active = False
+        self.pending: type[BaseException] | None = None
+
+    def hold(self, exc: type[BaseException]) -> bool:
+        if self.active and self.pending is None:
+            self.pending = exc
+            return True
+        return False
+
+    def raise_pending(self) -> None:
+        exc, self.pending = self.pending, None
+        if exc is not None:
+            raise exc()
+
+
+WRITE_GUARD = WriteGuard()
+
+
 class RecordWriter:
     """Buffered NDJSON writer on a raw fd (stdout's by default).
 
@@ -232,14 +260,31 @@ class RecordWriter:
         self._last_flush = time.monotonic()
         if not self._parts:
             return
-        data = b"".join(self._parts)
-        self._parts = []
-        self._size = 0
+        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         if self.stream is not None:
+            self._parts = []
+            self._size = 0
             self.stream.write(data)
             self.stream.flush()
-        else:
-            write_all(self.fd, data)
+            return
+        # A signal (SIGINT/SIGTERM raise in this thread) can land between two partial writes
+        # to a slow pipe: keep what was not written, so the flush on the way out completes the
+        # record instead of leaving half a line.
+        view = memoryview(data)
+        total = len(data)
+        done = 0
+        guard = WRITE_GUARD
+        guard.active = True
+        try:
+            while done < total:
+                done += os.write(self.fd, view[done:])  # EPIPE raises BrokenPipeError
+        finally:
+            guard.active = False
+            rest = data[done:] if done < total else b""
+            self._parts = [rest] if rest else []
+            self._size = len(rest)
+        if guard.pending is not None:
+            guard.raise_pending()
 
 
 def dump_record(record: Record) -> bytes:
@@ -248,17 +293,10 @@ def dump_record(record: Record) -> bytes:
 
 
 def write_all(fd: int, data: bytes) -> None:
+    """Write all of `data` to `fd` (a closed pipe raises BrokenPipeError)."""
     view = memoryview(data)
     while view:
-        try:
-            n = os.write(fd, view)
-        except InterruptedError:  # pragma: no cover
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EPIPE:
-                raise BrokenPipeError(errno.EPIPE, "broken pipe") from None
-            raise
-        view = view[n:]
+        view = view[os.write(fd, view):]
 
 
 def loads_record(raw: bytes | str, origin: str = "input", line: int = 1) -> Record:

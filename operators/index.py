@@ -1,0 +1,670 @@
+"""Vector indexes on disk (`sage index build|info`, read by `sage retrieve` and `sage rerank`).
+
+An index is a directory:
+
+    manifest.json    what the index is (below); written last
+    index.ann        annoy forest over the vectors (angular metric), memory-mapped on load
+    vectors.npy      the vectors, float32 (count, dimension), L2-normalised, row i = record i
+    records.ndjson   the records, one per line in row order, without their embedding fields
+    bm25.npz         BM25 statistics of the records' text (operators.bm25)
+
+The manifest (JSON) holds `format` ("sage-index"), `format_version`, `model` ({name, sha256,
+file} of the embedding model, or null when unknown), `dimension`, `metric`, `count`, `build`
+(trees, seed, BM25 k1/b), `created` (UTC, ISO 8601), `sage_version` and `files` (role -> file
+name). File names in a manifest must be plain names inside the directory: anything with a path
+separator, `..`, an absolute path or a symlink leading out of the directory is rejected.
+
+Building writes everything into a fresh temporary directory beside the target and renames it
+into place (the old index, if any, is moved aside first and deleted after), so a reader sees
+the old index or the new one, never half of one; a build that fails leaves the old index as it
+was. A non-empty directory that is not a sage index is never replaced.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import orjson
+
+from operators.base import (
+    Operator,
+    OptionError,
+    Record,
+    RecordError,
+    ResourceUnavailable,
+    record_text,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from operators.bm25 import BM25
+
+FORMAT = "sage-index"
+FORMAT_VERSION = 1
+METRIC = "angular"
+DEFAULT_TREES = 32
+DEFAULT_SEED = 42
+FILES = {
+    "annoy": "index.ann",
+    "vectors": "vectors.npy",
+    "records": "records.ndjson",
+    "bm25": "bm25.npz",
+}
+#: record fields that hold the vector (never stored in records.ndjson)
+EMBEDDING_FIELDS = ("embedding", "embedding_b64", "embedding_model")
+REBUILD = "rebuild it with `sage index build DIR`"
+
+
+def sage_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sage-pipes")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# -- the embedding model of a record or an index --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which embedding model made a vector: a registry name (or file name) and its sha256."""
+
+    name: str | None
+    sha256: str | None = None
+    file: str | None = None
+
+    def same_as(self, other: ModelRef) -> bool:
+        if self.sha256 and other.sha256:
+            return self.sha256 == other.sha256
+        return self.name == other.name
+
+    def label(self) -> str:
+        sha = f" (sha256 {self.sha256[:12]})" if self.sha256 else ""
+        return f"{self.name or 'an unnamed model'}{sha}"
+
+    def to_json(self) -> dict[str, Any] | None:
+        if self.name is None and self.sha256 is None:
+            return None
+        return {"name": self.name, "sha256": self.sha256, "file": self.file}
+
+    @classmethod
+    def parse(cls, value: Any) -> ModelRef | None:
+        """From a record's `embedding_model` or a manifest's `model`: an object with name and
+        sha256, or a string `name`, `name@sha256` or `name:sha256`; None when absent."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            name = value.get("name")
+            sha = value.get("sha256") or value.get("sha")
+            file = value.get("file")
+            if name is None and sha is None:
+                return None
+            return cls(
+                str(name) if name is not None else None,
+                str(sha) if sha else None,
+                str(file) if file else None,
+            )
+        if isinstance(value, str) and value:
+            for sep in ("@", ":"):
+                name, found, sha = value.rpartition(sep)
+                if found and name and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha):
+                    return cls(name, sha)
+            return cls(value)
+        raise RecordError(
+            f"field 'embedding_model' must be a string or an object, got {type(value).__name__}"
+        )
+
+
+# -- reading vectors from records --------------------------------------------------------------
+
+
+def record_vector(record: Record) -> np.ndarray | None:
+    """The record's vector as float32, from `embedding` (a list of numbers, or a base64 string
+    of little-endian float32) or `embedding_b64`; None when it has neither."""
+    import numpy as np
+
+    if "embedding" in record:
+        field, value = "embedding", record["embedding"]
+    elif "embedding_b64" in record:
+        field, value = "embedding_b64", record["embedding_b64"]
+    else:
+        return None
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise RecordError(f"field {field!r} is not valid base64") from None
+        if len(raw) % 4:
+            raise RecordError(f"field {field!r}: {len(raw)} bytes is not a float32 vector")
+        vec = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif isinstance(value, list):
+        if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in value):
+            raise RecordError(f"field {field!r} must be a list of numbers")
+        vec = np.asarray(value, dtype=np.float32)
+    else:
+        raise RecordError(
+            f"field {field!r} must be a list of numbers or a base64 string, got "
+            f"{type(value).__name__}"
+        )
+    if vec.size == 0:
+        raise RecordError(f"field {field!r} is empty")
+    if not np.isfinite(vec).all():
+        raise RecordError(f"field {field!r} has NaN or infinite values")
+    return vec
+
+
+def normalise(vectors: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+# -- writing an index ------------------------------------------------------------------------
+
+
+def _is_index(path: Path) -> bool:
+    try:
+        manifest = orjson.loads((path / "manifest.json").read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_target(directory: str | os.PathLike[str]) -> Path:
+    """The target of a build, refused when it is a file or a non-empty foreign directory."""
+    target = Path(directory)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OptionError(f"{target}: exists and is not a directory; choose another index path")
+    if target.is_dir() and any(target.iterdir()) and not _is_index(target):
+        raise OptionError(
+            f"{target}: directory is not empty and is not a sage index; refusing "
+            "to replace it (choose an empty or new directory)"
+        )
+    return target
+
+
+def write_index(
+    directory: str | os.PathLike[str],
+    vectors: np.ndarray,
+    records: list[Record],
+    model: ModelRef | None,
+    *,
+    trees: int = DEFAULT_TREES,
+    seed: int = DEFAULT_SEED,
+    n_jobs: int = 1,
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Write an index atomically (temp dir + rename) and return its manifest."""
+    import numpy as np
+    from annoy import AnnoyIndex
+
+    from operators.bm25 import BM25
+
+    if len(records) != vectors.shape[0]:
+        raise ValueError("one vector per record")
+    if not records:
+        raise OptionError("no records to index")
+    target = check_target(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    dim = int(vectors.shape[1])
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        vectors = normalise(np.ascontiguousarray(vectors, dtype=np.float32))
+        with open(tmp / FILES["vectors"], "wb") as fh:
+            np.save(fh, vectors, allow_pickle=False)
+        with open(tmp / FILES["records"], "wb") as fh:
+            for record in records:
+                fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+        bm25 = BM25.build(record_text(r) for r in records)
+        bm25.save(tmp / FILES["bm25"])
+        forest = AnnoyIndex(dim, METRIC)
+        forest.set_seed(seed)
+        for i, vec in enumerate(vectors):
+            forest.add_item(i, vec)
+        forest.build(trees, n_jobs=n_jobs)
+        forest.save(str(tmp / FILES["annoy"]))
+        forest.unload()
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": model.to_json() if model else None,
+            "dimension": dim,
+            "metric": METRIC,
+            "count": len(records),
+            "build": {
+                "trees": trees,
+                "seed": seed,
+                "bm25": {"k1": bm25.k1, "b": bm25.b},
+                "normalised": True,
+            },
+            "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sage_version": version or sage_version(),
+            "files": dict(FILES),
+        }
+        with open(tmp / "manifest.json", "wb") as fh:
+            fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o755)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an existing index is moved aside first and removed after."""
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    check_target(target)  # still ours: it may have changed while we were building
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading an index ------------------------------------------------------------------------
+
+
+def _safe_file(directory: Path, role: str, name: Any) -> Path:
+    """The path of a file the manifest names, refused unless it is a plain name in `directory`."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or os.path.isabs(name)
+    ):
+        raise ResourceUnavailable(
+            f"{directory}: manifest.json names an unsafe {role} file "
+            f"{name!r}; only plain file names inside the index are allowed; "
+            f"{REBUILD}"
+        )
+    path = directory / name
+    real_dir = directory.resolve()
+    if path.resolve().parent != real_dir:
+        raise ResourceUnavailable(
+            f"{directory}: the {role} file {name!r} leads outside the index directory; {REBUILD}"
+        )
+    if not path.is_file():
+        raise ResourceUnavailable(f"{directory}: the {role} file {name} is missing; {REBUILD}")
+    return path
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The validated manifest of the index in `directory`, or ResourceUnavailable saying why."""
+    path = Path(directory)
+    if not path.exists():
+        raise ResourceUnavailable(
+            f"no index at {path}; build one with "
+            f"`sage chunk | sage embed | sage index build {path}`"
+        )
+    if not path.is_dir():
+        raise ResourceUnavailable(f"{path} is not an index directory; {REBUILD}")
+    try:
+        raw = (path / "manifest.json").read_bytes()
+    except FileNotFoundError:
+        raise ResourceUnavailable(
+            f"{path} is not a sage index (no manifest.json); {REBUILD}"
+        ) from None
+    except OSError as exc:
+        raise ResourceUnavailable(f"{path}/manifest.json: cannot read: {exc.strerror}") from None
+    try:
+        manifest = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ResourceUnavailable(
+            f"{path}/manifest.json is not valid JSON (corrupt index); {REBUILD}"
+        ) from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ResourceUnavailable(
+            f"{path} is not a sage index (manifest.json has no format {FORMAT!r}); {REBUILD}"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ResourceUnavailable(
+            f"{path}: index format version {manifest.get('format_version')}"
+            f" is not supported (this sage reads {FORMAT_VERSION}); {REBUILD}"
+        )
+    dim, count = manifest.get("dimension"), manifest.get("count")
+    if not isinstance(dim, int) or dim < 1 or not isinstance(count, int) or count < 1:
+        raise ResourceUnavailable(f"{path}/manifest.json: bad dimension or count; {REBUILD}")
+    if manifest.get("metric") != METRIC:
+        raise ResourceUnavailable(f"{path}: metric {manifest.get('metric')!r} is not supported")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or set(FILES) - set(files):
+        raise ResourceUnavailable(f"{path}/manifest.json lists no files {sorted(FILES)}; {REBUILD}")
+    for role in FILES:
+        _safe_file(path, role, files[role])
+    return manifest
+
+
+class Index:
+    """An index opened for search: vectors and annoy memory-mapped, records in memory."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        import numpy as np
+        from annoy import AnnoyIndex
+
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        files = self.manifest["files"]
+        self.dimension: int = self.manifest["dimension"]
+        self.count: int = self.manifest["count"]
+        self.model = ModelRef.parse(self.manifest.get("model"))
+        self.trees: int = int((self.manifest.get("build") or {}).get("trees") or DEFAULT_TREES)
+        where = self.directory
+        try:
+            self.vectors = np.load(
+                _safe_file(where, "vectors", files["vectors"]), mmap_mode="r", allow_pickle=False
+            )
+        except (OSError, ValueError) as exc:
+            raise ResourceUnavailable(
+                f"{where}: vectors file is corrupt ({exc}); {REBUILD}"
+            ) from None
+        if self.vectors.dtype != np.float32 or self.vectors.shape != (self.count, self.dimension):
+            raise ResourceUnavailable(
+                f"{where}: vectors are {self.vectors.dtype} "
+                f"{self.vectors.shape}, the manifest says float32 "
+                f"({self.count}, {self.dimension}); {REBUILD}"
+            )
+        self.records = self._read_records(_safe_file(where, "records", files["records"]))
+        self.forest = AnnoyIndex(self.dimension, METRIC)
+        try:
+            self.forest.load(str(_safe_file(where, "annoy", files["annoy"])))
+        except OSError as exc:
+            raise ResourceUnavailable(
+                f"{where}: annoy file is corrupt ({exc}); {REBUILD}"
+            ) from None
+        if self.forest.get_n_items() != self.count:
+            raise ResourceUnavailable(
+                f"{where}: annoy file holds {self.forest.get_n_items()} "
+                f"items, the manifest says {self.count}; {REBUILD}"
+            )
+        self._bm25: BM25 | None = None
+        self._rows: dict[str, int] | None = None
+
+    def _read_records(self, path: Path) -> list[Record]:
+        records = []
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    record = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    raise ResourceUnavailable(
+                        f"{path}:{n}: not JSON (corrupt index); {REBUILD}"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise ResourceUnavailable(f"{path}:{n}: not an object; {REBUILD}")
+                records.append(record)
+        if len(records) != self.count:
+            raise ResourceUnavailable(
+                f"{path}: {len(records)} records, the manifest says {self.count}; {REBUILD}"
+            )
+        return records
+
+    @property
+    def bm25(self) -> BM25:
+        if self._bm25 is None:
+            from operators.bm25 import BM25
+
+            path = _safe_file(self.directory, "bm25", self.manifest["files"]["bm25"])
+            try:
+                self._bm25 = BM25.load(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ResourceUnavailable(
+                    f"{path}: corrupt BM25 statistics ({exc}); {REBUILD}"
+                ) from None
+            if self._bm25.n_docs != self.count:
+                raise ResourceUnavailable(
+                    f"{path}: BM25 statistics cover {self._bm25.n_docs} "
+                    f"documents, the manifest says {self.count}; {REBUILD}"
+                )
+        return self._bm25
+
+    def row_of(self, doc_id: Any) -> int | None:
+        """The row of the record with this id (None when the index has no such record)."""
+        if self._rows is None:
+            self._rows = {}
+            for i, r in enumerate(self.records):
+                if "id" in r:
+                    self._rows.setdefault(str(r["id"]), i)
+        return self._rows.get(str(doc_id))
+
+    # -- search ------------------------------------------------------------------------------
+
+    def default_search_k(self, k: int) -> int:
+        """annoy nodes to inspect for k hits: enough for recall@10 >= 0.95 against exact search
+        (measured in tests/bench/bench_retrieve.py; annoy's own default, trees * k, gives ~0.9)."""
+        return max(search_k_floor(self.count), k * self.trees * 8)
+
+    def dense(
+        self, query: np.ndarray, k: int, *, exact: bool = False, search_k: int | None = None
+    ) -> list[tuple[int, float]]:
+        """(row, cosine similarity) of the k nearest vectors, best first."""
+        import numpy as np
+
+        from operators.bm25 import top_k
+
+        if exact:
+            return top_k(self.vectors @ query, k)
+        if search_k is None:
+            search_k = self.default_search_k(k)
+        rows = self.forest.get_nns_by_vector(query.tolist(), k, search_k=search_k)
+        if not rows:
+            return []
+        # exact cosine from the stored vectors (annoy's distance is sqrt(2 - 2 cos), in float32)
+        scores = self.vectors[np.asarray(rows)] @ query
+        order = sorted(range(len(rows)), key=lambda i: (-float(scores[i]), rows[i]))
+        return [(int(rows[i]), float(scores[i])) for i in order]
+
+
+def search_k_floor(count: int) -> int:
+    """The least search_k for an index of `count` vectors (see Index.default_search_k)."""
+    return min(max(1000, int(math.sqrt(count) * 16)), max(count, 1) * 4)
+
+
+# -- the build operator ------------------------------------------------------------------------
+
+
+class IndexBuilder(Operator):
+    """Collect records with embeddings and write them as an index directory (at the end)."""
+
+    name = "index build"
+    requires: ClassVar[dict[str, dict[str, Any]]] = {
+        "text": {"type": "string", "description": "indexed text (`content` is accepted too)"},
+    }
+    produces: ClassVar[dict[str, dict[str, Any]]] = {
+        "index": {"type": "string", "description": "the index directory (one summary record)"},
+        "count": {"type": "integer"},
+        "dimension": {"type": "integer"},
+        "model": {"type": ["string", "null"]},
+    }
+    memory = "whole-input"
+    stateless = False
+    default_batch_size = 64
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        model_dirs: Sequence[str | os.PathLike[str]] = (),
+        threads: int | None = None,
+        trees: int = DEFAULT_TREES,
+        seed: int = DEFAULT_SEED,
+        embedder_factory: Callable[[Path, int | None], Any] | None = None,
+    ) -> None:
+        if trees < 1:
+            raise OptionError(f"--trees must be at least 1, got {trees}")
+        self.directory = Path(directory)
+        self.model_name = model
+        self.model_dirs = list(model_dirs)
+        self.threads = threads
+        self.trees = trees
+        self.seed = seed
+        self.embedder_factory = embedder_factory
+        self.model: ModelRef | None = None
+        self.dimension: int | None = None
+        self.vectors: list[np.ndarray] = []
+        self.records: list[Record] = []
+        self.ids: set[str] = set()
+        self._embedder: Any = None
+        self._embedder_ref: ModelRef | None = None
+        self.manifest: dict[str, Any] | None = None
+
+    def setup(self) -> None:
+        check_target(self.directory)  # refuse a foreign directory before reading any input
+
+    # -- embedding the records that come without a vector ----------------------------------
+
+    def _embedder_for(self, model: ModelRef | None) -> tuple[Any, ModelRef]:
+        """The embedder for records that come without a vector: --model, else the model the
+        other records name, else the default embedding model."""
+        if self._embedder is None:
+            from operators.models import DEFAULT_EMBED, locate, model_label
+
+            name = self.model_name or (model.name if model and model.name else DEFAULT_EMBED)
+            path = locate(name, self.model_dirs)
+            if self.embedder_factory is not None:
+                self._embedder = self.embedder_factory(path, self.threads)
+            else:
+                from operators.llm import Embedder
+
+                self._embedder = Embedder(path, self.threads)
+            self._embedder_ref = ModelRef(model_label(name), self._embedder.model_sha256, path.name)
+        assert self._embedder_ref is not None
+        return self._embedder, self._embedder_ref
+
+    def _check_model(self, doc_id: str, ref: ModelRef, model: ModelRef | None) -> ModelRef:
+        """The index model after a record made with `ref`; RecordError when they differ."""
+        if self.model_name and self._embedder_ref is None:
+            from operators.models import model_label
+
+            wanted = ModelRef(model_label(self.model_name))
+            if not ref.same_as(wanted) and ref.name != wanted.name:
+                raise RecordError(
+                    f"record {doc_id!r} was embedded with {ref.label()}, not with "
+                    f"--model {self.model_name}; an index cannot mix models"
+                )
+        if model is None:
+            return ref
+        if not model.same_as(ref):
+            raise RecordError(
+                f"record {doc_id!r} was embedded with {ref.label()}, but this "
+                f"index holds vectors from {model.label()}; an index cannot mix "
+                "embedding models (embed everything with one model)"
+            )
+        return ref if ref.sha256 and not model.sha256 else model
+
+    # -- the operator ----------------------------------------------------------------------
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        # check the whole batch before keeping any of it: the driver retries a failed batch
+        # record by record, and nothing may be kept twice
+        model, dim = self.model, self.dimension
+        ids: set[str] = set()
+        kept: list[tuple[Record, np.ndarray | None]] = []
+        need_vector: list[int] = []
+        for record in batch:
+            text = record_text(record)
+            if "id" in record:
+                doc_id = str(record["id"])
+            else:
+                doc_id = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+            if doc_id in self.ids or doc_id in ids:
+                raise RecordError(
+                    f"duplicate id {doc_id!r}: ids in an index must be unique "
+                    "(`sage dedupe --key id` drops repeats)"
+                )
+            ids.add(doc_id)
+            vec = record_vector(record)
+            if vec is None:
+                ref: ModelRef | None = self._embedder_for(model)[1]
+                need_vector.append(len(kept))
+            else:
+                ref = ModelRef.parse(record.get("embedding_model"))
+                if dim is None:
+                    dim = int(vec.shape[0])
+                elif vec.shape[0] != dim:
+                    raise RecordError(
+                        f"record {doc_id!r} has a {vec.shape[0]}-dimensional "
+                        f"embedding, the index is {dim}-dimensional; an index "
+                        "cannot mix embedding models"
+                    )
+            if ref is not None:  # a bare vector with no model named is taken as it is
+                model = self._check_model(doc_id, ref, model)
+            stored = {k: v for k, v in record.items() if k not in EMBEDDING_FIELDS}
+            stored["id"] = record.get("id", doc_id)
+            if "text" not in stored:
+                stored["text"] = stored.pop("content")
+            kept.append((stored, vec))
+        if need_vector:
+            embedder, _ = self._embedder_for(model)
+            rows = embedder.embed([kept[i][0]["text"] for i in need_vector])
+            if dim is None:
+                dim = int(rows.shape[1])
+            elif rows.shape[1] != dim:
+                raise RecordError(
+                    f"the model makes {rows.shape[1]}-dimensional vectors, the "
+                    f"index is {dim}-dimensional; an index cannot mix models"
+                )
+            for row, i in zip(rows, need_vector, strict=True):
+                kept[i] = (kept[i][0], row)
+        self.model, self.dimension = model, dim
+        for stored, vec in kept:
+            assert vec is not None
+            self.records.append(stored)
+            self.vectors.append(vec)
+        self.ids |= ids
+        return []
+
+    def close(self) -> list[Record]:
+        import numpy as np
+
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if not self.records:
+            return []
+        vectors = np.vstack(self.vectors)
+        model = self.model
+        if model is None and self.model_name:
+            from operators.models import model_label
+
+            model = ModelRef(model_label(self.model_name))
+        self.manifest = write_index(
+            self.directory, vectors, self.records, model, trees=self.trees, seed=self.seed
+        )
+        summary = {
+            "index": str(self.directory),
+            "count": self.manifest["count"],
+            "dimension": self.manifest["dimension"],
+            "model": model.name if model else None,
+            "model_sha256": model.sha256 if model else None,
+            "trees": self.trees,
+        }
+        self.vectors, self.records = [], []
+        return [summary]

@@ -422,7 +422,8 @@ class ParallelDriver(Driver):
         self.stats.records_in += len(batch)
         self.stats.batches += 1
         seq = next(self._seq)
-        slot = _Slot(batch=batch if self.tracer is not None else None)
+        # the trace hook `sage run` installs (None when not traced)
+        slot = _Slot(batch=batch if getattr(self, "tracer", None) is not None else None)
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
@@ -469,10 +470,11 @@ class ParallelDriver(Driver):
             _, seq, segments, busy = answer
             self.stats.busy_seconds += busy
             slot = self._in_flight.pop(seq)
-            if self.tracer is not None and slot.batch is not None:
+            tracer = getattr(self, "tracer", None)
+            if tracer is not None and slot.batch is not None:
                 t1 = time.perf_counter()
                 out = [r for seg in segments if seg[0] == "out" for r in seg[1]]
-                self.tracer.batch(slot.batch, out, t1 - busy, t1)
+                tracer.batch(slot.batch, out, t1 - busy, t1)
                 slot.batch = None
             if self.ordered:
                 slot.segments = segments

@@ -1,0 +1,708 @@
+"""Generating answers with a local llama.cpp model or an OpenAI-compatible server
+(`sage generate`).
+
+Input, in order of preference: `messages` (chat messages, as `sage prompt` writes them),
+`prompt` (sent as one user message) or `query`. Output: `answer` (the text, stripped),
+`usage` {prompt_tokens, completion_tokens, seconds} and, with a JSON schema, `answer_json`
+(the answer parsed). `seconds` is the wall time of the model call (0-ish for a cache hit, which
+also sets `usage.cached: true`).
+
+Backends:
+
+- `LlamaBackend`: the model loads once, in `setup()`, through `operators.llm.load_llama`, and
+  every record goes through `create_chat_completion` with the chat template in the GGUF file
+  (ChatML for SmolLM2). A JSON schema is compiled once into a llama.cpp grammar. Prompts are
+  measured with the model's own tokenizer; one that leaves less than `max_tokens` free in the
+  context is cut in the middle of its last user message, keeping the start (the instructions)
+  and the end (the last documents and the question), and the record gets
+  `prompt_truncated: true` and a message in `_warnings`.
+- `OpenAIBackend`: POST `{base_url}/chat/completions` with the standard library (urllib). The
+  API key goes only into the Authorization header: never into records, errors or traces.
+  Connection failures, timeouts, HTTP 408/429/5xx and unreadable answers are retried with
+  exponential backoff; when every attempt fails the record fails with a `TransientError`
+  (exit 75 under `--on-error fail`).
+
+Temperature 0 is greedy decoding: the same prompt gives the same answer. A seed makes sampling
+at temperature > 0 repeatable too (each record is sampled from the same seed). In those two
+cases answers are cached (`GenerationCache`, sqlite) under a key made of the model's sha256
+(or the server URL and model name), every generation parameter and the final messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from operators.base import (
+    Operator,
+    OperatorError,
+    OptionError,
+    Record,
+    RecordError,
+    ResourceUnavailable,
+    TransientError,
+)
+from operators.prompt import add_warning
+
+#: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
+SAFETY_TOKENS = 4
+#: at most this many tokens of the start of a cut message are kept (its instructions)
+HEAD_TOKENS = 64
+CUT_MARK = "\n...\n"
+#: characters of a server's error body quoted in a message
+QUOTE = 200
+#: the longest wait a server's Retry-After may impose between two attempts
+MAX_RETRY_AFTER = 30.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What decides an answer besides the messages (all of it goes into the cache key)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    json_schema: dict[str, Any] | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    finish_reason: str | None = None
+    #: notes for `_warnings` (a cut prompt)
+    warnings: list[str] = field(default_factory=list)
+    truncated: bool = False
+
+
+Messages = list[dict[str, str]]
+
+
+# -- the local backend ------------------------------------------------------------------------
+
+
+class LlamaBackend:
+    """A local GGUF chat model through llama-cpp-python."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.model_path = Path(model_path)
+        self.n_ctx = n_ctx
+        self.threads = threads
+        self.seed = seed
+        self.llm: Any = None
+        self.formatter: Any = None
+        self.grammar: Any = None
+        self._sha256: str | None = None
+
+    def load(self, json_schema: dict[str, Any] | None) -> None:
+        from operators.llm import load_llama
+
+        if self.llm is not None:
+            return
+        if json_schema is not None:
+            self.grammar = compile_grammar(json_schema)  # a bad schema fails before the load
+        import llama_cpp
+
+        seed = self.seed if self.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        self.llm = load_llama(self.model_path, n_ctx=self.n_ctx, n_threads=self.threads, seed=seed)
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            model = self.llm._model
+            eos, bos = self.llm.token_eos(), self.llm.token_bos()
+            self.formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=model.token_get_text(eos) if eos != -1 else "",
+                bos_token=model.token_get_text(bos) if bos != -1 else "",
+            )
+
+    def identity(self, cache_dir: Path | None) -> str:
+        if self._sha256 is None:
+            from operators.models import sha256_file
+
+            hashes = cache_dir / "model-sha256.json" if cache_dir is not None else None
+            self._sha256 = sha256_file(self.model_path, cache_file=hashes)
+        return f"llama:{self._sha256}:n_ctx={self.n_ctx}"
+
+    def _tokens(self, text: str, special: bool) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def count(self, messages: Messages) -> int:
+        """Prompt tokens of `messages` as the chat template lays them out."""
+        if self.formatter is not None:
+            prompt = self.formatter(messages=messages).prompt
+            return len(self._tokens(prompt, special=True))
+        return sum(len(self._tokens(m["content"], special=False)) + 4 for m in messages) + 4
+
+    def fit(self, messages: Messages, max_tokens: int) -> tuple[Messages, str | None]:
+        """`messages`, with the last user message cut in the middle when the prompt leaves
+        less than `max_tokens` free in the context; and a warning when it was cut."""
+        limit = self.n_ctx - max_tokens - SAFETY_TOKENS
+        total = self.count(messages)
+        if total <= limit:
+            return messages, None
+        users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+        last = users[-1] if users else len(messages) - 1
+        tokens = self._tokens(messages[last]["content"], special=False)
+        keep = len(tokens) - (total - limit)
+        for _ in range(4):
+            mark = len(self._tokens(CUT_MARK, special=False))
+            if keep - mark < 8:
+                raise RecordError(
+                    f"prompt of {total} tokens cannot fit in n_ctx {self.n_ctx} with "
+                    f"max_tokens {max_tokens}: the other messages alone are too long "
+                    "(raise --n-ctx or lower --max-tokens)"
+                )
+            head = min(HEAD_TOKENS, (keep - mark) // 4)
+            tail = keep - mark - head
+            text = self._detokenize(tokens[:head]) + CUT_MARK + self._detokenize(tokens[-tail:])
+            cut = [*messages[:last], {**messages[last], "content": text}, *messages[last + 1 :]]
+            now = self.count(cut)
+            if now <= limit:
+                warning = (
+                    f"generate: prompt cut from {total} to {now} tokens to leave "
+                    f"{max_tokens} for the answer in n_ctx {self.n_ctx}"
+                )
+                return cut, warning
+            keep -= now - limit
+        raise RecordError(f"prompt of {total} tokens could not be cut to fit n_ctx {self.n_ctx}")
+
+    def _detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+        fitted, warning = self.fit(messages, params.max_tokens)
+        kwargs: dict[str, Any] = {
+            "messages": fitted,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stop": list(params.stop),
+        }
+        if params.seed is not None:
+            kwargs["seed"] = params.seed
+        if self.grammar is not None:
+            kwargs["grammar"] = self.grammar
+        try:
+            response = self.llm.create_chat_completion(**kwargs)
+        except ValueError as exc:  # llama-cpp-python's "Requested tokens exceed context"
+            raise RecordError(f"llama.cpp refused the prompt: {exc}") from None
+        choice = response["choices"][0]
+        usage = response.get("usage") or {}
+        return Completion(
+            text=choice["message"].get("content") or "",
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            finish_reason=choice.get("finish_reason"),
+            warnings=[warning] if warning else [],
+            truncated=warning is not None,
+        )
+
+    def close(self) -> None:
+        if self.llm is not None:
+            try:
+                self.llm.close()
+            except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
+                pass
+            self.llm = None
+
+
+def compile_grammar(schema: dict[str, Any]) -> Any:
+    """A llama.cpp grammar that only admits JSON matching `schema`."""
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the converter raises assorted errors
+        raise OptionError(f"--json-schema: cannot turn the schema into a grammar: {exc}") from None
+
+
+# -- the OpenAI-compatible backend ------------------------------------------------------------
+
+
+def chat_completions_url(base_url: str) -> str:
+    """`http://host:8080/v1` -> `http://host:8080/v1/chat/completions` (kept when given)."""
+    parsed = urllib.parse.urlsplit(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise OptionError(
+            f"--base-url must be an http(s) URL, e.g. http://127.0.0.1:8080/v1, "
+            f"got {safe_url(base_url)!r}"
+        )
+    url = base_url.rstrip("/")
+    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+
+
+def safe_url(url: str) -> str:
+    """`url` without any user:password part, for messages."""
+    parsed = urllib.parse.urlsplit(url)
+    netloc = parsed.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query=""))
+
+
+class _Retry(Exception):
+    """One attempt failed in a way another attempt may not."""
+
+    def __init__(self, reason: str, wait: float | None = None) -> None:
+        super().__init__(reason)
+        self.wait = wait
+
+
+class OpenAIBackend:
+    """Any server that speaks the OpenAI chat completions API (llama.cpp server, vLLM, Ollama)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+    ) -> None:
+        if timeout <= 0:
+            raise OptionError(f"--timeout must be positive, got {timeout}")
+        if retries < 0:
+            raise OptionError(f"--retries must be 0 or more, got {retries}")
+        self.url = chat_completions_url(base_url)
+        self.shown_url = safe_url(self.url)
+        self.api_model = api_model or "default"
+        self.__key = api_key or None
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = max(backoff, 0.0)
+        #: seconds slept between attempts (for tests and traces)
+        self.slept = 0.0
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIBackend({self.shown_url!r}, api_model={self.api_model!r})"
+
+    def load(self, json_schema: dict[str, Any] | None) -> None:
+        pass
+
+    def identity(self, cache_dir: Path | None) -> str:
+        return f"openai:{self.url}:{self.api_model}"
+
+    def body(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.api_model,
+            "messages": messages,
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "stream": False,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": params.json_schema},
+            }
+        return body
+
+    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+        data = json.dumps(self.body(messages, params)).encode("utf-8")
+        attempts = self.retries + 1
+        reason = ""
+        for attempt in range(attempts):
+            try:
+                return self._attempt(data)
+            except _Retry as exc:
+                reason = str(exc)
+                if attempt + 1 < attempts:
+                    wait = self.backoff * (2**attempt)
+                    if exc.wait is not None:
+                        wait = max(wait, min(exc.wait, MAX_RETRY_AFTER))
+                    time.sleep(wait)
+                    self.slept += wait
+        tries = f"{attempts} attempt{'s' if attempts > 1 else ''}"
+        raise TransientError(f"{self.shown_url}: {reason} (gave up after {tries}; --retries)")
+
+    def _attempt(self, data: bytes) -> Completion:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.__key:
+            headers["Authorization"] = f"Bearer {self.__key}"
+        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(exc) from None
+        except urllib.error.URLError as exc:
+            why = exc.reason
+            if isinstance(why, TimeoutError | socket.timeout):
+                raise _Retry(f"no answer within {self.timeout:g} s (--timeout)") from None
+            text = why.strerror if isinstance(why, OSError) and why.strerror else str(why)
+            raise _Retry(f"cannot connect: {text}") from None
+        except TimeoutError:
+            raise _Retry(f"no answer within {self.timeout:g} s (--timeout)") from None
+        except (ConnectionError, OSError) as exc:
+            raise _Retry(f"connection failed: {exc.strerror or type(exc).__name__}") from None
+        except Exception as exc:  # noqa: BLE001 - http.client's protocol errors
+            raise _Retry(f"bad HTTP response: {type(exc).__name__}") from None
+        return parse_chat_completion(raw)
+
+    def _http_error(self, exc: urllib.error.HTTPError) -> Exception:
+        try:
+            detail = exc.read()[:QUOTE].decode("utf-8", errors="replace").strip()
+        except Exception:  # noqa: BLE001 - a body that cannot be read is no detail
+            detail = ""
+        status = exc.code
+        said = f"HTTP {status}" + (f": {detail}" if detail else "")
+        if status in (408, 409, 425, 429) or status >= 500:
+            wait = None
+            after = exc.headers.get("Retry-After") if exc.headers else None
+            if after and after.strip().isdigit():
+                wait = float(after)
+            return _Retry(f"server answered {said}", wait)
+        if status in (401, 403):
+            return ResourceUnavailable(
+                f"{self.shown_url}: server refused the request ({said}); check the API key "
+                "in OPENAI_API_KEY"
+            )
+        if status == 404:
+            return OperatorError(
+                f"{self.shown_url}: {said}; check --base-url (usually ending "
+                "in /v1) and --api-model"
+            )
+        return RecordError(f"{self.shown_url}: server rejected the request: {said}")
+
+    def close(self) -> None:
+        pass
+
+
+def parse_chat_completion(raw: bytes) -> Completion:
+    """The answer in a chat completion response; `_Retry` when it is not one."""
+    try:
+        response = json.loads(raw)
+        choice = response["choices"][0]
+        text = choice["message"]["content"]
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise TypeError("content is not a string")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        excerpt = raw[:80].decode("utf-8", errors="replace")
+        raise _Retry(f"not a chat completion (check --base-url): {excerpt!r}") from None
+    usage = response.get("usage") if isinstance(response.get("usage"), dict) else {}
+    return Completion(
+        text=text,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        finish_reason=choice.get("finish_reason") if isinstance(choice, dict) else None,
+    )
+
+
+# -- the cache --------------------------------------------------------------------------------
+
+
+class GenerationCache:
+    """Answers by key in a sqlite file; a cache that cannot be used is silently skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = None
+        self.broken = False
+        self.hits = 0
+
+    def _connect(self) -> sqlite3.Connection | None:
+        if self._db is None and not self.broken:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                db = sqlite3.connect(self.path, timeout=30)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS generations "
+                    "(key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
+                )
+                db.commit()
+                self._db = db
+            except (OSError, sqlite3.Error):
+                self.broken = True
+        return self._db
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        db = self._connect()
+        if db is None:
+            return None
+        try:
+            row = db.execute("SELECT value FROM generations WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error:
+            return None
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0])
+        except ValueError:
+            return None
+        self.hits += 1
+        return value if isinstance(value, dict) else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        db = self._connect()
+        if db is None:
+            return
+        try:
+            db.execute(
+                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?)",
+                (key, json.dumps(value), time.time()),
+            )
+            db.commit()
+        except sqlite3.Error:
+            pass
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def cache_key(identity: str, params: GenerationParams, messages: Messages) -> str:
+    blob = json.dumps(
+        {"model": identity, "params": asdict(params), "messages": messages},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+# -- the operator -----------------------------------------------------------------------------
+
+
+def load_json_schema(source: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(source, dict):
+        return source
+    try:
+        schema = json.loads(Path(source).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise OptionError(f"--json-schema {source}: cannot read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise OptionError(f"--json-schema {source}: not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise OptionError(f"--json-schema {source}: a JSON Schema must be an object")
+    return schema
+
+
+def record_messages(record: Record, system: str | None) -> Messages:
+    """The chat messages to answer for a record: `messages`, else `prompt`, else `query`."""
+    if "messages" in record:
+        messages = record["messages"]
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise RecordError(
+                "field 'messages' must be a non-empty list of "
+                '{"role": ..., "content": ...} objects with string content'
+            )
+        out = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        for name in ("prompt", "query"):
+            if name in record:
+                text = record[name]
+                if not isinstance(text, str):
+                    raise RecordError(f"field {name!r} must be str, got {type(text).__name__}")
+                if not text.strip():
+                    raise RecordError(f"field {name!r} is empty")
+                out = [{"role": "user", "content": text}]
+                break
+        else:
+            have = ", ".join(sorted(k for k in record if not k.startswith("_"))) or "none"
+            raise RecordError(
+                f"record has no 'messages' or 'prompt' field (run sage prompt "
+                f"first) (fields: {have})"
+            )
+    if system is not None:
+        out = [m for m in out if m["role"] != "system"]
+        out.insert(0, {"role": "system", "content": system})
+    return out
+
+
+class Generate(Operator):
+    """Add an `answer` (and `usage`) to each record with a local model or an OpenAI API."""
+
+    name = "generate"
+    requires = {}
+    produces = {
+        "answer": {"type": "string"},
+        "answer_json": {"description": "the answer parsed as JSON (with --json-schema)"},
+        "usage": {
+            "type": "object",
+            "properties": {
+                "prompt_tokens": {"type": ["integer", "null"]},
+                "completion_tokens": {"type": ["integer", "null"]},
+                "seconds": {"type": "number"},
+                "cached": {"type": "boolean"},
+            },
+        },
+        "prompt_truncated": {"type": "boolean"},
+        "_warnings": {"type": "array", "items": {"type": "string"}},
+    }
+    memory = "streaming"
+    stateless = True
+    default_batch_size = 1
+
+    def __init__(
+        self,
+        *,
+        model: str = "smollm2-135m",
+        model_dirs: Sequence[str | os.PathLike[str]] = (),
+        backend: str = "llama",
+        base_url: str | None = None,
+        api_model: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        system: str | None = None,
+        n_ctx: int = 2048,
+        threads: int | None = None,
+        json_schema: str | os.PathLike[str] | dict[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if max_tokens < 1:
+            raise OptionError(f"--max-tokens must be at least 1, got {max_tokens}")
+        if temperature < 0:
+            raise OptionError(f"--temperature must be 0 or more, got {temperature}")
+        schema = load_json_schema(json_schema) if json_schema is not None else None
+        self.params = GenerationParams(
+            max_tokens=max_tokens,
+            temperature=float(temperature),
+            seed=seed,
+            stop=tuple(stop),
+            json_schema=schema,
+        )
+        self.system = system
+        self.model = model
+        self.model_dirs = list(model_dirs)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.backend: LlamaBackend | OpenAIBackend | None = None
+        if backend == "openai":
+            if not base_url:
+                raise OptionError(
+                    "--backend openai needs --base-url, e.g. http://127.0.0.1:8080/v1"
+                )
+            self.backend = OpenAIBackend(
+                base_url,
+                api_model=api_model,
+                api_key=api_key,
+                timeout=timeout,
+                retries=retries,
+                backoff=backoff,
+            )
+        elif backend == "llama":
+            if base_url:
+                raise OptionError("--base-url needs --backend openai")
+            if max_tokens >= n_ctx:
+                raise OptionError(
+                    f"--max-tokens ({max_tokens}) must be less than --n-ctx ({n_ctx})"
+                )
+            self.n_ctx = n_ctx
+            self.threads = threads
+        else:
+            raise OptionError(f"unknown backend {backend!r}: use llama or openai")
+        self.cache: GenerationCache | None = None
+        #: counters for traces and benchmarks
+        self.generated_tokens = 0
+        self.generate_seconds = 0.0
+
+    def setup(self) -> None:
+        if self.backend is None:
+            from operators.models import locate
+
+            path = locate(self.model, self.model_dirs)
+            self.backend = LlamaBackend(
+                path, n_ctx=self.n_ctx, threads=self.threads, seed=self.params.seed
+            )
+        self.backend.load(self.params.json_schema)
+        if self.cache_dir is not None and self.params.deterministic:
+            self.cache = GenerationCache(self.cache_dir / "generate.sqlite")
+
+    def answer(self, record: Record) -> Record:
+        assert self.backend is not None, "setup() was not called"
+        messages = record_messages(record, self.system)
+        key = None
+        cached = None
+        if self.cache is not None:
+            key = cache_key(self.backend.identity(self.cache_dir), self.params, messages)
+            cached = self.cache.get(key)
+        t0 = time.perf_counter()
+        if cached is not None:
+            completion = Completion(**cached)
+        else:
+            completion = self.backend.complete(messages, self.params)
+        seconds = time.perf_counter() - t0
+        if cached is None:
+            self.generated_tokens += completion.completion_tokens or 0
+            self.generate_seconds += seconds
+        out = dict(record)
+        out["answer"] = completion.text.strip()
+        if self.params.json_schema is not None:
+            try:
+                out["answer_json"] = json.loads(completion.text)
+            except ValueError:
+                why = " (it hit --max-tokens)" if completion.finish_reason == "length" else ""
+                raise RecordError(
+                    f"the answer is not valid JSON{why}: {completion.text[:80]!r}"
+                ) from None
+        usage: dict[str, Any] = {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "seconds": round(seconds, 4),
+        }
+        if cached is not None:
+            usage["cached"] = True
+        out["usage"] = usage
+        for warning in completion.warnings:
+            add_warning(out, warning)
+        if completion.truncated or "prompt_truncated" in record:
+            out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
+        if self.cache is not None and key is not None and cached is None:
+            self.cache.put(key, asdict(completion))
+        return out
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        return [self.answer(record) for record in batch]
+
+    def close(self) -> list[Record]:
+        if self.cache is not None:
+            self.cache.close()
+        if self.backend is not None:
+            self.backend.close()
+        return []

@@ -1,0 +1,242 @@
+import time
+
+import pytest
+
+from operators.base import (
+    OperatorError,
+    OptionError,
+    RecordError,
+    ResourceUnavailable,
+    TransientError,
+)
+from operators.generate import (
+    Generate,
+    OpenAIBackend,
+    chat_completions_url,
+    record_messages,
+    safe_url,
+)
+from tests.openai_stub import StubServer, closed_port_url
+
+SECRET = "sk-test-SECRET-0123456789"
+
+
+@pytest.fixture
+def stub():
+    with StubServer() as server:
+        yield server
+
+
+def openai(url, **kwargs):
+    kwargs.setdefault("retries", 0)
+    kwargs.setdefault("backoff", 0.0)
+    kwargs.setdefault("timeout", 5)
+    op = Generate(backend="openai", base_url=url, **kwargs)
+    op.setup()
+    return op
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+def test_messages_prompt_and_query():
+    assert record_messages({"prompt": "hi", "query": "q"}, None) == [
+        {"role": "user", "content": "hi"}
+    ]
+    assert record_messages({"query": "q"}, "sys") == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "q"},
+    ]
+    chat = {
+        "messages": [{"role": "system", "content": "old"}, {"role": "user", "content": "u"}],
+        "prompt": "ignored",
+    }
+    assert record_messages(chat, None)[0]["content"] == "old"
+    assert record_messages(chat, "new") == [
+        {"role": "system", "content": "new"},
+        {"role": "user", "content": "u"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"text": "x"}, "no 'messages' or 'prompt' field"),
+        ({"prompt": "   "}, "'prompt' is empty"),
+        ({"query": ""}, "'query' is empty"),
+        ({"prompt": 3}, "'prompt' must be str"),
+        ({"messages": [{"role": "user"}]}, "'messages' must be"),
+        ({"messages": []}, "'messages' must be"),
+    ],
+)
+def test_bad_records_name_the_field(record, message):
+    with pytest.raises(RecordError, match=message):
+        record_messages(record, None)
+
+
+def test_options_are_checked_up_front(tmp_path):
+    with pytest.raises(OptionError, match="--base-url"):
+        Generate(backend="openai")
+    with pytest.raises(OptionError, match="http"):
+        Generate(backend="openai", base_url="ftp://x")
+    with pytest.raises(OptionError, match="less than --n-ctx"):
+        Generate(max_tokens=512, n_ctx=512)
+    bad = tmp_path / "s.json"
+    bad.write_text("{not json")
+    with pytest.raises(OptionError, match="not JSON"):
+        Generate(json_schema=bad)
+    with pytest.raises(OptionError, match="cannot read"):
+        Generate(json_schema=tmp_path / "missing.json")
+
+
+def test_url_helpers():
+    assert chat_completions_url("http://h:1/v1/") == "http://h:1/v1/chat/completions"
+    assert (
+        chat_completions_url("http://h:1/v1/chat/completions") == "http://h:1/v1/chat/completions"
+    )
+    assert safe_url("http://user:pw@h:1/v1?key=abc") == "http://h:1/v1"
+
+
+# -- the OpenAI-compatible backend against a local server ---------------------------------------
+
+
+def test_openai_proper_completion_and_request(stub):
+    op = openai(
+        f"{stub.url}/ok/v1",
+        api_model="m1",
+        api_key=SECRET,
+        seed=7,
+        stop=["\n\n"],
+        max_tokens=20,
+        system="be brief",
+    )
+    out = op.process([{"id": "a", "prompt": "hello", "keep": 1}])[0]
+    assert out["answer"] == "echo: hello" and out["keep"] == 1 and out["id"] == "a"
+    assert out["usage"]["prompt_tokens"] == 11 and out["usage"]["completion_tokens"] == 3
+    assert out["usage"]["seconds"] >= 0
+    (request,) = stub.requests
+    assert request["path"] == "/ok/v1/chat/completions"
+    assert request["headers"]["Authorization"] == f"Bearer {SECRET}"
+    body = request["body"]
+    assert body["model"] == "m1" and body["seed"] == 7 and body["stop"] == ["\n\n"]
+    assert body["max_tokens"] == 20 and body["temperature"] == 0.0
+    assert body["messages"] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hello"},
+    ]
+
+
+def test_openai_no_key_no_header(stub):
+    openai(f"{stub.url}/ok/v1").process([{"prompt": "x"}])
+    assert "Authorization" not in stub.requests[0]["headers"]
+
+
+def test_openai_json_schema(stub, tmp_path):
+    schema = {"type": "object", "properties": {"echo": {"type": "string"}}}
+    out = openai(f"{stub.url}/ok/v1", json_schema=schema).process([{"prompt": "hi"}])[0]
+    assert out["answer_json"] == {"echo": "hi"}
+    assert stub.requests[0]["body"]["response_format"]["json_schema"]["schema"] == schema
+
+
+def test_refused_connection_is_transient():
+    op = openai(closed_port_url(), retries=1, backoff=0.01)
+    with pytest.raises(TransientError, match="cannot connect.*2 attempts"):
+        op.process([{"prompt": "x"}])
+
+
+def test_hanging_server_times_out(stub):
+    op = openai(f"{stub.url}/hang/v1", timeout=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(TransientError, match="no answer within 0.3 s"):
+        op.process([{"prompt": "x"}])
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_garbage_is_retried_then_transient(stub):
+    op = openai(f"{stub.url}/garbage/v1", retries=2, backoff=0.01)
+    with pytest.raises(TransientError, match="not a chat completion.*3 attempts"):
+        op.process([{"prompt": "x"}])
+    assert len(stub.requests) == 3
+    with pytest.raises(TransientError, match="not a chat completion"):
+        openai(f"{stub.url}/empty/v1").process([{"prompt": "x"}])
+
+
+def test_500_then_200_retries_with_backoff(stub):
+    stub.flaky_failures = 2
+    op = openai(f"{stub.url}/flaky/v1", retries=3, backoff=0.05)
+    out = op.process([{"prompt": "again"}])[0]
+    assert out["answer"] == "echo: again"
+    assert len(stub.requests) == 3
+    backend = op.backend
+    assert isinstance(backend, OpenAIBackend)
+    assert backend.slept == pytest.approx(0.05 + 0.1)  # exponential: 0.05, then 0.1
+
+
+def test_500_without_retries_fails(stub):
+    with pytest.raises(TransientError, match="HTTP 500"):
+        openai(f"{stub.url}/flaky/v1", retries=0).process([{"prompt": "x"}])
+
+
+def test_429_is_retried(stub):
+    with pytest.raises(TransientError, match="HTTP 429"):
+        openai(f"{stub.url}/busy/v1", retries=1, backoff=0.01).process([{"prompt": "x"}])
+    assert len(stub.requests) == 2
+
+
+def test_client_errors_are_not_retried(stub):
+    with pytest.raises(ResourceUnavailable, match="OPENAI_API_KEY"):
+        openai(f"{stub.url}/denied/v1", retries=3, api_key=SECRET).process([{"prompt": "x"}])
+    with pytest.raises(RecordError, match="context length exceeded"):
+        openai(f"{stub.url}/bad/v1", retries=3).process([{"prompt": "x"}])
+    with pytest.raises(OperatorError, match="--base-url"):
+        openai(f"{stub.url}/nothing-here", retries=3).process([{"prompt": "x"}])
+    assert len(stub.requests) == 3  # one each: 401, 400 and 404 are not retried
+
+
+def test_the_key_never_leaks(stub):
+    for mode in ("denied", "bad", "garbage", "flaky"):
+        op = openai(f"{stub.url}/{mode}/v1", api_key=SECRET)
+        assert SECRET not in repr(op.backend) and SECRET not in repr(vars(op))
+        with pytest.raises(Exception) as info:
+            op.process([{"prompt": "x"}])
+        assert SECRET not in str(info.value)
+    out = openai(f"{stub.url}/ok/v1", api_key=SECRET).process([{"prompt": "x"}])[0]
+    assert SECRET not in str(out)
+
+
+# -- the cache ---------------------------------------------------------------------------------
+
+
+def test_cache_hits_at_temperature_0(stub, tmp_path):
+    for _ in range(2):
+        op = openai(f"{stub.url}/ok/v1", cache_dir=tmp_path)
+        out = op.run([{"prompt": "cached?"}])[0]
+    assert len(stub.requests) == 1
+    assert out["usage"]["cached"] is True and out["answer"] == "echo: cached?"
+    assert (tmp_path / "generate.sqlite").is_file()
+
+
+def test_cache_key_includes_parameters(stub, tmp_path):
+    openai(f"{stub.url}/ok/v1", cache_dir=tmp_path).run([{"prompt": "p"}])
+    openai(f"{stub.url}/ok/v1", cache_dir=tmp_path, max_tokens=9).run([{"prompt": "p"}])
+    openai(f"{stub.url}/ok/v1", cache_dir=tmp_path, api_model="other").run([{"prompt": "p"}])
+    openai(f"{stub.url}/ok/v1", cache_dir=tmp_path, system="s").run([{"prompt": "p"}])
+    assert len(stub.requests) == 4
+
+
+def test_no_cache_when_sampling_without_seed(stub, tmp_path):
+    for _ in range(2):
+        openai(f"{stub.url}/ok/v1", cache_dir=tmp_path, temperature=0.7).run([{"prompt": "p"}])
+    assert len(stub.requests) == 2
+    for _ in range(2):
+        openai(f"{stub.url}/ok/v1", cache_dir=tmp_path, temperature=0.7, seed=3).run(
+            [{"prompt": "p"}]
+        )
+    assert len(stub.requests) == 3
+
+
+def test_unusable_cache_dir_is_ignored(stub, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    out = openai(f"{stub.url}/ok/v1", cache_dir=blocker / "cache").run([{"prompt": "p"}])[0]
+    assert out["answer"] == "echo: p"

@@ -7,13 +7,16 @@ driver applies the error policy to it (`--on-error`, `--errors FILE`) with `FILE
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 Record = dict[str, Any]
 
+#: bytes asked for per read when reading lines from a file or pipe
+CHUNK = 1024 * 1024
 #: longest excerpt of a bad line quoted in an error message
 QUOTE_LIMIT = 80
 
@@ -65,3 +68,38 @@ def parse_or_bad(raw: bytes, origin: str, line: int) -> Record | BadLine:
     """The record on `raw`, or a BadLine naming `origin:line`."""
     parsed = parse_line(raw)
     return parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)
+
+
+def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line without `\\n`) for every non-blank line of `stream`.
+
+    With `live` (a pipe or terminal), `(n, None)` follows each chunk read: the caller should
+    flush what it has before the next read, which may block.
+    """
+    read = getattr(stream, "read1", stream.read)
+    lineno = 0
+    pending: list[bytes] = []  # the start of a line not yet ended (a 50 MB line comes in parts)
+    while True:
+        chunk = read(CHUNK)
+        if not chunk:
+            break
+        nl = chunk.rfind(b"\n")
+        if nl < 0:
+            pending.append(chunk)
+            continue
+        if pending:
+            pending.append(chunk[:nl])
+            head = b"".join(pending)
+        else:
+            head = chunk[:nl]
+        rest = chunk[nl + 1 :]
+        pending = [rest] if rest else []
+        for raw in head.split(b"\n"):
+            lineno += 1
+            if raw.strip():
+                yield lineno, raw
+        if live:
+            yield lineno, None
+    last = b"".join(pending)
+    if last.strip():
+        yield lineno + 1, last

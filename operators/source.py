@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, ClassVar
 import orjson
 
 from operators.base import Operator, OptionError, Record
-from operators.ndjson import BadLine, describe_json_error, parse_or_bad
+from operators.ndjson import BadLine, describe_json_error, numbered_lines, parse_or_bad
 
 #: extension -> format, for files found in directories and for `fmt="auto"`
 EXTENSIONS: dict[str, str] = {
@@ -50,7 +50,6 @@ EXTENSIONS: dict[str, str] = {
     ".csv": "csv",
 }
 FORMATS = ("auto", "text", "ndjson", "json", "csv")
-CHUNK = 1024 * 1024
 STDIN = "-"
 
 #: what the records iterable yields: a record, a bad line, or None ("idle: flush now")
@@ -454,41 +453,6 @@ def _is_regular(stream: BinaryIO) -> bool:
         return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return True  # a stream with no fd (a test harness): read it like a file
-
-
-def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line without `\\n`) for every non-blank line of `stream`.
-
-    With `live` (a pipe or terminal), `(n, None)` follows each chunk read: the caller should
-    flush what it has before the next read, which may block.
-    """
-    read = getattr(stream, "read1", stream.read)
-    lineno = 0
-    pending: list[bytes] = []  # the start of a line not yet ended (a 50 MB line comes in parts)
-    while True:
-        chunk = read(CHUNK)
-        if not chunk:
-            break
-        nl = chunk.rfind(b"\n")
-        if nl < 0:
-            pending.append(chunk)
-            continue
-        if pending:
-            pending.append(chunk[:nl])
-            head = b"".join(pending)
-        else:
-            head = chunk[:nl]
-        rest = chunk[nl + 1 :]
-        pending = [rest] if rest else []
-        for raw in head.split(b"\n"):
-            lineno += 1
-            if raw.strip():
-                yield lineno, raw
-        if live:
-            yield lineno, None
-    last = b"".join(pending)
-    if last.strip():
-        yield lineno + 1, last
 
 
 def decode_text(data: bytes) -> tuple[str, str | None]:

@@ -4,8 +4,8 @@ import os
 import pytest
 
 from operators.base import OptionError
-from operators.ndjson import BadLine
-from operators.source import Source, numbered_lines, walk
+from operators.ndjson import BadLine, numbered_lines
+from operators.source import Source, walk
 
 
 def items(op):

@@ -24,17 +24,15 @@ Backends:
 
 Temperature 0 is greedy decoding: the same prompt gives the same answer. A seed makes sampling
 at temperature > 0 repeatable too (each record is sampled from the same seed). In those two
-cases answers are cached (`GenerationCache`, sqlite) under a key made of the model's sha256
+cases answers are cached (`operators.cache.ResultCache`, sqlite) under a key made of the model's sha256
 (or the server URL and model name), every generation parameter and the final messages.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
-import sqlite3
 import time
 import urllib.error
 import urllib.parse
@@ -53,6 +51,7 @@ from operators.base import (
     ResourceUnavailable,
     TransientError,
 )
+from operators.cache import ResultCache, content_key
 from operators.prompt import add_warning
 
 #: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
@@ -141,12 +140,11 @@ class LlamaBackend:
                 bos_token=model.token_get_text(bos) if bos != -1 else "",
             )
 
-    def identity(self, cache_dir: Path | None) -> str:
+    def identity(self, hash_cache: Path | None) -> str:
         if self._sha256 is None:
             from operators.models import sha256_file
 
-            hashes = cache_dir / "model-sha256.json" if cache_dir is not None else None
-            self._sha256 = sha256_file(self.model_path, cache_file=hashes)
+            self._sha256 = sha256_file(self.model_path, cache_file=hash_cache)
         return f"llama:{self._sha256}:n_ctx={self.n_ctx}"
 
     def _tokens(self, text: str, special: bool) -> list[int]:
@@ -304,7 +302,7 @@ class OpenAIBackend:
     def load(self, json_schema: dict[str, Any] | None) -> None:
         pass
 
-    def identity(self, cache_dir: Path | None) -> str:
+    def identity(self, hash_cache: Path | None) -> str:
         return f"openai:{self.url}:{self.api_model}"
 
     def body(self, messages: Messages, params: GenerationParams) -> dict[str, Any]:
@@ -419,77 +417,11 @@ def parse_chat_completion(raw: bytes) -> Completion:
     )
 
 
-# -- the cache --------------------------------------------------------------------------------
-
-
-class GenerationCache:
-    """Answers by key in a sqlite file; a cache that cannot be used is silently skipped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: sqlite3.Connection | None = None
-        self.broken = False
-        self.hits = 0
-
-    def _connect(self) -> sqlite3.Connection | None:
-        if self._db is None and not self.broken:
-            try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                db = sqlite3.connect(self.path, timeout=30)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(
-                    "CREATE TABLE IF NOT EXISTS generations "
-                    "(key TEXT PRIMARY KEY, value TEXT NOT NULL, created REAL NOT NULL)"
-                )
-                db.commit()
-                self._db = db
-            except (OSError, sqlite3.Error):
-                self.broken = True
-        return self._db
-
-    def get(self, key: str) -> dict[str, Any] | None:
-        db = self._connect()
-        if db is None:
-            return None
-        try:
-            row = db.execute("SELECT value FROM generations WHERE key = ?", (key,)).fetchone()
-        except sqlite3.Error:
-            return None
-        if row is None:
-            return None
-        try:
-            value = json.loads(row[0])
-        except ValueError:
-            return None
-        self.hits += 1
-        return value if isinstance(value, dict) else None
-
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        db = self._connect()
-        if db is None:
-            return
-        try:
-            db.execute(
-                "INSERT OR REPLACE INTO generations VALUES (?, ?, ?)",
-                (key, json.dumps(value), time.time()),
-            )
-            db.commit()
-        except sqlite3.Error:
-            pass
-
-    def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+# -- the cache ---------------------------------------------------------------------------------
 
 
 def cache_key(identity: str, params: GenerationParams, messages: Messages) -> str:
-    blob = json.dumps(
-        {"model": identity, "params": asdict(params), "messages": messages},
-        sort_keys=True,
-        ensure_ascii=False,
-    )
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return content_key({"model": identity, "params": asdict(params), "messages": messages})
 
 
 # -- the operator -----------------------------------------------------------------------------
@@ -595,6 +527,7 @@ class Generate(Operator):
         threads: int | None = None,
         json_schema: str | os.PathLike[str] | dict[str, Any] | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
+        hash_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if max_tokens < 1:
             raise OptionError(f"--max-tokens must be at least 1, got {max_tokens}")
@@ -612,6 +545,7 @@ class Generate(Operator):
         self.model = model
         self.model_dirs = list(model_dirs)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.hash_cache = Path(hash_cache) if hash_cache is not None else None
         self.backend: LlamaBackend | OpenAIBackend | None = None
         if backend == "openai":
             if not base_url:
@@ -637,7 +571,7 @@ class Generate(Operator):
             self.threads = threads
         else:
             raise OptionError(f"unknown backend {backend!r}: use llama or openai")
-        self.cache: GenerationCache | None = None
+        self.cache: ResultCache | None = None
         #: counters for traces and benchmarks
         self.generated_tokens = 0
         self.generate_seconds = 0.0
@@ -652,7 +586,7 @@ class Generate(Operator):
             )
         self.backend.load(self.params.json_schema)
         if self.cache_dir is not None and self.params.deterministic:
-            self.cache = GenerationCache(self.cache_dir / "generate.sqlite")
+            self.cache = ResultCache(self.cache_dir / "generate.sqlite", table="generations")
 
     def answer(self, record: Record) -> Record:
         assert self.backend is not None, "setup() was not called"
@@ -660,8 +594,8 @@ class Generate(Operator):
         key = None
         cached = None
         if self.cache is not None:
-            key = cache_key(self.backend.identity(self.cache_dir), self.params, messages)
-            cached = self.cache.get(key)
+            key = cache_key(self.backend.identity(self.hash_cache), self.params, messages)
+            cached = self.cache.get_json(key)
         t0 = time.perf_counter()
         if cached is not None:
             completion = Completion(**cached)
@@ -694,7 +628,7 @@ class Generate(Operator):
         if completion.truncated or "prompt_truncated" in record:
             out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
         if self.cache is not None and key is not None and cached is None:
-            self.cache.put(key, asdict(completion))
+            self.cache.put_json(key, asdict(completion))
         return out
 
     def process(self, batch: list[Record]) -> list[Record]:

@@ -264,6 +264,13 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
                                  ordered=not opts.unordered)
     else:
         driver = Driver(op, writer, policy, batch_size, on_batch=on_batch)
+    tracer = None
+    if "SAGE_TRACE_DIR" in os.environ:  # set by `sage run` for the stages it starts
+        from sage_cli.trace import tracer_from_env
+
+        tracer = driver.tracer = tracer_from_env(command)
+        if tracer is not None:
+            tracer.start(stats)
 
     def body() -> None:
         try:
@@ -283,7 +290,10 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
         if stats.skipped and not opts.quiet:
             sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
 
-    return guarded(prog, body, on_stop=writer.flush)
+    code = guarded(prog, body, on_stop=writer.flush)
+    if tracer is not None:
+        tracer.stop(code)
+    return code
 
 
 def make_progress(prog: str, opts: IOOptions) -> Any:

@@ -127,6 +127,8 @@ class Driver:
         self.batch_size = max(1, batch_size)
         self.stats = policy.stats
         self.on_batch = on_batch
+        #: set by run_operator under `sage run` (sage_cli.trace.Tracer): one event per batch
+        self.tracer: Any = None
 
     # -- the public entry points -------------------------------------------------------------
 
@@ -239,7 +241,10 @@ class Driver:
             raise
         except Exception:
             out = self._one_by_one(origin, batch, lines)
-        stats.busy_seconds += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats.busy_seconds += t1 - t0
+        if self.tracer is not None:
+            self.tracer.batch(batch, out, t0, t1)
         self._write(out)
         # a slow operator over a file never blocks on input: flush at least every ~100 ms
         self.writer.maybe_flush()

@@ -1,0 +1,141 @@
+"""sage run: run a pipeline script under supervision, with traces, restart and resume."""
+
+from typing import Annotated
+
+import typer
+
+from sage_cli.command import CONTEXT, guarded
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
+
+
+@app.command(
+    "run",
+    context_settings={**CONTEXT, "allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def run(
+    script: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="SCRIPT", help="A bash script holding one pipeline.", show_default=False
+        ),
+    ] = None,
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[ARGS]...", help="Arguments for the script ($1, $2, ...).", show_default=False
+        ),
+    ] = None,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries",
+            min=0,
+            help="Restart a stage that crashes up to N times; the records it "
+            "held are fed to the new process.",
+        ),
+    ] = 0,
+    backoff: Annotated[
+        float,
+        typer.Option(
+            "--backoff",
+            min=0.0,
+            metavar="SECONDS",
+            help="Wait before the first restart (doubles each time).",
+        ),
+    ] = 0.5,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout", min=0.0, metavar="SECONDS", help="Stop the run after this long (exit 124)."
+        ),
+    ] = None,
+    run_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--run-dir", metavar="DIR", help="Run directory (default .sage/runs/<run id>)."
+        ),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            metavar="RUN",
+            help="Continue a run that was killed: records whose results "
+            "are already in its output are not processed again.",
+        ),
+    ] = None,
+    lock: Annotated[
+        bool,
+        typer.Option(
+            "--lock", help="Refuse to start (exit 75) while the same script runs (for cron)."
+        ),
+    ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Run again whenever the script or its input files change."),
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Validate the pipeline without running it: options parse, every "
+            "stage's required fields come from upstream, models and indexes exist.",
+        ),
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Nothing on stderr but the stages' own errors.")
+    ] = False,
+    progress: Annotated[
+        bool,
+        typer.Option(
+            "--progress", help="Periodic progress lines even when stderr is not a terminal."
+        ),
+    ] = False,
+):
+    """Run the pipeline in a bash SCRIPT under supervision and trace every stage.
+
+    The script stays ordinary bash (comments, continuations, variables, $1): it runs the same
+    with `bash SCRIPT`. Each `sage` stage runs in its own process group with a share of the
+    cores if it loads a model; SIGINT/SIGTERM reach every stage; the exit status is what
+    `set -o pipefail` gives. The trace, each stage's stderr and summary.json go to the run
+    directory; `sage trace` shows them.
+
+    \b
+    Examples:
+      sage run scripts/rag.sh "What is SAGE?"
+      sage run --retries 3 ingest.sh docs/
+      sage run --resume 20261124-031500-ab12
+      sage run --check scripts/rag.sh
+      sage run --lock --timeout 600 nightly.sh    # from cron
+    """
+    from sage_cli.supervisor import RunOptions
+
+    script_args = list(args or [])
+    opts = RunOptions(
+        retries=retries, backoff=backoff, timeout=timeout, quiet=quiet, progress=progress
+    )
+    result = 0
+
+    def body() -> None:
+        nonlocal result
+        if check:
+            from sage_cli.check import check_pipeline
+
+            if script is None:
+                from sage_cli.errors import UsageError
+
+                raise UsageError("missing the pipeline script: sage run --check SCRIPT")
+            result = check_pipeline(script, script_args, quiet=quiet)
+            return
+        if watch:
+            from sage_cli.watch import watch_pipeline
+
+            result = watch_pipeline(script, script_args, opts, run_dir, lock)
+            return
+        from sage_cli.runner import run_pipeline
+
+        result = run_pipeline(script, script_args, opts, run_dir=run_dir, resume=resume, lock=lock)
+
+    code = guarded("sage run", body)
+    raise typer.Exit(code or result)

@@ -1,0 +1,437 @@
+"""Read a pipeline script (ordinary bash) into the stages `sage run` starts.
+
+The script stays a plain bash script: it runs the same without `sage run`. We support the common
+shape: comments, line continuations, variable assignments, `set`/`export`/`cd` lines, and ONE
+pipeline (the last command of the script), whose stages may carry redirections (`< in`, `> out`,
+`>> out`, `2> err`) and `VAR=value` prefixes. Anything else (several pipelines, `&&`, loops,
+here-documents, background jobs) is refused with a line that says what to change.
+
+Word expansion is left to bash itself, so quoting, `$1`, `${X:-default}`, `~` and globs behave
+exactly as they do under bash: the lines before the pipeline and the pipeline's raw words are
+handed to `bash -c` with the script's arguments, and bash prints the expanded words back,
+NUL-separated. Only the script's own text reaches that shell, never a record.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sage_cli.errors import SageError, UsageError
+
+#: operator commands that load a model and get a share of the cores
+MODEL_COMMANDS = frozenset({"embed", "retrieve", "rerank", "generate"})
+
+_REDIR_OPS = ("2>>", "&>>", "2>&1", ">>", "2>", "&>", ">", "<")
+_UNSUPPORTED_WORDS = {
+    "if",
+    "then",
+    "else",
+    "elif",
+    "fi",
+    "for",
+    "while",
+    "until",
+    "do",
+    "done",
+    "case",
+    "esac",
+    "function",
+    "select",
+    "{",
+    "}",
+    "[[",
+    "]]",
+    "((",
+    "))",
+}
+
+
+@dataclass
+class Redirect:
+    """One redirection of a stage: `op` is <, >, >>, 2>, 2>>, &>, &>> or 2>&1."""
+
+    op: str
+    target: str = ""  # expanded path ("" for 2>&1)
+    raw: str = ""
+
+
+@dataclass
+class Stage:
+    """One command of the pipeline, after bash expanded its words."""
+
+    index: int
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    redirects: list[Redirect] = field(default_factory=list)
+    text: str = ""
+
+    @property
+    def is_sage(self) -> bool:
+        return bool(self.argv) and os.path.basename(self.argv[0]) == "sage"
+
+    @property
+    def command(self) -> str:
+        """`embed` for `sage embed ...`, the program's name otherwise."""
+        if self.is_sage:
+            return self.argv[1] if len(self.argv) > 1 else "sage"
+        return os.path.basename(self.argv[0]) if self.argv else "?"
+
+    @property
+    def is_model(self) -> bool:
+        return self.is_sage and self.command in MODEL_COMMANDS
+
+    @property
+    def name(self) -> str:
+        """A short unique name for files and tables: `2-embed`."""
+        return f"{self.index + 1}-{self.command}"
+
+    @property
+    def label(self) -> str:
+        return f"sage {self.command}" if self.is_sage else self.command
+
+    def redirect(self, *ops: str) -> Redirect | None:
+        found = None
+        for r in self.redirects:
+            if r.op in ops:
+                found = r
+        return found
+
+
+@dataclass
+class Pipeline:
+    """What a script runs: its stages, and the environment and directory they start in."""
+
+    script: Path
+    stages: list[Stage]
+    env: dict[str, str]
+    cwd: str
+    line: int  # line of the script where the pipeline starts
+
+    @property
+    def model_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.is_model]
+
+
+class ScriptError(UsageError):
+    """The script has a shape `sage run` does not run."""
+
+
+# -- splitting the script into logical lines and words ---------------------------------------------
+
+
+@dataclass
+class _Line:
+    number: int
+    text: str
+    # each command of a pipeline: a list of raw words; operators between words are kept apart
+    commands: list[list[str]]
+    separators: list[str]
+
+
+def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], list[str]]:
+    """Split one logical line into commands (lists of raw words) and the operators between them.
+
+    Quotes, backslashes, `$(...)`, `${...}` and backquotes are kept inside a word verbatim; bash
+    expands them later. An unquoted `#` at the start of a word starts a comment.
+    """
+    commands: list[list[str]] = [[]]
+    separators: list[str] = []
+    word: list[str] = []
+    i, n = 0, len(text)
+
+    def end_word() -> None:
+        if word:
+            commands[-1].append("".join(word))
+            word.clear()
+
+    def where() -> str:
+        return f"{script}:{number}"
+
+    while i < n:
+        c = text[i]
+        if c in " \t":
+            end_word()
+            i += 1
+        elif c == "#" and not word:
+            break
+        elif c == "\\":
+            word.append(text[i : i + 2])
+            i += 2
+        elif c == "'":
+            j = text.find("'", i + 1)
+            if j < 0:
+                raise ScriptError(f"{where()}: unterminated single quote")
+            word.append(text[i : j + 1])
+            i = j + 1
+        elif c == '"':
+            j = i + 1
+            while j < n and text[j] != '"':
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                raise ScriptError(f"{where()}: unterminated double quote")
+            word.append(text[i : j + 1])
+            i = j + 1
+        elif c == "`":
+            j = text.find("`", i + 1)
+            if j < 0:
+                raise ScriptError(f"{where()}: unterminated backquote")
+            word.append(text[i : j + 1])
+            i = j + 1
+        elif c == "$" and i + 1 < n and text[i + 1] in "({":
+            close = ")" if text[i + 1] == "(" else "}"
+            opener = text[i + 1]
+            depth, j = 0, i + 1
+            while j < n:
+                if text[j] == opener:
+                    depth += 1
+                elif text[j] == close:
+                    depth -= 1
+                    if depth == 0:
+                        break
+                elif text[j] in "'\"":
+                    k = text.find(text[j], j + 1)
+                    j = k if k > 0 else n
+                j += 1
+            if j >= n:
+                raise ScriptError(f"{where()}: unterminated ${opener}")
+            word.append(text[i : j + 1])
+            i = j + 1
+        elif c in "|&;<>()" or (c.isdigit() and not word and text[i + 1 : i + 2] == ">"):
+            op = next((o for o in _REDIR_OPS if text.startswith(o, i)), None)
+            if op is not None and (word == [] or c in "<>&"):
+                end_word()
+                commands[-1].append(op)  # redirections stay in the command; marked below
+                i += len(op)
+                continue
+            end_word()
+            two = text[i : i + 2]
+            if two in ("||", "&&", ";;", "|&"):
+                raise ScriptError(
+                    f"{where()}: `{two}` is not supported in a pipeline script; "
+                    "write one pipeline per script (see `sage run --help`)"
+                )
+            if c == "|":
+                separators.append("|")
+                commands.append([])
+                i += 1
+            elif c == ";":
+                separators.append(";")
+                commands.append([])
+                i += 1
+            elif c == "&":
+                raise ScriptError(f"{where()}: background jobs (`&`) are not supported")
+            else:
+                raise ScriptError(
+                    f"{where()}: `{c}` (subshells, process substitution) is not "
+                    "supported; put that part in a separate script"
+                )
+        else:
+            word.append(c)
+            i += 1
+    end_word()
+    return commands, separators
+
+
+def logical_lines(source: str, script: str) -> list[_Line]:
+    """Join backslash continuations and lines that end with `|`; split into commands."""
+    raw = source.splitlines()
+    out: list[_Line] = []
+    buf = ""
+    start = 0
+    for number, line in enumerate(raw, start=1):
+        if not buf:
+            start = number
+        if number == 1 and line.startswith("#!"):
+            continue
+        if line.endswith("\\") and not line.endswith("\\\\"):
+            buf += line[:-1] + " "
+            continue
+        buf += line
+        commands, seps = _tokenize(buf, start, script)
+        if seps and seps[-1] == "|" and not commands[-1]:
+            buf += " "  # `a |` continued on the next line
+            continue
+        if "<<" in buf and any(w.startswith("<<") or w == "<" for c in commands for w in c):
+            raise ScriptError(f"{script}:{start}: here-documents are not supported")
+        commands = [c for c in commands if c]
+        if commands:
+            out.append(_Line(start, buf.strip(), commands, seps))
+        buf = ""
+    if buf.strip():
+        raise ScriptError(f"{script}:{start}: the script ends in the middle of a command")
+    return out
+
+
+# -- asking bash to expand the words ---------------------------------------------------------------
+
+_DUMP = '__sage_words() { printf \'%s\\0\' "$#" "$@"; }\n'
+
+
+def _split_stage(
+    words: list[str], where: str
+) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+    """Raw words of one command -> (assignments, argv words, [(redirect op, raw target)])."""
+    assigns: list[str] = []
+    argv: list[str] = []
+    redirs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w in _REDIR_OPS:
+            if w == "2>&1":
+                redirs.append((w, ""))
+                i += 1
+                continue
+            if i + 1 >= len(words) or words[i + 1] in _REDIR_OPS:
+                raise ScriptError(f"{where}: `{w}` needs a file name")
+            redirs.append((w, words[i + 1]))
+            i += 2
+            continue
+        if not argv and _is_assignment(w):
+            assigns.append(w)
+        else:
+            argv.append(w)
+        i += 1
+    return assigns, argv, redirs
+
+
+def _is_assignment(word: str) -> bool:
+    name, eq, _ = word.partition("=")
+    return bool(eq) and name.replace("_", "a").isalnum() and not name[0].isdigit()
+
+
+def parse_script(
+    path: str | Path,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> Pipeline:
+    """Read `path` and return its pipeline with every word expanded as bash would."""
+    script = Path(path)
+    try:
+        source = script.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such script; check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the script: {exc}") from None
+    name = str(path)
+    lines = logical_lines(source, name)
+    if not lines:
+        raise ScriptError(f"{name}: the script has no pipeline to run")
+    # split `a; b` lines into one entry per command, remembering which have pipes
+    entries: list[tuple[int, list[list[str]], bool]] = []
+    for line in lines:
+        group: list[list[str]] = []
+        cmd_iter = iter(line.commands)
+        group.append(next(cmd_iter))
+        for sep, cmd in zip(line.separators, cmd_iter, strict=False):
+            if sep == "|":
+                group.append(cmd)
+            else:
+                entries.append((line.number, group, len(group) > 1))
+                group = [cmd]
+        entries.append((line.number, group, len(group) > 1))
+    for number, group, _ in entries:
+        for cmd in group:
+            if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
+                raise ScriptError(
+                    f"{name}:{number}: `{cmd[0]}` blocks are not supported by "
+                    "sage run; keep the script to assignments and one pipeline"
+                )
+    piped = [(n, g) for n, g, p in entries if p]
+    if len(piped) > 1:
+        raise ScriptError(
+            f"{name}: sage run runs one pipeline per script, found pipelines on "
+            f"lines {', '.join(str(n) for n, _ in piped)}; split it into scripts"
+        )
+    last_number, last_group, _ = entries[-1]
+    if piped and piped[0][1] is not last_group:
+        raise ScriptError(
+            f"{name}:{last_number}: the pipeline (line {piped[0][0]}) must be the "
+            "last command of the script"
+        )
+    preamble = [g[0] for _, g, _ in entries[:-1]]
+    where = f"{name}:{last_number}"
+    program = [_DUMP]
+    for cmd in preamble:
+        program.append(" ".join(cmd) + "\n")
+    split = [_split_stage(cmd, where) for cmd in last_group]
+    for assigns, argv, redirs in split:
+        if not argv:
+            raise ScriptError(f"{where}: a stage of the pipeline has no command")
+        program.append("__sage_words " + " ".join(argv) + "\n")
+        program.append(
+            "__sage_words " + " ".join(a.partition("=")[2] or "''" for a in assigns) + "\n"
+            if assigns
+            else "__sage_words\n"
+        )
+        targets = [t for _, t in redirs if t]
+        program.append("__sage_words " + " ".join(targets) + "\n")
+    program.append('__sage_words "$PWD"\nenv -0\n')
+    run_env = dict(os.environ if env is None else env)
+    bash = shutil.which("bash", path=run_env.get("PATH")) or "/bin/bash"
+    proc = subprocess.run(
+        [bash, "-c", "".join(program), name, *(args or [])],
+        capture_output=True,
+        env=run_env,
+        cwd=cwd or None,
+        stdin=subprocess.DEVNULL,
+    )
+    if proc.returncode != 0:
+        msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        why = msg[-1] if msg else f"bash exited with status {proc.returncode}"
+        why = why.split(": line ", 1)[-1] if ": line " in why else why
+        raise ScriptError(f"{name}: cannot expand the script: {why}")
+    fields = proc.stdout.split(b"\0")
+    pos = 0
+
+    def take() -> list[str]:
+        nonlocal pos
+        count = int(fields[pos])
+        words = [f.decode("utf-8", "surrogateescape") for f in fields[pos + 1 : pos + 1 + count]]
+        pos += 1 + count
+        return words
+
+    stages: list[Stage] = []
+    for index, (assigns, _argv, redirs) in enumerate(split):
+        argv = take()
+        values = take()
+        targets = take()
+        if not argv:
+            raise ScriptError(f"{where}: stage {index + 1} expands to no command")
+        stage_env = {a.partition("=")[0]: v for a, v in zip(assigns, values, strict=False)}
+        it = iter(targets)
+        redirects = [Redirect(op, "" if not raw else next(it), raw) for op, raw in redirs]
+        text = " ".join(last_group[index])
+        stages.append(Stage(index, argv, stage_env, redirects, text))
+    final_cwd = take()[0]
+    env_out: dict[str, str] = {}
+    for item in fields[pos:]:
+        if not item:
+            continue
+        key, _, value = item.decode("utf-8", "surrogateescape").partition("=")
+        env_out[key] = value
+    for key in ("_", "SHLVL", "OLDPWD", "PWD"):
+        env_out.pop(key, None)
+    env_out["PWD"] = final_cwd
+    for stage in stages[1:]:
+        if stage.redirect("<"):
+            raise ScriptError(
+                f"{where}: stage {stage.index + 1} reads a file with `<` but also "
+                "gets the previous stage's output; drop one of the two"
+            )
+    for stage in stages[:-1]:
+        if stage.redirect(">", ">>", "&>", "&>>"):
+            raise ScriptError(
+                f"{where}: stage {stage.index + 1} writes to a file with `>` in "
+                "the middle of the pipeline; only the last stage may"
+            )
+    return Pipeline(script, stages, env_out, final_cwd, last_number)
+
+
+def sage_error_for(exc: BaseException) -> SageError:
+    return exc if isinstance(exc, SageError) else SageError(str(exc))

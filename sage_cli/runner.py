@@ -1,0 +1,195 @@
+"""`sage run` from start to end: parse the script, make (or reopen) the run directory, hold the
+lock, run the supervisor, write summary.json and say in one line how it went."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sage_cli.errors import SageError, UsageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.pipeline import Pipeline, parse_script
+from sage_cli.runs import DEFAULT_BASE, RunDirectory, find_run, summarise
+from sage_cli.supervisor import RunOptions, Supervisor, lineage_key, record_id
+
+
+def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": s.name,
+            "index": s.index,
+            "label": s.label,
+            "argv": s.argv,
+            "model": s.is_model,
+            "text": s.text,
+        }
+        for s in pipeline.stages
+    ]
+
+
+def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
+    """Where the run's output is kept for --resume: the last stage's `> FILE`, or the run
+    directory's copy of what went to stdout."""
+    redirect = pipeline.stages[-1].redirect(">", ">>", "&>", "&>>")
+    if redirect is None:
+        return None
+    target = Path(redirect.target)
+    return target if target.is_absolute() else Path(pipeline.cwd) / target
+
+
+def read_done(path: Path) -> tuple[set[Any], set[Any]]:
+    """From a run's output: the ids of the results in it, and the keys of the input records
+    whose results are all in it (every key but the last one seen, which may be partial).
+    A torn last line (the writer was killed mid-line) is cut off the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return set(), set()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(end)
+        data = data[:end]
+    ids: set[Any] = set()
+    keys: list[Any] = []
+    seen: set[Any] = set()
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        rid = record_id(line)
+        if rid is not None:
+            ids.add(rid)
+        key = lineage_key(line)
+        if key is not None and key not in seen:
+            seen.add(key)
+            keys.append(key)
+    done = set(keys[:-1]) if keys else set()
+    return ids, done
+
+
+def lock_path(script: Path, args: list[str]) -> Path:
+    digest = hashlib.sha1(orjson.dumps([str(script.resolve()), args])).hexdigest()[:16]
+    return Path(".sage") / "locks" / f"{script.stem}-{digest}.lock"
+
+
+def acquire_lock(script: Path, args: list[str]) -> Any:
+    """Hold an exclusive lock for this script and arguments, or fail (exit 75) if another
+    `sage run --lock` holds it."""
+    import fcntl
+
+    path = lock_path(script, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise SageError(
+            f"{script} is already running (pid {holder}); wait for it or drop --lock",
+            ExitCode.TEMPFAIL,
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def run_pipeline(
+    script: str | None,
+    args: list[str],
+    opts: RunOptions,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    lock: bool = False,
+    base: str = DEFAULT_BASE,
+) -> int:
+    """Run a pipeline script (or resume a run) and return the exit status."""
+    if resume:
+        run = find_run(resume, base)
+        info = run.read_json("run.json")
+        script = script or info.get("script")
+        args = args or info.get("args", [])
+        if not script:
+            raise UsageError(f"{resume}: the run does not name its script; give it")
+        if info.get("cwd") and Path(info["cwd"]) != Path.cwd():
+            os.chdir(info["cwd"])
+        opts.resume = True
+    elif script is None:
+        raise UsageError("missing the pipeline script: sage run SCRIPT [ARGS]...")
+    script_path = Path(script)
+    held = acquire_lock(script_path, args) if lock else None
+    try:
+        pipeline = parse_script(script_path, args)
+        if not resume:
+            run = RunDirectory.create(run_dir, base)
+        target = output_path(pipeline, run)
+        ledger = None
+        skip_ids = skip_keys = None
+        if resume:
+            done_ids, done_keys = read_done(target or run.output_path)
+            skip_ids, skip_keys = done_ids, done_keys
+        if target is None:
+            ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        run.write_json(
+            "run.json",
+            {
+                "run_id": run.id,
+                "script": str(script_path),
+                "args": args,
+                "cwd": os.getcwd(),
+                "output": str(target) if target else str(run.output_path),
+                "started": time.time(),
+                "retries": opts.retries,
+                "stages": describe(pipeline),
+                "resumed": bool(resume),
+            },
+        )
+        sup = Supervisor(pipeline, run, opts, args)
+        started = time.monotonic()
+        dashboard = None
+        if not opts.quiet:
+            from sage_cli.dashboard import start_dashboard
+
+            dashboard = start_dashboard(run, sup, progress=opts.progress)
+        try:
+            status = sup.run(ledger_fd=ledger, skip_keys=skip_keys, skip_ids=skip_ids)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
+            if ledger is not None:
+                os.close(ledger)
+        summary = summarise(run)
+        run.write_json("summary.json", summary)
+        if not opts.quiet:
+            report_end(run, summary, status, time.monotonic() - started)
+        return status
+    finally:
+        if held is not None:
+            held.close()
+
+
+def report_end(run: RunDirectory, summary: dict[str, Any], status: int, seconds: float) -> None:
+    """One line on stderr: how the run ended, which stage failed, where the trace is."""
+    failed = [s for s in summary["stages"] if s.get("status")]
+    restarts = sum(s.get("restarts", 0) for s in summary["stages"])
+    parts = [f"sage run: {len(summary['stages'])} stage(s), {seconds:.1f}s, exit {status}"]
+    if restarts:
+        parts.append(f"{restarts} restart(s)")
+    if failed and status:
+        last = failed[-1]
+        parts.append(f"stage {last['index'] + 1} ({last['command']}) exited {last['status']}")
+    parts.append(f"trace: {run.path} (sage trace {run.id})")
+    try:
+        sys.stderr.write("; ".join(parts) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

@@ -1,0 +1,893 @@
+"""The supervisor behind `sage run` (DESIGN §5).
+
+It starts every stage of a parsed pipeline itself (`sage` stages as `python -m sage_cli` in this
+interpreter, others as they are), each in its own process group and killed with the supervisor
+(PR_SET_PDEATHSIG), connects them with pipes, forwards SIGINT/SIGTERM to every group, reaps every
+process, records each stage's exit status, CPU time and peak memory, and exits as bash's
+`set -o pipefail` would: the status of the last (rightmost) stage that failed, 0 if none did.
+
+Between two stages the pipe is either direct (the default: no cost) or relayed through the
+supervisor (`--retries`, `--resume`, and the run's output when it goes to stdout). A relay knows
+which records each stage has taken in and not finished, by `id` and lineage (`parent_id`,
+`query_id`), so a stage that crashes can be restarted and fed them again, and it drops the
+results the new process repeats. That holds for operators whose output keeps input order
+(every streaming sage operator).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sage_cli.exitcodes import ExitCode
+from sage_cli.pipeline import Pipeline, Stage
+from sage_cli.runs import RunDirectory
+
+READ_SIZE = 64 * 1024
+TIMEOUT_STATUS = 124  # like timeout(1)
+KILL_GRACE_SECONDS = 5.0
+#: exit statuses a restart cannot fix
+NO_RETRY = {
+    int(ExitCode.USAGE),
+    int(ExitCode.UNAVAILABLE),
+    int(ExitCode.INTERRUPTED),
+    int(ExitCode.TERMINATED),
+}
+#: a stage that crashes this often on the same record sends it to the dead letter
+POISON_CRASHES = 2
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _prctl: Any = _libc.prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _prctl = None
+
+
+def _child_setup() -> None:
+    """In the child, before exec: die with the supervisor (even on its kill -9)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def exit_status(wait_status: int) -> int:
+    """A wait status as bash reports it: the exit code, or 128 + the signal number."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return 128 - code if code < 0 else code
+
+
+def pipefail(statuses: list[int | None]) -> int:
+    """bash's `set -o pipefail`: the last non-zero status, or 0."""
+    result = 0
+    for s in statuses:
+        if s:
+            result = s
+    return result
+
+
+# -- ids in the stream ----------------------------------------------------------------------------
+
+_FAST_ID = re.compile(rb'\{"id":"([^"\\]*)"')
+
+
+def record_id(line: bytes) -> Any:
+    """The `id` of an NDJSON line (fast for lines that start with a plain string id)."""
+    m = _FAST_ID.match(line)
+    if m is not None:
+        return m.group(1).decode("utf-8", "surrogateescape")
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return _hashable(value.get("id")) if type(value) is dict else None
+
+
+def lineage(line: bytes) -> list[Any]:
+    """The keys an output line can be matched to its input by: id, parent_id, query_id."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return []
+    if type(value) is not dict:
+        return []
+    return [_hashable(value.get(k)) for k in ("id", "parent_id", "query_id") if k in value]
+
+
+def lineage_key(line: bytes) -> Any:
+    """The key of the input record an output line came from: parent_id, query_id or id."""
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict:
+        return None
+    for k in ("parent_id", "query_id", "id"):
+        if value.get(k) is not None:
+            return _hashable(value[k])
+    return None
+
+
+def _hashable(v: Any) -> Any:
+    return v if isinstance(v, str | int | float | type(None)) else orjson.dumps(v)
+
+
+class Flight:
+    """The records a stage has taken in and not finished, in the order it took them.
+
+    A result whose lineage key is K finishes every record taken in before K (outputs keep
+    input order); K itself stays in flight, since it may still have more results (chunks).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: deque[tuple[Any, bytes]] = deque()
+        self.counts: Counter[Any] = Counter()
+        self.head_out: set[Any] = set()  # result ids already seen for the head record
+        self.suppress: set[Any] = set()  # results a restarted process will repeat
+        self.crashes: Counter[Any] = Counter()  # crashes while a key was the head
+
+    def sent(self, keys: list[Any], lines: list[bytes]) -> None:
+        with self.lock:
+            self.items.extend(zip(keys, lines, strict=False))
+            self.counts.update(keys)
+
+    def finished(self, line: bytes) -> bool:
+        """Account for one result line; False when it repeats one already passed on."""
+        rid = record_id(line)
+        with self.lock:
+            counts = self.counts
+            key = rid if rid in counts else None
+            if key is None:
+                for k in lineage(line)[1:]:
+                    if k in counts:
+                        key = k
+                        break
+                if key is None:
+                    return rid not in self.suppress or self._unsuppress(rid)
+            if rid in self.suppress:
+                self.suppress.discard(rid)
+                return False
+            items = self.items
+            if items[0][0] != key:
+                self.head_out.clear()
+                while items and items[0][0] != key:
+                    k, _ = items.popleft()
+                    counts[k] -= 1
+                    if counts[k] <= 0:
+                        del counts[k]
+            self.head_out.add(rid)
+            return True
+
+    def _unsuppress(self, rid: Any) -> bool:
+        self.suppress.discard(rid)
+        return False
+
+    def restart(self) -> tuple[list[bytes], tuple[Any, bytes] | None]:
+        """What to feed a restarted process, and the record to give up on (if any)."""
+        with self.lock:
+            self.suppress = set(self.head_out)
+            poison = None
+            if self.items:
+                head = self.items[0][0]
+                self.crashes[head] += 1
+                if self.crashes[head] >= POISON_CRASHES:
+                    poison = self.items.popleft()
+                    self.counts[head] -= 1
+                    if self.counts[head] <= 0:
+                        del self.counts[head]
+                    self.head_out.clear()
+                    self.suppress = set()
+            return [line for _, line in self.items], poison
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageRun:
+    """One stage of the pipeline across its attempts (restarts)."""
+
+    stage: Stage
+    argv: list[str]
+    env: dict[str, str]
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    generation: int = 0
+    final: bool = False
+    status: int | None = None
+    attempts: int = 0
+    pid: int | None = None
+    started: float = 0.0
+    stdin_w: int | None = None  # the relay writes the stage's input here
+    stdout_r: int | None = None  # the relay reads the stage's output here
+    flight: Flight | None = None
+    out_skip: int = 0  # a restarted first stage repeats this many records: drop them
+    drained_gen: int = -1  # the last attempt whose output the relay has read to the end
+    cpu: float = 0.0
+    rss_mb: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    def wait_after(self, generation: int) -> str:
+        """Block until the attempt `generation` is over: 'restarted' or 'final'."""
+        with self.cond:
+            while self.generation == generation and not self.final:
+                self.cond.wait()
+            return "restarted" if self.generation != generation else "final"
+
+
+class Events:
+    """The supervisor's own event stream (events.ndjson), flushed on every event."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.lock = threading.Lock()
+
+    def emit(self, kind: str, **fields: Any) -> None:
+        data = orjson.dumps(
+            {"ev": kind, "t": time.time(), **fields}, option=orjson.OPT_APPEND_NEWLINE, default=str
+        )
+        with self.lock:
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+# -- relays ---------------------------------------------------------------------------------------
+
+
+class Relay(threading.Thread):
+    """Copies one stage's output to the next stage's input (or to the run's output),
+    keeping the books restart and resume need."""
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        up: StageRun,
+        down: StageRun | None,
+        target_fd: int | None = None,
+        ledger_fd: int | None = None,
+        skip_keys: set[Any] | None = None,
+        skip_ids: set[Any] | None = None,
+    ) -> None:
+        super().__init__(name=f"relay-{up.name}", daemon=True)
+        self.sup = sup
+        self.up = up
+        self.down = down
+        self.target_fd = target_fd
+        self.ledger_fd = ledger_fd
+        self.skip_keys = skip_keys  # --resume: input records whose results are all out
+        self.skip_ids = skip_ids  # --resume: results already in the run's output
+        self.records = 0
+        self.taken = 0  # lines taken from the stage upstream (before --resume filters)
+        self.gone = False  # the reader downstream is gone for good
+        self.gen_down = down.generation if down else 0
+        self.wfd = down.stdin_w if down is not None else target_fd
+        self.line_mode = bool(
+            up.flight is not None
+            or (down and down.flight is not None)
+            or skip_keys is not None
+            or skip_ids is not None
+            or sup.retries > 0
+        )
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # noqa: BLE001 - a relay must never die silently
+            self.sup.warn(f"relay after {self.up.name} failed: {type(exc).__name__}: {exc}")
+            self.gone = True
+        finally:
+            self._close_down()
+
+    def _run(self) -> None:
+        up = self.up
+        gen_up = up.generation
+        rfd = up.stdout_r
+        partial = b""
+        assert rfd is not None
+        while True:
+            try:
+                chunk = os.read(rfd, READ_SIZE)
+            except OSError:
+                chunk = b""
+            if chunk:
+                if not self.line_mode:
+                    self.records += chunk.count(b"\n")
+                    self._deliver(chunk, None)
+                else:
+                    data = partial + chunk if partial else chunk
+                    nl = data.rfind(b"\n")
+                    if nl < 0:
+                        partial = data
+                        continue
+                    partial = data[nl + 1 :]
+                    self._lines(data[:nl].split(b"\n"))
+                if self.gone:
+                    os.close(rfd)  # the stage upstream gets EPIPE and ends
+                    return
+                continue
+            os.close(rfd)
+            with up.cond:
+                up.drained_gen = gen_up
+                up.cond.notify_all()
+            outcome = up.wait_after(gen_up)
+            if outcome == "restarted":
+                if up.flight is None:  # a first stage starts over: drop what it repeats
+                    up.out_skip = self.taken
+                gen_up = up.generation
+                rfd = up.stdout_r
+                partial = b""  # a torn last line of the dead process: its input is replayed
+                assert rfd is not None
+                continue
+            if partial and up.status == 0:
+                self._lines([partial]) if self.line_mode else self._deliver(partial + b"\n", None)
+            return
+
+    def _lines(self, lines: list[bytes]) -> None:
+        up = self.up
+        flight = up.flight
+        if flight is not None:
+            lines = [ln for ln in lines if ln and flight.finished(ln)]
+        elif up.out_skip:
+            drop = min(up.out_skip, len(lines))
+            up.out_skip -= drop
+            lines = lines[drop:]
+        else:
+            lines = [ln for ln in lines if ln]
+        self.taken += len(lines)
+        if self.skip_keys:
+            done = self.skip_keys
+            lines = [ln for ln in lines if record_id(ln) not in done]
+        if self.skip_ids is not None:
+            ids = self.skip_ids
+            kept = []
+            for ln in lines:
+                rid = record_id(ln)
+                if rid not in ids:
+                    kept.append(ln)
+                    if rid is not None:
+                        ids.add(rid)
+            lines = kept
+        if not lines:
+            return
+        self.records += len(lines)
+        keys: list[Any] | None = None
+        down = self.down
+        if down is not None and down.flight is not None:
+            keys = [record_id(ln) for ln in lines]
+            down.flight.sent(keys, lines)
+        lines.append(b"")
+        self._deliver(b"\n".join(lines), keys)
+
+    def _deliver(self, data: bytes, keys: list[Any] | None) -> None:
+        if self.ledger_fd is not None:
+            write_all(self.ledger_fd, data)
+        down = self.down
+        while not self.gone:
+            if down is not None and down.generation != self.gen_down:
+                self._switch_down()
+                if down.flight is not None:
+                    return  # the replay carried `data` (it was in flight)
+            try:
+                assert self.wfd is not None
+                write_all(self.wfd, data)
+                return
+            except OSError:
+                if down is None:
+                    self.gone = True  # our stdout was closed (`| head`): end quietly
+                    return
+                if down.wait_after(self.gen_down) == "final":
+                    self.gone = True
+                    return
+
+    def _switch_down(self) -> None:
+        """The stage downstream was restarted: feed the new process what the old one held."""
+        down = self.down
+        assert down is not None
+        if self.wfd is not None:
+            try:
+                os.close(self.wfd)
+            except OSError:
+                pass
+        with down.cond:
+            self.gen_down = down.generation
+            self.wfd = down.stdin_w
+        if down.flight is None:
+            return
+        replay = self.sup.replay_for(down)
+        if replay:
+            try:
+                assert self.wfd is not None
+                write_all(self.wfd, b"".join(line + b"\n" for line in replay))
+            except OSError:
+                pass  # it died again: the next write or close notices
+
+    def _close_down(self) -> None:
+        down = self.down
+        if down is None:
+            return  # the run's stdout is closed by the supervisor
+        while True:
+            if self.wfd is not None:
+                try:
+                    os.close(self.wfd)
+                except OSError:
+                    pass
+                self.wfd = None
+            if self.gone:
+                return
+            if down.wait_after(self.gen_down) != "restarted":
+                return
+            self._switch_down()
+
+
+# -- the supervisor -------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    retries: int = 0
+    backoff: float = 0.5
+    timeout: float | None = None
+    quiet: bool = False
+    progress: bool = False
+    resume: bool = False
+
+
+class Supervisor:
+    """Runs one pipeline to the end and returns its exit status."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        run: RunDirectory,
+        opts: RunOptions,
+        script_args: list[str] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.run_dir = run
+        self.opts = opts
+        self.retries = opts.retries
+        self.script_args = script_args or []
+        self.stages = [self._stage_run(s) for s in pipeline.stages]
+        self.by_pid: dict[int, StageRun] = {}
+        self.relays: list[Relay] = []
+        self.signalled: int | None = None
+        self.timed_out = False
+        self.stderr_lock = threading.Lock()
+        self.events = Events(run.events_path)
+        self._stderr_threads: list[threading.Thread] = []
+        self._dead_lock = threading.Lock()
+        self._kill_timer: threading.Timer | None = None
+        self.output_desc = "stdout"
+
+    # -- building the processes -----------------------------------------------------------
+
+    def _stage_run(self, stage: Stage) -> StageRun:
+        env = dict(self.pipeline.env)
+        env.update(stage.env)
+        if stage.is_sage:
+            argv = [sys.executable, "-m", "sage_cli", *stage.argv[1:]]
+            env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
+            env["SAGE_TRACE_STAGE"] = stage.name
+            env["SAGE_RUN_ID"] = self.run_dir.id
+        else:
+            argv = list(stage.argv)
+        n_model = len(self.pipeline.model_stages)
+        if stage.is_model and "SAGE_THREADS" not in stage.env:
+            env["SAGE_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_model))
+        return StageRun(stage, argv, env)
+
+    def warn(self, message: str) -> None:
+        if self.opts.quiet:
+            return
+        with self.stderr_lock:
+            try:
+                sys.stderr.write(f"sage run: warning: {message}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _open_redirect(self, stage: Stage, op: str, target: str) -> int:
+        path = target if os.path.isabs(target) else os.path.join(self.pipeline.cwd, target)
+        if op == "<":
+            return os.open(path, os.O_RDONLY)
+        append = op.endswith(">>") or (self.opts.resume and stage is self.pipeline.stages[-1])
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+        return os.open(path, flags, 0o644)
+
+    def _spawn(self, sr: StageRun, stdin: int, stdout: int) -> None:
+        """Start one attempt of a stage with the given fds (closed here in the parent)."""
+        stage = sr.stage
+        err_fd: int | None = None
+        err_r: int | None = None
+        redirect = stage.redirect("2>", "2>>")
+        if stage.redirect("2>&1", "&>", "&>>"):
+            err_fd = stdout
+        elif redirect is not None:
+            err_fd = self._open_redirect(
+                stage, ">>" if redirect.op.endswith(">>") else ">", redirect.target
+            )
+        else:
+            err_r, err_fd = os.pipe()
+        sr.attempts += 1
+        status: int | None = None
+        try:
+            proc = subprocess.Popen(
+                sr.argv,
+                stdin=stdin,
+                stdout=stdout,
+                stderr=err_fd,
+                env=sr.env,
+                cwd=self.pipeline.cwd,
+                process_group=0,
+                preexec_fn=_child_setup,
+            )
+        except FileNotFoundError:
+            status = 127
+            message = f"{stage.argv[0]}: command not found"
+        except PermissionError:
+            status = 126
+            message = f"{stage.argv[0]}: permission denied"
+        finally:
+            for fd in {stdin, stdout, err_fd}:
+                if fd is not None and fd > 2:
+                    os.close(fd)
+        sr.started = time.time()
+        if status is not None:
+            if err_r is not None:
+                os.close(err_r)
+            self.warn(f"stage {stage.index + 1}: {message}")
+            self.events.emit("stage_start", stage=sr.name, attempt=sr.attempts, pid=None)
+            self._finalize(sr, status, 0.0, 0.0)
+            return
+        proc.returncode = 0  # we reap it ourselves (os.wait4); keep Popen from trying
+        sr.pid = proc.pid
+        self.by_pid[proc.pid] = sr
+        self.events.emit(
+            "stage_start",
+            stage=sr.name,
+            attempt=sr.attempts,
+            pid=proc.pid,
+            argv=stage.argv,
+            threads=sr.env.get("SAGE_THREADS"),
+        )
+        if self.signalled is not None:  # a signal came while we were starting it
+            self._kill(sr, self.signalled)
+        if err_r is not None:
+            t = threading.Thread(target=self._pump_stderr, args=(sr, err_r), daemon=True)
+            t.start()
+            self._stderr_threads.append(t)
+
+    def _pump_stderr(self, sr: StageRun, fd: int) -> None:
+        """Copy a stage's stderr to its file in the run directory and to our stderr."""
+        out = os.open(
+            self.run_dir.stderr_path(sr.name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644
+        )
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, READ_SIZE)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                os.write(out, chunk)
+                with self.stderr_lock:  # the stages' own messages show even with --quiet
+                    try:
+                        sys.stderr.write(chunk.decode("utf-8", "replace"))
+                        sys.stderr.flush()
+                    except (OSError, ValueError, AttributeError):
+                        pass
+        finally:
+            os.close(fd)
+            os.close(out)
+
+    def _start_all(
+        self, ledger_fd: int | None, skip_keys: set[Any] | None, skip_ids: set[Any] | None
+    ) -> None:
+        stages = self.stages
+        last = self.pipeline.stages[-1]
+        relay_all = self.retries > 0
+        # where the last stage's output goes
+        out_redirect = last.redirect(">", ">>", "&>", "&>>")
+        if out_redirect is not None:
+            target_fd = self._open_redirect(last, out_redirect.op, out_redirect.target)
+            self.output_desc = out_redirect.target
+        else:
+            target_fd = os.dup(1)
+        relay_out = relay_all or skip_ids is not None or ledger_fd is not None
+        # the first stage's input
+        in_redirect = stages[0].stage.redirect("<")
+        if relay_all:
+            for sr in stages[1:]:
+                sr.flight = Flight()
+        stdin_fds: list[int] = []
+        stdout_fds: list[int] = []
+        for i, sr in enumerate(stages):
+            if i == 0:
+                stdin_fds.append(
+                    self._open_redirect(sr.stage, "<", in_redirect.target)
+                    if in_redirect
+                    else os.dup(0)
+                )
+            is_last = i == len(stages) - 1
+            relayed = relay_out if is_last else (relay_all or (i == 0 and skip_keys is not None))
+            if is_last and not relayed:
+                stdout_fds.append(target_fd)
+                target_fd = -1
+                continue
+            r, w = os.pipe()
+            stdout_fds.append(w)
+            if relayed:
+                sr.stdout_r = r
+                if not is_last:
+                    r2, w2 = os.pipe()
+                    stages[i + 1].stdin_w = w2
+                    stdin_fds.append(r2)
+            else:
+                stdin_fds.append(r)
+        for i, sr in enumerate(stages):
+            if sr.stdout_r is not None:
+                is_last = i == len(stages) - 1
+                down = None if is_last else stages[i + 1]
+                self.relays.append(
+                    Relay(
+                        self,
+                        sr,
+                        down,
+                        target_fd=target_fd if is_last else None,
+                        ledger_fd=ledger_fd if is_last else None,
+                        skip_keys=skip_keys if i == 0 else None,
+                        skip_ids=skip_ids if is_last else None,
+                    )
+                )
+        self._target_fd = target_fd
+        for i, sr in enumerate(stages):
+            self._spawn(sr, stdin_fds[i], stdout_fds[i])
+        for relay in self.relays:
+            relay.start()
+
+    def _restart(self, sr: StageRun) -> None:
+        """Start a new attempt of a crashed stage with fresh pipes to its relays."""
+        index = sr.stage.index
+        with sr.cond:  # the relay must have read all the dead process wrote first
+            deadline = time.monotonic() + 10
+            while sr.drained_gen < sr.generation and time.monotonic() < deadline:
+                sr.cond.wait(0.1)
+        if index == 0:
+            in_redirect = sr.stage.redirect("<")
+            stdin = (
+                self._open_redirect(sr.stage, "<", in_redirect.target) if in_redirect else os.dup(0)
+            )
+            new_w = None
+        else:
+            stdin, new_w = os.pipe()
+        out_r, out_w = os.pipe()
+        with sr.cond:
+            sr.stdin_w = new_w
+            sr.stdout_r = out_r
+            self._spawn(sr, stdin, out_w)
+            sr.generation += 1
+            sr.cond.notify_all()
+
+    def replay_for(self, sr: StageRun) -> list[bytes]:
+        """The records to feed a restarted stage; a record it crashed on twice is dead."""
+        assert sr.flight is not None
+        replay, poison = sr.flight.restart()
+        if poison is not None:
+            key, line = poison
+            try:
+                raw: Any = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                raw = line.decode("utf-8", "replace")
+            entry = {
+                "stage": sr.name,
+                "error": f"the stage crashed {POISON_CRASHES} times while this record was in it",
+                "raw": raw,
+            }
+            with self._dead_lock:
+                with open(self.run_dir.dead_path, "ab") as fh:
+                    fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
+            self.events.emit("dead_letter", stage=sr.name, id=key)
+            self.warn(
+                f"stage {sr.stage.index + 1} ({sr.stage.label}) crashed on record "
+                f"{key!r} twice; it went to {self.run_dir.dead_path}"
+            )
+        self.events.emit("replay", stage=sr.name, records=len(replay))
+        return replay
+
+    # -- signals and the end ----------------------------------------------------------------
+
+    def _kill(self, sr: StageRun, signo: int) -> None:
+        if sr.pid is None:
+            return
+        try:
+            os.killpg(sr.pid, signo)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # pragma: no cover
+            pass
+
+    def _kill_all(self, signo: int) -> None:
+        for sr in list(self.by_pid.values()):
+            self._kill(sr, signo)
+
+    def _on_signal(self, signo: int, frame: Any) -> None:
+        first = self.signalled is None
+        self.signalled = signo if first else self.signalled
+        self._kill_all(signo if first else signal.SIGKILL)
+        if first:
+            self._arm_kill()
+
+    def _on_timeout(self) -> None:
+        if self.signalled is not None or not self.by_pid:
+            return
+        self.timed_out = True
+        self.signalled = signal.SIGTERM
+        self.warn(f"timed out after {self.opts.timeout:g}s; stopping the stages")
+        self._kill_all(signal.SIGTERM)
+        self._arm_kill()
+
+    def _arm_kill(self) -> None:
+        if self._kill_timer is None:
+            self._kill_timer = threading.Timer(
+                KILL_GRACE_SECONDS, self._kill_all, args=(signal.SIGKILL,)
+            )
+            self._kill_timer.daemon = True
+            self._kill_timer.start()
+
+    def _finalize(self, sr: StageRun, status: int, cpu: float, rss_mb: float) -> None:
+        with sr.cond:
+            sr.status = status
+            sr.final = True
+            sr.cond.notify_all()
+        self.events.emit(
+            "stage_exit",
+            stage=sr.name,
+            attempt=sr.attempts,
+            status=status,
+            cpu=round(cpu, 4),
+            rss_mb=round(rss_mb, 1),
+            final=True,
+        )
+
+    def _should_restart(self, sr: StageRun, status: int) -> bool:
+        if status == 0 or self.signalled is not None or sr.attempts > self.retries:
+            return False
+        if status in NO_RETRY or status == 128 + signal.SIGPIPE:
+            return False
+        return sr.stdout_r is not None and (sr.stage.index == 0 or sr.flight is not None)
+
+    def _reap(self) -> None:
+        while self.by_pid:
+            try:
+                pid, wstatus, usage = os.wait4(-1, 0)
+            except ChildProcessError:
+                break
+            sr = self.by_pid.pop(pid, None)
+            if sr is None:
+                continue
+            status = exit_status(wstatus)
+            cpu = usage.ru_utime + usage.ru_stime
+            rss_mb = usage.ru_maxrss / 1024.0
+            sr.cpu += cpu
+            sr.rss_mb = max(sr.rss_mb, rss_mb)
+            if self._should_restart(sr, status):
+                delay = self.opts.backoff * (2 ** (sr.attempts - 1))
+                in_flight = len(sr.flight) if sr.flight is not None else sr.stage.index
+                self.events.emit(
+                    "stage_exit",
+                    stage=sr.name,
+                    attempt=sr.attempts,
+                    status=status,
+                    cpu=round(cpu, 4),
+                    rss_mb=round(rss_mb, 1),
+                    final=False,
+                )
+                self.events.emit(
+                    "restart",
+                    stage=sr.name,
+                    attempt=sr.attempts + 1,
+                    after_status=status,
+                    backoff=delay,
+                    in_flight=in_flight,
+                )
+                self.warn(
+                    f"stage {sr.stage.index + 1} ({sr.stage.label}) exited with status "
+                    f"{status}; restarting it in {delay:g}s "
+                    f"(attempt {sr.attempts + 1} of {self.retries + 1})"
+                )
+                end = time.monotonic() + delay
+                while time.monotonic() < end and self.signalled is None:
+                    time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+                if self.signalled is None:
+                    self._restart(sr)
+                    continue
+            self._finalize(sr, status, cpu, rss_mb)
+
+    def run(
+        self,
+        ledger_fd: int | None = None,
+        skip_keys: set[Any] | None = None,
+        skip_ids: set[Any] | None = None,
+    ) -> int:
+        self.events.emit(
+            "run_start",
+            pid=os.getpid(),
+            script=str(self.pipeline.script),
+            args=self.script_args,
+            resume=self.opts.resume,
+            retries=self.retries,
+        )
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        timer = None
+        try:
+            self._start_all(ledger_fd, skip_keys, skip_ids)
+            if self.opts.timeout:
+                timer = threading.Timer(self.opts.timeout, self._on_timeout)
+                timer.daemon = True
+                timer.start()
+            self._reap()
+        finally:
+            for sr in self.stages:  # a stage that never started (spawn failed) is final
+                if not sr.final and sr.pid is None:
+                    self._finalize(sr, sr.status or 127, 0.0, 0.0)
+            if timer is not None:
+                timer.cancel()
+            for relay in self.relays:
+                relay.join(timeout=10)
+            for t in self._stderr_threads:
+                t.join(timeout=5)
+            if self._kill_timer is not None:
+                self._kill_timer.cancel()
+            if getattr(self, "_target_fd", -1) > 2:
+                os.close(self._target_fd)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        status = pipefail([sr.status for sr in self.stages])
+        if self.timed_out:
+            status = TIMEOUT_STATUS
+        elif self.signalled == signal.SIGINT:
+            status = int(ExitCode.INTERRUPTED)
+        elif self.signalled == signal.SIGTERM:
+            status = int(ExitCode.TERMINATED)
+        self.events.emit(
+            "run_stop",
+            status=status,
+            stages={sr.name: sr.status for sr in self.stages},
+            relay={r.up.name: r.records for r in self.relays},
+        )
+        for relay in self.relays:
+            self.events.emit("relay", stage=relay.up.name, records_out=relay.records)
+            if relay.down is not None:
+                self.events.emit("relay", stage=relay.down.name, records_in=relay.records)
+        self.events.close()
+        return status

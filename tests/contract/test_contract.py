@@ -133,6 +133,10 @@ def argv(path: str, tmp_path: Path) -> list[str]:
     table = tmp_path / "table.ndjson"
     table.write_bytes(ndjson([{"id": f"r{i}", "joined": i} for i in range(1, 4)]))
     subs = {"{table}": str(table), "{tmp}": str(tmp_path), "{index}": str(tmp_path / "index")}
+    if path == "retrieve":  # reads an index: give it a real one (tests/index_fixture.py)
+        from tests.index_fixture import tiny_index
+
+        tiny_index(tmp_path / "index")
     args = []
     for arg in SPECS[path].args:
         for key, value in subs.items():

@@ -97,6 +97,13 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         yield name, arr
 
 
+def readable(path: str | os.PathLike[str]) -> None:
+    """Give a temp file (mkstemp makes them 0600) the permissions a normal file gets."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -216,6 +223,7 @@ def convert_bert(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
     os.close(fd)
+    readable(tmp)
     n_tensors = 0
     try:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])

@@ -173,6 +173,9 @@ def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to `path` through a temp file and a rename (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    from operators.convert import readable
+
+    readable(tmp)
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=True)

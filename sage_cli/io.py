@@ -16,8 +16,8 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
-from itertools import repeat
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, BinaryIO
 
 import orjson
@@ -29,7 +29,6 @@ from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shar
     parse_line,
 )
 from sage_cli.errors import DataError, SageError, UsageError
-from sage_cli.exitcodes import ExitCode
 
 BLOCK_SIZE = 64 * 1024
 FILE_BLOCK_SIZE = 1024 * 1024
@@ -56,7 +55,8 @@ def open_input(path: str) -> int | BinaryIO:
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file; check the path") from None
     except PermissionError:
-        raise SageError(f"{path}: permission denied; check its permissions", ExitCode.FAILURE) from None
+        # like a missing file: the argument names an input this user cannot read (exit 2)
+        raise UsageError(f"{path}: permission denied; check its permissions") from None
     except OSError as exc:
         raise SageError(f"{path}: cannot open: {exc.strerror}") from None
     if stat.S_ISDIR(os.fstat(fd).st_mode):

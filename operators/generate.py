@@ -572,6 +572,7 @@ class Generate(Operator):
         else:
             raise OptionError(f"unknown backend {backend!r}: use llama or openai")
         self.cache: ResultCache | None = None
+        self._last_failure: tuple[Record, Exception] | None = None
         #: counters for traces and benchmarks
         self.generated_tokens = 0
         self.generate_seconds = 0.0
@@ -632,7 +633,20 @@ class Generate(Operator):
         return out
 
     def process(self, batch: list[Record]) -> list[Record]:
-        return [self.answer(record) for record in batch]
+        out = []
+        for record in batch:
+            # The driver retries a failed batch record by record; a record that has just
+            # failed (after its own retries and timeouts) fails again at once, not twice as slow.
+            failed = self._last_failure
+            if failed is not None and failed[0] is record:
+                raise failed[1]
+            try:
+                out.append(self.answer(record))
+            except Exception as exc:
+                self._last_failure = (record, exc)
+                raise
+        self._last_failure = None
+        return out
 
     def close(self) -> list[Record]:
         if self.cache is not None:

@@ -240,3 +240,17 @@ def test_unusable_cache_dir_is_ignored(stub, tmp_path):
     blocker.write_text("not a directory")
     out = openai(f"{stub.url}/ok/v1", cache_dir=blocker / "cache").run([{"prompt": "p"}])[0]
     assert out["answer"] == "echo: p"
+
+
+def test_a_record_that_just_failed_fails_again_at_once(stub):
+    # the driver retries a failed batch record by record: the same record must not wait twice
+    op = openai(f"{stub.url}/flaky/v1", retries=0)
+    stub.flaky_failures = 10
+    record = {"prompt": "x"}
+    for _ in range(2):
+        with pytest.raises(TransientError):
+            op.process([record])
+    assert len(stub.requests) == 1
+    with pytest.raises(TransientError):
+        op.process([{"prompt": "x"}])  # another record (a new object) is tried
+    assert len(stub.requests) == 2

@@ -1,0 +1,145 @@
+import time
+
+import pytest
+
+from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage
+from tests.openai_stub import StubServer, closed_port_url
+
+SECRET = "sk-test-SECRET-cli-0123456789"
+
+
+@pytest.fixture
+def stub():
+    with StubServer() as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    return tmp_path / "cache"
+
+
+def openai_args(url, *more):
+    return ["generate", "--backend", "openai", "--base-url", url, "--backoff", "0", *more]
+
+
+def test_openai_backend_answers(cli, stub, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    result = cli(
+        *openai_args(f"{stub.url}/ok/v1", "--api-model", "m", "--stop", "a", "--stop", "b"),
+        input=ndjson([{"id": "1", "prompt": "hi"}, {"id": "2", "query": "q"}]),
+    )
+    assert result.exit_code == 0, result.stderr
+    out = parse_ndjson(result.stdout)
+    assert [r["answer"] for r in out] == ["echo: hi", "echo: q"]
+    assert out[0]["usage"]["completion_tokens"] == 3
+    assert stub.requests[0]["body"]["stop"] == ["a", "b"]
+    assert stub.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+
+
+def test_refused_server_is_exit_75_in_one_line(cli):
+    result = cli(*openai_args(closed_port_url(), "--retries", "1"), input=ndjson([{"prompt": "x"}]))
+    assert result.exit_code == 75
+    assert result.stderr.count("\n") == 1 and "cannot connect" in result.stderr
+    assert "stdin:1" in result.stderr
+
+
+def test_emit_turns_a_failed_call_into_an_error_record(cli, stub):
+    records = [{"id": "1", "prompt": "x"}]
+    result = cli(
+        *openai_args(f"{stub.url}/garbage/v1", "--retries", "0"),
+        "--on-error",
+        "emit",
+        input=ndjson(records),
+    )
+    assert result.exit_code == 0
+    (out,) = parse_ndjson(result.stdout)
+    assert out["id"] == "1" and "not a chat completion" in out["_error"]["error"]
+
+
+def test_hanging_server_times_out_once_per_attempt(cli, stub):
+    t0 = time.monotonic()
+    result = cli(
+        *openai_args(f"{stub.url}/hang/v1", "--timeout", "0.3", "--retries", "1"),
+        input=ndjson([{"prompt": "x"}]),
+    )
+    assert result.exit_code == 75 and "no answer within 0.3 s" in result.stderr
+    assert time.monotonic() - t0 < 2.0  # two attempts, not four (no second pass by the driver)
+
+
+def test_flaky_server_recovers(cli, stub):
+    result = cli(
+        *openai_args(f"{stub.url}/flaky/v1", "--retries", "2"), input=ndjson([{"prompt": "x"}])
+    )
+    assert result.exit_code == 0, result.stderr
+    assert parse_ndjson(result.stdout)[0]["answer"] == "echo: x"
+
+
+def test_cache_and_no_cache(cli, stub, cache_dir):
+    args = openai_args(f"{stub.url}/ok/v1")
+    for _ in range(2):
+        result = cli(*args, input=ndjson([{"prompt": "same"}]))
+    assert parse_ndjson(result.stdout)[0]["usage"]["cached"] is True
+    assert len(stub.requests) == 1 and (cache_dir / "generate.sqlite").is_file()
+    cli(*args, "--no-cache", input=ndjson([{"prompt": "same"}]))
+    assert len(stub.requests) == 2
+
+
+def test_json_schema_file(cli, stub, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "properties": {"echo": {"type": "string"}}}')
+    result = cli(
+        *openai_args(f"{stub.url}/ok/v1", "--json-schema", str(schema)),
+        input=ndjson([{"prompt": "hi"}]),
+    )
+    assert result.exit_code == 0, result.stderr
+    assert parse_ndjson(result.stdout)[0]["answer_json"] == {"echo": "hi"}
+
+
+def test_missing_prompt_is_a_record_error(cli, stub):
+    result = cli(*openai_args(f"{stub.url}/ok/v1"), input=ndjson([{"text": "x"}]))
+    assert result.exit_code == 65 and "'prompt'" in result.stderr
+    assert stub.requests == []
+
+
+def test_bad_options_are_usage_errors(cli):
+    result = cli("generate", "--backend", "openai", input=b"")
+    assert result.exit_code == 2 and "--base-url" in result.stderr
+    result = cli("generate", "--max-tokens", "4096", "--n-ctx", "1024", input=b"")
+    assert result.exit_code == 2 and "--n-ctx" in result.stderr
+
+
+def test_missing_model_file_is_exit_69(cli, tmp_path):
+    result = cli(
+        "generate", "--model", str(tmp_path / "nope.gguf"), input=ndjson([{"prompt": "x"}])
+    )
+    assert result.exit_code == 69 and "nope.gguf" in result.stderr
+
+
+def test_corrupt_model_file_is_exit_69_not_an_abort(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    result = run_sage("generate", "--model", str(bad), input=ndjson([{"prompt": "x"}]))
+    assert result.returncode == 69, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["denied", "bad", "garbage", "flaky"])
+def test_api_key_never_appears_in_output_errors_or_dead_letters(stub, tmp_path, mode):
+    dead = tmp_path / "dead.ndjson"
+    env = clean_env(OPENAI_API_KEY=SECRET, SAGE_DEBUG="1", SAGE_CACHE_DIR=str(tmp_path))
+    result = run_sage(
+        *openai_args(f"{stub.url}/{mode}/v1", "--retries", "0"),
+        "--on-error",
+        "emit",
+        "--errors",
+        str(dead),
+        input=ndjson([{"prompt": "x"}]),
+        env=env,
+    )
+    everything = result.stdout + result.stderr + (dead.read_bytes() if dead.exists() else b"")
+    assert SECRET.encode() not in everything
+    assert stub.requests and stub.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    if mode != "flaky":
+        assert b"_error" in result.stdout or result.returncode == 69

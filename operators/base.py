@@ -72,6 +72,10 @@ class Operator:
         """Release resources; return what a whole-input or windowed operator still holds."""
         return []
 
+    def abandon(self) -> None:
+        """The run is ending early (an error, a signal): drop partial output (a sink's
+        temporary file) instead of committing it. close() is not called after this."""
+
     def run(self, records: list[Record]) -> list[Record]:
         """Convenience for Python callers: setup, one batch, close."""
         self.setup()

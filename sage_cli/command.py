@@ -290,7 +290,13 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
         if stats.skipped and not opts.quiet:
             sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
 
-    code = guarded(prog, body, on_stop=writer.flush)
+    def stop() -> None:
+        try:
+            writer.flush()  # what is complete is written
+        finally:
+            op.abandon()  # what is not (a sink's temporary file) is dropped
+
+    code = guarded(prog, body, on_stop=stop)
     if tracer is not None:
         tracer.stop(code)
     return code

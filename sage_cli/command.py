@@ -289,6 +289,11 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
                 progress.close()
         if stats.skipped and not opts.quiet:
             sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
+        summary = getattr(op, "summary", None)  # e.g. embed: how many came from the cache
+        if summary is not None and not opts.quiet and (opts.progress or sys.stderr.isatty()):
+            line = summary()
+            if line:
+                sys.stderr.write(f"{prog}: {line}\n")
 
     def stop() -> None:
         try:

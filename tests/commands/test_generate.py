@@ -143,3 +143,43 @@ def test_api_key_never_appears_in_output_errors_or_dead_letters(stub, tmp_path, 
     assert stub.requests and stub.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
     if mode != "flaky":
         assert b"_error" in result.stdout or result.returncode == 69
+
+
+@pytest.mark.model
+def test_real_pipeline_prompt_generate_eval(tmp_path):
+    """sage prompt --template qa | sage generate | sage eval, as real processes and pipes."""
+    import subprocess
+
+    from tests.conftest import sage_argv
+
+    question = {
+        "id": "q1",
+        "query": "What is the capital of France?",
+        "docs": [
+            {"id": "d1", "text": "Berlin is the capital of Germany.", "score": 0.5, "rank": 1},
+            {"id": "d2", "text": "Paris is the capital of France.", "score": 0.4, "rank": 2},
+        ],
+        "gold": "Paris",
+        "gold_ids": ["d2"],
+    }
+    env = clean_env(SAGE_CACHE_DIR=str(tmp_path), SAGE_THREADS="1")
+    script = " | ".join(
+        [
+            " ".join(sage_argv("prompt", "--template", "qa")),
+            " ".join(sage_argv("generate", "--max-tokens", "32", "--n-ctx", "1024", "--no-cache")),
+            " ".join(sage_argv("eval", "-k", "2")),
+        ]
+    )
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", script],
+        input=ndjson([question]),
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    answer, summary = parse_ndjson(result.stdout)
+    assert "Paris" in answer["answer"], answer["answer"]
+    assert answer["eval"]["contains"] == 1.0 and answer["eval"]["mrr"] == 0.5
+    assert answer["messages"][-1]["role"] == "user" and answer["usage"]["completion_tokens"] > 0
+    assert summary["id"] == "_summary" and summary["eval"]["contains"] == 1.0

@@ -254,3 +254,65 @@ def test_a_record_that_just_failed_fails_again_at_once(stub):
     with pytest.raises(TransientError):
         op.process([{"prompt": "x"}])  # another record (a new object) is tried
     assert len(stub.requests) == 2
+
+
+# -- the real model (SmolLM2-135M-Instruct) ----------------------------------------------------
+
+PARIS = "Context: Paris is the capital of France. Question: What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm(tmp_path_factory):
+    op = Generate(model="smollm2-135m", threads=1, max_tokens=48, n_ctx=512)
+    op.setup()
+    yield op
+    op.close()
+
+
+@pytest.mark.model
+def test_real_model_grounded_answer_and_determinism(smollm):
+    first = smollm.process([{"id": "q", "prompt": PARIS}])[0]
+    second = smollm.process([{"id": "q", "prompt": PARIS}])[0]
+    assert "Paris" in first["answer"]
+    assert first["answer"] == second["answer"]  # temperature 0: greedy, no cache involved
+    assert "cached" not in second["usage"]
+    assert first["usage"]["prompt_tokens"] > 10 and first["usage"]["completion_tokens"] > 0
+
+
+@pytest.mark.model
+def test_real_model_prompt_token_count_matches_llama_cpp(smollm):
+    backend = smollm.backend
+    messages = [{"role": "user", "content": PARIS}]
+    out = smollm.process([{"messages": messages}])[0]
+    assert backend.count(messages) == out["usage"]["prompt_tokens"]
+
+
+@pytest.mark.model
+def test_real_model_long_prompt_is_cut_not_crashed(smollm):
+    filler = " ".join(f"Fact {i}: the sky was blue on day {i}." for i in range(400))
+    out = smollm.process([{"prompt": f"Read this.\n{filler}\n{PARIS}"}])[0]
+    assert out["prompt_truncated"] is True and "cut from" in out["_warnings"][0]
+    assert out["usage"]["prompt_tokens"] <= 512 - 48
+    assert "Paris" in out["answer"]  # the end (the question) was kept
+
+
+@pytest.mark.model
+def test_real_model_json_schema():
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+    }
+    op = Generate(threads=1, max_tokens=48, n_ctx=512, json_schema=schema)
+    out = op.run([{"prompt": "Paris is the capital of France. Reply in JSON."}])[0]
+    assert set(out["answer_json"]) == {"city", "country"}
+    assert all(isinstance(v, str) for v in out["answer_json"].values())
+
+
+@pytest.mark.model
+def test_real_model_seed_makes_sampling_repeatable():
+    outs = []
+    for _ in range(2):
+        op = Generate(threads=1, max_tokens=24, n_ctx=256, temperature=1.0, seed=42)
+        outs.append(op.run([{"prompt": "Name a colour."}, {"prompt": "Name a colour."}]))
+    assert outs[0][0]["answer"] == outs[1][0]["answer"] == outs[0][1]["answer"]

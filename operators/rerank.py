@@ -1,0 +1,310 @@
+"""Reorder retrieved `docs` (`sage rerank`).
+
+- `mmr` (maximal marginal relevance, Carbonell & Goldstein 1998): picks documents one at a time,
+  each maximising `lambda * cos(query, doc) - (1 - lambda) * max cos(doc, already picked)`, so
+  near-duplicates of a picked document sink. `lambda` = 1 is pure relevance, 0 pure diversity.
+  Vectors come from, in order: the doc's own `embedding`; the index given with `index` (looked
+  up by the doc's id, no model needed for the docs); the embedding model (the index's own,
+  sha256-checked, or `model`, default minilm-l6). The query vector is the record's `embedding`
+  when it has the right dimension, else the query embedded with the same model.
+- `llm`: the local generation model (default smollm2-135m) judges each document: asked (in its
+  own chat template) whether the document helps answer the question, its next-token
+  probabilities of "yes" and "no" give the score 10 * P(yes) / (P(yes) + P(no)), from 0 to 10.
+  Nothing is sampled, so the order is deterministic. (Asking a 135M model to write a 0-10
+  rating, even grammar-constrained, gave the same rating to every document: useless.)
+  Documents are sorted by score, ties kept in their retrieved order.
+
+Each doc keeps its fields; `score` becomes the reranker's (the MMR objective when the doc was
+picked, or the 0-10 rating) and the previous score moves to `retrieval_score`; `rank` is
+renumbered from 1. `k` keeps only the first k. A record with no docs passes through.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from operators.base import Operator, OptionError, Record, RecordError
+from operators.index import Index, make_embedder, normalise, record_vector
+from operators.retrieve import QueryEmbedder, query_text
+
+if TYPE_CHECKING:
+    import numpy as np
+
+METHODS = ("mmr", "llm")
+#: characters of a document shown to the judging model
+LLM_DOC_CHARS = 1500
+LLM_SYSTEM = "You judge whether a document helps answer a question. Answer yes or no."
+LLM_PROMPT = (
+    "Question: {query}\nDocument: {doc}\n"
+    "Does the document help answer the question? Answer yes or no."
+)
+
+
+class LLMJudge:
+    """Relevance of a document to a question, 0-10, from a chat model's yes/no probabilities."""
+
+    def __init__(self, llm: Any) -> None:
+        import numpy as np
+
+        self.llm = llm
+        template = (getattr(llm, "metadata", None) or {}).get("tokenizer.chat_template")
+        self.formatter = None
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            def token_text(token: int) -> str:
+                return llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+            self.formatter = Jinja2ChatFormatter(
+                template=template,
+                eos_token=token_text(llm.token_eos()),
+                bos_token=token_text(llm.token_bos()),
+            )
+        self.yes = self._first_tokens(("yes", "Yes", " yes", " Yes", "YES"))
+        self.no = self._first_tokens(("no", "No", " no", " No", "NO"))
+        self._np = np
+
+    def _first_tokens(self, words: Sequence[str]) -> list[int]:
+        ids = {self.llm.tokenize(w.encode(), add_bos=False, special=False)[0] for w in words}
+        return sorted(ids)
+
+    def prompt(self, query: str, doc: str) -> str:
+        user = LLM_PROMPT.format(query=query, doc=doc[:LLM_DOC_CHARS])
+        if self.formatter is None:
+            return f"{LLM_SYSTEM}\n\n{user}\nAnswer:"
+        messages = [{"role": "system", "content": LLM_SYSTEM}, {"role": "user", "content": user}]
+        return str(self.formatter(messages=messages).prompt)
+
+    def score(self, query: str, doc: str) -> float:
+        import llama_cpp
+
+        np = self._np
+        llm = self.llm
+        tokens = llm.tokenize(self.prompt(query, doc).encode("utf-8"), add_bos=False, special=True)
+        tokens = tokens[-(llm.n_ctx() - 1) :]  # the end of the prompt (the question) matters most
+        llm.reset()
+        llm.eval(tokens)
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)
+        ).astype(np.float64)
+        top = logits.max()
+        p_yes = float(np.exp(logits[self.yes] - top).sum())
+        p_no = float(np.exp(logits[self.no] - top).sum())
+        return 10.0 * p_yes / (p_yes + p_no) if p_yes + p_no > 0 else 0.0
+
+
+def mmr_order(query: np.ndarray, docs: np.ndarray, lam: float, k: int) -> list[tuple[int, float]]:
+    """(doc position, MMR score) of k documents in MMR order; ties go to the earlier document."""
+    import numpy as np
+
+    n = docs.shape[0]
+    relevance = docs @ query
+    similarity = docs @ docs.T
+    chosen: list[tuple[int, float]] = []
+    redundancy = np.full(n, -np.inf)
+    left = list(range(n))
+    while left and len(chosen) < k:
+        best, best_score = left[0], -np.inf
+        for i in left:
+            penalty = redundancy[i] if chosen else 0.0
+            score = lam * relevance[i] - (1 - lam) * penalty
+            if score > best_score:
+                best, best_score = i, score
+        chosen.append((best, float(best_score)))
+        left.remove(best)
+        redundancy = np.maximum(redundancy, similarity[best])
+    return chosen
+
+
+class Reranker(Operator):
+    """Reorder `docs` by MMR (relevance and diversity) or by the local model's judgement."""
+
+    name = "rerank"
+    requires: ClassVar[dict[str, dict[str, Any]]] = {
+        "query": {"type": "string", "description": "the query (`text` if absent)"},
+        "docs": {"type": "array", "items": {"type": "object"}},
+    }
+    produces: ClassVar[dict[str, dict[str, Any]]] = {
+        "docs": {
+            "type": "array",
+            "description": "reordered; score, retrieval_score, rank",
+            "items": {"type": "object"},
+        },
+    }
+    default_batch_size = 16
+
+    def __init__(
+        self,
+        method: str = "mmr",
+        *,
+        lam: float = 0.5,
+        k: int | None = None,
+        index: str | os.PathLike[str] | None = None,
+        model: str | None = None,
+        field: str | None = None,
+        model_dirs: Sequence[str | os.PathLike[str]] = (),
+        threads: int | None = None,
+        hash_cache: str | os.PathLike[str] | None = None,
+        embedder_factory: Callable[[Path, int | None], Any] | None = None,
+        judge_factory: Callable[[Path, int | None], Any] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise OptionError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+        if not 0.0 <= lam <= 1.0:
+            raise OptionError(f"--lambda must be between 0 and 1, got {lam}")
+        if k is not None and k < 1:
+            raise OptionError(f"-k must be at least 1, got {k}")
+        self.method = method
+        self.lam = lam
+        self.k = k
+        self.index_dir = Path(index) if index is not None else None
+        self.model = model
+        self.field = field
+        self.model_dirs = list(model_dirs)
+        self.threads = threads
+        self.hash_cache = hash_cache
+        self.embedder_factory = embedder_factory
+        self.judge_factory = judge_factory
+        self.index: Index | None = None
+        self._embedder: Any = None
+        self._query_embedder: QueryEmbedder | None = None
+        self._llm: Any = None
+        self._judge: Any = None
+
+    def setup(self) -> None:
+        if self.index_dir is not None and self.index is None:
+            self.index = Index(self.index_dir)
+            self._query_embedder = QueryEmbedder(
+                self.index,
+                self.model,
+                self.model_dirs,
+                self.threads,
+                self.embedder_factory,
+                self.hash_cache,
+            )
+
+    # -- models, loaded on first use -------------------------------------------------------
+
+    def embedder(self) -> Any:
+        if self._query_embedder is not None:
+            return self._query_embedder.get()
+        if self._embedder is None:
+            from operators.models import DEFAULT_EMBED, locate
+
+            path = locate(self.model or DEFAULT_EMBED, self.model_dirs)
+            self._embedder = make_embedder(
+                path, self.threads, self.embedder_factory, self.hash_cache
+            )
+        return self._embedder
+
+    def judge(self) -> Any:
+        """Something with `score(query, text) -> float`: an LLMJudge on the generation model."""
+        if self._judge is None:
+            from operators.models import DEFAULT_GENERATE, locate
+
+            path = locate(self.model or DEFAULT_GENERATE, self.model_dirs)
+            if self.judge_factory is not None:
+                self._judge = self.judge_factory(path, self.threads)
+            else:
+                from operators.llm import load_llama
+
+                self._llm = load_llama(path, n_ctx=1024, n_threads=self.threads)
+                self._judge = LLMJudge(self._llm)
+        return self._judge
+
+    # -- the operator ----------------------------------------------------------------------
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        self.setup()
+        out = []
+        for record in batch:
+            docs = record.get("docs")
+            if docs is None:
+                raise RecordError("record has no 'docs' field (run sage retrieve first)")
+            if not isinstance(docs, list) or not all(isinstance(d, dict) for d in docs):
+                raise RecordError("field 'docs' must be a list of objects")
+            query = query_text(record, self.field)
+            if not docs:
+                out.append(record)
+                continue
+            if self.method == "mmr":
+                order = self._mmr(record, query, docs)
+            else:
+                order = self._llm_order(query, docs)
+            result = dict(record)
+            result["docs"] = [
+                self._reranked(docs[i], score, rank) for rank, (i, score) in enumerate(order, 1)
+            ]
+            out.append(result)
+        return out
+
+    @staticmethod
+    def _reranked(doc: Record, score: float, rank: int) -> Record:
+        new = dict(doc)
+        if "score" in doc:
+            new["retrieval_score"] = doc["score"]
+        new["score"] = round(score, 6)
+        new["rank"] = rank
+        return new
+
+    def _mmr(self, record: Record, query: str, docs: list[Record]) -> list[tuple[int, float]]:
+        import numpy as np
+
+        vectors: list[Any] = [None] * len(docs)
+        todo = []
+        for i, doc in enumerate(docs):
+            vec = record_vector(doc)
+            if vec is None and self.index is not None and "id" in doc:
+                row = self.index.row_of(doc["id"])
+                if row is not None:
+                    vec = np.asarray(self.index.vectors[row])
+            if vec is None:
+                if not isinstance(doc.get("text"), str):
+                    raise RecordError(f"doc {i + 1} has no `text` and no embedding to rerank by")
+                todo.append(i)
+            vectors[i] = vec
+        qvec = record_vector(record)
+        dims = {v.shape[0] for v in vectors if v is not None}
+        if qvec is not None and dims != {qvec.shape[0]}:
+            qvec = None  # no doc vector to check it against, or it does not fit: embed the query
+        texts = [docs[i]["text"] for i in todo] + ([query] if qvec is None else [])
+        if texts:
+            rows = self.embedder().embed(texts)
+            for i, row in zip(todo, rows, strict=False):
+                vectors[i] = row
+            if qvec is None:
+                qvec = rows[-1]
+        assert qvec is not None
+        if len({v.shape[0] for v in vectors} | {qvec.shape[0]}) != 1:
+            raise RecordError("docs and query have embeddings of different dimensions")
+        matrix = normalise(np.vstack(vectors).astype(np.float32))
+        return mmr_order(normalise(qvec.astype(np.float32)), matrix, self.lam, self.k or len(docs))
+
+    def _llm_order(self, query: str, docs: list[Record]) -> list[tuple[int, float]]:
+        judge = self.judge()
+        scores = []
+        for i, doc in enumerate(docs):
+            text = doc.get("text")
+            if not isinstance(text, str):
+                raise RecordError(f"doc {i + 1} has no `text` to judge")
+            scores.append(float(judge.score(query, text)))
+        order = sorted(range(len(docs)), key=lambda i: (-round(scores[i], 6), i))
+        return [(i, scores[i]) for i in order][: self.k or len(docs)]
+
+    def close(self) -> list[Record]:
+        if self._query_embedder is not None:
+            self._query_embedder.close()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+        if self._llm is not None:
+            try:
+                self._llm.close()
+            except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
+                pass
+            self._llm = None
+        self._judge = None
+        return []

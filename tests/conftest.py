@@ -68,3 +68,7 @@ def cli() -> Cli:
 @pytest.fixture
 def sage():
     return run_sage
+
+
+# model fixtures (tiny random-weight GGUFs, real model dirs): tests/fixtures/models.py
+from tests.fixtures.models import real_model_dirs, tiny_bert, tiny_llama, tiny_model_dir  # noqa: E402, F401, I001

@@ -1,0 +1,67 @@
+import pytest
+
+from tests.conftest import ndjson, parse_ndjson
+from tests.index_fixture import tiny_index
+
+
+def test_rerank_mmr_with_given_embeddings(cli):
+    rec = {
+        "query": "q",
+        "embedding": [1.0, 0.0, 0.0],
+        "docs": [
+            {"id": "a", "text": "A", "score": 0.9, "embedding": [0.9, 0.1, 0.0]},
+            {"id": "b", "text": "B", "score": 0.8, "embedding": [0.9, 0.11, 0.0]},
+            {"id": "c", "text": "C", "score": 0.5, "embedding": [0.7, 0.0, 0.7]},
+        ],
+    }
+    result = cli("rerank", "--lambda", "0.5", "-k", "2", input=ndjson([rec]))
+    assert result.exit_code == 0, result.stderr
+    [out] = parse_ndjson(result.stdout)
+    assert [d["id"] for d in out["docs"]] == ["a", "c"]
+    assert [d["retrieval_score"] for d in out["docs"]] == [0.9, 0.5]
+
+
+def test_rerank_without_docs_is_data_error(cli):
+    result = cli("rerank", input=ndjson([{"query": "q"}]))
+    assert result.exit_code == 65 and "'docs'" in result.stderr
+
+
+@pytest.mark.model
+def test_rerank_mmr_with_index_vectors(cli, tmp_path):
+    idx = tiny_index(tmp_path / "idx")
+    got = cli(
+        "retrieve",
+        "--index",
+        str(idx),
+        "-k",
+        "4",
+        input=ndjson([{"query": "Python programming: files and lists"}]),
+    )
+    assert got.exit_code == 0, got.stderr
+    result = cli("rerank", "--index", str(idx), "--lambda", "0.7", input=got.stdout)
+    assert result.exit_code == 0, result.stderr
+    [out] = parse_ndjson(result.stdout)
+    assert {d["id"] for d in out["docs"][:2]} == {"file", "list"}
+    assert [d["rank"] for d in out["docs"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.model
+def test_rerank_llm_with_the_real_model_is_deterministic(cli):
+    rec = {
+        "query": "How do I open a file in Python?",
+        "docs": [
+            {"id": "stock", "text": "The stock market fell sharply today.", "score": 0.9},
+            {
+                "id": "file",
+                "text": "To open a file in Python, use the open() built-in.",
+                "score": 0.1,
+            },
+        ],
+    }
+    first = cli("rerank", "--method", "llm", input=ndjson([rec]))
+    assert first.exit_code == 0, first.stderr
+    [out] = parse_ndjson(first.stdout)
+    assert [d["id"] for d in out["docs"]] == ["file", "stock"]
+    assert 0 <= out["docs"][1]["score"] < out["docs"][0]["score"] <= 10
+    again = cli("rerank", "--method", "llm", input=ndjson([rec]))
+    assert again.stdout == first.stdout

@@ -90,6 +90,10 @@ SPECS: dict[str, Spec] = {
     "eval": Spec(["--no-summary"], record={**_QA, "gold": "on the mat", "gold_ids": ["d1"]}),
     # operations
     "models list": Spec([], kind=TOOL),
+    "models path": Spec(["minilm-l6"], kind=TOOL),
+    "models verify": Spec([], kind=TOOL),
+    "models convert": Spec(["{tmp}", "{tmp}/out.gguf"], kind=TOOL),
+    "models install": Spec([], kind=TOOL),
     "doctor": Spec([], kind=TOOL),
     "run": Spec(["{tmp}/pipeline.sh"], kind=TOOL),
     "trace": Spec(["{tmp}"], kind=TOOL),

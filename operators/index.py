@@ -486,6 +486,21 @@ def search_k_floor(count: int) -> int:
     return min(max(1000, int(math.sqrt(count) * 16)), max(count, 1) * 4)
 
 
+def make_embedder(
+    path: Path,
+    threads: int | None,
+    factory: Callable[[Path, int | None], Any] | None = None,
+    hash_cache: str | os.PathLike[str] | None = None,
+) -> Any:
+    """An Embedder for `path` (or what `factory` makes, in tests), its sha256 from the cache."""
+    if factory is not None:
+        return factory(path, threads)
+    from operators.llm import Embedder
+    from operators.models import sha256_file
+
+    return Embedder(path, threads, model_sha256=sha256_file(path, hash_cache))
+
+
 # -- the build operator ------------------------------------------------------------------------
 
 
@@ -516,6 +531,7 @@ class IndexBuilder(Operator):
         trees: int = DEFAULT_TREES,
         seed: int = DEFAULT_SEED,
         embedder_factory: Callable[[Path, int | None], Any] | None = None,
+        hash_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if trees < 1:
             raise OptionError(f"--trees must be at least 1, got {trees}")
@@ -526,6 +542,7 @@ class IndexBuilder(Operator):
         self.trees = trees
         self.seed = seed
         self.embedder_factory = embedder_factory
+        self.hash_cache = hash_cache
         self.model: ModelRef | None = None
         self.dimension: int | None = None
         self.vectors: list[np.ndarray] = []
@@ -548,12 +565,9 @@ class IndexBuilder(Operator):
 
             name = self.model_name or (model.name if model and model.name else DEFAULT_EMBED)
             path = locate(name, self.model_dirs)
-            if self.embedder_factory is not None:
-                self._embedder = self.embedder_factory(path, self.threads)
-            else:
-                from operators.llm import Embedder
-
-                self._embedder = Embedder(path, self.threads)
+            self._embedder = make_embedder(
+                path, self.threads, self.embedder_factory, self.hash_cache
+            )
             self._embedder_ref = ModelRef(model_label(name), self._embedder.model_sha256, path.name)
         assert self._embedder_ref is not None
         return self._embedder, self._embedder_ref

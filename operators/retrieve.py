@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from operators.base import Operator, OptionError, Record, RecordError, ResourceUnavailable
-from operators.index import Index, ModelRef, record_vector
+from operators.index import Index, ModelRef, make_embedder, record_vector
 
 if TYPE_CHECKING:
     import numpy as np
@@ -77,8 +77,10 @@ class QueryEmbedder:
         model_dirs: Sequence[str | os.PathLike[str]],
         threads: int | None,
         factory: Callable[[Path, int | None], Any] | None = None,
+        hash_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         self.index = index
+        self.hash_cache = hash_cache
         self.model = model
         self.model_dirs = list(model_dirs)
         self.threads = threads
@@ -105,12 +107,7 @@ class QueryEmbedder:
                 f"index {where} was built with model {name!r}, which is "
                 "not installed here; pass --model PATH to its file"
             ) from None
-        if self.factory is not None:
-            embedder = self.factory(path, self.threads)
-        else:
-            from operators.llm import Embedder
-
-            embedder = Embedder(path, self.threads)
+        embedder = make_embedder(path, self.threads, self.factory, self.hash_cache)
         if recorded and recorded.sha256 and embedder.model_sha256 != recorded.sha256:
             raise ResourceUnavailable(
                 f"index {where} was built with {recorded.label()}, but {path} has sha256 "
@@ -173,6 +170,7 @@ class Retriever(Operator):
         model_dirs: Sequence[str | os.PathLike[str]] = (),
         threads: int | None = None,
         embedder_factory: Callable[[Path, int | None], Any] | None = None,
+        hash_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if k < 1:
             raise OptionError(f"-k must be at least 1, got {k}")
@@ -191,6 +189,7 @@ class Retriever(Operator):
         self.model_dirs = list(model_dirs)
         self.threads = threads
         self.embedder_factory = embedder_factory
+        self.hash_cache = hash_cache
         self.index: Index | None = None
         self.embedder: QueryEmbedder | None = None
 
@@ -198,7 +197,12 @@ class Retriever(Operator):
         if self.index is None:
             self.index = Index(self.index_dir)
             self.embedder = QueryEmbedder(
-                self.index, self.model, self.model_dirs, self.threads, self.embedder_factory
+                self.index,
+                self.model,
+                self.model_dirs,
+                self.threads,
+                self.embedder_factory,
+                self.hash_cache,
             )
 
     def process(self, batch: list[Record]) -> list[Record]:

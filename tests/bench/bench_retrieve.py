@@ -1,8 +1,8 @@
 """Benchmark: `sage retrieve` dense search, annoy against exact numpy search.
 
-Entry point for the bench runner: `run(report)`, where `report(name, value, unit="", **extra)`
-is called once per figure (any callable taking those arguments works; `print_report` below
-prints them). Figures, for each size N in SIZES (10k and 100k vectors, 384 dimensions):
+Entry point for the bench runner (tests/bench/__init__.py): `run(report)`, where
+`report(name, value, unit="", *, target=None, command=None)` is called once per figure (any
+callable taking those arguments works; `print_report` below prints them). Figures, for each size N in SIZES (10k and 100k vectors, 384 dimensions):
 
     retrieve.N.recall_at_10      recall@10 of annoy (default search_k) against exact search
     retrieve.N.annoy_ms          mean latency per query, annoy, default search_k (ms)
@@ -97,7 +97,9 @@ def measure(
 
 
 def run(report: Report, sizes: Sequence[int] = SIZES) -> dict[int, dict[str, float]]:
-    """Measure every size in `sizes` and hand each figure to `report(name, value, unit)`."""
+    """Measure every size in `sizes` and hand each figure to
+    `report(name, value, unit, target=..., command=...)` (tests/bench/__init__.py's Report).
+    A scratch directory is taken from `report.workdir` when the report has one."""
     units = {
         "recall_at_10": "",
         "annoy_ms": "ms",
@@ -106,18 +108,28 @@ def run(report: Report, sizes: Sequence[int] = SIZES) -> dict[int, dict[str, flo
         "build_s": "s",
         "search_k": "",
     }
+    targets = {"recall_at_10": ">= 0.95", "speedup": ">= 1"}
+    workdir = getattr(report, "workdir", None)
     results = {}
     for n in sizes:
-        figures = measure(n)
+        figures = measure(n, workdir=workdir)
         results[n] = figures
         for name, value in figures.items():
-            report(f"retrieve.{n}.{name}", value, units[name])
+            report(
+                f"retrieve.{n}.{name}",
+                value,
+                units[name],
+                target=targets.get(name),
+                command=f".venv/bin/python -m tests.bench.bench_retrieve {n}",
+            )
     return results
 
 
-def print_report(name: str, value: float, unit: str = "", **extra: Any) -> None:
+def print_report(
+    name: str, value: float, unit: str = "", *, target: str | None = None, **extra: Any
+) -> None:
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)
-    print(f"{name:36s} {shown} {unit}".rstrip())
+    print(f"{name:36s} {shown} {unit} {target or ''}".rstrip())
 
 
 if __name__ == "__main__":

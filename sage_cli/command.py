@@ -249,11 +249,16 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
     if opts.schema:
         print_schema(op, command)
         return 0
-    writer = RecordWriter(line_buffered=opts.line_buffered)
+    # `sage run --retries` asks for every batch's output to leave at once (so a crash loses
+    # no finished record) and, to isolate a record that crashes the stage, batches of one
+    supervised = os.environ.get("SAGE_RUN_FLUSH") == "1"
+    writer = RecordWriter(line_buffered=opts.line_buffered or supervised)
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
     progress = make_progress(prog, opts)
     batch_size = opts.batch_size or op.default_batch_size
+    if supervised and os.environ.get("SAGE_RUN_BATCH_SIZE"):
+        batch_size = int(os.environ["SAGE_RUN_BATCH_SIZE"])
     on_batch = progress.update if progress else None
     driver: Driver
     if opts.workers > 1 and factory is not None:

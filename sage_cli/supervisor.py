@@ -45,8 +45,9 @@ NO_RETRY = {
     int(ExitCode.INTERRUPTED),
     int(ExitCode.TERMINATED),
 }
-#: a stage that crashes this often on the same record sends it to the dead letter
-POISON_CRASHES = 2
+#: after this many crashes with the same record at the head, a stage is restarted in isolation
+#: (batches of one, flushed at once); a crash in isolation sends the head record to the dead letter
+ISOLATE_AFTER = 2
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -137,6 +138,7 @@ class Flight:
         self.head_out: set[Any] = set()  # result ids already seen for the head record
         self.suppress: set[Any] = set()  # results a restarted process will repeat
         self.crashes: Counter[Any] = Counter()  # crashes while a key was the head
+        self.poison_pending = False
 
     def sent(self, keys: list[Any], lines: list[bytes]) -> None:
         with self.lock:
@@ -174,19 +176,35 @@ class Flight:
         self.suppress.discard(rid)
         return False
 
+    def note_crash(self, isolated: bool) -> bool:
+        """Count a crash; True when the next attempt should run in isolation. A crash of an
+        isolated attempt (batches of one) marks the head record as the one that crashes it."""
+        with self.lock:
+            if not self.items:
+                return False
+            if isolated:
+                self.poison_pending = True
+                return False
+            head = self.items[0][0]
+            self.crashes[head] += 1
+            return self.crashes[head] >= ISOLATE_AFTER
+
     def restart(self) -> tuple[list[bytes], tuple[Any, bytes] | None]:
         """What to feed a restarted process, and the record to give up on (if any)."""
         with self.lock:
             self.suppress = set(self.head_out)
             poison = None
-            if self.items:
-                head = self.items[0][0]
-                self.crashes[head] += 1
-                if self.crashes[head] >= POISON_CRASHES:
-                    poison = self.items.popleft()
-                    self.counts[head] -= 1
-                    if self.counts[head] <= 0:
-                        del self.counts[head]
+            if self.items and self.poison_pending:
+                self.poison_pending = False
+                # in isolation every record's results leave together: a head with results
+                # is done, and the record after it is the one the stage died on
+                at = 1 if self.head_out and len(self.items) > 1 else 0
+                poison = self.items[at]
+                del self.items[at]
+                self.counts[poison[0]] -= 1
+                if self.counts[poison[0]] <= 0:
+                    del self.counts[poison[0]]
+                if at == 0:
                     self.head_out.clear()
                     self.suppress = set()
             return [line for _, line in self.items], poison
@@ -219,6 +237,8 @@ class StageRun:
     drained_gen: int = -1  # the last attempt whose output the relay has read to the end
     cpu: float = 0.0
     rss_mb: float = 0.0
+    last_crash: int = 0
+    isolated: bool = False  # this attempt runs batches of one (see Flight.note_crash)
 
     @property
     def name(self) -> str:
@@ -498,6 +518,8 @@ class Supervisor:
             env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
             env["SAGE_TRACE_STAGE"] = stage.name
             env["SAGE_RUN_ID"] = self.run_dir.id
+            if self.retries > 0:
+                env["SAGE_RUN_FLUSH"] = "1"  # each batch's output leaves at once
         else:
             argv = list(stage.argv)
         n_model = len(self.pipeline.model_stages)
@@ -682,6 +704,12 @@ class Supervisor:
             deadline = time.monotonic() + 10
             while sr.drained_gen < sr.generation and time.monotonic() < deadline:
                 sr.cond.wait(0.1)
+        if sr.flight is not None:
+            sr.isolated = sr.flight.note_crash(sr.isolated)
+            if sr.isolated and sr.stage.is_sage:
+                sr.env["SAGE_RUN_BATCH_SIZE"] = "1"
+            else:
+                sr.env.pop("SAGE_RUN_BATCH_SIZE", None)
         if index == 0:
             in_redirect = sr.stage.redirect("<")
             stdin = (
@@ -710,7 +738,7 @@ class Supervisor:
                 raw = line.decode("utf-8", "replace")
             entry = {
                 "stage": sr.name,
-                "error": f"the stage crashed {POISON_CRASHES} times while this record was in it",
+                "error": f"the stage crashes on this record (exit status {sr.last_crash})",
                 "raw": raw,
             }
             with self._dead_lock:
@@ -718,8 +746,8 @@ class Supervisor:
                     fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
             self.events.emit("dead_letter", stage=sr.name, id=key)
             self.warn(
-                f"stage {sr.stage.index + 1} ({sr.stage.label}) crashed on record "
-                f"{key!r} twice; it went to {self.run_dir.dead_path}"
+                f"stage {sr.stage.index + 1} ({sr.stage.label}) crashes on record "
+                f"{key!r}; it went to {self.run_dir.dead_path}"
             )
         self.events.emit("replay", stage=sr.name, records=len(replay))
         return replay
@@ -801,6 +829,7 @@ class Supervisor:
             sr.cpu += cpu
             sr.rss_mb = max(sr.rss_mb, rss_mb)
             if self._should_restart(sr, status):
+                sr.last_crash = status
                 delay = self.opts.backoff * (2 ** (sr.attempts - 1))
                 in_flight = len(sr.flight) if sr.flight is not None else sr.stage.index
                 self.events.emit(

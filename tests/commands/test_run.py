@@ -1,0 +1,258 @@
+"""sage run: script parsing, pipefail status, stage environment, traces, --lock, --timeout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sage_cli.pipeline import ScriptError, parse_script
+from sage_cli.runs import RunDirectory, find_run
+from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
+
+BIN = str(Path(sys.executable).parent)
+
+
+def env() -> dict[str, str]:
+    """A clean environment where `sage` is on PATH (so `bash SCRIPT` works too)."""
+    e = clean_env()
+    e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def sage_run(cwd: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sage_argv("run", *args), capture_output=True, env=env(), cwd=cwd, timeout=timeout
+    )
+
+
+def bash(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", *args], capture_output=True, env=env(), cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": f"r{i}", "n": i} for i in range(20)]))
+    return tmp_path
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_parse_expands_like_bash(tmp_path: Path) -> None:
+    script = write(
+        tmp_path / "p.sh",
+        """#!/usr/bin/env bash
+set -euo pipefail
+# comments are skipped
+FACTOR=${2:-7}
+export MODE=fast
+sage map 'r | {"x": r["n"] * 2}' "$1" \\
+  | LIMIT=3 sage filter 'r["n"] % 2 == 0 or "|" in r.get("t", "")' \\
+  | sage map "r | {\\"f\\": $FACTOR}" 2> err.log > out.ndjson   # trailing comment
+""",
+    )
+    p = parse_script(script, ["in file.ndjson"], env=env())
+    assert [s.argv for s in p.stages] == [
+        ["sage", "map", 'r | {"x": r["n"] * 2}', "in file.ndjson"],
+        ["sage", "filter", 'r["n"] % 2 == 0 or "|" in r.get("t", "")'],
+        ["sage", "map", 'r | {"f": 7}'],
+    ]
+    assert p.stages[1].env == {"LIMIT": "3"}
+    assert p.env["MODE"] == "fast" and "FACTOR" not in p.env  # only exported names
+    last = p.stages[2]
+    assert [(r.op, r.target) for r in last.redirects] == [("2>", "err.log"), (">", "out.ndjson")]
+    assert [s.name for s in p.stages] == ["1-map", "2-filter", "3-map"]
+
+
+def test_parse_pipe_at_line_end_continues(tmp_path: Path) -> None:
+    script = write(tmp_path / "p.sh", "sage map r in.ndjson |\n  sage filter 'True' |\n  cat\n")
+    p = parse_script(script, [], env=env())
+    assert [s.command for s in p.stages] == ["map", "filter", "cat"]
+    assert not p.stages[2].is_sage
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("sage map r a | cat\nsage map r b | cat\n", "one pipeline per script"),
+        ("sage map r a && sage map r b\n", "`&&` is not supported"),
+        ("for f in a b; do sage map r $f; done\n", "blocks are not supported"),
+        ("sage map r a | cat &\n", "background jobs"),
+        ("sage map r a | cat\necho done\n", "must be the last command"),
+        ("sage map 'r\n", "unterminated single quote"),
+        ('set -u\nsage map r "$1" | cat\n', "1: unbound variable"),
+        ("sage map r a > x.ndjson | cat\n", "only the last stage may"),
+    ],
+)
+def test_parse_refuses_what_it_does_not_run(tmp_path: Path, text: str, message: str) -> None:
+    script = write(tmp_path / "p.sh", text)
+    with pytest.raises(ScriptError) as err:
+        parse_script(script, [], env=env())
+    assert message in str(err.value)
+
+
+def test_model_stages_share_the_cores(tmp_path: Path) -> None:
+    from sage_cli.supervisor import RunOptions, Supervisor
+
+    script = write(
+        tmp_path / "p.sh",
+        "sage source d | sage embed | sage retrieve --index i | sage prompt | sage generate\n",
+    )
+    p = parse_script(script, [], env=env())
+    sup = Supervisor(p, RunDirectory.create(str(tmp_path / "run")), RunOptions())
+    threads = {sr.stage.command: sr.env.get("SAGE_THREADS") for sr in sup.stages}
+    share = str(max(1, (os.cpu_count() or 1) // 3))
+    assert threads == {
+        "source": None,
+        "embed": share,
+        "retrieve": share,
+        "prompt": None,
+        "generate": share,
+    }
+    assert sup.stages[0].argv[:3] == [sys.executable, "-m", "sage_cli"]
+    assert sup.stages[0].env["SAGE_TRACE_STAGE"] == "1-source"
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def test_run_gives_the_same_output_as_bash(data: Path) -> None:
+    write(
+        data / "p.sh",
+        'sage map \'r | {"x": 1}\' "$1" | sage filter \'r["n"] % 2 == 0\' '
+        '| sage map \'r | {"y": r["n"] * 3}\'\n',
+    )
+    plain = bash(data, "p.sh", "in.ndjson")
+    result = sage_run(data, "p.sh", "in.ndjson")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout
+    assert [r["id"] for r in parse_ndjson(result.stdout)] == [f"r{i}" for i in range(0, 20, 2)]
+    run = find_run(None, str(data / ".sage" / "runs"))
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    counts = [
+        (s["name"], s["records_in"], s["records_out"], s["status"]) for s in summary["stages"]
+    ]
+    assert counts == [("1-map", 20, 20, 0), ("2-filter", 20, 10, 0), ("3-map", 10, 10, 0)]
+    assert summary["status"] == 0
+    for stage in summary["stages"]:
+        assert stage["cpu_seconds"] > 0 and stage["peak_rss_mb"] > 1
+        assert stage["latency_ms"]["p50"] is not None
+    # the run's stdout is kept for --resume
+    assert (run.path / "output.ndjson").read_bytes() == result.stdout
+
+
+def test_failing_stage_gives_its_status_and_its_stderr_is_kept(data: Path) -> None:
+    write(data / "p.sh", "sage map r in.ndjson | sage map 'r[\"nope\"]' | sage map r\n")
+    result = sage_run(data, "p.sh")
+    assert result.returncode == 65
+    assert b"sage map: error: stdin:1" in result.stderr
+    run = find_run(None, str(data / ".sage" / "runs"))
+    assert b"KeyError" in run.stderr_path("2-map").read_bytes()
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    assert [s["status"] for s in summary["stages"]] == [0, 65, 0]
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "sh -c 'exit 3' | sh -c 'cat > /dev/null; exit 5' | cat",
+        "sh -c 'exit 3' | cat | cat",
+        "cat in.ndjson | false | cat",
+        "cat in.ndjson | sh -c 'kill -9 $$' | cat",
+        "true | true | true",
+    ],
+)
+def test_status_is_what_pipefail_gives(data: Path, pipeline: str) -> None:
+    write(data / "p.sh", pipeline + "\n")
+    expected = bash(data, "-o", "pipefail", "p.sh").returncode
+    result = sage_run(data, "-q", "p.sh")
+    assert result.returncode == expected, result.stderr
+
+
+def test_opaque_command_not_found_is_127(data: Path) -> None:
+    write(data / "p.sh", "cat in.ndjson | no-such-command-here | cat\n")
+    result = sage_run(data, "p.sh")
+    assert result.returncode == 127
+    assert b"no-such-command-here: command not found" in result.stderr
+
+
+def test_lock_refuses_a_second_run(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from sage_cli.runner import lock_path
+
+    write(data / "p.sh", "cat in.ndjson | cat\n")
+    monkeypatch.chdir(data)
+    path = data / lock_path(Path("p.sh"), [])
+    path.parent.mkdir(parents=True)
+    with open(path, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242")
+        held.flush()
+        result = sage_run(data, "--lock", "p.sh")
+    assert result.returncode == 75
+    assert b"already running (pid 4242)" in result.stderr
+    assert sage_run(data, "--lock", "p.sh").returncode == 0
+
+
+def test_timeout_stops_every_stage(data: Path) -> None:
+    write(data / "p.sh", "sleep 30 | cat\n")
+    started = time.monotonic()
+    result = sage_run(data, "--timeout", "0.5", "p.sh")
+    assert result.returncode == 124
+    assert time.monotonic() - started < 10
+    assert b"timed out" in result.stderr
+
+
+def test_sigterm_is_forwarded_and_gives_143(data: Path) -> None:
+    write(data / "p.sh", "sleep 30 | sage map r\n")
+    proc = subprocess.Popen(
+        sage_argv("run", "p.sh"),
+        env=env(),
+        cwd=data,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    events = _wait_for_stages(data, 2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    for pid in events:
+        assert not _alive(pid)
+
+
+def _wait_for_stages(cwd: Path, n: int, timeout: float = 20) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = cwd / ".sage" / "runs"
+        for run in runs.iterdir() if runs.is_dir() else []:
+            events = (
+                [orjson.loads(x) for x in (run / "events.ndjson").read_bytes().splitlines() if x]
+                if (run / "events.ndjson").exists()
+                else []
+            )
+            pids = [e["pid"] for e in events if e["ev"] == "stage_start" and e.get("pid")]
+            if len(pids) >= n:
+                time.sleep(0.3)  # let the stages get going
+                return pids
+        time.sleep(0.05)
+    raise AssertionError("the stages did not start")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,226 @@
+"""sage run with real processes: a stage killed mid-run is restarted without losing or repeating
+a record, SIGINT leaves no process behind, a killed run resumes exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sage_cli.runs import find_run, read_events
+from tests.conftest import clean_env, sage_argv
+
+N = 100_000
+BIN = str(Path(sys.executable).parent)
+# the middle stage sleeps now and then so that a kill lands in the middle of the run
+SLOW = "(__import__('time').sleep(0.003) if r['n'] % 200 == 0 else 0) or r | {'b': r['n'] * 2}"
+PIPELINE = (
+    f'sage map \'r | {{"a": 1}}\' in.ndjson \\\n  | sage map "{SLOW}" --batch-size 64 '
+    "\\\n  | sage map 'r | {\"c\": 3}' > out.ndjson\n"
+)
+
+
+def env() -> dict[str, str]:
+    e = clean_env()
+    e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
+    return e
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return b"".join(
+        orjson.dumps({"id": f"r{i}", "n": i, "text": "some words here"}) + b"\n" for i in range(N)
+    )
+
+
+@pytest.fixture
+def work(tmp_path: Path, big_input: bytes) -> Path:
+    (tmp_path / "in.ndjson").write_bytes(big_input)
+    (tmp_path / "p.sh").write_text(PIPELINE)
+    return tmp_path
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        sage_argv("run", *args), env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def stage_pids(cwd: Path, timeout: float = 30) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = cwd / ".sage" / "runs"
+        for run in runs.iterdir() if runs.is_dir() else []:
+            pids = {
+                e["stage"]: e["pid"]
+                for e in read_events(run / "events.ndjson")
+                if e["ev"] == "stage_start" and e.get("pid")
+            }
+            if len(pids) == 3:
+                return pids
+        time.sleep(0.02)
+    raise AssertionError("the stages did not start")
+
+
+def wait_for_output(path: Path, size: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.stat().st_size >= size:
+            return
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.01)
+    raise AssertionError("no output")
+
+
+def output_ids(path: Path) -> list[str]:
+    return [orjson.loads(line)["id"] for line in path.read_bytes().splitlines() if line]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_kill_9_of_a_middle_stage_loses_and_repeats_nothing(work: Path) -> None:
+    proc = start(work, "--retries", "2", "--backoff", "0.05", "p.sh")
+    pids = stage_pids(work)
+    wait_for_output(work / "out.ndjson", 1_000_000, proc)  # about 10% of the output
+    os.kill(pids["2-map"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    ids = output_ids(work / "out.ndjson")
+    assert len(ids) == N and set(ids) == {f"r{i}" for i in range(N)}
+    assert ids == [f"r{i}" for i in range(N)]  # and still in input order
+    records = [orjson.loads(x) for x in (work / "out.ndjson").read_bytes().splitlines()[:1000]]
+    assert all(r["a"] == 1 and r["b"] == r["n"] * 2 and r["c"] == 3 for r in records)
+    run = find_run(None, str(work / ".sage" / "runs"))
+    restarts = [e for e in run.events() if e["ev"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["stage"] == "2-map"
+    assert restarts[0]["after_status"] == 128 + signal.SIGKILL
+    assert b"restarting it" in err
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    stages = {s["name"]: s for s in summary["stages"]}
+    assert stages["2-map"]["attempts"] == 2 and stages["2-map"]["restarts"] == 1
+    assert stages["1-map"]["records_out"] == N and stages["3-map"]["records_in"] == N
+    # the relays count exactly what each stage passed on, once, despite the crash
+    assert stages["2-map"]["relay"] == {"records_in": N, "records_out": N}
+
+
+def test_sigint_gives_130_and_leaves_no_process(work: Path) -> None:
+    proc = start(work, "p.sh")
+    pids = stage_pids(work)
+    wait_for_output(work / "out.ndjson", 100_000, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    time.sleep(0.1)
+    assert not [pid for pid in pids.values() if alive(pid)]
+    run = find_run(None, str(work / ".sage" / "runs"))
+    stop = [e for e in run.events() if e["ev"] == "run_stop"]
+    assert stop and stop[0]["status"] == 130
+
+
+def test_kill_9_of_the_supervisor_then_resume_processes_each_record_once(work: Path) -> None:
+    proc = start(work, "p.sh")
+    pids = stage_pids(work)
+    wait_for_output(work / "out.ndjson", 2_000_000, proc)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10  # PR_SET_PDEATHSIG takes the stages down with it
+    while [p for p in pids.values() if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids.values() if alive(p)]
+    before = output_ids(work / "out.ndjson")
+    assert 0 < len(before) < N
+    run = find_run(None, str(work / ".sage" / "runs"))
+    result = subprocess.run(
+        sage_argv("run", "--resume", run.id), env=env(), cwd=work, capture_output=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    ids = output_ids(work / "out.ndjson")
+    counts = Counter(ids)
+    assert len(ids) == N and set(counts) == {f"r{i}" for i in range(N)}
+    assert max(counts.values()) == 1
+    # the resumed run did not process the finished records again
+    traced_second = read_events(run.trace_path("3-map"))
+    starts = [i for i, e in enumerate(traced_second) if e["ev"] == "start"]
+    resumed = traced_second[starts[-1] :]
+    seen = sum(e["n"] for e in resumed if e["ev"] == "b")
+    assert seen <= N - len(before) + 1
+
+
+def test_a_record_that_crashes_a_stage_twice_goes_to_the_dead_letter(tmp_path: Path) -> None:
+    records = [{"id": f"r{i}", "n": i} for i in range(50)]
+    (tmp_path / "in.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    crash = "__import__('os').abort() if r['n'] == 17 else r"
+    (tmp_path / "p.sh").write_text(f'sage map r in.ndjson | sage map "{crash}" | sage map r\n')
+    result = subprocess.run(
+        sage_argv("run", "--retries", "3", "--backoff", "0", "p.sh"),
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ids = [orjson.loads(x)["id"] for x in result.stdout.splitlines()]
+    assert ids == [f"r{i}" for i in range(50) if i != 17]
+    run = find_run(None, str(tmp_path / ".sage" / "runs"))
+    dead = [orjson.loads(x) for x in run.dead_path.read_bytes().splitlines()]
+    assert [d["raw"]["id"] for d in dead] == ["r17"]
+    restarts = [e for e in run.events() if e["ev"] == "restart"]
+    # crash, crash again on the same batch, isolate it (batches of one), find the record
+    assert [e["after_status"] for e in restarts] == [128 + signal.SIGABRT] * 3
+
+
+def test_retries_exhausted_fails_with_the_stage_status(tmp_path: Path) -> None:
+    (tmp_path / "in.ndjson").write_bytes(b'{"id": "a", "n": 1}\n')
+    (tmp_path / "p.sh").write_text(
+        "sage map r in.ndjson | sh -c 'cat > /dev/null; exit 9' | sage map r\n"
+    )
+    result = subprocess.run(
+        sage_argv("run", "--retries", "2", "--backoff", "0", "p.sh"),
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 9
+    run = find_run(None, str(tmp_path / ".sage" / "runs"))
+    assert len([e for e in run.events() if e["ev"] == "restart"]) == 2
+
+
+def test_trace_counts_match_the_records_seen(tmp_path: Path) -> None:
+    records = [{"id": f"d{i}", "text": "x " * (i % 7), "n": i} for i in range(3000)]
+    (tmp_path / "in.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    (tmp_path / "p.sh").write_text(
+        "sage map r in.ndjson | sage filter 'r[\"n\"] % 3 != 0' "
+        '| sage flatmap \'[r | {"id": r["id"] + "#" + str(k), "parent_id": r["id"]} '
+        "for k in range(2)]' | cat\n"
+    )
+    result = subprocess.run(
+        sage_argv("run", "p.sh"), env=env(), cwd=tmp_path, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    kept = [r for r in records if r["n"] % 3 != 0]
+    assert len(out) == 2 * len(kept)
+    run = find_run(None, str(tmp_path / ".sage" / "runs"))
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    got = {s["name"]: (s["records_in"], s["records_out"]) for s in summary["stages"]}
+    assert got["1-map"] == (3000, 3000)
+    assert got["2-filter"] == (3000, len(kept))
+    assert got["3-flatmap"] == (len(kept), 2 * len(kept))
+    assert summary["stages"][3]["traced"] is False and summary["stages"][3]["status"] == 0
+    # one span per record per stage: every record's id appears in each stage's batches
+    ids = [i for e in read_events(run.trace_path("2-filter")) if e["ev"] == "b" for i in e["ids"]]
+    assert ids == [r["id"] for r in records]

@@ -13,7 +13,9 @@ app = single_command_app()
 def window_records(
     size: Annotated[
         int | None,
-        typer.Option("--size", metavar="N", help="Count windows of N records (per key)."),
+        typer.Option(
+            "--size", "--count", metavar="N", help="Count windows of N records (per key)."
+        ),
     ] = None,
     seconds: Annotated[
         float | None, typer.Option("--seconds", metavar="S", help="Time windows S seconds long.")

@@ -8,6 +8,8 @@ tagged with where it came from (`_source` by default). A bad line is a BadLine n
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import queue
 import stat
@@ -91,14 +93,15 @@ class Merge(Operator):
             if path == STDIN:
                 if self.stdin is None:
                     raise OptionError("no stdin to read from")
-                self._pump(self.stdin, origin, tag, q)
+                with _unbuffered(self.stdin) as stream:
+                    self._pump(stream, origin, tag, q)
             else:
                 try:
-                    fh = open(path, "rb")  # a FIFO blocks here until a writer opens it
+                    # unbuffered: a daemon thread blocked in a buffered read would hold the
+                    # buffer's lock when the process exits (a fatal error at shutdown)
+                    fh = open(path, "rb", buffering=0)  # a FIFO blocks here until a writer opens
                 except PermissionError:
-                    raise PermissionError(
-                        13, "permission denied; check its permissions", path
-                    ) from None
+                    raise OptionError(f"{path}: permission denied; check its permissions") from None
                 with fh:
                     self._pump(fh, origin, tag, q)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
@@ -116,8 +119,17 @@ class Merge(Operator):
                     chunk = []
                 continue
             item = parse_or_bad(raw, origin, lineno)
-            if not isinstance(item, BadLine):
-                item[tag] = origin
+            if not isinstance(item, BadLine) and "_error" not in item:
+                item[tag] = origin  # an `_error` record passes through untouched
             chunk.append(item)
         if chunk:
             q.put(chunk)
+
+
+def _unbuffered(stream: BinaryIO) -> Any:
+    """`stream` read through an unbuffered duplicate of its fd when it has one (see _read)."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return contextlib.nullcontext(stream)
+    return os.fdopen(os.dup(fd), "rb", buffering=0)

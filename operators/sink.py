@@ -132,8 +132,8 @@ class Sink(Operator):
                 dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
             )
         except PermissionError:
-            raise PermissionError(
-                13, "cannot write here; check the directory's permissions", directory
+            raise OptionError(
+                f"--to {path}: cannot write in {directory}; check its permissions"
             ) from None
         self._tmp = tmp
         self._file = os.fdopen(fd, "wb", buffering=1024 * 1024)

@@ -24,7 +24,6 @@ then each file again whenever it is created or its content changes, until interr
 from __future__ import annotations
 
 import csv
-import errno
 import glob
 import hashlib
 import io
@@ -56,8 +55,9 @@ STDIN = "-"
 Item = Record | BadLine | None
 
 
-def _permission_error(path: str) -> PermissionError:
-    return PermissionError(errno.EACCES, "permission denied; check its permissions", path)
+def _permission_error(path: str) -> OptionError:
+    # like a missing file: the argument names an input this user cannot read (exit 2)
+    return OptionError(f"{path}: permission denied; check its permissions")
 
 
 def _missing(path: str) -> OptionError:

@@ -152,7 +152,18 @@ class Driver:
         self.op.setup()
         batch: list[Record] = []
         line = 0
-        for record in records:
+        it = iter(records)
+        while True:
+            try:
+                record = next(it)
+            except StopIteration:
+                break
+            except BaseException:
+                # The source failed (an unreadable file, Ctrl-C): what it produced before the
+                # failure still goes through, then the failure ends the run.
+                if batch and not self.op.done:
+                    self.feed_block(origin, line + 1, batch, None, False)
+                raise
             if record is None:
                 if batch:
                     self.feed_block(origin, line + 1, batch, None, False)

@@ -5,8 +5,10 @@ import subprocess
 import time
 
 import orjson
+import pytest
 
-from tests.conftest import clean_env, parse_ndjson, run_sage, sage_argv
+from tests.conftest import ROOT, clean_env, parse_ndjson, run_sage, sage_argv
+from tests.contract.test_bad_input import without_privileges
 
 
 def test_source_reads_files_and_directories(cli, tmp_path, monkeypatch):
@@ -59,7 +61,7 @@ def test_source_missing_file_is_exit_2_one_line(cli, tmp_path):
     )
 
 
-def test_source_unreadable_directory_is_one_line_exit_1(cli, tmp_path, monkeypatch):
+def test_source_unreadable_directory_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     (tmp_path / "locked").mkdir()
     (tmp_path / "ok.txt").write_text("fine")
     real = os.scandir
@@ -71,12 +73,12 @@ def test_source_unreadable_directory_is_one_line_exit_1(cli, tmp_path, monkeypat
 
     monkeypatch.setattr(os, "scandir", scandir)
     result = cli("source", str(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith(f"sage source: error: {tmp_path}/locked: permission denied")
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_source_unreadable_file_is_one_line_exit_1(cli, tmp_path, monkeypatch):
+def test_source_unreadable_file_is_one_line_exit_2(cli, tmp_path, monkeypatch):
     f = tmp_path / "secret.txt"
     f.write_text("x")
     import builtins
@@ -90,8 +92,43 @@ def test_source_unreadable_file_is_one_line_exit_1(cli, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", deny)
     result = cli("source", str(f))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr == f"sage source: error: {f}: permission denied; check its permissions\n"
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_source_without_read_permission_real(tmp_path, what):
+    """The same with real permission bits (as root: under setpriv with no capabilities)."""
+    prefix = without_privileges()
+    if prefix is None:
+        pytest.skip("running as root without setpriv: permission bits do not stop root")
+    (tmp_path / "a.txt").write_text("first")
+    locked = tmp_path / "b_locked"
+    if what == "file":
+        locked = tmp_path / "b_locked.txt"
+        locked.write_text("secret")
+    else:
+        locked.mkdir()
+        (locked / "in.txt").write_text("secret")
+    locked.chmod(0)
+    try:
+        result = subprocess.run(
+            [*prefix, *sage_argv("source", str(tmp_path))],
+            capture_output=True,
+            env=clean_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
+    finally:
+        locked.chmod(0o700)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.decode() == (
+        f"sage source: error: {locked}: permission denied; check its permissions\n"
+    )
+    # a file fails when it is read (what came before is written); a directory when the inputs
+    # are listed, before anything is read
+    expected = ["first"] if what == "file" else []
+    assert [r["text"] for r in parse_ndjson(result.stdout)] == expected
 
 
 def test_source_id_by_content_and_bad_option(cli, tmp_path):

@@ -79,6 +79,14 @@ class GGUFInfo:
     data_end: int
     metadata: dict[str, Any] = field(default_factory=dict)
     n_vocab: int = 0
+    #: the model has learned absolute position embeddings (BERT, GPT-2): a position past
+    #: `context_length` makes llama.cpp abort, so the context must never exceed it
+    absolute_positions: bool = False
+
+    @property
+    def context_length(self) -> int | None:
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return value if isinstance(value, int) and value > 0 else None
 
     @property
     def architecture(self) -> str:
@@ -260,6 +268,7 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
         if o1 + n1 > o2:
             raise GGUFError(f"tensors {a!r} and {b!r} overlap")
     return GGUFInfo(
+        absolute_positions="position_embd.weight" in names,
         path=Path(),
         size=size,
         version=version,

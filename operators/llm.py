@@ -71,7 +71,14 @@ def load_llama(
         raise OptionError(f"bad context sizes: n_ctx={n_ctx}, n_batch={n_batch}")
     if n_threads is not None and n_threads < 1:
         raise OptionError(f"--threads must be at least 1, got {n_threads}")
-    check_gguf(path)
+    info = check_gguf(path)
+    trained = info.context_length
+    if info.absolute_positions and trained and n_ctx > trained:
+        # positions past the trained context index outside the position embeddings: llama.cpp
+        # aborts (GGML_ASSERT in get_rows), so never ask for more
+        n_ctx = trained
+        n_batch = min(n_batch, trained)
+        n_ubatch = min(n_ubatch or n_batch, trained)
     threads = n_threads or 1
     from llama_cpp import Llama
 
@@ -134,6 +141,9 @@ class Embedder:
             raise ResourceUnavailable(
                 f"{self.model_path} has no pooling (pooling_type 0): not a sentence-embedding model"
             )
+        trained = self.info.context_length
+        if self.info.absolute_positions and trained and trained < self.n_ctx:
+            self.n_ctx = trained  # never past the position embeddings (llama.cpp aborts)
         self._llm = load_llama(
             self.model_path,
             embedding=True,

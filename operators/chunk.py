@@ -211,17 +211,19 @@ class Chunker(Operator):
             units, weights = self._units(text, section)
             if not units:
                 continue
-            if self.by == "chars":
+            if self.by == "chars":  # characters spanned, inner white space included
+                starts = [a for a, _ in units]
+                ends = [b for _, b in units]
 
-                def measure(i: int, j: int, u: list[tuple[int, int]] = units) -> int:
-                    return u[j - 1][1] - u[i][0] if j > i else 0
-            else:
+                def measure(i: int, j: int, a: list[int] = starts, b: list[int] = ends) -> int:
+                    return b[j - 1] - a[i] if j > i else 0
+            else:  # the sum of the unit weights, from prefix sums
                 prefix = [0]
                 for w in weights:
                     prefix.append(prefix[-1] + w)
 
-                def measure(i: int, j: int, p: list[int] = prefix) -> int:
-                    return p[j] - p[i]
+                def measure(i: int, j: int, a: list[int] = prefix, b: list[int] = prefix) -> int:
+                    return b[j] - a[i]
 
             for i, j in pack(len(units), measure, self.size, self.overlap):
                 result.append((units[i][0], units[j - 1][1], section.path))

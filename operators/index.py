@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import orjson
 
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 FORMAT = "sage-index"
 FORMAT_VERSION = 1
-METRIC = "angular"
+METRIC: Literal["angular"] = "angular"
 DEFAULT_TREES = 32
 DEFAULT_SEED = 42
 FILES = {

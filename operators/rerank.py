@@ -75,7 +75,10 @@ class LLMJudge:
         user = LLM_PROMPT.format(query=query, doc=doc[:LLM_DOC_CHARS])
         if self.formatter is None:
             return f"{LLM_SYSTEM}\n\n{user}\nAnswer:"
-        messages = [{"role": "system", "content": LLM_SYSTEM}, {"role": "user", "content": user}]
+        messages: Any = [
+            {"role": "system", "content": LLM_SYSTEM},
+            {"role": "user", "content": user},
+        ]
         return str(self.formatter(messages=messages).prompt)
 
     def score(self, query: str, doc: str) -> float:

@@ -70,11 +70,12 @@ def parse_or_bad(raw: bytes, origin: str, line: int) -> Record | BadLine:
     return parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)
 
 
-def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line without `\\n`) for every non-blank line of `stream`.
+def line_blocks(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, list[bytes]] | None]:
+    """(number of the first line, lines without `\\n`) for each run of complete lines read
+    from `stream`, blank lines included. A final line without `\\n` comes last.
 
-    With `live` (a pipe or terminal), `(n, None)` follows each chunk read: the caller should
-    flush what it has before the next read, which may block.
+    With `live` (a pipe or terminal), None follows each read: the caller should flush what it
+    has before the next read, which may block.
     """
     read = getattr(stream, "read1", stream.read)
     lineno = 0
@@ -94,12 +95,25 @@ def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, 
             head = chunk[:nl]
         rest = chunk[nl + 1 :]
         pending = [rest] if rest else []
-        for raw in head.split(b"\n"):
-            lineno += 1
-            if raw.strip():
-                yield lineno, raw
+        lines = head.split(b"\n")
+        yield lineno + 1, lines
+        lineno += len(lines)
         if live:
+            yield None
+    if pending:
+        yield lineno + 1, [b"".join(pending)]
+
+
+def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for every non-blank line of `stream`; with `live`, `(n, None)`
+    after each read (see line_blocks)."""
+    lineno = 0
+    for block in line_blocks(stream, live):
+        if block is None:
             yield lineno, None
-    last = b"".join(pending)
-    if last.strip():
-        yield lineno + 1, last
+            continue
+        first, lines = block
+        for offset, raw in enumerate(lines):
+            if raw.strip():
+                yield first + offset, raw
+        lineno = first + len(lines) - 1

@@ -35,7 +35,13 @@ from typing import Any, BinaryIO, ClassVar
 import orjson
 
 from operators.base import Operator, OptionError, Record
-from operators.ndjson import BadLine, describe_json_error, numbered_lines, parse_or_bad
+from operators.ndjson import (
+    BadLine,
+    describe_json_error,
+    line_blocks,
+    numbered_lines,
+    parse_or_bad,
+)
 
 #: extension -> format, for files found in directories and for `fmt="auto"`
 EXTENSIONS: dict[str, str] = {
@@ -50,6 +56,7 @@ EXTENSIONS: dict[str, str] = {
 }
 FORMATS = ("auto", "text", "ndjson", "json", "csv")
 STDIN = "-"
+_loads = orjson.loads
 
 #: what the records iterable yields: a record, a bad line, or None ("idle: flush now")
 Item = Record | BadLine | None
@@ -184,15 +191,33 @@ class Source(Operator):
     # -- line formats ----------------------------------------------------------------------
 
     def _lines(self, stream: BinaryIO, origin: str, fmt: str, live: bool) -> Iterator[Item]:
-        for lineno, raw in numbered_lines(stream, live):
-            if raw is None:
+        if fmt == "raw":
+            for lineno, raw in numbered_lines(stream, live):
+                yield None if raw is None else self._raw_line(origin, lineno, raw)
+            return
+        finish = self._finish
+        for block in line_blocks(stream, live):
+            if block is None:
                 yield None
                 continue
-            if fmt == "raw":
-                yield self._raw_line(origin, lineno, raw)
+            first, lines = block
+            try:  # fast path: every line is an object
+                items = [_loads(raw) for raw in lines]
+            except orjson.JSONDecodeError:
+                items = []
+            if items and all(type(r) is dict for r in items):
+                for offset, record in enumerate(items):
+                    if "id" not in record or "text" not in record:
+                        finish(record, f"{origin}:{first + offset}")
+                yield from items
                 continue
-            item = parse_or_bad(raw, origin, lineno)
-            yield item if isinstance(item, BadLine) else self._finish(item, f"{origin}:{lineno}")
+            for offset, raw in enumerate(lines):
+                if raw.strip():
+                    item = parse_or_bad(raw, origin, first + offset)
+                    if isinstance(item, BadLine):
+                        yield item
+                    else:
+                        yield finish(item, f"{origin}:{first + offset}")
 
     def _raw_line(self, origin: str, lineno: int, raw: bytes) -> Record:
         text, warning = decode_text(raw.rstrip(b"\r"))

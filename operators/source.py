@@ -292,6 +292,8 @@ class Source(Operator):
 
     def _finish(self, record: Record, where: str) -> Record:
         """Apply the `content` alias and give a record without an id its id."""
+        if "_error" in record:
+            return record  # an error record passes through untouched
         if "text" not in record and isinstance(record.get("content"), str):
             record["text"] = record.pop("content")
         if "id" not in record:

@@ -177,3 +177,15 @@ def test_long_single_line_is_read_whole(tmp_path):
     (tmp_path / "big.ndjson").write_bytes(big)
     (record,) = items(Source([str(tmp_path / "big.ndjson")]))
     assert len(record["text"]) == 3 * 1024 * 1024
+
+
+def test_error_records_pass_through_untouched():
+    import io
+
+    err = {"_error": {"stage": "sage map", "line": 1, "error": "x"}}
+    out = items(
+        Source(
+            ["-"], stdin=io.BytesIO(b'{"_error": {"stage": "sage map", "line": 1, "error": "x"}}\n')
+        )
+    )
+    assert out == [err]

@@ -14,7 +14,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 
-.PHONY: help install demo test lint format bench check clean models
+.PHONY: help install demo test lint format bench check clean models browser
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,7 +37,13 @@ models: $(STAMP) ## Convert and verify the local models
 demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
 	bash scripts/rag.sh
 
-test: $(STAMP) ## Run the whole test suite
+browser: ## Install headless Chromium (Debian `chromium`) for the HTML report test, if missing
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (the HTML trace report test opens it headless)..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy

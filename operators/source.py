@@ -137,7 +137,7 @@ class Source(Operator):
             key = path if path == STDIN else os.path.realpath(path)
             if key not in seen:
                 seen.add(key)
-                out.append(path)
+                out.append(path if path == STDIN else os.path.normpath(path))
 
         for arg in self.paths:
             if arg == STDIN:
@@ -351,7 +351,7 @@ class Source(Operator):
             if os.path.isdir(arg):
                 rel = os.path.relpath(real, os.path.realpath(arg))
                 if not rel.startswith(".."):
-                    return os.path.join(arg, rel)
+                    return os.path.normpath(os.path.join(arg, rel))
             elif os.path.exists(arg) and os.path.realpath(arg) == real:
                 return arg
         return path if any(os.path.isabs(a) for a in self.paths) else os.path.relpath(path)

@@ -189,3 +189,10 @@ def test_error_records_pass_through_untouched():
         )
     )
     assert out == [err]
+
+
+def test_path_ids_do_not_depend_on_how_the_directory_is_spelled(tree, monkeypatch):
+    monkeypatch.chdir(tree)
+    a = [r["id"] for r in items(Source(["./sub/"]))]
+    b = [r["id"] for r in items(Source(["sub"]))]
+    assert a == b and a[0] == "sub/c.ndjson:1"

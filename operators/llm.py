@@ -136,11 +136,6 @@ class Embedder:
         if self._llm is not None:
             return
         self.info = check_gguf(self.model_path)
-        pooling = self.info.metadata.get(f"{self.info.architecture}.pooling_type")
-        if pooling == 0:
-            raise ResourceUnavailable(
-                f"{self.model_path} has no pooling (pooling_type 0): not a sentence-embedding model"
-            )
         trained = self.info.context_length
         if self.info.absolute_positions and trained and trained < self.n_ctx:
             self.n_ctx = trained  # never past the position embeddings (llama.cpp aborts)
@@ -152,6 +147,12 @@ class Embedder:
             n_ubatch=self.n_ctx,
             n_threads=self.n_threads,
         )
+        if self._llm.pooling_type() <= 0:  # NONE (or unspecified): per-token vectors only
+            self.close()
+            raise ResourceUnavailable(
+                f"{self.model_path} has no pooling ({self.info.architecture}): not a "
+                "sentence-embedding model; use an embedding model such as minilm-l6"
+            )
 
     @property
     def dim(self) -> int:

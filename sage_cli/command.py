@@ -124,9 +124,16 @@ def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
     return int(err.code) if isinstance(err, SageError) else int(ExitCode.FAILURE)
 
 
+#: the last SIGINT/SIGTERM received: a library that turns any exception from a signal handler
+#: into KeyboardInterrupt (watchfiles does) must still end a SIGTERM with 143
+_last_signal: list[int] = []
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated; held while stdout is written."""
     from sage_cli.io import WRITE_GUARD
+
+    _last_signal[:] = [signum]
 
     exc: type[BaseException] = KeyboardInterrupt if signum == signal.SIGINT else Terminated
     if not WRITE_GUARD.hold(exc):
@@ -136,6 +143,7 @@ def _on_signal(signum: int, frame: Any) -> None:
 def _install_signal_handlers() -> dict[int, Any]:
     """Install `_on_signal` for SIGINT and SIGTERM (unless ignored); return what to restore."""
     previous: dict[int, Any] = {}
+    _last_signal.clear()
     for sig in (signal.SIGINT, signal.SIGTERM):
         current = signal.getsignal(sig)
         if current is signal.SIG_IGN:
@@ -172,6 +180,8 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
         return int(ExitCode.OK)
     except KeyboardInterrupt:
         _stop(on_stop)
+        if _last_signal == [signal.SIGTERM]:
+            return int(ExitCode.TERMINATED)
         return int(ExitCode.INTERRUPTED)
     except Terminated:
         _stop(on_stop)

@@ -211,3 +211,22 @@ def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
 def test_source_watch_with_stdin_is_a_usage_error():
     result = run_sage("source", "--watch", "-", input=b"")
     assert result.returncode == 2 and b"--watch" in result.stderr
+
+
+def test_source_watch_sigterm_exits_143(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    proc = subprocess.Popen(
+        sage_argv("source", "--watch", str(tmp_path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        assert _read_record(proc, time.monotonic() + 20)["text"] == "a"
+        proc.send_signal(signal.SIGTERM)
+        rest, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert rest == b"" and err == b""

@@ -139,3 +139,28 @@ def test_min_score_and_pipeline_through_real_pipes(tmp_path):
     assert out["docs"][0]["metadata"]["heading"] == "Cooking"
     info = run_sage("index", "info", str(tmp_path / "idx"))
     assert orjson.loads(info.stdout)["count"] == 2
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("fmt", ["floats", "b64"])
+def test_embed_then_build_then_retrieve(tmp_path, fmt):
+    from tests.index_fixture import DOCS
+
+    embedded = run_sage("embed", "--format", fmt, input=ndjson(DOCS))
+    assert embedded.returncode == 0, embedded.stderr
+    built = run_sage("index", "build", str(tmp_path / "idx"), input=embedded.stdout)
+    assert built.returncode == 0, built.stderr
+    manifest = orjson.loads(run_sage("index", "info", str(tmp_path / "idx")).stdout)
+    first = parse_ndjson(embedded.stdout)[0]["embedding_model"]
+    assert manifest["model"]["name"] == first["name"] == "minilm-l6"
+    assert manifest["model"]["sha256"] == first["sha256"]
+    found = run_sage(
+        "retrieve",
+        "--index",
+        str(tmp_path / "idx"),
+        "-k",
+        "1",
+        input=b'{"query": "Which city is the capital of France?"}\n',
+    )
+    assert found.returncode == 0, found.stderr
+    assert parse_ndjson(found.stdout)[0]["docs"][0]["id"] == "paris"

@@ -24,6 +24,7 @@ then each file again whenever it is created or its content changes, until interr
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
 import hashlib
 import io
@@ -393,13 +394,12 @@ class Source(Operator):
                 roots.append(os.path.dirname(os.path.abspath(arg)))
             else:
                 raise _missing(arg)
-        import fnmatch
 
         def wanted(path: str) -> bool:
             real = os.path.realpath(path)
             if real in files:
                 return True
-            if any(fnmatch.fnmatch(os.path.abspath(path), p) for p in patterns):
+            if any(_glob_match(os.path.abspath(path), p) for p in patterns):
                 return not _hidden(os.path.basename(path))
             for d in dirs:
                 rel = os.path.relpath(real, d)
@@ -418,6 +418,17 @@ def _hidden(name: str) -> bool:
 
 def _listed(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in EXTENSIONS
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Whether absolute `path` matches absolute `pattern` as glob.glob would (`*` stays
+    within one directory; `**` spans any number)."""
+    if "**" in pattern:
+        return path in {os.path.abspath(p) for p in glob.glob(pattern, recursive=True)}
+    parts, pattern_parts = path.split(os.sep), pattern.split(os.sep)
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(a, b) for a, b in zip(parts, pattern_parts, strict=True)
+    )
 
 
 def _glob_base(pattern: str) -> str:

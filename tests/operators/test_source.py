@@ -196,3 +196,13 @@ def test_path_ids_do_not_depend_on_how_the_directory_is_spelled(tree, monkeypatc
     a = [r["id"] for r in items(Source(["./sub/"]))]
     b = [r["id"] for r in items(Source(["sub"]))]
     assert a == b and a[0] == "sub/c.ndjson:1"
+
+
+def test_glob_match_keeps_star_within_a_directory(tmp_path):
+    from operators.source import _glob_match
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.md").write_text("d")
+    assert _glob_match("/w/a.md", "/w/*.md")
+    assert not _glob_match("/w/sub/d.md", "/w/*.md")
+    assert _glob_match(str(tmp_path / "sub" / "d.md"), str(tmp_path / "**" / "*.md"))

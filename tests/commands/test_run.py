@@ -256,3 +256,92 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- --check and --watch ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "code", "message"),
+    [
+        (
+            "sage source docs/ | sage chunk | sage prompt",
+            2,
+            "stage 3 (sage prompt): needs field 'docs', which no stage before it produces",
+        ),
+        (
+            "sage source docs/ | sage chunk --bogus 3",
+            2,
+            "stage 2 (sage chunk): No such option '--bogus'",
+        ),
+        (
+            "sage source docs/ | sage retrieve --index no-such-index/",
+            69,
+            "stage 2 (sage retrieve): --index no-such-index/ does not exist",
+        ),
+        (
+            "sage source docs/ | no-such-program",
+            2,
+            "stage 2 (no-such-program): no-such-program: command not found",
+        ),
+        ("sage map r < missing.ndjson | cat", 2, "input file missing.ndjson does not exist"),
+    ],
+)
+def test_check_names_the_stage_and_the_problem(
+    tmp_path: Path, pipeline: str, code: int, message: str
+) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world")
+    write(tmp_path / "p.sh", pipeline + "\n")
+    result = sage_run(tmp_path, "--check", "p.sh")
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr.decode()
+    assert not (tmp_path / ".sage" / "runs").exists()  # nothing ran
+
+
+def test_check_passes_a_good_pipeline_without_running_it(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world")
+    write(tmp_path / "p.sh", "sage source docs/ | sage chunk | sage filter True > out.ndjson\n")
+    result = sage_run(tmp_path, "--check", "p.sh")
+    assert result.returncode == 0, result.stderr
+    assert b"3 stage(s) OK" in result.stderr and b"2-chunk: needs text" in result.stderr
+    assert not (tmp_path / "out.ndjson").exists()
+
+
+def test_watch_runs_again_when_an_input_changes(data: Path) -> None:
+    write(data / "p.sh", "sage map 'r | {\"w\": 1}' in.ndjson > out.ndjson\n")
+    proc = subprocess.Popen(
+        sage_argv("run", "--watch", "p.sh"),
+        env=env(),
+        cwd=data,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (
+            not (data / "out.ndjson").exists()
+            or len(parse_ndjson((data / "out.ndjson").read_bytes())) != 20
+        ):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        time.sleep(1.0)  # the watcher is set up after the first run
+        (data / "in.ndjson").write_bytes(ndjson([{"id": "new", "n": 1}]))
+        while parse_ndjson((data / "out.ndjson").read_bytes()) != [{"id": "new", "n": 1, "w": 1}]:
+            assert time.monotonic() < deadline, "no second run"
+            time.sleep(0.1)
+        while len(list((data / ".sage" / "runs").glob("*/summary.json"))) < 2:
+            assert time.monotonic() < deadline, "the second run did not end"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            raise AssertionError(f"--watch did not stop on SIGINT: {err!r}") from None
+    assert proc.returncode == 130, err
+    assert b"running again" in err
+    assert len(list((data / ".sage" / "runs").iterdir())) == 2

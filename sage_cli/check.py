@@ -1,0 +1,154 @@
+"""`sage run --check`: validate a pipeline without running it (no model loads).
+
+For every stage: the program exists; a sage stage's options parse (`sage <op> ARGS --schema`
+builds the operator without setting it up); the fields it requires are produced upstream (from
+each stage's JSON Schema); files it reads with `<`, and `--index`/`--model`/`--table` paths,
+exist. The first problem is reported with the stage and the field or path named.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sage_cli.errors import SageError, UsageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.pipeline import Pipeline, Stage, parse_script
+
+#: commands whose output fields cannot be known from their schema (they run user code)
+OPEN_OUTPUT = frozenset({"map", "flatmap", "join"})
+#: options whose value is a path that must exist before the run (per command; "*" for all)
+INPUT_PATHS = {"*": ("--index", "--table"), "index": ()}
+#: a field that also satisfies a requirement (documented aliases)
+ALIASES = {"text": ("content",), "query": ("text",)}
+_ALIAS_IN_DOC = re.compile(r"`(\w+)`(?: if absent| is accepted)")
+TEXT_SUFFIXES = (".txt", ".md", ".markdown")
+
+
+class CheckError(SageError):
+    """The pipeline would fail: names the stage and what is wrong."""
+
+
+def stage_schema(pipeline: Pipeline, stage: Stage) -> dict[str, Any]:
+    """Run `sage <op> ARGS --schema` for a stage, in the stage's environment."""
+    env = dict(pipeline.env)
+    env.update(stage.env)
+    argv = [sys.executable, "-m", "sage_cli", *stage.argv[1:], "--schema"]
+    proc = subprocess.run(
+        argv, capture_output=True, env=env, cwd=pipeline.cwd, stdin=subprocess.DEVNULL, timeout=60
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        why = lines[-1] if lines else f"exit status {proc.returncode}"
+        why = re.sub(r"^sage [\w-]+: error: ", "", why)
+        raise CheckError(
+            f"stage {stage.index + 1} ({stage.label}): {why}",
+            ExitCode(proc.returncode)
+            if proc.returncode in {int(c) for c in ExitCode}
+            else ExitCode.USAGE,
+        )
+    try:
+        return orjson.loads(proc.stdout)
+    except orjson.JSONDecodeError:
+        raise CheckError(
+            f"stage {stage.index + 1} ({stage.label}): --schema printed no JSON schema"
+        ) from None
+
+
+def _paths_to_check(stage: Stage) -> list[tuple[str, str]]:
+    options = INPUT_PATHS.get(stage.command, INPUT_PATHS["*"])
+    out = []
+    argv = stage.argv
+    for i, word in enumerate(argv):
+        for opt in options:
+            if word == opt and i + 1 < len(argv):
+                out.append((opt, argv[i + 1]))
+            elif word.startswith(opt + "="):
+                out.append((opt, word.split("=", 1)[1]))
+    return out
+
+
+def _satisfied(field: str, available: set[str], schema_doc: str) -> bool:
+    if field in available:
+        return True
+    aliases = set(ALIASES.get(field, ())) | set(_ALIAS_IN_DOC.findall(schema_doc))
+    return bool(aliases & available)
+
+
+def _source_is_closed(stage: Stage) -> bool:
+    """A source whose records have only the fields its schema lists (text files, -R)."""
+    args = stage.argv[2:]
+    if "-R" in args or "--raw" in args:
+        return True
+    paths = [a for a in args if not a.startswith("-")]
+    return bool(paths) and all(p.endswith(TEXT_SUFFIXES) or os.path.isdir(p) for p in paths)
+
+
+def check(pipeline: Pipeline) -> list[str]:
+    """Validate `pipeline`; return one line per stage, or raise CheckError."""
+    report: list[str] = []
+    available: set[str] | None = None  # None: fields unknown (anything may be there)
+    cwd = Path(pipeline.cwd)
+    for stage in pipeline.stages:
+        where = f"stage {stage.index + 1} ({stage.label})"
+        for r in stage.redirects:
+            if r.op == "<" and not (cwd / r.target).exists():
+                raise CheckError(f"{where}: input file {r.target} does not exist", ExitCode.USAGE)
+        if not stage.is_sage:
+            if shutil.which(stage.argv[0], path=pipeline.env.get("PATH")) is None:
+                raise CheckError(f"{where}: {stage.argv[0]}: command not found", ExitCode.USAGE)
+            available = None
+            report.append(f"{stage.name}: {stage.argv[0]} (not a sage stage: fields unknown)")
+            continue
+        from sage_cli.app import COMMANDS
+
+        if stage.command not in COMMANDS:
+            raise CheckError(f"{where}: unknown command; see `sage --help`", ExitCode.USAGE)
+        for opt, value in _paths_to_check(stage):
+            if not (cwd / value).exists():
+                raise CheckError(
+                    f"{where}: {opt} {value} does not exist; build it first", ExitCode.UNAVAILABLE
+                )
+        schema = stage_schema(pipeline, stage)
+        defs = schema.get("$defs", {})
+        inp = defs.get("input", {})
+        required = list(inp.get("required", []))
+        produced = list(defs.get("output", {}).get("properties", {}))
+        if available is not None:
+            for fld in required:
+                doc = orjson.dumps(inp.get("properties", {}).get(fld, {})).decode()
+                if not _satisfied(fld, available, doc):
+                    have = ", ".join(sorted(f for f in available if not f.startswith("_")))
+                    raise CheckError(
+                        f"{where}: needs field {fld!r}, which no stage before it produces "
+                        f"(fields there: {have or 'none'})",
+                        ExitCode.USAGE,
+                    )
+        if stage.command in OPEN_OUTPUT:
+            available = None
+        elif stage.command == "source" and stage.index == 0:
+            available = set(produced) if _source_is_closed(stage) else None
+        elif available is not None:
+            available |= set(produced)
+        needs = ", ".join(required) or "nothing"
+        report.append(f"{stage.name}: needs {needs}; adds {', '.join(produced) or 'nothing'}")
+    return report
+
+
+def check_pipeline(script: str, args: list[str], quiet: bool = False) -> int:
+    if not Path(script).exists():
+        raise UsageError(f"{script}: no such script; check the path")
+    pipeline = parse_script(script, args)
+    lines = check(pipeline)
+    if not quiet:
+        for line in lines:
+            sys.stderr.write(f"  {line}\n")
+        sys.stderr.write(f"sage run --check: {script}: {len(pipeline.stages)} stage(s) OK\n")
+    return 0

@@ -94,7 +94,7 @@ class Sink(Operator):
         if self.fmt in WHOLE_INPUT:
             self.held.extend(batch)
         elif self.fmt == "ndjson":
-            self._out.write(b"".join(_dump(r) + b"\n" for r in batch))
+            self._out.write(b"".join([_dump_line(r) for r in batch]))
         else:  # json: one array, elements separated by ",\n"
             sep = b",\n" if self.count else b"\n"
             self._out.write(sep + b",\n".join(_dump(r) for r in batch))
@@ -194,6 +194,13 @@ def _mode_for(path: str) -> int:
 
 def _dump(record: Record) -> bytes:
     return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+
+
+_LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
+
+
+def _dump_line(record: Record) -> bytes:
+    return orjson.dumps(record, option=_LINE, default=str)
 
 
 def columns(records: list[Record]) -> list[str]:

@@ -63,11 +63,24 @@ def measure(
     workdir: str | Path | None = None,
     search_k: int | None = None,
 ) -> dict[str, float]:
-    """Build an index of n vectors and measure annoy against exact search on it."""
+    """Build an index of n synthetic vectors and measure annoy against exact search on it."""
+    data = clustered_vectors(n + queries, dim)
+    return measure_vectors(data[:n], data[n:], k=k, workdir=workdir, search_k=search_k)
+
+
+def measure_vectors(
+    vectors: np.ndarray,
+    probes: np.ndarray,
+    *,
+    k: int = K,
+    workdir: str | Path | None = None,
+    search_k: int | None = None,
+) -> dict[str, float]:
+    """Index `vectors` (e.g. real embeddings) and measure annoy against exact search for each
+    row of `probes` as a query."""
     from operators.index import Index, ModelRef, write_index
 
-    data = clustered_vectors(n + queries, dim)
-    vectors, probes = data[:n], data[n:]
+    n, queries = vectors.shape[0], probes.shape[0]
     records = [{"id": str(i), "text": f"document {i}"} for i in range(n)]
     base = Path(tempfile.mkdtemp(prefix="sage-bench-", dir=workdir))
     try:

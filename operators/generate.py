@@ -56,8 +56,8 @@ from operators.prompt import add_warning
 
 #: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
 SAFETY_TOKENS = 4
-#: at most this many tokens of the start of a cut message are kept (its instructions)
-HEAD_TOKENS = 64
+#: at most this many characters of the start of a cut message are kept (its instructions)
+HEAD_CHARS = 256
 CUT_MARK = "\n...\n"
 #: characters of a server's error body quoted in a message
 QUOTE = 200
@@ -159,27 +159,29 @@ class LlamaBackend:
 
     def fit(self, messages: Messages, max_tokens: int) -> tuple[Messages, str | None]:
         """`messages`, with the last user message cut in the middle when the prompt leaves
-        less than `max_tokens` free in the context; and a warning when it was cut."""
+        less than `max_tokens` free in the context; and a warning when it was cut.
+
+        The cut is made on characters (never inside a UTF-8 sequence or a token's bytes) and
+        measured with the real tokenizer until it fits: the first quarter of what is kept
+        (at most HEAD_CHARS) comes from the start, the rest from the end."""
         limit = self.n_ctx - max_tokens - SAFETY_TOKENS
         total = self.count(messages)
         if total <= limit:
             return messages, None
         users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
         last = users[-1] if users else len(messages) - 1
-        tokens = self._tokens(messages[last]["content"], special=False)
-        keep = len(tokens) - (total - limit)
-        for _ in range(4):
-            mark = len(self._tokens(CUT_MARK, special=False))
-            if keep - mark < 8:
-                raise RecordError(
-                    f"prompt of {total} tokens cannot fit in n_ctx {self.n_ctx} with "
-                    f"max_tokens {max_tokens}: the other messages alone are too long "
-                    "(raise --n-ctx or lower --max-tokens)"
-                )
-            head = min(HEAD_TOKENS, (keep - mark) // 4)
-            tail = keep - mark - head
-            text = self._detokenize(tokens[:head]) + CUT_MARK + self._detokenize(tokens[-tail:])
-            cut = [*messages[:last], {**messages[last], "content": text}, *messages[last + 1 :]]
+        content = messages[last]["content"]
+        n_tokens = max(len(self._tokens(content, special=False)), 1)
+        chars_per_token = len(content) / n_tokens
+        keep = int((n_tokens - (total - limit)) * chars_per_token)
+        for _ in range(8):
+            if keep < 8:
+                break
+            cut = [
+                *messages[:last],
+                {**messages[last], "content": cut_middle(content, keep)},
+                *messages[last + 1 :],
+            ]
             now = self.count(cut)
             if now <= limit:
                 warning = (
@@ -187,11 +189,12 @@ class LlamaBackend:
                     f"{max_tokens} for the answer in n_ctx {self.n_ctx}"
                 )
                 return cut, warning
-            keep -= now - limit
-        raise RecordError(f"prompt of {total} tokens could not be cut to fit n_ctx {self.n_ctx}")
-
-    def _detokenize(self, tokens: list[int]) -> str:
-        return self.llm.detokenize(tokens).decode("utf-8", errors="ignore")
+            keep -= int((now - limit) * chars_per_token) + 1
+        raise RecordError(
+            f"prompt of {total} tokens cannot fit in n_ctx {self.n_ctx} with max_tokens "
+            f"{max_tokens}: the other messages alone are too long (raise --n-ctx or lower "
+            "--max-tokens)"
+        )
 
     def complete(self, messages: Messages, params: GenerationParams) -> Completion:
         fitted, warning = self.fit(messages, params.max_tokens)
@@ -227,6 +230,24 @@ class LlamaBackend:
             except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
                 pass
             self.llm = None
+
+
+def cut_middle(text: str, keep: int) -> str:
+    """`text` cut to about `keep` characters: its start (a quarter, at most HEAD_CHARS) and
+    its end, joined by CUT_MARK, each side snapped to a word boundary when one is near."""
+    if keep >= len(text):
+        return text
+    head_n = min(HEAD_CHARS, keep // 4)
+    tail_n = max(keep - head_n - len(CUT_MARK), 0)
+    head = text[:head_n]
+    space = head.rfind(" ", max(head_n - 16, 0))
+    if space > 0:
+        head = head[:space]
+    tail = text[len(text) - tail_n :] if tail_n else ""
+    space = tail.find(" ", 0, 16)
+    if space >= 0:
+        tail = tail[space + 1 :]
+    return head + CUT_MARK + tail
 
 
 def compile_grammar(schema: dict[str, Any]) -> Any:

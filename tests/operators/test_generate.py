@@ -316,3 +316,82 @@ def test_real_model_seed_makes_sampling_repeatable():
         op = Generate(threads=1, max_tokens=24, n_ctx=256, temperature=1.0, seed=42)
         outs.append(op.run([{"prompt": "Name a colour."}, {"prompt": "Name a colour."}]))
     assert outs[0][0]["answer"] == outs[1][0]["answer"] == outs[0][1]["answer"]
+
+
+# -- plumbing with the tiny random-weight llama (gibberish answers, fast) -------------------------
+
+
+def tiny(path, **kwargs):
+    kwargs.setdefault("threads", 1)
+    kwargs.setdefault("max_tokens", 8)
+    kwargs.setdefault("n_ctx", 256)
+    op = Generate(model=str(path), **kwargs)
+    op.setup()
+    return op
+
+
+def test_tiny_model_answers_with_usage(tiny_llama):
+    op = tiny(tiny_llama)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "hello there"}]
+    out = op.process([{"id": "x", "messages": messages, "keep": [1]}])[0]
+    assert isinstance(out["answer"], str) and out["keep"] == [1] and out["id"] == "x"
+    usage = out["usage"]
+    assert usage["prompt_tokens"] == op.backend.count(messages)  # our count is llama.cpp's
+    assert 1 <= usage["completion_tokens"] <= 8 and usage["seconds"] > 0
+    assert "prompt_truncated" not in out and "_warnings" not in out
+    again = op.process([{"id": "x", "messages": messages, "keep": [1]}])[0]
+    assert again["answer"] == out["answer"]  # temperature 0 is greedy
+    op.close()
+
+
+def test_tiny_model_cache_uses_the_model_hash(tiny_llama, tmp_path):
+    hashes = tmp_path / "hashes.json"
+    first = tiny(tiny_llama, cache_dir=tmp_path, hash_cache=hashes).run([{"prompt": "abc"}])[0]
+    second = tiny(tiny_llama, cache_dir=tmp_path, hash_cache=hashes).run([{"prompt": "abc"}])[0]
+    assert "cached" not in first["usage"] and second["usage"]["cached"] is True
+    assert second["answer"] == first["answer"]
+    assert str(tiny_llama.resolve()) in hashes.read_text()
+    other = tiny(tiny_llama, cache_dir=tmp_path, n_ctx=128).run([{"prompt": "abc"}])[0]
+    assert "cached" not in other["usage"]  # n_ctx is part of the key
+
+
+def test_tiny_model_long_prompt_is_cut_keeping_both_ends(tiny_llama):
+    op = tiny(tiny_llama, n_ctx=96, max_tokens=16)
+    prompt = "START " + "x" * 2000 + " THE END?"
+    messages, warning = op.backend.fit([{"role": "user", "content": prompt}], 16)
+    content = messages[0]["content"]
+    assert content.startswith("START") and content.endswith("THE END?") and "\n...\n" in content
+    assert op.backend.count(messages) <= 96 - 16 and "cut from" in warning
+    out = op.process([{"prompt": prompt, "_warnings": ["earlier"]}])[0]
+    assert out["prompt_truncated"] is True and out["_warnings"][0] == "earlier"
+    assert out["usage"]["prompt_tokens"] <= 96 - 16
+
+
+def test_tiny_model_system_messages_too_long_is_a_record_error(tiny_llama):
+    op = tiny(tiny_llama, n_ctx=64, max_tokens=16)
+    messages = [{"role": "system", "content": "y" * 500}, {"role": "user", "content": "q"}]
+    with pytest.raises(RecordError, match="raise --n-ctx"):
+        op.process([{"messages": messages}])
+
+
+def test_tiny_model_json_schema_is_grammar_constrained(tiny_llama):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
+    out = tiny(tiny_llama, json_schema=schema, max_tokens=64).run([{"prompt": "json"}])[0]
+    assert set(out["answer_json"]) == {"ok"} and isinstance(out["answer_json"]["ok"], bool)
+
+
+def test_tiny_model_json_cut_short_is_a_record_error(tiny_llama):
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    op = tiny(tiny_llama, json_schema=schema, max_tokens=2)
+    with pytest.raises(RecordError, match="not valid JSON"):
+        op.process([{"prompt": "json"}])
+
+
+def test_bad_json_schema_is_an_option_error(tiny_llama):
+    with pytest.raises(OptionError, match="grammar"):
+        tiny(tiny_llama, json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}})

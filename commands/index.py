@@ -125,10 +125,16 @@ def info(
             sys.stdout.buffer.write(orjson.dumps(manifest, option=orjson.OPT_APPEND_NEWLINE))
             sys.stdout.flush()
             return
-        for key, value in manifest.items():
+
+        def rows(prefix: str, value: object) -> list[tuple[str, object]]:
             if isinstance(value, dict):
-                value = ", ".join(f"{k}={v}" for k, v in value.items())
-            sys.stdout.write(f"{key:15s} {value}\n")
+                return [row for k, v in value.items() for row in rows(f"{prefix}{k}.", v)]
+            return [] if value is None else [(prefix.rstrip("."), value)]
+
+        table = rows("", manifest)
+        width = max(len(key) for key, _ in table)
+        for key, value in table:
+            sys.stdout.write(f"{key:{width}s}  {value}\n")
         sys.stdout.flush()
 
     code = guarded("sage index info", body)

@@ -669,6 +669,12 @@ class IndexBuilder(Operator):
             from operators.models import model_label
 
             model = ModelRef(model_label(self.model_name))
+        if model is not None and model.file is None and model.name:
+            from operators.models import MODELS
+
+            spec = MODELS.get(model.name)
+            if spec is not None:  # named by the records: record the registry's file name too
+                model = ModelRef(model.name, model.sha256, spec.filename)
         self.manifest = write_index(
             self.directory, vectors, self.records, model, trees=self.trees, seed=self.seed
         )

@@ -249,11 +249,12 @@ class Prompt(Operator):
         self.reserve = reserve
         self.context_tokens = context_tokens
         fields = {p[0] for _, p in self.parts if p is not None}
-        self.requires = {name: {} for name in sorted(fields - {"context"})}
+        requires: dict[str, dict[str, Any]] = {n: {} for n in sorted(fields - {"context"})}
         if "context" in fields:
-            self.requires["docs"] = {"type": "array"}
+            requires["docs"] = {"type": "array"}
         if "query" in fields:
-            self.requires["query"] = {"type": "string", "minLength": 1}
+            requires["query"] = {"type": "string", "minLength": 1}
+        setattr(self, "requires", requires)  # noqa: B010 - what this template needs (--schema)
 
     def render(self, record: Record) -> Record:
         values: list[str | None] = []  # None marks where the context goes

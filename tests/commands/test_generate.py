@@ -183,3 +183,28 @@ def test_real_pipeline_prompt_generate_eval(tmp_path):
     assert answer["eval"]["contains"] == 1.0 and answer["eval"]["mrr"] == 0.5
     assert answer["messages"][-1]["role"] == "user" and answer["usage"]["completion_tokens"] > 0
     assert summary["id"] == "_summary" and summary["eval"]["contains"] == 1.0
+
+
+def test_tiny_model_through_the_command(cli, tiny_llama, cache_dir):
+    args = [
+        "generate",
+        "--model",
+        str(tiny_llama),
+        "--max-tokens",
+        "4",
+        "--n-ctx",
+        "64",
+        "--threads",
+        "1",
+    ]
+    records = [{"id": "1", "prompt": "hi"}, {"id": "2", "prompt": "long " * 200}]
+    result = cli(*args, input=ndjson(records))
+    assert result.exit_code == 0, result.stderr
+    out = parse_ndjson(result.stdout)
+    assert [r["id"] for r in out] == ["1", "2"]
+    assert all(isinstance(r["answer"], str) and r["usage"]["completion_tokens"] <= 4 for r in out)
+    assert "prompt_truncated" not in out[0] and out[1]["prompt_truncated"] is True
+    assert out[1]["usage"]["prompt_tokens"] <= 60
+    again = parse_ndjson(cli(*args, input=ndjson(records)).stdout)
+    assert [r["answer"] for r in again] == [r["answer"] for r in out]
+    assert all(r["usage"].get("cached") for r in again)

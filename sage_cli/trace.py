@@ -6,7 +6,7 @@ imported and the driver pays one `is None` test per batch.
 
 Events (one JSON object per line, `t` in Unix seconds):
   {"ev": "start", "t", "pid", "argv"}
-  {"ev": "b", "t", "d", "n", "o", "ids", "tok"}   one batch: start, seconds, records in / out,
+  {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: start, seconds, records in / out,
       the input ids (one span per record: the records of a batch share its start and duration),
       and model tokens of its output (`usage`)
   {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy"}   about once a second
@@ -61,10 +61,10 @@ class Tracer:
             "n": len(batch),
             "o": len(out),
         }
-        if self.with_ids:
-            event["ids"] = [r.get("id") for r in batch]
         if out and "usage" in out[0]:
             event["tok"] = _tokens(out)
+        if self.with_ids:  # last, so a reader that needs no ids can cut the line short
+            event["ids"] = [r.get("id") for r in batch]
         self._parts.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str))
         now = time.monotonic()
         if now - self._last_stats >= STATS_SECONDS:

@@ -164,7 +164,7 @@ def throughput_series(
     """Records per second a stage took in, over `bins` equal slices of the run."""
     width = max((t1 - t0) / bins, 1e-6)
     counts = [0.0] * bins
-    for ev in read_events(run.trace_path(stage)):
+    for ev in read_events(run.trace_path(stage), ids=False):
         if ev.get("ev") == "b":
             i = min(bins - 1, max(0, int((ev["t"] + ev["d"] - t0) / width)))
             counts[i] += ev["n"]

@@ -1,0 +1,73 @@
+"""`sage run` overhead (issue 4): a 4-stage pipeline script under `sage run` against the same
+script under plain bash (target: the supervisor costs <= 5%), the same with `--retries 1` (every
+record relayed through the supervisor, which keeps the books restart needs), and the cost of
+full per-record tracing of one `sage map` stage (SAGE_TRACE_DIR set vs not).
+
+Every command reads the same file and writes to /dev/null; each runs `report.repeat` times
+interleaved and the fastest run counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.bench import ROOT, best_of, rel, sage_command, small_records_file
+
+
+def run(report) -> None:
+    n = report.pipeline_records
+    data = small_records_file(n)
+    work = Path(report.workdir) / "run"
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / "four_stages.sh"
+    script.write_text(
+        "set -euo pipefail\n"
+        f"sage map 'r' {data} \\\n"
+        "  | sage filter 'True' \\\n"
+        "  | sage map 'r' \\\n"
+        "  | sage map 'r' > /dev/null\n"
+    )
+    sage = " ".join(sage_command()).replace(str(ROOT) + "/", "")
+    runs = rel(work / "runs")
+    trace_dir = work / "trace"
+    trace_dir.mkdir(exist_ok=True)
+    commands = {
+        "bash": f"bash {rel(script)}",
+        "run": f"{sage} run -q --run-dir {runs}/plain {rel(script)}",
+        "run_retries": f"{sage} run -q --retries 1 --run-dir {runs}/relay {rel(script)}",
+        "map": f"{sage} map r < {rel(data)} > /dev/null",
+        "map_traced": f"rm -f {rel(trace_dir)}/*; SAGE_TRACE_DIR={rel(trace_dir)} "
+        f"SAGE_TRACE_STAGE=bench {sage} map r < {rel(data)} > /dev/null",
+    }
+    best = best_of(commands, report.repeat)
+    rate = {k: n / v for k, v in best.items()}
+    report(
+        "run.bash.records_per_s",
+        rate["bash"],
+        "rec/s",
+        command=commands["bash"],
+        note=f"4 stages, {n:,} records, best of {report.repeat}",
+    )
+    report("run.sage_run.records_per_s", rate["run"], "rec/s", command=commands["run"])
+    report(
+        "run.overhead",
+        best["run"] / best["bash"] - 1,
+        "x",
+        target="<= 0.05",
+        command="python -m tests.bench --only run",
+        note="(sage run time / bash time) - 1: direct pipes, traces on",
+    )
+    report(
+        "run.retries_overhead",
+        best["run_retries"] / best["bash"] - 1,
+        "x",
+        command=commands["run_retries"],
+        note="--retries 1: every record relayed and its id tracked by the supervisor",
+    )
+    report(
+        "run.trace_cost",
+        best["map_traced"] / best["map"] - 1,
+        "x",
+        command=commands["map_traced"],
+        note="one sage map stage with full per-record tracing vs without",
+    )

@@ -36,13 +36,6 @@ def eval_records(
       sage retrieve --index idx/ -k 10 < questions.ndjson | sage eval -k 10 | tail -1
       echo '{"answer": "Paris.", "gold": ["Paris", "paris, france"]}' | sage eval
     """
-    import sys
+    from operators.eval import Eval
 
-    from operators.eval import Eval, format_table
-
-    def show(summary: dict) -> None:
-        if sys.stderr.isatty():
-            sys.stderr.write(format_table(summary))
-            sys.stderr.flush()
-
-    return Eval(k=k, summary=summary, on_summary=show)
+    return Eval(k=k, summary=summary)

@@ -146,17 +146,11 @@ class Eval(Operator):
     memory = "streaming"
     stateless = False
 
-    def __init__(
-        self,
-        k: int = 5,
-        summary: bool = True,
-        on_summary: Callable[[Record], None] | None = None,
-    ) -> None:
+    def __init__(self, k: int = 5, summary: bool = True) -> None:
         if k < 1:
             raise OptionError(f"-k must be at least 1, got {k}")
         self.k = k
-        self.summary = summary
-        self.on_summary = on_summary
+        self.emit_summary = summary
         self.metrics = [*ANSWER_METRICS, f"recall@{k}", "mrr", f"ndcg@{k}"]
         self.sums: dict[str, float] = dict.fromkeys(self.metrics, 0.0)
         self.counts: dict[str, int] = dict.fromkeys(self.metrics, 0)
@@ -214,12 +208,15 @@ class Eval(Operator):
         return {"id": "_summary", "_summary": True, "count": self.count, "eval": means}
 
     def close(self) -> list[Record]:
-        if not self.summary or not self.count:
+        if not self.emit_summary or not self.count:
             return []
-        summary = self.summary_record()
-        if self.on_summary is not None:
-            self.on_summary(summary)
-        return [summary]
+        return [self.summary_record()]
+
+    def summary(self) -> str:
+        """The table of means that the command shows on a terminal's stderr at the end."""
+        if not self.count:
+            return ""
+        return "means\n" + format_table(self.summary_record()).rstrip("\n")
 
 
 def format_table(summary: Record) -> str:

@@ -596,6 +596,7 @@ class Generate(Operator):
         self._last_failure: tuple[Record, Exception] | None = None
         #: counters for traces and benchmarks
         self.generated_tokens = 0
+        self.answers = 0
         self.generate_seconds = 0.0
 
     def setup(self) -> None:
@@ -627,6 +628,7 @@ class Generate(Operator):
         if cached is None:
             self.generated_tokens += completion.completion_tokens or 0
             self.generate_seconds += seconds
+        self.answers += 1
         out = dict(record)
         out["answer"] = completion.text.strip()
         if self.params.json_schema is not None:
@@ -668,6 +670,17 @@ class Generate(Operator):
                 raise
         self._last_failure = None
         return out
+
+    def summary(self) -> str:
+        """One line for a terminal's stderr at the end: answers, tokens/s, cache hits."""
+        if not self.answers:
+            return ""
+        rate = self.generated_tokens / self.generate_seconds if self.generate_seconds else 0.0
+        cached = self.cache.hits if self.cache is not None else 0
+        return (
+            f"{self.answers} answer(s), {self.generated_tokens} tokens generated in "
+            f"{self.generate_seconds:.1f} s ({rate:.1f} tokens/s), {cached} from the cache"
+        )
 
     def close(self) -> list[Record]:
         if self.cache is not None:

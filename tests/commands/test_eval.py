@@ -41,3 +41,38 @@ def test_eval_emit_keeps_going_and_summary_counts_good_records(cli):
     out = parse_ndjson(result.stdout)
     assert "_error" in out[0] and out[1]["eval"]["exact_match"] == 1.0
     assert out[2]["count"] == 1
+
+
+def test_eval_table_on_a_terminal_stderr():
+    import os
+    import pty
+    import subprocess
+
+    from tests.conftest import clean_env, sage_argv
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            sage_argv("eval"),
+            input=ndjson([{"answer": "a", "gold": "a"}]),
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env=clean_env(),
+            timeout=60,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+    table = b"".join(chunks).decode()
+    assert proc.returncode == 0
+    assert "exact_match" in table and "1.0000" in table and "(n=1)" in table
+    assert parse_ndjson(proc.stdout)[-1]["id"] == "_summary"  # stdout still carries only data

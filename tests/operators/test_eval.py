@@ -84,6 +84,7 @@ def test_operator_adds_eval_and_summary_means():
     assert summary["eval"]["exact_match"] == 0.5
     assert summary["eval"]["mrr"] == 0.5  # mean over the one record that has gold_ids
     assert "mrr" in format_table(summary) and "0.5000" in format_table(summary)
+    assert op.summary().startswith("means\nmetric") and "(n=2)" in op.summary()
 
 
 def test_failing_record_does_not_count_in_the_summary():

@@ -213,6 +213,7 @@ def test_cache_hits_at_temperature_0(stub, tmp_path):
         out = op.run([{"prompt": "cached?"}])[0]
     assert len(stub.requests) == 1
     assert out["usage"]["cached"] is True and out["answer"] == "echo: cached?"
+    assert op.summary().startswith("1 answer(s), 0 tokens") and "1 from the cache" in op.summary()
     assert (tmp_path / "generate.sqlite").is_file()
 
 

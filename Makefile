@@ -13,6 +13,7 @@ STAMP := $(VENV)/.sage-installed
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help install demo test lint format bench check clean models browser
 
@@ -56,7 +57,7 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff format sage_cli commands operators tests scripts
 
 bench: $(STAMP) ## Benchmarks: ratios against baselines measured in the same run
-	$(PY) -m bench
+	$(PY) -m tests.bench $(BENCH_ARGS)
 
 check: lint test ## Lint, type checks and the tests
 

@@ -14,6 +14,10 @@ import typer.core
 from sage_cli import __version__
 from sage_cli.command import CONTEXT, fail
 
+# typer 0.19 escapes option help (\[default: fail]) whenever rich is installed, even with
+# rich_markup_mode=None; sage never renders help with rich, so tell typer it is not there.
+typer.core.HAS_RICH = False
+
 #: name -> (module in commands/, one-line summary shown by `sage --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     # dataflow

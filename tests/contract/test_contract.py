@@ -201,6 +201,7 @@ def test_help_has_examples(cli, path):
     assert result.exit_code == 0, result.stderr
     assert "Examples:" in result.stdout
     assert "Usage:" in result.stdout and result.stderr == ""
+    assert "\\[" not in result.stdout, "markup escapes leak into --help (\\[default: ...])"
 
 
 def test_group_help_has_examples_and_lists_members(cli):

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,93 +130,154 @@ def _hashable(v: Any) -> Any:
     return v if isinstance(v, str | int | float | type(None)) else orjson.dumps(v)
 
 
+_BLOCK_IDS = re.compile(rb'^\{"id":("[^"\\\n]*"|-?[0-9]{1,18})[,}]', re.M)
+_ID_TOKEN = re.compile(rb'\{"id":("[^"\\]*"|-?[0-9]{1,18})[,}]')
+
+
+def id_token(line: bytes) -> bytes | None:
+    """The `id` of a line as its JSON text (b'"doc1"', b'12'): the key the relays track."""
+    m = _ID_TOKEN.match(line)
+    if m is not None:
+        return m.group(1)
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict or value.get("id") is None:
+        return None
+    return orjson.dumps(value["id"])
+
+
+def block_ids(data: bytes, lines: list[bytes]) -> list[bytes | None]:
+    """The id token of every line of a block: one regex pass in C when every line starts with
+    its id (what sage stages write), line by line otherwise."""
+    found = _BLOCK_IDS.findall(data)
+    if len(found) == len(lines):
+        return found
+    return [id_token(line) for line in lines]
+
+
+def _lineage_tokens(line: bytes) -> list[bytes]:
+    try:
+        value = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return []
+    if type(value) is not dict:
+        return []
+    return [orjson.dumps(value[k]) for k in ("parent_id", "query_id") if value.get(k) is not None]
+
+
 class Flight:
     """The records a stage has taken in and not finished, in the order it took them.
 
-    A result whose lineage key is K finishes every record taken in before K (outputs keep
-    input order); K itself stays in flight, since it may still have more results (chunks).
+    Records are numbered as they are sent (`seq`). A result whose lineage key (its id, else
+    its parent_id or query_id) is the record at `seq` K finishes every record before K: outputs
+    keep input order. K itself stays in flight (the head), since it may have more results still
+    (chunks); the ids of the results seen for it are kept to drop them when it is replayed.
+    The books are kept per block, so a relay does a few Python operations per block, not per
+    record, when results come back one for one.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.items: deque[tuple[Any, bytes]] = deque()
-        self.counts: Counter[Any] = Counter()
-        self.head_out: set[Any] = set()  # result ids already seen for the head record
-        self.suppress: set[Any] = set()  # results a restarted process will repeat
-        self.crashes: Counter[Any] = Counter()  # crashes while a key was the head
+        self.lines: list[bytes] = []  # lines[i] is the record numbered base + i
+        self.keys: list[bytes | None] = []
+        self.base = 0
+        self.start = 0  # the number of the head: the first record not finished
+        self.index: dict[bytes | None, int] = {}  # key -> number of its latest record
+        self.head_out: set[bytes | None] = set()  # result ids already seen for the head
+        self.suppress: set[bytes | None] = set()  # results a restarted process will repeat
+        self.dead: set[int] = set()  # records sent to the dead letter
+        self.crashes: Counter[int] = Counter()  # crashes while a record was the head
         self.poison_pending = False
 
-    def sent(self, keys: list[Any], lines: list[bytes]) -> None:
+    def sent(self, keys: list[bytes | None], lines: list[bytes]) -> None:
         with self.lock:
-            self.items.extend(zip(keys, lines, strict=False))
-            self.counts.update(keys)
+            seq = self.base + len(self.lines)
+            self.index.update(zip(keys, range(seq, seq + len(keys)), strict=True))
+            self.lines.extend(lines)
+            self.keys.extend(keys)
 
-    def finished(self, line: bytes) -> bool:
-        """Account for one result line; False when it repeats one already passed on."""
-        rid = record_id(line)
+    def _seq(self, key: bytes | None, line: bytes) -> int | None:
+        s = self.index.get(key)
+        if s is not None and s >= self.start:
+            return s
+        for token in _lineage_tokens(line):
+            s = self.index.get(token)
+            if s is not None and s >= self.start:
+                return s
+        return None
+
+    def finished(self, ids: list[bytes | None], lines: list[bytes]) -> list[bytes]:
+        """Account for a block of result lines; return the ones to pass on."""
         with self.lock:
-            counts = self.counts
-            key = rid if rid in counts else None
-            if key is None:
-                for k in lineage(line)[1:]:
-                    if k in counts:
-                        key = k
-                        break
-                if key is None:
-                    return rid not in self.suppress or self._unsuppress(rid)
-            if rid in self.suppress:
-                self.suppress.discard(rid)
-                return False
-            items = self.items
-            if items[0][0] != key:
-                self.head_out.clear()
-                while items and items[0][0] != key:
-                    k, _ = items.popleft()
-                    counts[k] -= 1
-                    if counts[k] <= 0:
-                        del counts[k]
-            self.head_out.add(rid)
-            return True
-
-    def _unsuppress(self, rid: Any) -> bool:
-        self.suppress.discard(rid)
-        return False
+            if self.suppress:
+                keep = [(k, ln) for k, ln in zip(ids, lines, strict=True) if k not in self.suppress]
+                self.suppress.difference_update(ids)
+                ids = [k for k, _ in keep]
+                lines = [ln for _, ln in keep]
+            j = len(lines) - 1
+            seq = None
+            while j >= 0 and seq is None:  # the last result that can be placed
+                seq = self._seq(ids[j], lines[j])
+                j -= 1
+            if seq is None:
+                return lines  # results we cannot place: passed on, no progress recorded
+            if seq != self.start:
+                self.head_out = set()
+                self.start = seq
+            self.head_out.add(ids[j + 1])
+            while j >= 0 and self._seq(ids[j], lines[j]) == seq:  # more results of the head
+                self.head_out.add(ids[j])
+                j -= 1
+            drop = self.start - self.base
+            if drop > 4096 and drop * 2 > len(self.lines):
+                del self.lines[:drop]
+                del self.keys[:drop]
+                self.base = self.start
+                start = self.start
+                self.index = {k: v for k, v in self.index.items() if v >= start}
+            return lines
 
     def note_crash(self, isolated: bool) -> bool:
         """Count a crash; True when the next attempt should run in isolation. A crash of an
-        isolated attempt (batches of one) marks the head record as the one that crashes it."""
+        isolated attempt (batches of one) marks the record it died on for the dead letter."""
         with self.lock:
-            if not self.items:
+            if self.start - self.base >= len(self.lines):
                 return False
             if isolated:
                 self.poison_pending = True
                 return False
-            head = self.items[0][0]
-            self.crashes[head] += 1
-            return self.crashes[head] >= ISOLATE_AFTER
+            self.crashes[self.start] += 1
+            return self.crashes[self.start] >= ISOLATE_AFTER
 
     def restart(self) -> tuple[list[bytes], tuple[Any, bytes] | None]:
-        """What to feed a restarted process, and the record to give up on (if any)."""
+        """What to feed a restarted process, and the record given up on (if any)."""
         with self.lock:
             self.suppress = set(self.head_out)
             poison = None
-            if self.items and self.poison_pending:
+            first = self.start - self.base
+            if first < len(self.lines) and self.poison_pending:
                 self.poison_pending = False
                 # in isolation every record's results leave together: a head with results
                 # is done, and the record after it is the one the stage died on
-                at = 1 if self.head_out and len(self.items) > 1 else 0
-                poison = self.items[at]
-                del self.items[at]
-                self.counts[poison[0]] -= 1
-                if self.counts[poison[0]] <= 0:
-                    del self.counts[poison[0]]
-                if at == 0:
-                    self.head_out.clear()
-                    self.suppress = set()
-            return [line for _, line in self.items], poison
+                at = first
+                while at < len(self.lines) and (
+                    self.base + at in self.dead
+                    or (at == first and self.head_out and at + 1 < len(self.lines))
+                ):
+                    at += 1
+                if at < len(self.lines):
+                    self.dead.add(self.base + at)
+                    poison = (self.keys[at], self.lines[at])
+                    if at == first:
+                        self.suppress = set()
+            dead, base = self.dead, self.base
+            replay = [ln for i, ln in enumerate(self.lines[first:], first) if base + i not in dead]
+            return replay, poison
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.base + len(self.lines) - self.start
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -355,7 +416,8 @@ class Relay(threading.Thread):
                         partial = data
                         continue
                     partial = data[nl + 1 :]
-                    self._lines(data[:nl].split(b"\n"))
+                    block = data[:nl]
+                    self._lines(block.split(b"\n"), block)
                 if self.gone:
                     os.close(rfd)  # the stage upstream gets EPIPE and ends
                     return
@@ -377,30 +439,46 @@ class Relay(threading.Thread):
                 self._lines([partial]) if self.line_mode else self._deliver(partial + b"\n", None)
             return
 
-    def _lines(self, lines: list[bytes]) -> None:
+    def _lines(self, lines: list[bytes], block: bytes | None = None) -> None:
+        """Handle complete lines (`block`: the same lines joined, when the caller has it)."""
         up = self.up
         flight = up.flight
+        if (
+            block is None
+            or not block
+            or b"\n\n" in block
+            or block.startswith(b"\n")
+            or (block.endswith(b"\n"))
+        ):
+            lines = [ln for ln in lines if ln]
+            block = None
+        ids: list[bytes | None] | None = None
         if flight is not None:
-            lines = [ln for ln in lines if ln and flight.finished(ln)]
+            ids = block_ids(block or b"\n".join(lines), lines)
+            kept = flight.finished(ids, lines)
+            if kept is not lines:
+                block = ids = None
+            lines = kept
         elif up.out_skip:
             drop = min(up.out_skip, len(lines))
             up.out_skip -= drop
             lines = lines[drop:]
-        else:
-            lines = [ln for ln in lines if ln]
+            block = ids = None
         self.taken += len(lines)
         if self.skip_keys:
             done = self.skip_keys
             lines = [ln for ln in lines if record_id(ln) not in done]
+            block = ids = None
         if self.skip_ids is not None:
-            ids = self.skip_ids
+            block = ids = None
+            seen = self.skip_ids
             kept = []
             for ln in lines:
                 rid = record_id(ln)
-                if rid not in ids:
+                if rid not in seen:
                     kept.append(ln)
                     if rid is not None:
-                        ids.add(rid)
+                        seen.add(rid)
             lines = kept
         if not lines:
             return
@@ -408,10 +486,9 @@ class Relay(threading.Thread):
         keys: list[Any] | None = None
         down = self.down
         if down is not None and down.flight is not None:
-            keys = [record_id(ln) for ln in lines]
+            keys = ids if ids is not None else block_ids(block or b"\n".join(lines), lines)
             down.flight.sent(keys, lines)
-        lines.append(b"")
-        self._deliver(b"\n".join(lines), keys)
+        self._deliver(block + b"\n" if block is not None else b"\n".join(lines) + b"\n", keys)
 
     def _deliver(self, data: bytes, keys: list[Any] | None) -> None:
         if self.ledger_fd is not None:
@@ -524,8 +601,6 @@ class Supervisor:
             env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
             env["SAGE_TRACE_STAGE"] = stage.name
             env["SAGE_RUN_ID"] = self.run_dir.id
-            if self.retries > 0:
-                env["SAGE_RUN_FLUSH"] = "1"  # each batch's output leaves at once
         else:
             argv = list(stage.argv)
         n_model = len(self.pipeline.model_stages)
@@ -718,9 +793,10 @@ class Supervisor:
                 sr.cond.wait(0.1)
         if sr.flight is not None:
             sr.isolated = sr.flight.note_crash(sr.isolated)
-            if sr.isolated and sr.stage.is_sage:
-                sr.env["SAGE_RUN_BATCH_SIZE"] = "1"
+            if sr.isolated and sr.stage.is_sage:  # batches of one, each flushed at once
+                sr.env.update(SAGE_RUN_FLUSH="1", SAGE_RUN_BATCH_SIZE="1")
             else:
+                sr.env.pop("SAGE_RUN_FLUSH", None)
                 sr.env.pop("SAGE_RUN_BATCH_SIZE", None)
         if index == 0:
             in_redirect = sr.stage.redirect("<")

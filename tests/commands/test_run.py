@@ -345,3 +345,33 @@ def test_watch_runs_again_when_an_input_changes(data: Path) -> None:
     assert proc.returncode == 130, err
     assert b"running again" in err
     assert len(list((data / ".sage" / "runs").iterdir())) == 2
+
+
+def test_live_dashboard_on_a_terminal(data: Path) -> None:
+    """With stderr on a terminal, a rich table of the stages is drawn there (stdout untouched)."""
+    write(data / "p.sh", "sage map r in.ndjson | sage map 'r | {\"z\": 1}'\n")
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        sage_argv("run", "p.sh"),
+        env=env() | {"COLUMNS": "120"},
+        cwd=data,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    out, _ = proc.communicate(timeout=30)
+    os.close(master)
+    assert proc.returncode == 0
+    assert len(parse_ndjson(out)) == 20
+    text = screen.decode("utf-8", "replace")
+    assert "stage" in text and "rec/s" in text
+    assert "1-map" in text and "2-map" in text and "ok" in text

@@ -1,0 +1,254 @@
+"""The Ray engine (sage_cli/ray_engine.py) on a real two-node Ray cluster on this machine.
+
+One cluster per module: `ray start --head` plus a second `ray start --address` node with its own
+resources, both on 127.0.0.1, stopped with `ray stop` when the module ends. Each pipeline runs
+in its own driver process, as `sage run --engine ray --address HOST:PORT` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson
+
+pytestmark = pytest.mark.slow
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+#: a driver process: stages as JSON in argv[1], the address in argv[2], replicas after
+DRIVER = """
+import json, sys
+from sage_cli.ray_engine import run_ray_pipeline
+sys.exit(run_ray_pipeline(json.loads(sys.argv[1]), address=sys.argv[2] or None,
+                          replicas=sys.argv[3:] or None))
+"""
+
+DATAFLOW = [
+    ["sage", "map", 'r | {"n": r["id"] * 3, "text": r["text"].upper()}'],
+    ["sage", "filter", 'r["n"] % 2 == 0'],
+    ["sage", "map", '{"id": r["id"], "k": r["text"][:2], "n": r["n"] + 1}'],
+]
+
+
+def ray_env() -> dict[str, str]:
+    # No token auth between the local nodes (Ray 2.5x turns it on when ~/.ray/auth_token
+    # exists), no usage stats, and quick detection of a lost node.
+    return clean_env(
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_health_check_period_ms="500",
+        RAY_health_check_failure_threshold="4",
+        RAY_health_check_initial_delay_ms="1000",
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    env = ray_env()
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def start(*args: str) -> None:
+        result = subprocess.run(
+            [RAY, "start", *args, *common], env=env, capture_output=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+
+    try:
+        start("--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false")
+        start(f"--address={address}", "--num-cpus=2", '--resources={"node2": 1}')
+        yield address
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def run_on_ray(stages, address, data: bytes, *replicas: str, timeout: float = 300):
+    return subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(stages), address, *replicas],
+        input=data,
+        capture_output=True,
+        env=ray_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+
+
+def run_local(stages, data: bytes) -> subprocess.CompletedProcess:
+    sage = f"{sys.executable} -m sage_cli"
+    import shlex
+
+    line = " | ".join(sage + " " + " ".join(shlex.quote(w) for w in argv[1:]) for argv in stages)
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", line],
+        input=data,
+        capture_output=True,
+        env=clean_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def records(n: int) -> bytes:
+    return ndjson([{"id": i, "text": f"record {i}"} for i in range(n)])
+
+
+def test_dataflow_100k_records_same_as_local(cluster):
+    data = records(100_000)
+    ray_result = run_on_ray(DATAFLOW, cluster, data, "1=2", "filter=2", "3-map=1")
+    assert ray_result.returncode == 0, ray_result.stderr.decode()[-2000:]
+    local = run_local(DATAFLOW, data)
+    assert local.returncode == 0, local.stderr
+    assert ray_result.stdout == local.stdout  # same records, same order
+    assert len(parse_ndjson(ray_result.stdout)) == 50_000
+
+
+def test_stateful_stage_and_error_policy_match_local(cluster):
+    stages = [
+        ["sage", "map", '1 if r["id"] % 100 == 7 else r', "--on-error", "emit"],
+        ["sage", "head", "250"],
+        ["sage", "map", 'r | {"seen": True}'],
+    ]
+    data = records(5000)
+    ray_result = run_on_ray(stages, cluster, data)
+    local = run_local(stages, data)
+    assert ray_result.returncode == local.returncode == 0, ray_result.stderr
+    assert ray_result.stdout == local.stdout
+    out = parse_ndjson(ray_result.stdout)
+    errors = [r for r in out if "_error" in r]  # pass through head uncounted, untouched
+    assert len(out) == 253 and len(errors) == 3 and not any("seen" in r for r in errors)
+
+
+def test_fail_mode_stops_with_the_local_message_and_code(cluster):
+    stages = [["sage", "map", 'r | {"x": 1 / (r["id"] - 300)}', "--batch-size", "64"]]
+    data = records(2000)
+    ray_result = run_on_ray(stages, cluster, data)
+    local = run_local(stages, data)
+    assert ray_result.returncode == local.returncode == 65
+    assert ray_result.stdout == local.stdout  # the 300 records before the bad one
+    assert b"stdin:301" in ray_result.stderr and b"ZeroDivisionError" in ray_result.stderr
+
+
+def _kill_when(pattern: str, pick, done: threading.Event, killed: list[int]) -> None:
+    """Wait until `pattern` shows in a process title, then SIGKILL what `pick` chooses."""
+    while not done.is_set():
+        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+        if pids.split():
+            time.sleep(0.5)  # let batches pile up in flight
+            pid = pick(pids.split())
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
+SLOW = [
+    ["sage", "map", 'r | {"n": r["id"]}'],
+    ["sage", "map", '__import__("time").sleep(0.0001) or r'],
+    ["sage", "map", 'r | {"ok": 1}'],
+]
+
+
+def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
+    done = threading.Event()
+    killed: list[int] = []
+    watcher = threading.Thread(
+        target=_kill_when,
+        daemon=True,
+        args=("ray::StageActor.run", lambda pids: int(pids[0]), done, killed),
+    )
+    watcher.start()
+    try:
+        result = run_on_ray(SLOW, cluster, records(30_000))
+    finally:
+        done.set()
+    assert killed, "no actor was running a batch to kill"
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    out = parse_ndjson(result.stdout)
+    assert [r["id"] for r in out] == list(range(30_000))  # every record once, in order
+    assert all(r["ok"] == 1 for r in out)
+    assert b"replaced 1 lost Ray actor" in result.stderr
+
+
+def _raylet_of_node2() -> int | None:
+    pids = subprocess.run(
+        ["pgrep", "-f", "raylet/raylet .*node2,1"], capture_output=True, text=True
+    ).stdout.split()
+    return int(pids[0]) if len(pids) == 1 else None
+
+
+def test_a_lost_node_loses_and_repeats_no_record(cluster):
+    raylet = _raylet_of_node2()
+    assert raylet is not None
+
+    def pick(_pids):
+        children = subprocess.run(
+            ["pgrep", "-P", str(raylet), "-f", "ray::StageActor"], capture_output=True, text=True
+        ).stdout.split()
+        return raylet if children else None  # only a node that holds actors is a loss
+
+    done = threading.Event()
+    killed: list[int] = []
+    # 7 actors of 0.25 CPU: more than half the head's 2 CPUs, so Ray spreads some to node 2
+    watcher = threading.Thread(
+        target=_kill_when, daemon=True, args=("ray::StageActor.run", pick, done, killed)
+    )
+    watcher.start()
+    try:
+        result = run_on_ray(SLOW, cluster, records(30_000), "2-map=3", "1=2", "3=2")
+    finally:
+        done.set()
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    out = parse_ndjson(result.stdout)
+    assert [r["id"] for r in out] == list(range(30_000))
+    assert killed == [raylet], "node 2 held no actor: the loss was not exercised"
+    assert b"lost Ray actor" in result.stderr
+
+
+def test_replicas_for_a_stateful_stage_is_a_usage_error():
+    # planning fails before any cluster is joined
+    result = run_on_ray([["sage", "head", "3"]], "", b"", "head=2", timeout=60)
+    assert result.returncode == 2
+    assert b"exactly 1 actor" in result.stderr
+    result = run_on_ray([["sage", "map", "r"], ["jq", "."]], "", b"", timeout=60)
+    assert result.returncode == 2 and b"only sage stages" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_unbounded_stdin_streams_through_ray(cluster):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, json.dumps(DATAFLOW[:1]), cluster],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ray_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"id": 1, "text": "ab"}\n')
+        proc.stdin.flush()
+        line = proc.stdout.readline()  # comes out while stdin is still open
+        assert json.loads(line) == {"id": 1, "text": "AB", "n": 3}
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()

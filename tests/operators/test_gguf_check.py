@@ -213,3 +213,17 @@ def test_bert_context_never_exceeds_its_position_embeddings(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-800:]
     assert proc.stdout.splitlines() == ["32 256", "(2, 32) 64"]
+
+
+def test_builtin_type_sizes_match_the_gguf_package():
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from operators.gguf_check import _COMMON_QUANT_SIZES, _quant_size
+
+    for code, sizes in _COMMON_QUANT_SIZES.items():
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(code)] == sizes
+    assert (
+        _quant_size(int(GGMLQuantizationType.IQ4_NL))
+        == GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL]
+    )
+    assert _quant_size(9999) is None

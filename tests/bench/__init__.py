@@ -61,7 +61,7 @@ class Report:
     def __init__(
         self,
         records: int = 1_000_000,
-        pipeline_records: int = 200_000,
+        pipeline_records: int = 1_000_000,
         repeat: int = 3,
         workdir: Path | None = None,
     ) -> None:
@@ -195,14 +195,24 @@ def time_shell(command: str, *, timeout: float = 600) -> Timing:
     return Timing(wall, cpu)
 
 
-def best_of(commands: dict[str, str], repeat: int) -> dict[str, Timing]:
+def best_of(
+    commands: dict[str, str],
+    repeat: int,
+    *,
+    warmup: bool = True,
+    at_most: dict[str, int] | None = None,
+) -> dict[str, Timing]:
     """Run each command `repeat` times, interleaved (so load from elsewhere hits all of them
-    alike), and keep the fastest wall time and the lowest CPU time of each."""
-    for command in commands.values():  # warm-up: page cache, byte-code caches
+    alike), and keep the fastest wall time and the lowest CPU time of each; `warmup` runs each
+    once first, untimed (page cache, byte-code caches); `at_most` caps the runs of slow ones."""
+    limits = at_most or {}
+    for command in commands.values() if warmup else ():
         time_shell(command)
     best = {name: Timing() for name in commands}
-    for _ in range(repeat):
+    for i in range(repeat):
         for name, command in commands.items():
+            if i >= limits.get(name, repeat):
+                continue
             t = time_shell(command)
             best[name] = Timing(min(best[name].wall, t.wall), min(best[name].cpu, t.cpu))
     return best

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pipeline-records",
         type=int,
-        default=200_000,
-        help="records for the 4-stage pipeline against SAGE (default 200,000)",
+        default=None,
+        help="records for the 4-stage pipeline against SAGE (default: --records)",
     )
     parser.add_argument(
         "--repeat",
@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown area(s) {', '.join(unknown)}; choose from {', '.join(areas())}")
     report = bench.Report(
-        records=args.records, pipeline_records=args.pipeline_records, repeat=args.repeat
+        records=args.records,
+        pipeline_records=args.pipeline_records or args.records,
+        repeat=args.repeat,
     )
     crashed: list[str] = []
     for area in chosen:

@@ -250,8 +250,11 @@ class Driver:
             out = self.op.process(batch)
         except (ResourceUnavailable, KeyboardInterrupt):
             raise
-        except Exception:
-            out = self._one_by_one(origin, batch, lines)
+        except Exception as exc:  # noqa: BLE001 - a failed batch is retried, a failed record judged
+            if len(batch) == 1:  # re-running it would only repeat the failure (and its timeout)
+                out = self.policy.bad_record(batch[0], origin, lines[0], exc)
+            else:
+                out = self._one_by_one(origin, batch, lines)
         t1 = time.perf_counter()
         stats.busy_seconds += t1 - t0
         if self.tracer is not None:

@@ -232,6 +232,27 @@ def test_root_help_lists_every_command():
         ), f"{name} has no summary"
 
 
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.replace(" ", "-")) for p in REGISTERED])
+def test_unknown_flag_is_a_one_line_usage_error(capsys, path):
+    from sage_cli.app import main
+
+    code = main([*path.split(), "--no-such-flag"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    assert_one_clean_line(captured.err)
+    assert captured.err.startswith(f"sage {path}: error: ") and "--no-such-flag" in captured.err
+
+
+def test_unknown_command_is_a_one_line_usage_error(capsys):
+    from sage_cli.app import main
+
+    assert main(["no-such-command"]) == 2
+    err = capsys.readouterr().err
+    assert_one_clean_line(err)
+    assert err.startswith("sage: error: ") and "sage --help" in err
+
+
 def test_version():
     result = run_sage("--version")
     assert result.returncode == 0

@@ -731,3 +731,27 @@ def _stop_traces(plans: list[_Stage], tracers: list[Any], pipeline: RayPipeline,
         if stage.tracer is not None:
             status = code if failed == stage.index or (failed is None and code) else 0
             stage.tracer.stop(status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m sage_cli.ray_engine [--address A] [--replicas S=N]... 'sage map r' ...`: each
+    argument is one stage's command line (until `sage run --engine ray` is wired in)."""
+    import argparse
+    import shlex
+
+    parser = argparse.ArgumentParser(prog="python -m sage_cli.ray_engine")
+    parser.add_argument("--address", default=None, help="auto, HOST:PORT, or none for local")
+    parser.add_argument("--replicas", action="append", default=[], metavar="STAGE=N")
+    parser.add_argument("--trace-dir", default=None)
+    parser.add_argument("stages", nargs="+", metavar="STAGE", help="e.g. 'sage map r'")
+    args = parser.parse_args(argv)
+    return run_ray_pipeline(
+        [shlex.split(s) for s in args.stages],
+        address=args.address,
+        replicas=args.replicas or None,
+        trace_dir=args.trace_dir,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

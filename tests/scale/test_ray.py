@@ -252,3 +252,39 @@ def test_unbounded_stdin_streams_through_ray(cluster):
         assert proc.wait(timeout=60) == 0
     finally:
         proc.kill()
+
+
+DOCS = [
+    ("pass", "The pass statement is a null operation: when it is executed, nothing happens."),
+    ("break", "The break statement terminates the nearest enclosing for or while loop."),
+    ("lambda", "Lambda expressions are used to create small anonymous functions."),
+    ("continue", "The continue statement goes on with the next cycle of the enclosing loop."),
+    ("return", "The return statement leaves the current function call with a value or None."),
+    ("import", "The import statement finds a module, loads and initializes it, binds names."),
+]
+
+
+@pytest.mark.model
+def test_rag_pipeline_on_ray_matches_local(cluster, tmp_path):
+    """retrieve | prompt | generate with the real models: same answers from both engines."""
+    docs = ndjson([{"id": i, "text": t} for i, t in DOCS])
+    index = tmp_path / "idx"
+    build = run_local(
+        [["sage", "embed", "--no-cache"], ["sage", "index", "build", str(index)]], docs
+    )
+    assert build.returncode == 0, build.stderr
+    questions = (ROOT / "scripts" / "rag_questions.ndjson").read_bytes().splitlines(True)[:4]
+    stages = [
+        ["sage", "retrieve", "--index", str(index), "-k", "2"],
+        ["sage", "prompt", "--template", "qa"],
+        ["sage", "generate", "--max-tokens", "24", "--no-cache"],
+    ]
+    data = b"".join(questions)
+    ray_result = run_on_ray(stages, cluster, data)
+    local = run_local(stages, data)
+    assert ray_result.returncode == local.returncode == 0, ray_result.stderr.decode()[-2000:]
+    ray_out, local_out = parse_ndjson(ray_result.stdout), parse_ndjson(local.stdout)
+    for r in ray_out + local_out:
+        r["usage"].pop("seconds")  # wall time differs, nothing else may
+    assert ray_out == local_out and len(ray_out) == 4
+    assert all(r["answer"] and r["docs"] for r in ray_out)

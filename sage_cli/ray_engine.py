@@ -322,7 +322,7 @@ class RayPipeline:
         factory = OperatorFactory(
             factory.command, factory.build, worker_kwargs(factory.kwargs, stage.replicas)
         )
-        handle = StageActor.options(
+        handle = StageActor.options(  # type: ignore[attr-defined]
             num_cpus=self.actor_cpus, max_restarts=0, max_task_retries=0
         ).remote(factory, stage.batch_size)
         return _Actor(handle)
@@ -480,8 +480,8 @@ class RayPipeline:
         except SageError as err:
             self._fail(stage, task.seq, err)
         except Exception as exc:  # noqa: BLE001 - ResourceUnavailable and the like
-            err = convert_operator_error(exc) or SageError(f"{type(exc).__name__}: {exc}")
-            self._fail(stage, task.seq, err)
+            converted = convert_operator_error(exc) or SageError(f"{type(exc).__name__}: {exc}")
+            self._fail(stage, task.seq, converted)
         stats.records_out += len(out)
         if stage.tracer is not None:
             now = time.perf_counter()
@@ -663,7 +663,7 @@ def run_ray_pipeline(
     writer = _writer_for(stdout)
     pipeline = RayPipeline(plans, writer)
     tracers = _start_traces(plans, trace_dir)
-    code = ExitCode.OK
+    code: int = ExitCode.OK
 
     def body() -> None:
         connect(address, num_cpus)
@@ -684,8 +684,8 @@ def run_ray_pipeline(
     try:
         code = guarded(prog, body, on_stop=writer.flush)
         if code == ExitCode.OK and pipeline.error is not None:
-            err = pipeline.error
-            code = fail(err.stage.prog, err.error)
+            fatal = pipeline.error
+            code = fail(fatal.stage.prog, fatal.error)
         if pipeline.replaced:
             sys.stderr.write(
                 f"{prog}: warning: replaced {pipeline.replaced} lost Ray actor(s); "

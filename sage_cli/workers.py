@@ -297,15 +297,17 @@ class WorkerPool:
         from multiprocessing.connection import wait
 
         ready = wait(list(self._by_conn), timeout)
-        answers = []
+        answers: list[tuple[Any, ...]] = []
         for conn in ready:
-            worker = self._by_conn[conn]
+            worker = self._by_conn[conn]  # type: ignore[index]
+            conn = worker.conn
             try:
                 answer = conn.recv()
             except (EOFError, OSError):
                 raise WorkerDied(worker.describe_death()) from None
             if answer[0] == "fatal":
-                raise answer[2]
+                error: BaseException = answer[2]
+                raise error
             if answer[0] == "done":
                 worker.in_flight -= 1
             elif answer[0] == "closed":
@@ -340,9 +342,9 @@ class _PoolSide(Operator):
     never loads the model)."""
 
     def __init__(self, op: Operator, start: Callable[[], None]) -> None:
-        self.name = op.name
-        self.memory = op.memory
-        self.stateless = op.stateless
+        self.name = op.name  # type: ignore[misc]
+        self.memory = op.memory  # type: ignore[misc]
+        self.stateless = op.stateless  # type: ignore[misc]
         self.default_batch_size = op.default_batch_size
         self._start = start
 

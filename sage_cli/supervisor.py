@@ -101,17 +101,6 @@ def record_id(line: bytes) -> Any:
     return _hashable(value.get("id")) if type(value) is dict else None
 
 
-def lineage(line: bytes) -> list[Any]:
-    """The keys an output line can be matched to its input by: id, parent_id, query_id."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return []
-    if type(value) is not dict:
-        return []
-    return [_hashable(value.get(k)) for k in ("id", "parent_id", "query_id") if k in value]
-
-
 def lineage_key(line: bytes) -> Any:
     """The key of the input record an output line came from: parent_id, query_id or id."""
     try:
@@ -130,7 +119,6 @@ def _hashable(v: Any) -> Any:
     return v if isinstance(v, str | int | float | type(None)) else orjson.dumps(v)
 
 
-_BLOCK_IDS = re.compile(rb'^\{"id":("[^"\\\n]*"|-?[0-9]{1,18})[,}]', re.M)
 _ID_TOKEN = re.compile(rb'\{"id":("[^"\\]*"|-?[0-9]{1,18})[,}]')
 
 
@@ -148,136 +136,174 @@ def id_token(line: bytes) -> bytes | None:
     return orjson.dumps(value["id"])
 
 
-def block_ids(data: bytes, lines: list[bytes]) -> list[bytes | None]:
-    """The id token of every line of a block: one regex pass in C when every line starts with
-    its id (what sage stages write), line by line otherwise."""
-    found = _BLOCK_IDS.findall(data)
-    if len(found) == len(lines):
-        return found
-    return [id_token(line) for line in lines]
-
-
-def _lineage_tokens(line: bytes) -> list[bytes]:
+def _key_of(line: bytes) -> list[bytes]:
+    """The tokens an output line can be matched to its input by: id, parent_id, query_id."""
+    m = _ID_TOKEN.match(line)
+    first = [m.group(1)] if m is not None else []
+    if m is not None and b'"parent_id"' not in line and b'"query_id"' not in line:
+        return first
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError:
-        return []
+        return first
     if type(value) is not dict:
-        return []
-    return [orjson.dumps(value[k]) for k in ("parent_id", "query_id") if value.get(k) is not None]
+        return first
+    return [
+        orjson.dumps(value[k]) for k in ("id", "parent_id", "query_id") if value.get(k) is not None
+    ]
 
 
 class Flight:
     """The records a stage has taken in and not finished, in the order it took them.
 
-    Records are numbered as they are sent (`seq`). A result whose lineage key (its id, else
-    its parent_id or query_id) is the record at `seq` K finishes every record before K: outputs
-    keep input order. K itself stays in flight (the head), since it may have more results still
-    (chunks); the ids of the results seen for it are kept to drop them when it is replayed.
-    The books are kept per block, so a relay does a few Python operations per block, not per
-    record, when results come back one for one.
+    The records are kept as the blocks they were sent in (bytes, one `\n` before every line),
+    with the head (the first record not finished) as a block index and a byte offset. A result
+    whose lineage key (its id, else its parent_id or query_id) is record K finishes every record
+    before K: outputs keep input order. K itself stays in flight (it may still have results to
+    come, e.g. chunks); the ids of its results seen so far are kept, to drop them when it is
+    replayed. Finding K is a bytes search from the head (in C), so a relay does a few Python
+    operations per block, none per record.
     """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.lines: list[bytes] = []  # lines[i] is the record numbered base + i
-        self.keys: list[bytes | None] = []
-        self.base = 0
-        self.start = 0  # the number of the head: the first record not finished
-        self.index: dict[bytes | None, int] = {}  # key -> number of its latest record
+        self.blocks: list[bytes] = []
+        self.slow: list[bool] = []  # blocks with lines whose id is not their first field
+        self.head_block = 0
+        self.head_off = 0  # offset of the `\n` that starts the head line
+        self.head_key: bytes | None = None
         self.head_out: set[bytes | None] = set()  # result ids already seen for the head
         self.suppress: set[bytes | None] = set()  # results a restarted process will repeat
-        self.dead: set[int] = set()  # records sent to the dead letter
-        self.crashes: Counter[int] = Counter()  # crashes while a record was the head
+        self.dead: set[bytes | None] = set()  # keys of records sent to the dead letter
+        self.crashes: Counter[bytes | None] = Counter()  # crashes while a key was the head
         self.poison_pending = False
 
-    def sent(self, keys: list[bytes | None], lines: list[bytes]) -> None:
+    def sent(self, block: bytes) -> None:
+        """`block`: complete lines joined by `\n`, without the last one's newline."""
+        blk = b"\n" + block
+        slow = blk.count(b'\n{"id":') != blk.count(b"\n")
         with self.lock:
-            seq = self.base + len(self.lines)
-            self.index.update(zip(keys, range(seq, seq + len(keys)), strict=True))
-            self.lines.extend(lines)
-            self.keys.extend(keys)
+            self.blocks.append(blk)
+            self.slow.append(slow)
 
-    def _seq(self, key: bytes | None, line: bytes) -> int | None:
-        s = self.index.get(key)
-        if s is not None and s >= self.start:
-            return s
-        for token in _lineage_tokens(line):
-            s = self.index.get(token)
-            if s is not None and s >= self.start:
-                return s
+    def _find(self, key: bytes) -> tuple[int, int] | None:
+        """Where the line of the record with id token `key` starts, from the head on."""
+        pattern = b'\n{"id":' + key
+        n = len(pattern)
+        for b in range(self.head_block, len(self.blocks)):
+            blk = self.blocks[b]
+            at = self.head_off if b == self.head_block else 0
+            while True:
+                pos = blk.find(pattern, at)
+                if pos < 0:
+                    break
+                if blk[pos + n : pos + n + 1] in (b",", b"}"):
+                    return b, pos
+                at = pos + 1
+        return self._find_slow(key)
+
+    def _find_slow(self, key: bytes) -> tuple[int, int] | None:
+        """The same for lines whose id is not their first field."""
+        for b in range(self.head_block, len(self.blocks)):
+            if not self.slow[b]:
+                continue
+            blk = self.blocks[b]
+            pos = self.head_off if b == self.head_block else 0
+            while 0 <= pos < len(blk):
+                end = blk.find(b"\n", pos + 1)
+                line = blk[pos + 1 : end if end >= 0 else len(blk)]
+                if id_token(line) == key:
+                    return b, pos
+                pos = end
         return None
 
-    def finished(self, ids: list[bytes | None], lines: list[bytes]) -> list[bytes]:
-        """Account for a block of result lines; return the ones to pass on."""
+    def _locate(self, line: bytes) -> tuple[int, int, bytes] | None:
+        for key in _key_of(line):
+            found = self._find(key)
+            if found is not None:
+                return found[0], found[1], key
+        return None
+
+    def finished(self, block: bytes) -> bytes:
+        """Account for a block of result lines; return the part to pass on."""
         with self.lock:
             if self.suppress:
-                keep = [(k, ln) for k, ln in zip(ids, lines, strict=True) if k not in self.suppress]
-                self.suppress.difference_update(ids)
-                ids = [k for k, _ in keep]
-                lines = [ln for _, ln in keep]
-            j = len(lines) - 1
-            seq = None
-            while j >= 0 and seq is None:  # the last result that can be placed
-                seq = self._seq(ids[j], lines[j])
-                j -= 1
-            if seq is None:
-                return lines  # results we cannot place: passed on, no progress recorded
-            if seq != self.start:
+                lines = block.split(b"\n")
+                kept = [ln for ln in lines if id_token(ln) not in self.suppress]
+                self.suppress.difference_update(id_token(ln) for ln in lines)
+                if not kept:
+                    return b""
+                block = b"\n".join(kept)
+            end = len(block)
+            while end > 0:  # from the last result back: the last one that can be placed
+                cut = block.rfind(b"\n", 0, end)
+                line = block[cut + 1 : end]
+                found = self._locate(line)
+                if found is not None:
+                    break
+                end = cut
+            else:
+                return block  # results we cannot place: passed on, no progress recorded
+            b, pos, key = found
+            if (b, pos) != (self.head_block, self.head_off) or key != self.head_key:
                 self.head_out = set()
-                self.start = seq
-            self.head_out.add(ids[j + 1])
-            while j >= 0 and self._seq(ids[j], lines[j]) == seq:  # more results of the head
-                self.head_out.add(ids[j])
-                j -= 1
-            drop = self.start - self.base
-            if drop > 4096 and drop * 2 > len(self.lines):
-                del self.lines[:drop]
-                del self.keys[:drop]
-                self.base = self.start
-                start = self.start
-                self.index = {k: v for k, v in self.index.items() if v >= start}
-            return lines
+                del self.blocks[:b]
+                del self.slow[:b]
+                self.head_block, self.head_off, self.head_key = 0, pos, key
+            self.head_out.add(id_token(line))
+            while cut >= 0:  # earlier results of the same record (its other chunks)
+                prev = block.rfind(b"\n", 0, cut)
+                line = block[prev + 1 : cut]
+                if key not in _key_of(line):
+                    break
+                self.head_out.add(id_token(line))
+                cut = prev
+            return block
+
+    def _lines_from_head(self) -> list[bytes]:
+        out: list[bytes] = []
+        for b in range(self.head_block, len(self.blocks)):
+            blk = self.blocks[b]
+            start = self.head_off if b == self.head_block else 0
+            out.extend(blk[start + 1 :].split(b"\n"))
+        return [ln for ln in out if ln]
 
     def note_crash(self, isolated: bool) -> bool:
         """Count a crash; True when the next attempt should run in isolation. A crash of an
         isolated attempt (batches of one) marks the record it died on for the dead letter."""
         with self.lock:
-            if self.start - self.base >= len(self.lines):
+            lines = self._lines_from_head()
+            if not lines:
                 return False
             if isolated:
                 self.poison_pending = True
                 return False
-            self.crashes[self.start] += 1
-            return self.crashes[self.start] >= ISOLATE_AFTER
+            head = id_token(lines[0])
+            self.crashes[head] += 1
+            return self.crashes[head] >= ISOLATE_AFTER
 
     def restart(self) -> tuple[list[bytes], tuple[Any, bytes] | None]:
         """What to feed a restarted process, and the record given up on (if any)."""
         with self.lock:
             self.suppress = set(self.head_out)
+            lines = [ln for ln in self._lines_from_head() if id_token(ln) not in self.dead]
             poison = None
-            first = self.start - self.base
-            if first < len(self.lines) and self.poison_pending:
+            if lines and self.poison_pending:
                 self.poison_pending = False
                 # in isolation every record's results leave together: a head with results
                 # is done, and the record after it is the one the stage died on
-                at = first
-                while at < len(self.lines) and (
-                    self.base + at in self.dead
-                    or (at == first and self.head_out and at + 1 < len(self.lines))
-                ):
-                    at += 1
-                if at < len(self.lines):
-                    self.dead.add(self.base + at)
-                    poison = (self.keys[at], self.lines[at])
-                    if at == first:
-                        self.suppress = set()
-            dead, base = self.dead, self.base
-            replay = [ln for i, ln in enumerate(self.lines[first:], first) if base + i not in dead]
-            return replay, poison
+                at = 1 if self.head_out and len(lines) > 1 else 0
+                key = id_token(lines[at])
+                poison = (key, lines[at])
+                self.dead.add(key)
+                del lines[at]
+                if at == 0:
+                    self.suppress = set()
+            return lines, poison
 
     def __len__(self) -> int:
-        return self.base + len(self.lines) - self.start
+        with self.lock:
+            return len(self._lines_from_head())
 
 
 # -- stages ---------------------------------------------------------------------------------------
@@ -416,8 +442,7 @@ class Relay(threading.Thread):
                         partial = data
                         continue
                     partial = data[nl + 1 :]
-                    block = data[:nl]
-                    self._lines(block.split(b"\n"), block)
+                    self._lines(None, data[:nl])
                 if self.gone:
                     os.close(rfd)  # the stage upstream gets EPIPE and ends
                     return
@@ -439,38 +464,53 @@ class Relay(threading.Thread):
                 self._lines([partial]) if self.line_mode else self._deliver(partial + b"\n", None)
             return
 
-    def _lines(self, lines: list[bytes], block: bytes | None = None) -> None:
-        """Handle complete lines (`block`: the same lines joined, when the caller has it)."""
+    def _lines(self, lines: list[bytes] | None, block: bytes | None = None) -> None:
+        """Handle complete lines: `block` (lines joined by `\\n`) or the list `lines`."""
         up = self.up
-        flight = up.flight
         if (
             block is None
             or not block
             or b"\n\n" in block
-            or block.startswith(b"\n")
-            or (block.endswith(b"\n"))
+            or block[:1] == b"\n"
+            or (block[-1:] == b"\n")
         ):
-            lines = [ln for ln in lines if ln]
-            block = None
-        ids: list[bytes | None] | None = None
-        if flight is not None:
-            ids = block_ids(block or b"\n".join(lines), lines)
-            kept = flight.finished(ids, lines)
-            if kept is not lines:
-                block = ids = None
-            lines = kept
+            if lines is None:
+                assert block is not None
+                lines = block.split(b"\n")
+            block = b"\n".join(ln for ln in lines if ln)
+            if not block:
+                return
+        if up.flight is not None:
+            block = up.flight.finished(block)
+            if not block:
+                return
         elif up.out_skip:
-            drop = min(up.out_skip, len(lines))
+            parts = block.split(b"\n")
+            drop = min(up.out_skip, len(parts))
             up.out_skip -= drop
-            lines = lines[drop:]
-            block = ids = None
-        self.taken += len(lines)
+            block = b"\n".join(parts[drop:])
+            if not block:
+                return
+        n = block.count(b"\n") + 1
+        self.taken += n
+        if self.skip_keys or self.skip_ids is not None:
+            block = self._resume_filter(block)
+            if not block:
+                return
+            n = block.count(b"\n") + 1
+        self.records += n
+        down = self.down
+        if down is not None and down.flight is not None:
+            down.flight.sent(block)
+        self._deliver(block + b"\n", None)
+
+    def _resume_filter(self, block: bytes) -> bytes:
+        """--resume: drop input records whose results are all out, and results already out."""
+        lines = block.split(b"\n")
         if self.skip_keys:
             done = self.skip_keys
             lines = [ln for ln in lines if record_id(ln) not in done]
-            block = ids = None
         if self.skip_ids is not None:
-            block = ids = None
             seen = self.skip_ids
             kept = []
             for ln in lines:
@@ -480,15 +520,7 @@ class Relay(threading.Thread):
                     if rid is not None:
                         seen.add(rid)
             lines = kept
-        if not lines:
-            return
-        self.records += len(lines)
-        keys: list[Any] | None = None
-        down = self.down
-        if down is not None and down.flight is not None:
-            keys = ids if ids is not None else block_ids(block or b"\n".join(lines), lines)
-            down.flight.sent(keys, lines)
-        self._deliver(block + b"\n" if block is not None else b"\n".join(lines) + b"\n", keys)
+        return b"\n".join(lines)
 
     def _deliver(self, data: bytes, keys: list[Any] | None) -> None:
         if self.ledger_fd is not None:

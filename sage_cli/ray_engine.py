@@ -64,8 +64,13 @@ _ACTOR_LOST: tuple[type[BaseException], ...] = (
 class StageActor:
     """One copy of a stage's operator, built and set up once."""
 
-    def __init__(self, factory: Any, batch_size: int) -> None:
+    def __init__(self, factory: Any, batch_size: int, cwd: str, env: dict[str, str]) -> None:
         self.error: BaseException | None = None
+        # The driver's SAGE_* settings (models, caches, threads) and working directory, so
+        # relative paths in the stage's flags mean the same on every node that has them.
+        os.environ.update(env)
+        if os.path.isdir(cwd):
+            os.chdir(cwd)
         try:
             self.runner = BatchRunner(factory(), batch_size)
             self.runner.setup()
@@ -137,6 +142,11 @@ class _Fatal(Exception):
     def __init__(self, stage: _Stage, error: SageError) -> None:
         self.stage = stage
         self.error = error
+
+
+def sage_env() -> dict[str, str]:
+    """The driver's SAGE_* environment, handed to every actor."""
+    return {k: v for k, v in os.environ.items() if k.startswith("SAGE_") and k != "SAGE_TRACE_DIR"}
 
 
 # -- planning --------------------------------------------------------------------------------
@@ -324,7 +334,7 @@ class RayPipeline:
         )
         handle = StageActor.options(  # type: ignore[attr-defined]
             num_cpus=self.actor_cpus, max_restarts=0, max_task_retries=0
-        ).remote(factory, stage.batch_size)
+        ).remote(factory, stage.batch_size, os.getcwd(), sage_env())
         return _Actor(handle)
 
     def start(self) -> None:

@@ -296,13 +296,6 @@ def dump_record(record: Record) -> bytes:
     return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of `data` to `fd` (a closed pipe raises BrokenPipeError)."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def loads_record(raw: bytes | str, origin: str = "input", line: int = 1) -> Record:
     """Parse one line into a record or raise DataError naming where it came from."""
     if isinstance(raw, str):

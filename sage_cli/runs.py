@@ -209,6 +209,17 @@ def stage_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def stderr_tail(path: Path, lines: int = 3) -> list[str]:
+    """The last lines a stage wrote on stderr (its error, usually)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, 2) - 4096))
+            data = fh.read()
+    except FileNotFoundError:
+        return []
+    return [ln.decode("utf-8", "replace") for ln in data.splitlines() if ln.strip()][-lines:]
+
+
 def summarise(run: RunDirectory) -> dict[str, Any]:
     """summary.json: the run and, per stage, records in/out, errors, throughput, latency
     percentiles, tokens, CPU seconds, peak RSS, restarts and exit status."""
@@ -274,6 +285,7 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
             )
         wall = (st["ended"] - st["started"]) if st["started"] and st["ended"] else None
         st["wall_seconds"] = round(wall, 3) if wall else None
+        st["stderr_tail"] = stderr_tail(run.stderr_path(name))
         count = st.get("records_in") or st.get("records_out")
         st["throughput"] = round(count / wall, 1) if count and wall else None
     return {

@@ -71,7 +71,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         f"\nstarted {when}  {summary.get('seconds') or '?'}s  "
         f"exit {status if status is not None else '(still running or killed)'}"
     )
-    return head.rstrip() + "\n\n" + "\n".join(lines) + "\n"
+    notes = [
+        f"{st['name']} exited {st['status']}: {st['stderr_tail'][-1]}"
+        for st in summary["stages"]
+        if st.get("status") and st.get("stderr_tail")
+    ]
+    tail = ("\n" + "\n".join(notes) + "\n") if notes else ""
+    return head.rstrip() + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
 def _matches(rid: Any, record: str) -> bool:
@@ -257,6 +263,14 @@ def html_report(run: RunDirectory) -> str:
         for st in stages
     )
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
+    tails = [(st["name"], st.get("stderr_tail") or []) for st in stages]
+    errors = "".join(
+        f"<h3>{html.escape(name)}</h3><pre>{html.escape(chr(10).join(tail))}</pre>"
+        for name, tail in tails
+        if tail
+    )
+    if errors:
+        errors = "<h2>What the stages said on stderr (last lines)</h2>" + errors
     status = summary.get("status")
     title = f"sage run {summary['run_id']}"
     return f"""<!DOCTYPE html>
@@ -279,6 +293,7 @@ text-align: right; white-space: nowrap; }} td:nth-child(-n+2), th:nth-child(-n+2
 {"".join(chart)}
 <h2>Stages</h2>
 <table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>
+{errors}
 </body></html>
 """
 
@@ -351,8 +366,11 @@ def otlp_spans(run: RunDirectory, per_record: bool = True) -> dict[str, Any]:
                 }
             )
         parent = _hex_id(f"{run.id}/{st['name']}/1", 16)
-        k = 0
+        k = attempt = 0
         for ev in read_events(run.trace_path(st["name"])):
+            if ev.get("ev") == "start":  # the spans of each attempt hang under its span
+                attempt += 1
+                parent = _hex_id(f"{run.id}/{st['name']}/{attempt}", 16)
             if ev.get("ev") != "b":
                 continue
             start, end = _ns(ev["t"]), _ns(ev["t"] + ev["d"])

@@ -162,6 +162,9 @@ def test_failing_stage_gives_its_status_and_its_stderr_is_kept(data: Path) -> No
     assert b"KeyError" in run.stderr_path("2-map").read_bytes()
     summary = orjson.loads((run.path / "summary.json").read_bytes())
     assert [s["status"] for s in summary["stages"]] == [0, 65, 0]
+    assert "KeyError" in summary["stages"][1]["stderr_tail"][-1]
+    table = subprocess.run(sage_argv("trace"), cwd=data, env=env(), capture_output=True)
+    assert b"2-map exited 65: sage map: error: stdin:1" in table.stdout
 
 
 @pytest.mark.parametrize(

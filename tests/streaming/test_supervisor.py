@@ -224,3 +224,57 @@ def test_trace_counts_match_the_records_seen(tmp_path: Path) -> None:
     # one span per record per stage: every record's id appears in each stage's batches
     ids = [i for e in read_events(run.trace_path("2-filter")) if e["ev"] == "b" for i in e["ids"]]
     assert ids == [r["id"] for r in records]
+
+
+def test_an_opaque_stage_that_crashes_once_is_restarted_too(tmp_path: Path) -> None:
+    """Not a sage stage: a Python filter that kills itself (once) half-way, mid-stream."""
+    n = 5000
+    (tmp_path / "in.ndjson").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
+    )
+    (tmp_path / "crash_once.py").write_text(
+        "import os, signal, sys\n"
+        "for i, line in enumerate(sys.stdin):\n"
+        "    sys.stdout.write(line)\n"
+        "    if i == 2500 and not os.path.exists('crashed'):\n"
+        "        open('crashed', 'w').close()\n"
+        "        sys.stdout.flush()\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    (tmp_path / "p.sh").write_text(
+        f"sage map r in.ndjson | {sys.executable} crash_once.py | sage map 'r | {{\"ok\": 1}}'\n"
+    )
+    result = subprocess.run(
+        sage_argv("run", "--retries", "1", "--backoff", "0", "p.sh"),
+        env=env(),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    ids = [orjson.loads(x)["id"] for x in result.stdout.splitlines()]
+    assert ids == [f"r{i}" for i in range(n)]
+    assert (tmp_path / "crashed").exists()
+    run = find_run(None, str(tmp_path / ".sage" / "runs"))
+    restarts = [e["stage"] for e in run.events() if e["ev"] == "restart"]
+    assert restarts == [f"2-{Path(sys.executable).name}"]
+
+
+def test_resume_with_retries_after_the_supervisor_is_killed(work: Path) -> None:
+    proc = start(work, "--retries", "1", "p.sh")
+    stage_pids(work)
+    wait_for_output(work / "out.ndjson", 1_500_000, proc)
+    proc.kill()
+    proc.wait()
+    time.sleep(0.3)
+    run = find_run(None, str(work / ".sage" / "runs"))
+    result = subprocess.run(
+        sage_argv("run", "--retries", "1", "--resume", run.id),
+        env=env(),
+        cwd=work,
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    ids = output_ids(work / "out.ndjson")
+    assert ids == [f"r{i}" for i in range(N)]

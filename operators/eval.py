@@ -165,21 +165,24 @@ class Eval(Operator):
             raise RecordError(
                 f"record has neither 'gold' (answers) nor 'gold_ids' (documents) (fields: {have})"
             )
+        # Score what the record carries: a gold file is often run against retrieval alone
+        # (`retrieve | eval`) before any answer exists.
+        can_answer = has_gold and "answer" in record
+        can_retrieve = has_ids and "docs" in record
+        if not can_answer and not can_retrieve:
+            missing = "'answer' (run sage generate)" if has_gold else "'docs' (run sage retrieve)"
+            raise RecordError(f"nothing to score: the record has no {missing}")
         scores: dict[str, float] = {}
-        if has_gold:
+        if can_answer:
             golds = _string_list(record, "gold")
-            if "answer" not in record:
-                raise RecordError("record has 'gold' but no 'answer' field (run sage generate)")
             answer = record["answer"]
             if answer is None:
                 answer = ""
             if not isinstance(answer, str):
                 raise RecordError(f"field 'answer' must be str, got {type(answer).__name__}")
             scores.update(answer_scores(answer, golds))
-        if has_ids:
+        if can_retrieve:
             gold_ids = _string_list(record, "gold_ids")
-            if "docs" not in record:
-                raise RecordError("record has 'gold_ids' but no 'docs' field (run sage retrieve)")
             docs = record["docs"]
             if not isinstance(docs, list):
                 raise RecordError(f"field 'docs' must be a list, got {type(docs).__name__}")

@@ -122,3 +122,16 @@ def test_previous_summary_passes_through():
     summary = {"id": "_summary", "_summary": True, "count": 1, "eval": {}}
     out = Eval().run([summary, {"answer": "a", "gold": "a"}])
     assert out[0] == summary and out[-1]["count"] == 1
+
+
+def test_scores_retrieval_alone_when_gold_answers_have_no_answer_yet():
+    # `retrieve | eval` over a gold file: answer metrics are left out, retrieval is scored
+    record = {"gold": ["x"], "gold_ids": ["d1"], "docs": [{"id": "d2"}, {"id": "d1"}]}
+    scores = Eval(k=2).process([record])[0]["eval"]
+    assert scores["mrr"] == 0.5 and scores["recall@2"] == 1.0
+    assert "exact_match" not in scores
+
+
+def test_gold_without_answer_or_docs_is_a_record_error():
+    with pytest.raises(RecordError, match="no 'answer'"):
+        Eval().process([{"gold": ["x"]}])

@@ -288,3 +288,36 @@ def test_rag_pipeline_on_ray_matches_local(cluster, tmp_path):
         r["usage"].pop("seconds")  # wall time differs, nothing else may
     assert ray_out == local_out and len(ray_out) == 4
     assert all(r["answer"] and r["docs"] for r in ray_out)
+
+
+TRACER = """
+import json, sys
+from sage_cli.ray_engine import run_ray_pipeline
+sys.exit(run_ray_pipeline(json.loads(sys.argv[1]), address=sys.argv[2], trace_dir=sys.argv[3]))
+"""
+
+
+def test_ray_run_writes_stage_traces_sage_trace_reads(cluster, tmp_path):
+    from sage_cli.runs import read_events, stage_figures
+
+    stages = [["sage", "map", 'r | {"n": 1}'], ["sage", "filter", 'r["id"] % 4 == 0']]
+    result = subprocess.run(
+        [sys.executable, "-c", TRACER, json.dumps(stages), cluster, str(tmp_path)],
+        input=records(2000),
+        capture_output=True,
+        env=ray_env(),
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "1-map.trace.ndjson",
+        "2-filter.trace.ndjson",
+    ]
+    first = read_events(tmp_path / "1-map.trace.ndjson")
+    second = stage_figures(read_events(tmp_path / "2-filter.trace.ndjson"))
+    assert [e["ev"] for e in first][0] == "start" and first[-1]["ev"] == "stop"
+    assert first[-1]["status"] == 0
+    assert stage_figures(first)["records_in"] == 2000
+    assert second["records_in"] == 2000 and second["records_out"] == 500
+    assert second["latency_ms"]["p50"] is not None

@@ -26,6 +26,7 @@ import orjson
 
 STATS_SECONDS = 1.0
 FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 64 * 1024
 
 
 class Tracer:
@@ -37,6 +38,7 @@ class Tracer:
         self.with_ids = with_ids
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._parts: list[bytes] = []
+        self._size = 0
         self._last_flush = time.monotonic()
         self._last_stats = 0.0
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
@@ -65,7 +67,11 @@ class Tracer:
             event["tok"] = _tokens(out)
         if self.with_ids:  # last, so a reader that needs no ids can cut the line short
             event["ids"] = [r.get("id") for r in batch]
-        self._parts.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str))
+        data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        self._parts.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in
+            self.flush()
         now = time.monotonic()
         if now - self._last_stats >= STATS_SECONDS:
             self._last_stats = now
@@ -104,6 +110,7 @@ class Tracer:
             return
         data = b"".join(self._parts)
         self._parts = []
+        self._size = 0
         try:
             os.write(self.fd, data)
         except OSError:

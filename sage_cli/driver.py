@@ -209,8 +209,8 @@ class Driver:
         if clean:
             n = len(items)
             for start in range(0, n, bs):
-                batch = items if n <= bs else items[start:start + bs]
-                self._run_batch(origin, batch, range(first_line + start, first_line + start + len(batch)))
+                part = items if n <= bs else items[start:start + bs]
+                self._run_batch(origin, part, range(first_line + start, first_line + start + len(part)))
                 if self.op.done:
                     return
             return

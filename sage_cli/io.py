@@ -85,7 +85,7 @@ def read_blocks(fd: int | BinaryIO, on_idle: Callable[[], None] | None = None,
             return stream.read(n) or b""
     size = FILE_BLOCK_SIZE if is_regular else BLOCK_SIZE
     pending: list[bytes] = []
-    read = raw_read
+    read: Callable[[Any, int], bytes] = raw_read
     while True:
         if not is_regular and on_idle is not None:
             ready, _, _ = select.select([fd], [], [], 0)

@@ -36,7 +36,7 @@ models: $(STAMP) ## Convert and verify the local models
 	$(SAGE) models verify
 
 demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
-	bash scripts/rag.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/rag.sh
 
 browser: ## Install headless Chromium (Debian `chromium`) for the HTML report test, if missing
 	@command -v chromium >/dev/null 2>&1 || { \

@@ -25,6 +25,7 @@ from typing import Any
 
 from operators.base import Operator, OptionError, Record, RecordError
 
+_PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
@@ -58,10 +59,16 @@ def token_f1(answer: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def _contains_form(text: str) -> str:
+    """Like `normalize_answer`, but punctuation separates words instead of vanishing, so a
+    code answer (`object.__new__(cls)`) still holds the gold (`__new__`) as a whole token."""
+    return normalize_answer(text.translate(_PUNCT_TO_SPACE))
+
+
 def contains(answer: str, gold: str) -> float:
-    """1.0 when the normalised gold appears in the normalised answer as whole tokens."""
-    ref = normalize_answer(gold)
-    pred = normalize_answer(answer)
+    """1.0 when the gold appears in the answer as whole tokens (punctuation splits tokens)."""
+    ref = _contains_form(gold)
+    pred = _contains_form(answer)
     if not ref:
         return float(not pred)
     return float(f" {ref} " in f" {pred} ")

@@ -6,9 +6,14 @@ import sys
 import orjson
 from pydoc_data.topics import topics
 
-out = sys.stdout.buffer
+lines = []
 for name in sorted(topics):
     text = topics[name]
     title = text.split("\n", 1)[0].strip()
-    out.write(orjson.dumps({"id": name, "text": text,
-                            "metadata": {"title": title, "source": "pydoc_data.topics"}}) + b"\n")
+    meta = {"title": title, "source": "pydoc_data.topics"}
+    lines.append(orjson.dumps({"id": name, "text": text, "metadata": meta}) + b"\n")
+try:
+    sys.stdout.buffer.write(b"".join(lines))
+    sys.stdout.flush()
+except BrokenPipeError:  # `| head` is a normal way to look at it
+    sys.exit(0)

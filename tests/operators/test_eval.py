@@ -135,3 +135,9 @@ def test_scores_retrieval_alone_when_gold_answers_have_no_answer_yet():
 def test_gold_without_answer_or_docs_is_a_record_error():
     with pytest.raises(RecordError, match="no 'answer'"):
         Eval().process([{"gold": ["x"]}])
+
+
+def test_contains_splits_code_answers_on_punctuation():
+    assert contains('It is called "object.__new__(cls[, ...])"', "__new__") == 1.0
+    assert contains("multiplication with pow(2, n)", "pow(2,n)") == 1.0
+    assert contains("renewal", "new") == 0.0  # still whole tokens, not substrings

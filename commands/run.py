@@ -83,6 +83,15 @@ def run(
             "stage's required fields come from upstream, models and indexes exist.",
         ),
     ] = False,
+    trace: Annotated[
+        str,
+        typer.Option(
+            "--trace",
+            metavar="full|batches|off",
+            help="full: one span per record per stage (default); batches: counts and latency "
+            "without record ids; off: no stage traces (status, CPU and memory only).",
+        ),
+    ] = "full",
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Nothing on stderr but the stages' own errors.")
     ] = False,
@@ -112,8 +121,17 @@ def run(
     from sage_cli.supervisor import RunOptions
 
     script_args = list(args or [])
+    if trace not in ("full", "batches", "off"):
+        from sage_cli.command import fail
+
+        raise typer.Exit(fail("sage run", f"--trace {trace}: choose full, batches or off", 2))
     opts = RunOptions(
-        retries=retries, backoff=backoff, timeout=timeout, quiet=quiet, progress=progress
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+        quiet=quiet,
+        progress=progress,
+        trace=trace,
     )
     result = 0
 

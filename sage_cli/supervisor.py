@@ -594,6 +594,7 @@ class RunOptions:
     quiet: bool = False
     progress: bool = False
     resume: bool = False
+    trace: str = "full"  # full: a span per record; batches: no ids; off: no stage traces
 
 
 class Supervisor:
@@ -630,8 +631,11 @@ class Supervisor:
         env.update(stage.env)
         if stage.is_sage:
             argv = [sys.executable, "-m", "sage_cli", *stage.argv[1:]]
-            env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
-            env["SAGE_TRACE_STAGE"] = stage.name
+            if self.opts.trace != "off":
+                env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
+                env["SAGE_TRACE_STAGE"] = stage.name
+                if self.opts.trace == "batches":
+                    env["SAGE_TRACE_IDS"] = "0"
             env["SAGE_RUN_ID"] = self.run_dir.id
         else:
             argv = list(stage.argv)

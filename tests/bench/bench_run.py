@@ -41,6 +41,8 @@ def run(report) -> None:
         "run": f"rm -rf {runs}/a; {sage} run -q --run-dir {runs}/a {rel(script)}",
         "run_retries": f"rm -rf {runs}/b; {sage} run -q --retries 1 --run-dir {runs}/b "
         f"{rel(script)}",
+        "run_untraced": f"rm -rf {runs}/d; {sage} run -q --trace off --run-dir {runs}/d "
+        f"{rel(script)}",
         "bash_one": f"bash {rel(tiny)}",
         "run_one": f"rm -rf {runs}/c; {sage} run -q --run-dir {runs}/c {rel(tiny)}",
         "map": f"{sage} map r < {rel(data)} > /dev/null",
@@ -85,6 +87,14 @@ def run(report) -> None:
         cpu["run_retries"] / cpu["bash"] - 1,
         "x",
         command=commands["run_retries"],
+    )
+    report(
+        "run.untraced_overhead",
+        wall["run_untraced"] / wall["bash"] - 1,
+        "x",
+        target="<= 0.05",
+        command=commands["run_untraced"],
+        note="the supervisor alone (--trace off): process groups, reaping, rusage, tee",
     )
     report(
         "run.startup_seconds",

@@ -378,3 +378,24 @@ def test_live_dashboard_on_a_terminal(data: Path) -> None:
     text = screen.decode("utf-8", "replace")
     assert "stage" in text and "rec/s" in text
     assert "1-map" in text and "2-map" in text and "ok" in text
+
+
+@pytest.mark.parametrize(
+    ("mode", "ids", "traced"), [("batches", False, True), ("off", False, False)]
+)
+def test_trace_levels(data: Path, mode: str, ids: bool, traced: bool) -> None:
+    write(data / "p.sh", "sage map r in.ndjson | sage map r\n")
+    result = sage_run(data, "--trace", mode, "--run-dir", "r", "p.sh")
+    assert result.returncode == 0, result.stderr
+    assert len(parse_ndjson(result.stdout)) == 20
+    run = RunDirectory(data / "r")
+    events = (
+        [orjson.loads(x) for x in run.trace_path("1-map").read_bytes().splitlines()]
+        if (run.trace_path("1-map").exists())
+        else []
+    )
+    assert bool(events) is traced
+    assert not any("ids" in e for e in events)
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    assert summary["stages"][0]["records_in"] == (20 if traced else None)
+    assert summary["stages"][0]["status"] == 0 and summary["stages"][0]["cpu_seconds"] > 0

@@ -146,7 +146,7 @@ def run_pipeline(
                 "script": str(script_path),
                 "args": args,
                 "cwd": os.getcwd(),
-                "output": str(target) if target else str(run.output_path),
+                "output": str(target) if target else str(run.output_path.resolve()),
                 "started": time.time(),
                 "retries": opts.retries,
                 "stages": describe(pipeline),

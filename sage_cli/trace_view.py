@@ -113,16 +113,28 @@ def follow_record(run: RunDirectory, record: str) -> str:
     info = run.read_json("run.json")
     output = Path(info.get("output") or run.output_path)
     results = []
+    hits = []  # the record (or its chunks) retrieved for a query
     if output.exists():
         for line in output.read_bytes().split(b"\n"):
             if record.encode() in line:
                 r = orjson.loads(line)
                 if any(_matches(r.get(k), record) for k in ("id", "parent_id", "query_id")):
                     results.append(r)
+                docs = r.get("docs")
+                if isinstance(docs, list):
+                    for d in docs:
+                        if isinstance(d, dict) and (
+                            _matches(d.get("id"), record) or _matches(d.get("parent_id"), record)
+                        ):
+                            hits.append((r.get("id"), d))
     out.append(f"  output: {len(results)} record(s) in {output}")
     for r in results[:5]:
         text = orjson.dumps({k: v for k, v in r.items() if k != "embedding"}).decode()
         out.append("    " + (text if len(text) <= 160 else text[:157] + "..."))
+    for query, d in hits[:10]:
+        out.append(
+            f"  hit: {d.get('id')} for query {query} (rank {d.get('rank')}, score {d.get('score')})"
+        )
     if run.dead_path.exists():
         for line in run.dead_path.read_bytes().splitlines():
             entry = orjson.loads(line)
@@ -130,7 +142,7 @@ def follow_record(run: RunDirectory, record: str) -> str:
             if isinstance(raw, dict) and _matches(raw.get("id"), record):
                 out.append(f"  dead letter: {entry.get('stage')}: {entry.get('error')}")
                 found = True
-    if not found and not results:
+    if not found and not results and not hits:
         out.append("  (not found in any stage)")
     return "\n".join(out) + "\n"
 

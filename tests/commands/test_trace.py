@@ -200,3 +200,19 @@ def test_html_report_renders_in_headless_chromium(run_dir: Path) -> None:
     for rgb in ((0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B), (0x59, 0xA1, 0x4F)):
         close = np.abs(pixels - np.array(rgb)).sum(axis=2) < 40
         assert close.sum() > 2000, f"no bar in colour {rgb}"
+
+
+def test_follow_a_document_into_retrieval_hits(tmp_path: Path) -> None:
+    """`--record DOC` lists the queries whose hits include DOC's chunks (from the output)."""
+    from sage_cli.runs import RunDirectory
+    from sage_cli.trace_view import follow_record
+
+    run = RunDirectory.create(str(tmp_path / "r"))
+    run.write_json("run.json", {"script": "ask.sh", "stages": [], "output": str(run.output_path)})
+    hit = {"id": "doc7#2", "parent_id": "doc7", "text": "t", "score": 0.5, "rank": 2}
+    run.output_path.write_bytes(
+        ndjson([{"id": "q1", "query": "?", "docs": [hit]}, {"id": "q2", "query": "?", "docs": []}])
+    )
+    text = follow_record(run, "doc7")
+    assert "hit: doc7#2 for query q1 (rank 2, score 0.5)" in text
+    assert "q2" not in text

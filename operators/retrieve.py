@@ -136,6 +136,7 @@ class Retriever(Operator):
         "query": {"type": "string", "description": "what to search for (`text` if absent)"},
     }
     produces: ClassVar[dict[str, dict[str, Any]]] = {
+        "query": {"type": "string", "description": "what was searched for (kept if present)"},
         "docs": {
             "type": "array",
             "description": "hits, best first",
@@ -214,6 +215,8 @@ class Retriever(Operator):
         for i, (record, query) in enumerate(zip(batch, queries, strict=True)):
             hits = self.search(query, None if vectors is None else vectors[i])
             result = dict(record)
+            # name what was searched for, so `source -R | retrieve | prompt` has its {query}
+            result.setdefault("query", query)
             result["docs"] = self._docs(hits, record.get("id"))
             out.append(result)
         return out

@@ -164,3 +164,18 @@ def test_embed_then_build_then_retrieve(tmp_path, fmt):
     )
     assert found.returncode == 0, found.stderr
     assert parse_ndjson(found.stdout)[0]["docs"][0]["id"] == "paris"
+
+
+def test_raw_text_lines_become_the_query_for_prompt(tmp_path):
+    # the pipeline: `source -R | retrieve | prompt` — prompt's {query} must be there
+    idx = bm25_index(tmp_path / "idx")
+    questions = tmp_path / "questions.txt"
+    questions.write_text("how to open a file\n")
+    src = run_sage("source", str(questions), "-R")
+    ret = run_sage("retrieve", "--index", str(idx), "--mode", "bm25", "-k", "1", input=src.stdout)
+    assert ret.returncode == 0, ret.stderr
+    [record] = parse_ndjson(ret.stdout)
+    assert record["query"] == "how to open a file" and record["docs"][0]["id"] == "t1"
+    prompt = run_sage("prompt", "--template", "qa", input=ret.stdout)
+    assert prompt.returncode == 0, prompt.stderr
+    assert "how to open a file" in parse_ndjson(prompt.stdout)[0]["prompt"]

@@ -399,3 +399,11 @@ def test_trace_levels(data: Path, mode: str, ids: bool, traced: bool) -> None:
     summary = orjson.loads((run.path / "summary.json").read_bytes())
     assert summary["stages"][0]["records_in"] == (20 if traced else None)
     assert summary["stages"][0]["status"] == 0 and summary["stages"][0]["cpu_seconds"] > 0
+
+
+def test_progress_lines_without_a_terminal(data: Path) -> None:
+    write(data / "p.sh", "sage map r in.ndjson | sh -c 'sleep 2.5; cat'\n")
+    result = sage_run(data, "--progress", "p.sh")
+    assert result.returncode == 0, result.stderr
+    lines = [x for x in result.stderr.decode().splitlines() if x.startswith("sage run: 2s:")]
+    assert lines and "1-map 20 in/20 out/0 err ok" in lines[0] and "2-sh running" in lines[0]

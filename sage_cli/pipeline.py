@@ -15,8 +15,10 @@ NUL-separated. Only the script's own text reaches that shell, never a record.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from sage_cli.errors import SageError, UsageError
 #: operator commands that load a model and get a share of the cores
 MODEL_COMMANDS = frozenset({"embed", "retrieve", "rerank", "generate"})
 
+_FD_DUP = re.compile(r"[0-9]?(?:>>?|<)&(?:[0-9]+|-)")
 _REDIR_OPS = ("2>>", "&>>", "2>&1", ">>", "2>", "&>", ">", "<")
 _UNSUPPORTED_WORDS = {
     "if",
@@ -120,6 +123,10 @@ class ScriptError(UsageError):
     """The script has a shape `sage run` does not run."""
 
 
+class _Incomplete(ScriptError):
+    """A quote or substitution goes on past the end of the line."""
+
+
 # -- splitting the script into logical lines and words ---------------------------------------------
 
 
@@ -164,7 +171,7 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
         elif c == "'":
             j = text.find("'", i + 1)
             if j < 0:
-                raise ScriptError(f"{where()}: unterminated single quote")
+                raise _Incomplete(f"{where()}: unterminated single quote")
             word.append(text[i : j + 1])
             i = j + 1
         elif c == '"':
@@ -172,13 +179,13 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             while j < n and text[j] != '"':
                 j += 2 if text[j] == "\\" else 1
             if j >= n:
-                raise ScriptError(f"{where()}: unterminated double quote")
+                raise _Incomplete(f"{where()}: unterminated double quote")
             word.append(text[i : j + 1])
             i = j + 1
         elif c == "`":
             j = text.find("`", i + 1)
             if j < 0:
-                raise ScriptError(f"{where()}: unterminated backquote")
+                raise _Incomplete(f"{where()}: unterminated backquote")
             word.append(text[i : j + 1])
             i = j + 1
         elif c == "$" and i + 1 < n and text[i + 1] in "({":
@@ -197,10 +204,16 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
                     j = k if k > 0 else n
                 j += 1
             if j >= n:
-                raise ScriptError(f"{where()}: unterminated ${opener}")
+                raise _Incomplete(f"{where()}: unterminated ${opener}")
             word.append(text[i : j + 1])
             i = j + 1
-        elif c in "|&;<>()" or (c.isdigit() and not word and text[i + 1 : i + 2] == ">"):
+        elif c in "|&;<>()" or (c.isdigit() and not word and text[i + 1 : i + 2] in (">", "<")):
+            dup = _FD_DUP.match(text, i) if (c in "<>" or c.isdigit()) else None
+            if dup is not None and (not word or c in "<>"):
+                end_word()
+                commands[-1].append(dup.group(0))  # `>&2`, `2>&1`: a descriptor copy
+                i = dup.end()
+                continue
             op = next((o for o in _REDIR_OPS if text.startswith(o, i)), None)
             if op is not None and (word == [] or c in "<>&"):
                 end_word()
@@ -251,7 +264,13 @@ def logical_lines(source: str, script: str) -> list[_Line]:
             buf += line[:-1] + " "
             continue
         buf += line
-        commands, seps = _tokenize(buf, start, script)
+        try:
+            commands, seps = _tokenize(buf, start, script)
+        except _Incomplete:
+            if number == len(raw):
+                raise
+            buf += "\n"  # a quoted string that spans lines
+            continue
         if seps and seps[-1] == "|" and not commands[-1]:
             buf += " "  # `a |` continued on the next line
             continue
@@ -268,7 +287,7 @@ def logical_lines(source: str, script: str) -> list[_Line]:
 
 # -- asking bash to expand the words ---------------------------------------------------------------
 
-_DUMP = '__sage_words() { printf \'%s\\0\' "$#" "$@"; }\n'
+_DUMP = '__sage_words() { printf \'%s\\0\' "$#" "$@" >> "$__SAGE_WORDS"; }\n'
 
 
 def _split_stage(
@@ -281,11 +300,11 @@ def _split_stage(
     i = 0
     while i < len(words):
         w = words[i]
+        if _FD_DUP.fullmatch(w):
+            redirs.append((w, ""))
+            i += 1
+            continue
         if w in _REDIR_OPS:
-            if w == "2>&1":
-                redirs.append((w, ""))
-                i += 1
-                continue
             if i + 1 >= len(words) or words[i + 1] in _REDIR_OPS:
                 raise ScriptError(f"{where}: `{w}` needs a file name")
             redirs.append((w, words[i + 1]))
@@ -371,22 +390,32 @@ def parse_script(
         )
         targets = [t for _, t in redirs if t]
         program.append("__sage_words " + " ".join(targets) + "\n")
-    program.append('__sage_words "$PWD"\nenv -0\n')
+    program.append('__sage_words "$PWD"\nunset __SAGE_WORDS\nenv -0 >> "$__SAGE_WORDS_COPY"\n')
     run_env = dict(os.environ if env is None else env)
     bash = shutil.which("bash", path=run_env.get("PATH")) or "/bin/bash"
-    proc = subprocess.run(
-        [bash, "-c", "".join(program), name, *(args or [])],
-        capture_output=True,
-        env=run_env,
-        cwd=cwd or None,
-        stdin=subprocess.DEVNULL,
-    )
+    import tempfile
+
+    # the words go to a file, so the lines before the pipeline keep stdout and stderr as
+    # under bash (`echo starting >&2`, `echo header`)
+    with tempfile.NamedTemporaryFile(prefix="sage-words-") as dump:
+        proc = subprocess.run(
+            [bash, "-c", "".join(program), name, *(args or [])],
+            stdout=None,
+            stderr=subprocess.PIPE,
+            env=run_env | {"__SAGE_WORDS": dump.name, "__SAGE_WORDS_COPY": dump.name},
+            cwd=cwd or None,
+            stdin=subprocess.DEVNULL,
+        )
+        words_out = dump.read()
     if proc.returncode != 0:
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         why = msg[-1] if msg else f"bash exited with status {proc.returncode}"
-        why = why.split(": line ", 1)[-1] if ": line " in why else why
+        why = re.sub(r"^.*?: line [0-9]+: ", "", why)
         raise ScriptError(f"{name}: cannot expand the script: {why}")
-    fields = proc.stdout.split(b"\0")
+    if proc.stderr:
+        sys.stderr.write(proc.stderr.decode("utf-8", "replace"))
+        sys.stderr.flush()
+    fields = words_out.split(b"\0")
     pos = 0
 
     def take() -> list[str]:
@@ -415,9 +444,16 @@ def parse_script(
             continue
         key, _, value = item.decode("utf-8", "surrogateescape").partition("=")
         env_out[key] = value
-    for key in ("_", "SHLVL", "OLDPWD", "PWD"):
+    for key in ("_", "SHLVL", "OLDPWD", "PWD", "__SAGE_WORDS_COPY"):
         env_out.pop(key, None)
     env_out["PWD"] = final_cwd
+    for stage in stages:
+        odd = [r.op for r in stage.redirects if _FD_DUP.fullmatch(r.op) and r.op != "2>&1"]
+        if odd:
+            raise ScriptError(
+                f"{where}: stage {stage.index + 1}: `{odd[0]}` is not supported in the pipeline "
+                "(only `2>&1`); write to a file instead"
+            )
     for stage in stages[1:]:
         if stage.redirect("<"):
             raise ScriptError(

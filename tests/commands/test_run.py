@@ -83,6 +83,27 @@ def test_parse_pipe_at_line_end_continues(tmp_path: Path) -> None:
     assert not p.stages[2].is_sage
 
 
+def test_parse_quotes_across_lines_and_descriptor_copies(data: Path) -> None:
+    write(
+        data / "p.sh",
+        """set -euo pipefail
+echo "starting" >&2
+echo header
+sage map r in.ndjson 2>&1 |
+  sage map '{"id": r["id"],
+             "m": 1}'
+""",
+    )
+    p = parse_script(data / "p.sh", [], env=env(), cwd=str(data))
+    assert p.stages[1].argv[2] == '{"id": r["id"],\n             "m": 1}'
+    assert [r.op for r in p.stages[0].redirects] == ["2>&1"]
+    result = sage_run(data, "-q", "p.sh")
+    plain = bash(data, "p.sh")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout and result.stdout.startswith(b"header\n")
+    assert b"starting" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -94,6 +115,7 @@ def test_parse_pipe_at_line_end_continues(tmp_path: Path) -> None:
         ("sage map 'r\n", "unterminated single quote"),
         ('set -u\nsage map r "$1" | cat\n', "1: unbound variable"),
         ("sage map r a > x.ndjson | cat\n", "only the last stage may"),
+        ("sage map r a | cat >&2\n", "`>&2` is not supported in the pipeline"),
     ],
 )
 def test_parse_refuses_what_it_does_not_run(tmp_path: Path, text: str, message: str) -> None:

@@ -24,7 +24,7 @@ sage source "$out/corpus.ndjson" \
 echo "3/3 answer: retrieve (hybrid), prompt, generate (SmolLM2), eval -> $out/answers.ndjson" >&2
 sage source "$questions" \
   | sage retrieve --index "$out/index" -k 5 --mode hybrid \
-  | sage prompt --template qa \
+  | sage prompt --template qa --context-tokens 300 \
   | sage generate --temperature 0 --max-tokens 48 \
   | sage eval -k 5 --on-error emit > "$out/answers.ndjson"
 

@@ -111,7 +111,7 @@ def test_context_is_cut_to_the_budget_with_a_warning():
     assert out["prompt_truncated"] is True
     assert "[1] short doc" in out["prompt"] and "[2] w0 w1" in out["prompt"]
     assert "[3]" not in out["prompt"] and " ..." in out["prompt"]
-    context = out["prompt"].split("Documents:\n", 1)[1].split("\n\nQuestion:")[0]
+    context = out["prompt"].split("Documents:\n", 1)[1].split("\n\nUsing only")[0]
     assert estimate_tokens(context) <= 60
     assert len(out["_warnings"]) == 1 and "2 of 3 documents" in out["_warnings"][0]
 

@@ -97,7 +97,7 @@ def check(pipeline: Pipeline) -> list[str]:
     available: set[str] | None = None  # None: fields unknown (anything may be there)
     cwd = Path(pipeline.cwd)
     for stage in pipeline.stages:
-        where = f"stage {stage.index + 1} ({stage.label})"
+        where = f"stage {stage.name.split('-')[0]} ({stage.label})"
         for r in stage.redirects:
             if r.op == "<" and not (cwd / r.target).exists():
                 raise CheckError(f"{where}: input file {r.target} does not exist", ExitCode.USAGE)
@@ -142,13 +142,60 @@ def check(pipeline: Pipeline) -> list[str]:
     return report
 
 
+#: commands --check runs from a script with several pipelines (they only set shell state)
+_STATE_COMMANDS = frozenset({"set", "export", "cd", "shopt", "unset", "declare", "readonly"})
+
+
+def _sets_state_only(cmd: list[str]) -> bool:
+    from sage_cli.pipeline import _is_assignment
+
+    return all(_is_assignment(w) for w in cmd) or cmd[0] in _STATE_COMMANDS
+
+
+def pipelines_of(script: str, args: list[str]) -> list[Pipeline]:
+    """Every pipeline of the script, expanded. With several pipelines, only the commands that
+    set shell state (assignments, set, export, cd...) run, and their failures are ignored:
+    --check must not do the script's work (`mkdir`, `python make_corpus.py > x`)."""
+    import tempfile
+
+    from sage_cli.pipeline import Segment, expand_segment, read_segments
+
+    segments = read_segments(script)
+    if len(segments) == 1 and segments[0].pipeline is not None:
+        return [parse_script(script, args)]
+    out: list[Pipeline] = []
+    number = 0
+    with tempfile.TemporaryDirectory(prefix="sage-check-") as tmp:
+        state_in: str | None = None
+        for k, seg in enumerate(segments):
+            commands = [c + ["||", "true"] for c in seg.commands if _sets_state_only(c)]
+            state_out = os.path.join(tmp, f"state{k}.sh")
+            if seg.pipeline is not None:
+                number += 1
+            pipeline, _, _ = expand_segment(
+                script,
+                Segment(commands, seg.pipeline, seg.line),
+                args,
+                state_in=state_in,
+                state_out=state_out,
+                group=number,
+            )
+            state_in = state_out
+            if pipeline is not None:
+                out.append(pipeline)
+    return out
+
+
 def check_pipeline(script: str, args: list[str], quiet: bool = False) -> int:
     if not Path(script).exists():
         raise UsageError(f"{script}: no such script; check the path")
-    pipeline = parse_script(script, args)
-    lines = check(pipeline)
+    pipelines = pipelines_of(script, args)
+    lines = [line for pipeline in pipelines for line in check(pipeline)]
     if not quiet:
         for line in lines:
             sys.stderr.write(f"  {line}\n")
-        sys.stderr.write(f"sage run --check: {script}: {len(pipeline.stages)} stage(s) OK\n")
+        n = sum(len(p.stages) for p in pipelines)
+        sys.stderr.write(
+            f"sage run --check: {script}: {len(pipelines)} pipeline(s), {n} stage(s) OK\n"
+        )
     return 0

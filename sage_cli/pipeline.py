@@ -71,6 +71,7 @@ class Stage:
     env: dict[str, str] = field(default_factory=dict)
     redirects: list[Redirect] = field(default_factory=list)
     text: str = ""
+    group: int = 0  # which pipeline of a script with several (1, 2, ...); 0: the only one
 
     @property
     def is_sage(self) -> bool:
@@ -90,7 +91,8 @@ class Stage:
     @property
     def name(self) -> str:
         """A short unique name for files and tables: `2-embed`."""
-        return f"{self.index + 1}-{self.command}"
+        prefix = f"{self.group}." if self.group else ""
+        return f"{prefix}{self.index + 1}-{self.command}"
 
     @property
     def label(self) -> str:
@@ -323,13 +325,17 @@ def _is_assignment(word: str) -> bool:
     return bool(eq) and name.replace("_", "a").isalnum() and not name[0].isdigit()
 
 
-def parse_script(
-    path: str | Path,
-    args: list[str] | None = None,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-) -> Pipeline:
-    """Read `path` and return its pipeline with every word expanded as bash would."""
+@dataclass
+class Segment:
+    """Commands bash runs, then (unless it is the script's tail) one pipeline."""
+
+    commands: list[list[str]]
+    pipeline: list[list[str]] | None
+    line: int
+
+
+def read_segments(path: str | Path) -> list[Segment]:
+    """Read a script into segments: the commands before each pipeline, and the pipeline."""
     script = Path(path)
     try:
         source = script.read_text(encoding="utf-8")
@@ -359,25 +365,105 @@ def parse_script(
             if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
                 raise ScriptError(
                     f"{name}:{number}: `{cmd[0]}` blocks are not supported by "
-                    "sage run; keep the script to assignments and one pipeline"
+                    "sage run; keep the script to simple commands and pipelines"
                 )
-    piped = [(n, g) for n, g, p in entries if p]
+    if not any(p for _, _, p in entries):  # no `|` at all: the last command is the pipeline
+        entries[-1] = (entries[-1][0], entries[-1][1], True)
+    segments: list[Segment] = []
+    commands: list[list[str]] = []
+    for number, group, piped in entries:
+        if piped:
+            segments.append(Segment(commands, group, number))
+            commands = []
+        else:
+            commands.append(group[0])
+    if commands:
+        segments.append(Segment(commands, None, entries[-1][0]))
+    return segments
+
+
+def parse_script(
+    path: str | Path,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+) -> Pipeline:
+    """Read `path` (one pipeline, after simple commands) and return its pipeline with every
+    word expanded as bash would."""
+    name = str(path)
+    segments = read_segments(path)
+    piped = [seg for seg in segments if seg.pipeline is not None]
     if len(piped) > 1:
         raise ScriptError(
             f"{name}: sage run runs one pipeline per script, found pipelines on "
-            f"lines {', '.join(str(n) for n, _ in piped)}; split it into scripts"
+            f"lines {', '.join(str(seg.line) for seg in piped)}; split it into scripts"
         )
-    last_number, last_group, _ = entries[-1]
-    if piped and piped[0][1] is not last_group:
+    if segments[-1].pipeline is None:
         raise ScriptError(
-            f"{name}:{last_number}: the pipeline (line {piped[0][0]}) must be the "
+            f"{name}:{segments[-1].line}: the pipeline (line {piped[0].line}) must be the "
             "last command of the script"
         )
-    preamble = [g[0] for _, g, _ in entries[:-1]]
+    pipeline, _, _ = expand_segment(path, segments[0], args, env, cwd)
+    assert pipeline is not None
+    return pipeline
+
+
+_STATE_SKIP = (
+    r"BASH[A-Z_]*|_|PPID|UID|EUID|SHELLOPTS|BASHOPTS|PWD|OLDPWD|SHLVL|RANDOM|SRANDOM|SECONDS|"
+    r"LINENO|HISTCMD|FUNCNAME|GROUPS|DIRSTACK|PIPESTATUS|EPOCHSECONDS|EPOCHREALTIME|"
+    r"__SAGE_[A-Z_]*"
+)
+_SAVE_STATE = (
+    "{ declare -p | grep -Ev '^declare -[a-zA-Z]*r|^declare -[-a-zA-Z]* (" + _STATE_SKIP + ")=';"
+    ' declare -f; printf "cd %q\\n" "$PWD"; set +o; } > "$__SAGE_STATE_OUT"\n'
+)
+
+
+def _body_file(script: Path, text: str) -> str:
+    """Write the script's commands to a hidden file beside it: bash sources that file, so
+    `${BASH_SOURCE[0]}` (`here="$(dirname "${BASH_SOURCE[0]}")"`) names the script's directory
+    as it does under bash. Falls back to the temp directory when that one is read-only."""
+    import tempfile
+
+    for directory in (str(script.resolve().parent), None):
+        try:
+            fd, path = tempfile.mkstemp(prefix=f".{script.name}.sage-", suffix=".sh", dir=directory)
+        except OSError:
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.write(text)
+        return path
+    raise ScriptError(f"{script}: cannot write a temporary file")
+
+
+class CommandsFailed(SageError):
+    """A command before a pipeline failed under `set -e`: the script stops with its status."""
+
+
+def expand_segment(
+    path: str | Path,
+    segment: Segment,
+    args: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    state_in: str | None = None,
+    state_out: str | None = None,
+    group: int = 0,
+) -> tuple[Pipeline | None, bool, int]:
+    """Run a segment's commands in bash (after restoring the state a previous segment saved)
+    and expand its pipeline's words. Returns the pipeline, whether `set -e` is on, and the
+    status of the last command before the pipeline."""
+    script = Path(path)
+    name = str(path)
+    last_number = segment.line
     where = f"{name}:{last_number}"
     program = [_DUMP]
-    for cmd in preamble:
+    if state_in:
+        program.append('source "$__SAGE_STATE_IN" 2>/dev/null\n')
+    for cmd in segment.commands:
         program.append(" ".join(cmd) + "\n")
+    program.append('__sage_words "$-" "$?"\n')  # reached: the commands ran; their options
+    last_group = segment.pipeline or []
     split = [_split_stage(cmd, where) for cmd in last_group]
     for assigns, argv, redirs in split:
         if not argv:
@@ -390,24 +476,37 @@ def parse_script(
         )
         targets = [t for _, t in redirs if t]
         program.append("__sage_words " + " ".join(targets) + "\n")
+    if state_out:
+        program.append(_SAVE_STATE)
     program.append('__sage_words "$PWD"\nunset __SAGE_WORDS\nenv -0 >> "$__SAGE_WORDS_COPY"\n')
     run_env = dict(os.environ if env is None else env)
     bash = shutil.which("bash", path=run_env.get("PATH")) or "/bin/bash"
     import tempfile
 
-    # the words go to a file, so the lines before the pipeline keep stdout and stderr as
+    # the words go to a file, so the commands before the pipeline keep stdout and stderr as
     # under bash (`echo starting >&2`, `echo header`)
     with tempfile.NamedTemporaryFile(prefix="sage-words-") as dump:
-        proc = subprocess.run(
-            [bash, "-c", "".join(program), name, *(args or [])],
-            stdout=None,
-            stderr=subprocess.PIPE,
-            env=run_env | {"__SAGE_WORDS": dump.name, "__SAGE_WORDS_COPY": dump.name},
-            cwd=cwd or None,
-            stdin=subprocess.DEVNULL,
-        )
+        extra = {"__SAGE_WORDS": dump.name, "__SAGE_WORDS_COPY": dump.name}
+        if state_in:
+            extra["__SAGE_STATE_IN"] = state_in
+        if state_out:
+            extra["__SAGE_STATE_OUT"] = state_out
+        body = _body_file(script, "".join(program[1:]))
+        extra["__SAGE_BODY"] = body
+        try:
+            proc = subprocess.run(
+                [bash, "-c", program[0] + 'source "$__SAGE_BODY"\n', name, *(args or [])],
+                stdout=None,
+                stderr=subprocess.PIPE,
+                env=run_env | extra,
+                cwd=cwd or None,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            os.unlink(body)
         words_out = dump.read()
-    if proc.returncode != 0:
+    fields = words_out.split(b"\0")
+    if proc.returncode != 0 and (not segment.commands or len(fields) > 2):
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         why = msg[-1] if msg else f"bash exited with status {proc.returncode}"
         why = re.sub(r"^.*?: line [0-9]+: ", "", why)
@@ -415,7 +514,8 @@ def parse_script(
     if proc.stderr:
         sys.stderr.write(proc.stderr.decode("utf-8", "replace"))
         sys.stderr.flush()
-    fields = words_out.split(b"\0")
+    if proc.returncode != 0:  # a command before the pipeline failed and `set -e` stopped it
+        raise CommandsFailed(f"{where}: a command failed (exit {proc.returncode})", proc.returncode)  # type: ignore[arg-type]
     pos = 0
 
     def take() -> list[str]:
@@ -425,6 +525,8 @@ def parse_script(
         pos += 1 + count
         return words
 
+    flags, last_status = take()
+    errexit = "e" in flags
     stages: list[Stage] = []
     for index, (assigns, _argv, redirs) in enumerate(split):
         argv = take()
@@ -436,7 +538,7 @@ def parse_script(
         it = iter(targets)
         redirects = [Redirect(op, "" if not raw else next(it), raw) for op, raw in redirs]
         text = " ".join(last_group[index])
-        stages.append(Stage(index, argv, stage_env, redirects, text))
+        stages.append(Stage(index, argv, stage_env, redirects, text, group))
     final_cwd = take()[0]
     env_out: dict[str, str] = {}
     for item in fields[pos:]:
@@ -444,9 +546,20 @@ def parse_script(
             continue
         key, _, value = item.decode("utf-8", "surrogateescape").partition("=")
         env_out[key] = value
-    for key in ("_", "SHLVL", "OLDPWD", "PWD", "__SAGE_WORDS_COPY"):
+    for key in (
+        "_",
+        "SHLVL",
+        "OLDPWD",
+        "PWD",
+        "__SAGE_WORDS_COPY",
+        "__SAGE_STATE_IN",
+        "__SAGE_STATE_OUT",
+        "__SAGE_BODY",
+    ):
         env_out.pop(key, None)
     env_out["PWD"] = final_cwd
+    if segment.pipeline is None:
+        return None, errexit, int(last_status)
     for stage in stages:
         odd = [r.op for r in stage.redirects if _FD_DUP.fullmatch(r.op) and r.op != "2>&1"]
         if odd:
@@ -466,7 +579,7 @@ def parse_script(
                 f"{where}: stage {stage.index + 1} writes to a file with `>` in "
                 "the middle of the pipeline; only the last stage may"
             )
-    return Pipeline(script, stages, env_out, final_cwd, last_number)
+    return Pipeline(script, stages, env_out, final_cwd, last_number), errexit, int(last_status)
 
 
 def sage_error_for(exc: BaseException) -> SageError:

@@ -14,7 +14,14 @@ import orjson
 
 from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
-from sage_cli.pipeline import Pipeline, parse_script
+from sage_cli.pipeline import (
+    CommandsFailed,
+    Pipeline,
+    Segment,
+    expand_segment,
+    parse_script,
+    read_segments,
+)
 from sage_cli.runs import DEFAULT_BASE, RunDirectory, find_run, summarise
 from sage_cli.supervisor import RunOptions, Supervisor, lineage_key, record_id
 
@@ -27,6 +34,7 @@ def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
             "label": s.label,
             "argv": s.argv,
             "model": s.is_model,
+            "group": s.group,
             "text": s.text,
         }
         for s in pipeline.stages
@@ -128,6 +136,11 @@ def run_pipeline(
     script_path = Path(script)
     held = acquire_lock(script_path, args) if lock else None
     try:
+        segments = read_segments(script_path)
+        if len(segments) > 1 or segments[0].pipeline is None:
+            if resume:
+                raise UsageError(f"{script}: --resume works for scripts with one pipeline")
+            return run_segments(script_path, segments, args, opts, run_dir, base)
         pipeline = parse_script(script_path, args)
         if not resume:
             run = RunDirectory.create(run_dir, base)
@@ -175,6 +188,82 @@ def run_pipeline(
     finally:
         if held is not None:
             held.close()
+
+
+def run_segments(
+    script: Path,
+    segments: list[Segment],
+    args: list[str],
+    opts: RunOptions,
+    run_dir: str | None,
+    base: str,
+) -> int:
+    """A script with several pipelines: each runs supervised in turn, in one run directory
+    (stages named `<pipeline>.<stage>-<op>`), with the commands between them run by bash
+    and the shell's variables, functions, options and directory carried from one to the next.
+    As under bash, a failure stops the script only under `set -e`."""
+    import tempfile
+
+    run = RunDirectory.create(run_dir, base)
+    stages: list[dict[str, Any]] = []
+    info = {
+        "run_id": run.id,
+        "script": str(script),
+        "args": args,
+        "cwd": os.getcwd(),
+        "output": str(run.output_path.resolve()),
+        "started": time.time(),
+        "retries": opts.retries,
+        "stages": stages,
+        "resumed": False,
+    }
+    run.write_json("run.json", info)
+    started = time.monotonic()
+    status = 0
+    number = 0
+    with tempfile.TemporaryDirectory(prefix="sage-state-") as tmp:
+        state_in: str | None = None
+        for k, segment in enumerate(segments):
+            state_out = os.path.join(tmp, f"state{k}.sh")
+            if segment.pipeline is not None:
+                number += 1
+            try:
+                pipeline, errexit, last = expand_segment(
+                    script, segment, args, state_in=state_in, state_out=state_out, group=number
+                )
+            except CommandsFailed as err:
+                status = int(err.code)
+                break
+            state_in = state_out
+            if pipeline is None:
+                status = last  # the script's tail ran: its status is that of its last command
+                continue
+            stages.extend(describe(pipeline))
+            run.write_json("run.json", info)
+            ledger = None
+            if output_path(pipeline, run) is None:
+                ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            sup = Supervisor(pipeline, run, opts, args)
+            dashboard = None
+            if not opts.quiet:
+                from sage_cli.dashboard import start_dashboard
+
+                dashboard = start_dashboard(run, sup, progress=opts.progress)
+            try:
+                status = sup.run(ledger_fd=ledger)
+            finally:
+                if dashboard is not None:
+                    dashboard.stop()
+                if ledger is not None:
+                    os.close(ledger)
+            if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED, 124) or (status and errexit):
+                break
+    summary = summarise(run)
+    summary["status"] = status
+    run.write_json("summary.json", summary)
+    if not opts.quiet:
+        report_end(run, summary, status, time.monotonic() - started)
+    return status
 
 
 def report_end(run: RunDirectory, summary: dict[str, Any], status: int, seconds: float) -> None:

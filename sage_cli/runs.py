@@ -230,6 +230,7 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         stages[s["name"]] = {
             "name": s["name"],
             "index": s["index"],
+            "group": s.get("group", 0),
             "command": s["label"],
             "argv": s["argv"],
             "model": s.get("model", False),
@@ -296,5 +297,5 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         "ended": run_end,
         "seconds": round(run_end - run_start, 3) if run_start and run_end else None,
         "status": status,
-        "stages": sorted(stages.values(), key=lambda s: s["index"]),
+        "stages": sorted(stages.values(), key=lambda s: (s["group"], s["index"])),
     }

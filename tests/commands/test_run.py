@@ -429,3 +429,48 @@ def test_progress_lines_without_a_terminal(data: Path) -> None:
     assert result.returncode == 0, result.stderr
     lines = [x for x in result.stderr.decode().splitlines() if x.startswith("sage run: 2s:")]
     assert lines and "1-map 20 in/20 out/0 err ok" in lines[0] and "2-sh running" in lines[0]
+
+
+def test_a_script_with_several_pipelines_runs_them_in_turn(data: Path) -> None:
+    """Commands between pipelines run as under bash, with variables, `cd` and `set -e`
+    carried from one part to the next; one run directory holds every stage."""
+    write(
+        data / "p.sh",
+        """#!/usr/bin/env bash
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${1:-out}"
+mkdir -p "$out"
+sage map 'r | {"a": 1}' "$here/in.ndjson" | sage filter 'r["n"] < 5' > "$out/a.ndjson"
+count=$(wc -l < "$out/a.ndjson")
+echo "first: $count" >&2
+cd "$out"
+sage map 'r | {"b": 2}' a.ndjson | sage map r > b.ndjson
+echo "done"
+""",
+    )
+    plain = bash(data, "p.sh", "plain")
+    result = sage_run(data, "-q", "p.sh", "sup")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == plain.stdout == b"done\n"
+    assert b"first: 5" in result.stderr
+    assert (data / "sup" / "b.ndjson").read_bytes() == (data / "plain" / "b.ndjson").read_bytes()
+    run = find_run(None, str(data / ".sage" / "runs"))
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    assert [s["name"] for s in summary["stages"]] == ["1.1-map", "1.2-filter", "2.1-map", "2.2-map"]
+    assert [s["records_in"] for s in summary["stages"]] == [20, 20, 5, 5]
+    assert not [p for p in data.iterdir() if ".sage-" in p.name]  # no temporary file left
+
+
+def test_set_e_stops_a_script_at_the_failing_pipeline(data: Path) -> None:
+    write(
+        data / "p.sh",
+        "set -eo pipefail\nsage map 'r[\"x\"]' in.ndjson | cat > a\n"
+        "echo never\nsage map r in.ndjson | cat > b\n",
+    )
+    result = sage_run(data, "-q", "p.sh")
+    assert result.returncode == bash(data, "p.sh").returncode == 65
+    assert b"never" not in result.stdout and not (data / "b").exists()
+    write(data / "p.sh", "sage map 'r[\"x\"]' in.ndjson | cat > a\necho goes on\n")
+    result = sage_run(data, "-q", "p.sh")
+    assert result.returncode == 0 and result.stdout == b"goes on\n"

@@ -15,10 +15,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install demo test lint format bench check clean models browser
+.PHONY: help install demo test lint format bench check clean models system-deps
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## Create .venv with every dependency and the models (reused when present)
 
@@ -38,13 +38,15 @@ models: $(STAMP) ## Convert and verify the local models
 demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/rag.sh
 
-browser: ## Install headless Chromium (Debian `chromium`) for the HTML report test, if missing
-	@command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing chromium (the HTML trace report test opens it headless)..."; \
+system-deps: ## Debian packages the tests use, installed only if missing: chromium, GNU parallel
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v parallel >/dev/null 2>&1 || missing="$$missing parallel"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (HTML trace report test, GNU parallel test)..."; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 
-test: $(STAMP) browser ## Run the whole test suite
+test: $(STAMP) system-deps ## Run the whole test suite
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## ruff (lint and format check) and mypy

@@ -79,8 +79,9 @@ def bench_embed(report) -> None:
         "scale.embed.workers2_vs_workers1",
         rate["workers2"] / rate["workers1"],
         "x",
-        target=">= 1.3",
         command="python -m tests.bench --only scale",
+        # issue 5 asks for the ratio, not a target: on 2 cores each worker gets one thread, so
+        # up to ~2x on a quiet machine, far less when other work shares the cores
         note=f"{n:,} sentences, --no-cache, default --threads; fastest of "
         f"{min(report.repeat, 2)} runs",
     )

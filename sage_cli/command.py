@@ -285,6 +285,7 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
 
         tracer = driver.tracer = tracer_from_env(command)
         if tracer is not None:
+            tracer.count_tokens = "usage" in getattr(op, "produces", {})
             tracer.start(stats)
 
     def body() -> None:

@@ -44,6 +44,8 @@ class Tracer:
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
         self._offset = time.time() - time.perf_counter()
         self.stats: Any = None
+        #: only a stage that produces `usage` counts tokens (later stages pass it through)
+        self.count_tokens = True
 
     def _emit(self, event: dict[str, Any]) -> None:
         self._parts.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str))
@@ -63,7 +65,7 @@ class Tracer:
             "n": len(batch),
             "o": len(out),
         }
-        if out and "usage" in out[0]:
+        if self.count_tokens and out and "usage" in out[0]:
             event["tok"] = _tokens(out)
         if self.with_ids:  # last, so a reader that needs no ids can cut the line short
             event["ids"] = [r.get("id") for r in batch]

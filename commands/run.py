@@ -112,7 +112,7 @@ def run(
 
     \b
     Examples:
-      sage run scripts/rag.sh "What is SAGE?"
+      sage run scripts/rag.sh demo/out
       sage run --retries 3 ingest.sh docs/
       sage run --resume 20261124-031500-ab12
       sage run --check scripts/rag.sh

@@ -92,6 +92,32 @@ def run(
             "without record ids; off: no stage traces (status, CPU and memory only).",
         ),
     ] = "full",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            metavar="local|ray",
+            help="local: processes on this machine (default); ray: each stage a pool of Ray "
+            "actors (a one-pipeline script).",
+        ),
+    ] = "local",
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            metavar="auto|HOST:PORT",
+            help="With --engine ray: the cluster to join (default: a private local Ray).",
+        ),
+    ] = None,
+    replicas: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--replicas",
+            metavar="STAGE=N",
+            help="With --engine ray: actors for a stage (its command name or position); "
+            "repeatable.",
+        ),
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Nothing on stderr but the stages' own errors.")
     ] = False,
@@ -117,10 +143,27 @@ def run(
       sage run --resume 20261124-031500-ab12
       sage run --check scripts/rag.sh
       sage run --lock --timeout 600 nightly.sh    # from cron
+      sage run --engine ray --address auto --replicas embed=4 ingest.sh docs/
     """
     from sage_cli.supervisor import RunOptions
 
     script_args = list(args or [])
+    if engine not in ("local", "ray"):
+        from sage_cli.command import fail
+
+        raise typer.Exit(fail("sage run", f"--engine {engine}: choose local or ray", 2))
+    if engine == "ray" and (retries or resume or watch):
+        from sage_cli.command import fail
+
+        # Ray replaces dead actors and re-sends their batches itself
+        raise typer.Exit(
+            fail(
+                "sage run",
+                "--engine ray takes no --retries/--resume/--watch: "
+                "Ray replaces lost actors and re-sends their batches",
+                2,
+            )
+        )
     if trace not in ("full", "batches", "off"):
         from sage_cli.command import fail
 
@@ -150,6 +193,18 @@ def run(
             from sage_cli.watch import watch_pipeline
 
             result = watch_pipeline(script, script_args, opts, run_dir, lock)
+            return
+        if engine == "ray":
+            from sage_cli.runner import run_on_ray
+
+            result = run_on_ray(
+                script,
+                script_args,
+                address=address,
+                replicas=list(replicas or []),
+                run_dir=run_dir,
+                quiet=quiet,
+            )
             return
         from sage_cli.runner import run_pipeline
 

@@ -190,6 +190,80 @@ def run_pipeline(
             held.close()
 
 
+def run_on_ray(
+    script: str | None,
+    args: list[str],
+    *,
+    address: str | None,
+    replicas: list[str],
+    run_dir: str | None = None,
+    quiet: bool = False,
+    base: str = DEFAULT_BASE,
+) -> int:
+    """Run a one-pipeline script on Ray (`sage run --engine ray`): every stage a pool of actors
+    built from the same operator class; traces in the same run directory format as local runs."""
+    if script is None:
+        raise UsageError("missing the pipeline script: sage run --engine ray SCRIPT [ARGS]...")
+    script_path = Path(script)
+    segments = read_segments(script_path)
+    if len(segments) > 1 or segments[0].pipeline is None:
+        raise UsageError(f"{script}: --engine ray runs scripts that hold one pipeline")
+    pipeline = parse_script(script_path, args)
+    source = pipeline.stages[0].redirect("<")
+    target = pipeline.stages[-1].redirect(">", ">>")
+    run = RunDirectory.create(run_dir, base)
+    run.write_json(
+        "run.json",
+        {
+            "run_id": run.id,
+            "script": str(script_path),
+            "args": args,
+            "cwd": os.getcwd(),
+            "engine": "ray",
+            "address": address,
+            "replicas": replicas,
+            "started": time.time(),
+            "stages": describe(pipeline),
+        },
+    )
+    from sage_cli.ray_engine import run_ray_pipeline  # imports ray: only here
+
+    def event(ev: str, **fields: Any) -> None:
+        with open(run.events_path, "ab") as fh:
+            fh.write(orjson.dumps({"ev": ev, "t": time.time(), **fields}) + b"\n")
+
+    names = [stage.name for stage in pipeline.stages]
+    event("run_start", engine="ray", address=address)
+    for name in names:
+        event("stage_start", stage=name, attempt=1)
+    started = time.monotonic()
+    stdin = open(source.target, "rb") if source else None  # noqa: SIM115 - closed below
+    stdout = None
+    try:
+        if target is not None:
+            stdout = open(target.target, "ab" if target.op == ">>" else "wb")  # noqa: SIM115
+        status = run_ray_pipeline(
+            [stage.argv for stage in pipeline.stages],
+            address=address,
+            replicas=replicas or None,
+            stdin=stdin,
+            stdout=stdout,
+            trace_dir=str(run.stages_dir),
+        )
+    finally:
+        for fh in (stdin, stdout):
+            if fh is not None:
+                fh.close()
+    for name in names:  # the engine reports the run's status; per-stage status only when ok
+        event("stage_exit", stage=name, status=0 if status == 0 else None)
+    event("run_stop", status=status)
+    summary = summarise(run)
+    run.write_json("summary.json", summary)
+    if not quiet:
+        report_end(run, summary, status, time.monotonic() - started)
+    return status
+
+
 def run_segments(
     script: Path,
     segments: list[Segment],

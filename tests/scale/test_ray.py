@@ -220,7 +220,9 @@ def test_a_lost_node_loses_and_repeats_no_record(cluster):
     out = parse_ndjson(result.stdout)
     assert [r["id"] for r in out] == list(range(30_000))
     assert killed == [raylet], "node 2 held no actor: the loss was not exercised"
-    assert b"lost Ray actor" in result.stderr
+    # Whether the engine *replaces* node 2's actors depends on whether it sends them work after
+    # the kill (dispatch goes to the least busy actor); the guarantee tested here is the output:
+    # every record exactly once, in order. The actor-kill test above asserts the replacement.
 
 
 def test_replicas_for_a_stateful_stage_is_a_usage_error():

@@ -11,12 +11,21 @@ app = single_command_app()
 
 @operator_command(app, "filter")
 def filter_records(
-    expr: Annotated[str | None, typer.Argument(
-        metavar="EXPR", help="Python expression over the record `r`.", show_default=False)] = None,
-    fn: Annotated[str | None, typer.Option(
-        "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR.")] = None,
-    invert: Annotated[bool, typer.Option(
-        "--invert", "-v", help="Keep the records for which EXPR is false.")] = False,
+    expr: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="EXPR", help="Python expression over the record `r`.", show_default=False
+        ),
+    ] = None,
+    fn: Annotated[
+        str | None,
+        typer.Option(
+            "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."
+        ),
+    ] = None,
+    invert: Annotated[
+        bool, typer.Option("--invert", "-v", help="Keep the records for which EXPR is false.")
+    ] = False,
 ):
     """Keep the records for which EXPR is true.
 

@@ -11,11 +11,20 @@ app = single_command_app()
 
 @operator_command(app, "flatmap")
 def flatmap_records(
-    expr: Annotated[str | None, typer.Argument(
-        metavar="EXPR", help="Python expression over `r` returning a list of objects (or strings).",
-        show_default=False)] = None,
-    fn: Annotated[str | None, typer.Option(
-        "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR.")] = None,
+    expr: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="EXPR",
+            help="Python expression over `r` returning a list of objects (or strings).",
+            show_default=False,
+        ),
+    ] = None,
+    fn: Annotated[
+        str | None,
+        typer.Option(
+            "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."
+        ),
+    ] = None,
 ):
     """Replace each record with the records EXPR returns: a list or generator of objects;
     strings become {"text": ...}; None or [] drops the record.

@@ -11,11 +11,20 @@ app = single_command_app()
 
 @operator_command(app, "map")
 def map_records(
-    expr: Annotated[str | None, typer.Argument(
-        metavar="EXPR", help="Python expression over the record `r`; must return an object.",
-        show_default=False)] = None,
-    fn: Annotated[str | None, typer.Option(
-        "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR.")] = None,
+    expr: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="EXPR",
+            help="Python expression over the record `r`; must return an object.",
+            show_default=False,
+        ),
+    ] = None,
+    fn: Annotated[
+        str | None,
+        typer.Option(
+            "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."
+        ),
+    ] = None,
 ):
     """Replace each record with what EXPR returns (an object).
 

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from operators.base import OptionError, Operator, Record, RecordError
+from operators.base import Operator, OptionError, Record, RecordError
 
 #: names an expression can use besides `r` and the builtins
 EXPRESSION_GLOBALS: dict[str, Any] = {"json": json, "math": math, "re": re}
@@ -82,8 +82,9 @@ class Map(Operator):
             raise
         if not _ONLY_DICTS.issuperset(map(type, out)):  # the check stays in C: see tests/bench
             if len(batch) == 1:
-                raise RecordError(f"map {self.label} must return an object (dict), "
-                                  f"got {type(out[0]).__name__}")
+                raise RecordError(
+                    f"map {self.label} must return an object (dict), got {type(out[0]).__name__}"
+                )
             raise RecordError("map returned a non-object")  # retried one by one
         return out
 
@@ -93,8 +94,9 @@ class Filter(Operator):
 
     name = "filter"
 
-    def __init__(self, expr: str | None = None, fn: str | None = None,
-                 invert: bool = False) -> None:
+    def __init__(
+        self, expr: str | None = None, fn: str | None = None, invert: bool = False
+    ) -> None:
         self.func, self.label = user_function(expr, fn)
         self.invert = invert
 
@@ -137,6 +139,8 @@ class FlatMap(Operator):
                 elif isinstance(value, dict):
                     out.append(value)
                 else:
-                    raise RecordError(f"flatmap {self.label} must yield objects or strings, "
-                                      f"got {type(value).__name__}")
+                    raise RecordError(
+                        f"flatmap {self.label} must yield objects or strings, "
+                        f"got {type(value).__name__}"
+                    )
         return out

@@ -7,7 +7,7 @@ driver applies the error policy to it (`--on-error`, `--errors FILE`) with `FILE
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -70,20 +70,14 @@ def parse_or_bad(raw: bytes, origin: str, line: int) -> Record | BadLine:
     return parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)
 
 
-def line_blocks(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, list[bytes]] | None]:
-    """(number of the first line, lines without `\\n`) for each run of complete lines read
-    from `stream`, blank lines included. A final line without `\\n` comes last.
+def complete_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Runs of complete lines (joined, without the final `\\n`) from raw chunks, in order.
 
-    With `live` (a pipe or terminal), None follows each read: the caller should flush what it
-    has before the next read, which may block.
+    A line split across chunks (a 50 MB line comes in many parts) is joined before it is
+    yielded; a final line without `\\n` comes last. The one place sage splits bytes into lines.
     """
-    read = getattr(stream, "read1", stream.read)
-    lineno = 0
-    pending: list[bytes] = []  # the start of a line not yet ended (a 50 MB line comes in parts)
-    while True:
-        chunk = read(CHUNK)
-        if not chunk:
-            break
+    pending: list[bytes] = []  # the start of a line not yet ended
+    for chunk in chunks:
         nl = chunk.rfind(b"\n")
         if nl < 0:
             pending.append(chunk)
@@ -91,17 +85,32 @@ def line_blocks(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, lis
         if pending:
             pending.append(chunk[:nl])
             head = b"".join(pending)
+            pending = []
         else:
             head = chunk[:nl]
         rest = chunk[nl + 1 :]
-        pending = [rest] if rest else []
+        if rest:
+            pending.append(rest)
+        yield head
+    if pending:
+        yield b"".join(pending)
+
+
+def line_blocks(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, list[bytes]] | None]:
+    """(number of the first line, lines without `\\n`) for each run of complete lines read
+    from `stream`, blank lines included. A final line without `\\n` comes last.
+
+    With `live` (a pipe or terminal), None follows each run: the caller should flush what it
+    has before the next read, which may block.
+    """
+    read = getattr(stream, "read1", stream.read)
+    lineno = 0
+    for head in complete_lines(iter(lambda: read(CHUNK), b"")):
         lines = head.split(b"\n")
         yield lineno + 1, lines
         lineno += len(lines)
         if live:
             yield None
-    if pending:
-        yield lineno + 1, [b"".join(pending)]
 
 
 def numbered_lines(stream: BinaryIO, live: bool = False) -> Iterator[tuple[int, bytes | None]]:

@@ -77,32 +77,109 @@ CAPTURE: ContextVar[list[OperatorCall] | None] = ContextVar("sage_capture", defa
 
 
 _COMMON: list[tuple[str, Any, Any]] = [
-    ("on_error", Annotated[ErrorMode, typer.Option(
-        "--on-error", help="What to do with a bad line or a record that fails: stop (exit 65), "
-        "skip it, or emit an `_error` record in its place.", case_sensitive=False)], ErrorMode.fail),
-    ("errors", Annotated[str | None, typer.Option(
-        "--errors", metavar="FILE", help="Append every bad line or failed record to this NDJSON "
-        "dead-letter file.")], None),
-    ("batch_size", Annotated[int | None, typer.Option(
-        "--batch-size", min=1, help="Records per batch handed to the operator.")], None),
-    ("line_buffered", Annotated[bool, typer.Option(
-        "--line-buffered", help="Flush stdout after every record.")], False),
-    ("schema", Annotated[bool, typer.Option(
-        "--schema", help="Print the fields this operator needs and produces as JSON Schema, "
-        "and exit.")], False),
-    ("workers", Annotated[int, typer.Option(
-        "--workers", min=1, metavar="N", help="Run a stateless operator in N worker processes "
-        "(each loads its model once; --threads is divided among them).")], 1),
-    ("unordered", Annotated[bool, typer.Option(
-        "--unordered", help="With --workers: write results as they finish, not in input "
-        "order.")], False),
-    ("quiet", Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No warnings or progress on stderr; errors only.")], False),
-    ("progress", Annotated[bool, typer.Option(
-        "--progress", help="Show progress on stderr even when it is not a terminal.")], False),
+    (
+        "on_error",
+        Annotated[
+            ErrorMode,
+            typer.Option(
+                "--on-error",
+                help="What to do with a bad line or a record that fails: stop (exit 65), "
+                "skip it, or emit an `_error` record in its place.",
+                case_sensitive=False,
+            ),
+        ],
+        ErrorMode.fail,
+    ),
+    (
+        "errors",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--errors",
+                metavar="FILE",
+                help="Append every bad line or failed record to this NDJSON dead-letter file.",
+            ),
+        ],
+        None,
+    ),
+    (
+        "batch_size",
+        Annotated[
+            int | None,
+            typer.Option("--batch-size", min=1, help="Records per batch handed to the operator."),
+        ],
+        None,
+    ),
+    (
+        "line_buffered",
+        Annotated[bool, typer.Option("--line-buffered", help="Flush stdout after every record.")],
+        False,
+    ),
+    (
+        "schema",
+        Annotated[
+            bool,
+            typer.Option(
+                "--schema",
+                help="Print the fields this operator needs and produces as JSON Schema, and exit.",
+            ),
+        ],
+        False,
+    ),
+    (
+        "workers",
+        Annotated[
+            int,
+            typer.Option(
+                "--workers",
+                min=1,
+                metavar="N",
+                help="Run a stateless operator in N worker processes "
+                "(each loads its model once; --threads is divided among them).",
+            ),
+        ],
+        1,
+    ),
+    (
+        "unordered",
+        Annotated[
+            bool,
+            typer.Option(
+                "--unordered",
+                help="With --workers: write results as they finish, not in input order.",
+            ),
+        ],
+        False,
+    ),
+    (
+        "quiet",
+        Annotated[
+            bool,
+            typer.Option("--quiet", "-q", help="No warnings or progress on stderr; errors only."),
+        ],
+        False,
+    ),
+    (
+        "progress",
+        Annotated[
+            bool,
+            typer.Option(
+                "--progress", help="Show progress on stderr even when it is not a terminal."
+            ),
+        ],
+        False,
+    ),
 ]
-_FILES = ("files", Annotated[list[str] | None, typer.Argument(
-    metavar="[FILE]...", help="NDJSON inputs; none or `-` reads stdin.", show_default=False)], None)
+_FILES = (
+    "files",
+    Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[FILE]...", help="NDJSON inputs; none or `-` reads stdin.", show_default=False
+        ),
+    ],
+    None,
+)
 
 
 def stage_name(command: str) -> str:
@@ -233,10 +310,17 @@ def schema_of(op: Operator, command: str) -> dict[str, Any]:
         "x-sage-memory": op.memory,
         "x-sage-stateless": op.stateless,
         "$defs": {
-            "input": {"type": "object", "required": sorted(op.requires),
-                      "properties": dict(op.requires), "additionalProperties": True},
-            "output": {"type": "object", "properties": dict(op.produces),
-                       "additionalProperties": True},
+            "input": {
+                "type": "object",
+                "required": sorted(op.requires),
+                "properties": dict(op.requires),
+                "additionalProperties": True,
+            },
+            "output": {
+                "type": "object",
+                "properties": dict(op.produces),
+                "additionalProperties": True,
+            },
         },
     }
 
@@ -244,13 +328,19 @@ def schema_of(op: Operator, command: str) -> dict[str, Any]:
 def print_schema(op: Operator, command: str) -> None:
     import orjson
 
-    sys.stdout.buffer.write(orjson.dumps(schema_of(op, command), option=orjson.OPT_INDENT_2) + b"\n")
+    sys.stdout.buffer.write(
+        orjson.dumps(schema_of(op, command), option=orjson.OPT_INDENT_2) + b"\n"
+    )
     sys.stdout.flush()
 
 
-def run_operator(command: str, op: Operator, opts: IOOptions,
-                 records: Iterable[Record] | None = None,
-                 factory: OperatorFactory | None = None) -> int:
+def run_operator(
+    command: str,
+    op: Operator,
+    opts: IOOptions,
+    records: Iterable[Record] | None = None,
+    factory: OperatorFactory | None = None,
+) -> int:
     """Run `op` over NDJSON inputs (or over `records`, for sources) and return the exit code.
 
     With `opts.workers` > 1, `factory` rebuilds the operator in each worker process.
@@ -274,9 +364,19 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
     if opts.workers > 1 and factory is not None:
         from sage_cli.workers import parallel_driver, worker_kwargs
 
-        factory = OperatorFactory(command, factory.build, worker_kwargs(factory.kwargs, opts.workers))
-        driver = parallel_driver(op, writer, policy, batch_size, on_batch, factory, opts.workers,
-                                 ordered=not opts.unordered)
+        factory = OperatorFactory(
+            command, factory.build, worker_kwargs(factory.kwargs, opts.workers)
+        )
+        driver = parallel_driver(
+            op,
+            writer,
+            policy,
+            batch_size,
+            on_batch,
+            factory,
+            opts.workers,
+            ordered=not opts.unordered,
+        )
     else:
         driver = Driver(op, writer, policy, batch_size, on_batch=on_batch)
     tracer = None
@@ -293,8 +393,9 @@ def run_operator(command: str, op: Operator, opts: IOOptions,
             if records is not None:
                 driver.run_records(records, origin=command)
             else:
-                reader = RecordReader(opts.files, on_idle=driver.idle,
-                                      idle_interval=op.tick_interval)
+                reader = RecordReader(
+                    opts.files, on_idle=driver.idle, idle_interval=op.tick_interval
+                )
                 driver.run_reader(reader)
         finally:
             shutdown = getattr(driver, "shutdown", None)  # --workers: stop the worker processes
@@ -333,8 +434,9 @@ def make_progress(prog: str, opts: IOOptions) -> Any:
     return Progress(prog)
 
 
-def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
-                     **command_kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def operator_command(
+    app: typer.Typer, name: str, *, reads_stdin: bool = True, **command_kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register `build` as the command `name`: it parses the command's own flags and returns
     an Operator (or `(operator, records)` for a source); the common I/O flags are added here.
     """
@@ -342,12 +444,16 @@ def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(build, eval_str=True)
         own = list(sig.parameters.values())
-        extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
-                 for n, a, d in _COMMON]
+        extra = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+            for n, a, d in _COMMON
+        ]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         if reads_stdin:
             n, a, d = _FILES
-            params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d))
+            params.append(
+                inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+            )
         params.extend(extra)
         common_names = {n for n, _, _ in _COMMON} | {_FILES[0]}
 
@@ -370,8 +476,14 @@ def operator_command(app: typer.Typer, name: str, *, reads_stdin: bool = True,
                 raise typer.Exit(code)
             op, records = built if isinstance(built, tuple) else (built, None)
             if opts.workers > 1 and not op.stateless and not opts.schema:
-                raise typer.Exit(fail(prog, f"--workers needs a stateless operator; {prog} keeps "
-                                      "state between records: run it as one process", ExitCode.USAGE))
+                raise typer.Exit(
+                    fail(
+                        prog,
+                        f"--workers needs a stateless operator; {prog} keeps "
+                        "state between records: run it as one process",
+                        ExitCode.USAGE,
+                    )
+                )
             raise typer.Exit(run_operator(name, op, opts, records, factory))
 
         command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

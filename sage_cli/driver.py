@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ from sage_cli.exitcodes import ExitCode
 from sage_cli.io import BadLine, RecordReader, RecordWriter
 
 
-class ErrorMode(str, Enum):
+class ErrorMode(StrEnum):
     fail = "fail"
     skip = "skip"
     emit = "emit"
@@ -49,8 +49,13 @@ class Stats:
 class ErrorPolicy:
     """Applies `--on-error` and `--errors FILE` to a bad line or a failed record."""
 
-    def __init__(self, stage: str, mode: ErrorMode = ErrorMode.fail,
-                 dead_letter: str | None = None, stats: Stats | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        mode: ErrorMode = ErrorMode.fail,
+        dead_letter: str | None = None,
+        stats: Stats | None = None,
+    ) -> None:
         self.stage = stage
         self.mode = ErrorMode(mode)
         self.dead_letter = dead_letter
@@ -64,17 +69,26 @@ class ErrorPolicy:
             try:
                 self._dead_fh = open(self.dead_letter, "ab")  # noqa: SIM115 - kept open for the run
             except OSError as exc:
-                raise SageError(f"--errors {self.dead_letter}: cannot open: {exc.strerror}") from None
+                raise SageError(
+                    f"--errors {self.dead_letter}: cannot open: {exc.strerror}"
+                ) from None
         self._dead_fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE, default=str))
         self._dead_fh.flush()  # a dead letter must survive a crash of this process
 
     def bad_line(self, bad: BadLine) -> list[Record]:
         """A line that is not a JSON object. Returns what to write in its place."""
-        entry = {"stage": self.stage, "origin": bad.origin, "line": bad.line,
-                 "error": bad.reason, "raw": bad.raw_text()}
+        entry = {
+            "stage": self.stage,
+            "origin": bad.origin,
+            "line": bad.line,
+            "error": bad.reason,
+            "raw": bad.raw_text(),
+        }
         return self._apply(entry, bad.message(), ExitCode.DATA, {"_error": entry})
 
-    def bad_record(self, record: Record, origin: str, line: int, exc: BaseException) -> list[Record]:
+    def bad_record(
+        self, record: Record, origin: str, line: int, exc: BaseException
+    ) -> list[Record]:
         """A record the operator could not process."""
         reason = str(exc) or type(exc).__name__
         entry = {"stage": self.stage, "origin": origin, "line": line, "error": reason}
@@ -119,8 +133,14 @@ def convert_operator_error(exc: Exception) -> SageError | None:
 class Driver:
     """Feeds records through one operator in batches and writes what it returns."""
 
-    def __init__(self, op: Operator, writer: RecordWriter, policy: ErrorPolicy,
-                 batch_size: int = 256, on_batch: Callable[[Stats], None] | None = None) -> None:
+    def __init__(
+        self,
+        op: Operator,
+        writer: RecordWriter,
+        policy: ErrorPolicy,
+        batch_size: int = 256,
+        on_batch: Callable[[Stats], None] | None = None,
+    ) -> None:
         self.op = op
         self.writer = writer
         self.policy = policy
@@ -198,8 +218,14 @@ class Driver:
 
     # -- batching ----------------------------------------------------------------------------
 
-    def feed_block(self, origin: str, first_line: int, items: list[Any],
-                   lines: Sequence[int] | None, clean: bool) -> None:
+    def feed_block(
+        self,
+        origin: str,
+        first_line: int,
+        items: list[Any],
+        lines: Sequence[int] | None,
+        clean: bool,
+    ) -> None:
         """Process one block of items read together.
 
         A clean block holds only records without `_error`, numbered from `first_line`: it is
@@ -209,8 +235,10 @@ class Driver:
         if clean:
             n = len(items)
             for start in range(0, n, bs):
-                part = items if n <= bs else items[start:start + bs]
-                self._run_batch(origin, part, range(first_line + start, first_line + start + len(part)))
+                part = items if n <= bs else items[start : start + bs]
+                self._run_batch(
+                    origin, part, range(first_line + start, first_line + start + len(part))
+                )
                 if self.op.done:
                     return
             return
@@ -218,7 +246,7 @@ class Driver:
             lines = range(first_line, first_line + len(items))
         batch: list[Record] = []
         batch_lines: list[int] = []
-        for item, line in zip(items, lines):
+        for item, line in zip(items, lines, strict=True):
             if type(item) is dict and "_error" not in item:
                 batch.append(item)
                 batch_lines.append(line)

@@ -24,6 +24,7 @@ import orjson
 from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shared with sources
     QUOTE_LIMIT,
     BadLine,
+    complete_lines,
     describe_json_error,
     parse_line,
 )
@@ -63,12 +64,17 @@ def open_input(path: str) -> int | BinaryIO:
         raise SageError(f"{path}: cannot open: {exc.strerror}") from None
     if stat.S_ISDIR(os.fstat(fd).st_mode):
         os.close(fd)
-        raise UsageError(f"{path}: is a directory; NDJSON input must be a file (use `sage source DIR`)")
+        raise UsageError(
+            f"{path}: is a directory; NDJSON input must be a file (use `sage source DIR`)"
+        )
     return fd
 
 
-def read_blocks(fd: int | BinaryIO, on_idle: Callable[[], None] | None = None,
-                idle_interval: float | None = None) -> Iterator[bytes]:
+def read_blocks(
+    fd: int | BinaryIO,
+    on_idle: Callable[[], None] | None = None,
+    idle_interval: float | None = None,
+) -> Iterator[bytes]:
     """Yield runs of complete lines (joined, without the final `\\n`) as they arrive on `fd`.
 
     Before blocking on a pipe or terminal, call `on_idle` (and again every `idle_interval`
@@ -83,39 +89,28 @@ def read_blocks(fd: int | BinaryIO, on_idle: Callable[[], None] | None = None,
 
         def raw_read(_fd: Any, n: int) -> bytes:
             return stream.read(n) or b""
+
     size = FILE_BLOCK_SIZE if is_regular else BLOCK_SIZE
-    pending: list[bytes] = []
     read: Callable[[Any, int], bytes] = raw_read
-    while True:
-        if not is_regular and on_idle is not None:
-            ready, _, _ = select.select([fd], [], [], 0)
-            while not ready:
-                on_idle()
-                ready, _, _ = select.select([fd], [], [], idle_interval)
-        try:
-            chunk = read(fd, size)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-            continue
-        except IsADirectoryError:
-            raise UsageError("input is a directory; use `sage source DIR`") from None
-        if not chunk:
-            break
-        nl = chunk.rfind(b"\n")
-        if nl < 0:
-            pending.append(chunk)
-            continue
-        if pending:
-            pending.append(chunk[: nl])
-            head = b"".join(pending)
-            pending = []
-        else:
-            head = chunk[:nl]
-        rest = chunk[nl + 1:]
-        if rest:
-            pending.append(rest)
-        yield head
-    if pending:
-        yield b"".join(pending)
+
+    def chunks() -> Iterator[bytes]:
+        while True:
+            if not is_regular and on_idle is not None:
+                ready, _, _ = select.select([fd], [], [], 0)
+                while not ready:
+                    on_idle()
+                    ready, _, _ = select.select([fd], [], [], idle_interval)
+            try:
+                chunk = read(fd, size)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                continue
+            except IsADirectoryError:
+                raise UsageError("input is a directory; use `sage source DIR`") from None
+            if not chunk:
+                return
+            yield chunk
+
+    return complete_lines(chunks())
 
 
 @dataclass
@@ -136,9 +131,12 @@ class Block:
 class RecordReader:
     """Reads NDJSON records from a list of inputs, block by block, with line numbers."""
 
-    def __init__(self, paths: list[str] | None = None,
-                 on_idle: Callable[[], None] | None = None,
-                 idle_interval: float | None = None) -> None:
+    def __init__(
+        self,
+        paths: list[str] | None = None,
+        on_idle: Callable[[], None] | None = None,
+        idle_interval: float | None = None,
+    ) -> None:
         self.paths = list(paths) if paths else ["-"]
         self.on_idle = on_idle
         self.idle_interval = idle_interval
@@ -182,7 +180,9 @@ class RecordReader:
             if not raw.strip():
                 continue  # blank lines are skipped
             parsed = parse_line(raw)
-            items.append(parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw))
+            items.append(
+                parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)
+            )
             numbers.append(line)
         return Block(origin, first, items, numbers, False)
 

@@ -29,8 +29,10 @@ class Progress:
         self._last = now
         elapsed = max(now - self.started, 1e-9)
         rate = stats.records_in / elapsed
-        text = (f"{self.prog}: {stats.records_in:,} in, {stats.records_out:,} out, "
-                f"{stats.errors:,} errors, {rate:,.1f} rec/s, {elapsed:,.1f}s")
+        text = (
+            f"{self.prog}: {stats.records_in:,} in, {stats.records_out:,} out, "
+            f"{stats.errors:,} errors, {rate:,.1f} rec/s, {elapsed:,.1f}s"
+        )
         if self.tty:
             if self.color:
                 text = f"\x1b[2m{text}\x1b[0m"

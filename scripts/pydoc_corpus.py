@@ -2,9 +2,9 @@
 which every Python installation carries, one record per topic, the topic name as its id."""
 
 import sys
+from pydoc_data.topics import topics
 
 import orjson
-from pydoc_data.topics import topics
 
 lines = []
 for name in sorted(topics):

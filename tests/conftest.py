@@ -27,13 +27,24 @@ def sage_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "sage_cli", *args]
 
 
-def run_sage(*args: str, input: bytes | str | None = None, env: dict[str, str] | None = None,
-             timeout: float = 120, cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+def run_sage(
+    *args: str,
+    input: bytes | str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run `sage ARGS` as a subprocess and return the completed process (bytes out/err)."""
     if isinstance(input, str):
         input = input.encode()
-    return subprocess.run(sage_argv(*args), input=input, capture_output=True,
-                          env=env or clean_env(), timeout=timeout, cwd=cwd)
+    return subprocess.run(
+        sage_argv(*args),
+        input=input,
+        capture_output=True,
+        env=env or clean_env(),
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def ndjson(records: list[dict[str, Any]]) -> bytes:

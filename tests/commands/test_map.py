@@ -10,13 +10,18 @@ def test_map_adds_a_field(cli):
 def test_map_expression_error_names_expression_and_line(cli):
     result = cli("map", 'r | {"n": r["missing"]}', input=ndjson([{"a": 1}]))
     assert result.exit_code == 65
-    assert "stdin:1" in result.stderr and "r[\"missing\"]" in result.stderr
+    assert "stdin:1" in result.stderr and 'r["missing"]' in result.stderr
     assert result.stderr.count("\n") == 1
 
 
 def test_map_non_object_result_is_record_error_and_emit_keeps_going(cli):
-    result = cli("map", '1 if r["a"] == 2 else r', "--on-error", "emit",
-                 input=ndjson([{"a": 1}, {"a": 2}, {"a": 3}]))
+    result = cli(
+        "map",
+        '1 if r["a"] == 2 else r',
+        "--on-error",
+        "emit",
+        input=ndjson([{"a": 1}, {"a": 2}, {"a": 3}]),
+    )
     assert result.exit_code == 0
     out = parse_ndjson(result.stdout)
     assert [r.get("a") for r in out] == [1, 2, 3]
@@ -40,8 +45,15 @@ def test_map_fn_loads_module_function(cli, tmp_path, monkeypatch):
 
 def test_errors_file_collects_bad_lines(cli, tmp_path):
     dead = tmp_path / "dead.ndjson"
-    result = cli("map", "r", "--on-error", "skip", "--errors", str(dead),
-                 input=b'{"a":1}\nnot json\n{"a":2}\n')
+    result = cli(
+        "map",
+        "r",
+        "--on-error",
+        "skip",
+        "--errors",
+        str(dead),
+        input=b'{"a":1}\nnot json\n{"a":2}\n',
+    )
     assert result.exit_code == 0
     assert parse_ndjson(result.stdout) == [{"a": 1}, {"a": 2}]
     dead_records = parse_ndjson(dead.read_bytes())

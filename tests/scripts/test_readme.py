@@ -26,8 +26,21 @@ def tour_blocks() -> list[str]:
 
 def test_the_tour_has_examples_for_every_area():
     text = "\n".join(tour_blocks())
-    for command in ("source", "map", "window", "join", "chunk", "embed", "retrieve", "generate",
-                    "eval", "models", "run", "trace", "--workers"):
+    for command in (
+        "source",
+        "map",
+        "window",
+        "join",
+        "chunk",
+        "embed",
+        "retrieve",
+        "generate",
+        "eval",
+        "models",
+        "run",
+        "trace",
+        "--workers",
+    ):
         assert command in text, f"the README tour has no example of {command}"
 
 
@@ -37,11 +50,18 @@ def test_every_tour_example_runs(tmp_path: Path) -> None:
     work = tmp_path / "examples"
     shutil.copytree(ROOT / "scripts" / "examples", work)
     bin_dir = str(Path(sys.executable).parent)
-    env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-                    SAGE_CACHE_DIR=str(tmp_path / "cache"))
+    env = clean_env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        SAGE_CACHE_DIR=str(tmp_path / "cache"),
+    )
     for block in tour_blocks():
-        result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=work, env=env,
-                                capture_output=True, timeout=600)
+        result = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", block],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            timeout=600,
+        )
         stderr = result.stderr.decode(errors="replace")
         assert result.returncode == 0, f"README example failed:\n{block}\n--- stderr:\n{stderr}"
         assert "Traceback" not in stderr, block

@@ -66,3 +66,16 @@ def test_every_tour_example_runs(tmp_path: Path) -> None:
         assert result.returncode == 0, f"README example failed:\n{block}\n--- stderr:\n{stderr}"
         assert "Traceback" not in stderr, block
         assert result.stdout.strip(), f"README example printed nothing:\n{block}"
+
+
+def test_python_examples_run_and_print_what_the_readme_says(capsys) -> None:
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert blocks, "the README lost its Python example"
+    for block in blocks:
+        code = [line for line in block.splitlines() if not line.startswith("# ")]
+        expected = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+        *body, last = [line for line in code if line.strip()]
+        namespace: dict = {}
+        exec("\n".join(body), namespace)  # noqa: S102 - our own README
+        assert [repr(eval(last, namespace))] == expected  # noqa: S307

@@ -91,15 +91,36 @@ def _source_is_closed(stage: Stage) -> bool:
     return bool(paths) and all(p.endswith(TEXT_SUFFIXES) or os.path.isdir(p) for p in paths)
 
 
-def check(pipeline: Pipeline) -> list[str]:
-    """Validate `pipeline`; return one line per stage, or raise CheckError."""
+def outputs_of(pipeline: Pipeline) -> set[Path]:
+    """Paths a pipeline creates: `sage index build DIR` and `> FILE` targets."""
+    cwd = Path(pipeline.cwd)
+    made: set[Path] = set()
+    for stage in pipeline.stages:
+        for r in stage.redirects:
+            if r.op in (">", ">>", "&>", "&>>"):
+                made.add((cwd / r.target).resolve())
+        if stage.is_sage and stage.argv[1:3] == ["index", "build"]:
+            dirs = [a for a in stage.argv[3:] if not a.startswith("-")]
+            if dirs:
+                made.add((cwd / dirs[0]).resolve())
+    return made
+
+
+def check(pipeline: Pipeline, made_before: set[Path] | None = None) -> list[str]:
+    """Validate `pipeline`; return one line per stage, or raise CheckError.
+
+    `made_before`: paths that earlier pipelines of the same script create (an index built by
+    the first pipeline and searched by the second is not missing).
+    """
+    made_before = made_before or set()
     report: list[str] = []
     available: set[str] | None = None  # None: fields unknown (anything may be there)
     cwd = Path(pipeline.cwd)
     for stage in pipeline.stages:
         where = f"stage {stage.name.split('-')[0]} ({stage.label})"
         for r in stage.redirects:
-            if r.op == "<" and not (cwd / r.target).exists():
+            source = cwd / r.target
+            if r.op == "<" and not source.exists() and source.resolve() not in made_before:
                 raise CheckError(f"{where}: input file {r.target} does not exist", ExitCode.USAGE)
         if not stage.is_sage:
             if shutil.which(stage.argv[0], path=pipeline.env.get("PATH")) is None:
@@ -112,7 +133,8 @@ def check(pipeline: Pipeline) -> list[str]:
         if stage.command not in COMMANDS:
             raise CheckError(f"{where}: unknown command; see `sage --help`", ExitCode.USAGE)
         for opt, value in _paths_to_check(stage):
-            if not (cwd / value).exists():
+            path = cwd / value
+            if not path.exists() and path.resolve() not in made_before:
                 raise CheckError(
                     f"{where}: {opt} {value} does not exist; build it first", ExitCode.UNAVAILABLE
                 )
@@ -190,7 +212,11 @@ def check_pipeline(script: str, args: list[str], quiet: bool = False) -> int:
     if not Path(script).exists():
         raise UsageError(f"{script}: no such script; check the path")
     pipelines = pipelines_of(script, args)
-    lines = [line for pipeline in pipelines for line in check(pipeline)]
+    lines: list[str] = []
+    made: set[Path] = set()
+    for pipeline in pipelines:
+        lines.extend(check(pipeline, made))
+        made |= outputs_of(pipeline)
     if not quiet:
         for line in lines:
             sys.stderr.write(f"  {line}\n")

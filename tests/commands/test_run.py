@@ -334,6 +334,27 @@ def test_check_passes_a_good_pipeline_without_running_it(tmp_path: Path) -> None
     assert not (tmp_path / "out.ndjson").exists()
 
 
+def test_check_knows_what_earlier_pipelines_of_the_script_build(tmp_path: Path) -> None:
+    # scripts/rag.sh builds its index in one pipeline and searches it in the next
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world")
+    write(
+        tmp_path / "p.sh",
+        "set -euo pipefail\n"
+        "sage source docs/ | sage chunk | sage embed | sage index build idx/\n"
+        "sage source q.txt -R | sage retrieve --index idx/ > hits.ndjson\n"
+        "sage map r < hits.ndjson | sage sink\n",
+    )
+    (tmp_path / "q.txt").write_text("hello?\n")
+    result = sage_run(tmp_path, "--check", "p.sh")
+    assert result.returncode == 0, result.stderr
+    assert b"3 pipeline(s)" in result.stderr
+    assert not (tmp_path / "idx").exists()  # checked, not built
+    # a path nothing builds is still missing
+    write(tmp_path / "p.sh", "sage source q.txt -R | sage retrieve --index other/\n")
+    assert sage_run(tmp_path, "--check", "p.sh").returncode == 69
+
+
 def test_watch_runs_again_when_an_input_changes(data: Path) -> None:
     write(data / "p.sh", "sage map 'r | {\"w\": 1}' in.ndjson > out.ndjson\n")
     proc = subprocess.Popen(

@@ -61,12 +61,13 @@ def run(report) -> None:
     )
     report("run.sage_run.records_per_s", n / wall["run"], "rec/s", command=commands["run"])
     report(
-        "run.overhead",
+        "run.traced_overhead",
         wall["run"] / wall["bash"] - 1,
         "x",
-        target="<= 0.05",
         command="python -m tests.bench --only run",
-        note="wall: (sage run / bash) - 1; direct pipes, traces on, start-up included",
+        # issue 4: the 5% target is the supervisor's (run.untraced_overhead); the cost of full
+        # per-record tracing is reported (run.trace_cost isolates it on one stage)
+        note="wall: (sage run / bash) - 1; direct pipes, full per-record traces, start-up included",
     )
     report(
         "run.cpu_overhead",

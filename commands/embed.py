@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
+from sage_cli.options import Threads
 
 app = single_command_app()
 
@@ -44,15 +45,7 @@ def embed_records(
             case_sensitive=False,
         ),
     ] = Format.floats,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            help="CPU threads for the model [default: SAGE_THREADS or half the cores]",
-            show_default=False,
-        ),
-    ] = None,
+    threads: Threads = None,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the embedding cache.")
     ] = False,

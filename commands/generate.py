@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
+from sage_cli.options import Threads
 
 app = single_command_app()
 
@@ -54,14 +55,7 @@ def generate_records(
             "--n-ctx", min=16, help="Context in tokens (prompt + answer); longer prompts are cut."
         ),
     ] = 2048,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            help="CPU threads for the model [default: a fair share of the cores]",
-        ),
-    ] = None,
+    threads: Threads = None,
     json_schema: Annotated[
         Path | None,
         typer.Option(

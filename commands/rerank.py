@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
+from sage_cli.options import Threads
 
 app = single_command_app()
 
@@ -60,15 +61,7 @@ def rerank(
             show_default=False,
         ),
     ] = None,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads",
-            min=1,
-            help="CPU threads for the model (default: SAGE_THREADS or half the cores).",
-            show_default=False,
-        ),
-    ] = None,
+    threads: Threads = None,
 ):
     """Reorder each record's `docs` (from `sage retrieve`).
 

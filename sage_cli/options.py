@@ -1,0 +1,18 @@
+"""Flags that several commands share, declared once so their meaning and help stay the same."""
+
+from typing import Annotated
+
+import typer
+
+#: --threads of every command that runs a local model
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        metavar="N",
+        help="CPU threads for the model (default: SAGE_THREADS, which `sage run` sets to a fair "
+        "share of the cores, else half the cores).",
+        show_default=False,
+    ),
+]

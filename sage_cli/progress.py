@@ -10,6 +10,8 @@ from typing import Any
 
 REDRAW_SECONDS = 0.25
 LINE_SECONDS = 5.0
+#: work shorter than this shows no progress: a pipe of quick stages stays quiet on a terminal
+DELAY_SECONDS = 1.0
 
 
 class Progress:
@@ -24,7 +26,7 @@ class Progress:
 
     def update(self, stats: Any, force: bool = False) -> None:
         now = time.monotonic()
-        if not force and now - self._last < self.every:
+        if not force and (now - self._last < self.every or now - self.started < DELAY_SECONDS):
             return
         self._last = now
         elapsed = max(now - self.started, 1e-9)

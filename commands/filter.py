@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
+from sage_cli.options import UserFunction
 
 app = single_command_app()
 
@@ -17,12 +18,7 @@ def filter_records(
             metavar="EXPR", help="Python expression over the record `r`.", show_default=False
         ),
     ] = None,
-    fn: Annotated[
-        str | None,
-        typer.Option(
-            "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."
-        ),
-    ] = None,
+    fn: UserFunction = None,
     invert: Annotated[
         bool, typer.Option("--invert", "-v", help="Keep the records for which EXPR is false.")
     ] = False,

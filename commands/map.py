@@ -5,6 +5,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
+from sage_cli.options import UserFunction
 
 app = single_command_app()
 
@@ -19,12 +20,7 @@ def map_records(
             show_default=False,
         ),
     ] = None,
-    fn: Annotated[
-        str | None,
-        typer.Option(
-            "--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."
-        ),
-    ] = None,
+    fn: UserFunction = None,
 ):
     """Replace each record with what EXPR returns (an object).
 

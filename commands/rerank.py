@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.command import operator_command, single_command_app
-from sage_cli.options import Threads
+from sage_cli.options import QueryField, Threads
 
 app = single_command_app()
 
@@ -53,14 +53,7 @@ def rerank(
             show_default=False,
         ),
     ] = None,
-    field: Annotated[
-        str | None,
-        typer.Option(
-            "--field",
-            help="Field holding the query (default: `query`, else `text`).",
-            show_default=False,
-        ),
-    ] = None,
+    field: QueryField = None,
     threads: Threads = None,
 ):
     """Reorder each record's `docs` (from `sage retrieve`).

@@ -16,3 +16,19 @@ Threads = Annotated[
         show_default=False,
     ),
 ]
+
+#: --fn of the commands that run user code over `r` (map, filter, flatmap)
+UserFunction = Annotated[
+    str | None,
+    typer.Option("--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."),
+]
+
+#: --field of the commands that search with a record's query (retrieve, rerank)
+QueryField = Annotated[
+    str | None,
+    typer.Option(
+        "--field",
+        help="Field holding the query (default: `query`, else `text`).",
+        show_default=False,
+    ),
+]

@@ -921,6 +921,9 @@ class Supervisor:
             sr.status = status
             sr.final = True
             sr.cond.notify_all()
+        self._emit_exit(sr, status, cpu, rss_mb, final=True)
+
+    def _emit_exit(self, sr: StageRun, status: int, cpu: float, rss_mb: float, final: bool) -> None:
         self.events.emit(
             "stage_exit",
             stage=sr.name,
@@ -928,7 +931,7 @@ class Supervisor:
             status=status,
             cpu=round(cpu, 4),
             rss_mb=round(rss_mb, 1),
-            final=True,
+            final=final,
         )
 
     def _should_restart(self, sr: StageRun, status: int) -> bool:
@@ -956,15 +959,7 @@ class Supervisor:
                 sr.last_crash = status
                 delay = self.opts.backoff * (2 ** (sr.attempts - 1))
                 in_flight = len(sr.flight) if sr.flight is not None else sr.stage.index
-                self.events.emit(
-                    "stage_exit",
-                    stage=sr.name,
-                    attempt=sr.attempts,
-                    status=status,
-                    cpu=round(cpu, 4),
-                    rss_mb=round(rss_mb, 1),
-                    final=False,
-                )
+                self._emit_exit(sr, status, cpu, rss_mb, final=False)
                 self.events.emit(
                     "restart",
                     stage=sr.name,

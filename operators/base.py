@@ -101,3 +101,13 @@ def record_text(record: Record, field: str = "text") -> str:
     if field == "text" and "text" not in record and "content" in record:
         field = "content"
     return require_field(record, field, str)
+
+
+def add_warning(record: Record, message: str) -> None:
+    """Append `message` to the record's `_warnings` list (created when absent).
+
+    One convention for every operator: a record that went through with something worth knowing
+    (a lossy decode, a truncated prompt) says so in `_warnings`, a list any stage may append to.
+    """
+    warnings = record.get("_warnings")
+    record["_warnings"] = [*warnings, message] if isinstance(warnings, list) else [message]

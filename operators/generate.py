@@ -50,9 +50,9 @@ from operators.base import (
     RecordError,
     ResourceUnavailable,
     TransientError,
+    add_warning,
 )
 from operators.cache import ResultCache, content_key
-from operators.prompt import add_warning
 
 #: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
 SAFETY_TOKENS = 4

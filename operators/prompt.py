@@ -30,7 +30,7 @@ import string
 from pathlib import Path
 from typing import Any
 
-from operators.base import Operator, OptionError, Record, RecordError
+from operators.base import Operator, OptionError, Record, RecordError, add_warning
 from operators.tokenize import count_tokens
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -55,12 +55,6 @@ def estimate_tokens(text: str) -> int:
     if not text:
         return 0
     return max(count_tokens(text), math.ceil(len(text.encode("utf-8")) / 4))
-
-
-def add_warning(record: Record, message: str) -> None:
-    """Append `message` to the record's `_warnings` list (created when absent)."""
-    warnings = record.get("_warnings")
-    record["_warnings"] = [*warnings, message] if isinstance(warnings, list) else [message]
 
 
 # -- templates --------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Formats, chosen by extension (or forced with `fmt`):
 
 - text (.txt, .md, .markdown, .rst and any other named file): one record per file,
   `{"id", "text", "metadata": {"path", "mtime", "bytes"}}`. Invalid UTF-8 is decoded with
-  U+FFFD replacement characters and the record gets `metadata.warning` saying so.
+  U+FFFD replacement characters and the record's `_warnings` list says so.
 - ndjson (.ndjson, .jsonl; stdin by default): records as they are. A line that is not a JSON
   object is a BadLine with `FILE:LINE` for the error policy.
 - json (.json): an array of objects (one record each) or one object.
@@ -35,7 +35,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import orjson
 
-from operators.base import Operator, OptionError, Record
+from operators.base import Operator, OptionError, Record, add_warning
 from operators.ndjson import (
     BadLine,
     describe_json_error,
@@ -85,9 +85,9 @@ class Source(Operator):
                 "path": {"type": "string"},
                 "mtime": {"type": "number"},
                 "bytes": {"type": "integer"},
-                "warning": {"type": "string"},
             },
         },
+        "_warnings": {"type": "array", "items": {"type": "string"}},
     }
 
     def __init__(
@@ -224,7 +224,7 @@ class Source(Operator):
         text, warning = decode_text(raw.rstrip(b"\r"))
         record: Record = {"id": self._id(text, f"{origin}:{lineno}"), "text": text}
         if warning:
-            record["metadata"] = {"warning": warning}
+            add_warning(record, warning)
         return record
 
     # -- whole-file formats ----------------------------------------------------------------
@@ -236,9 +236,10 @@ class Source(Operator):
             if st is not None:
                 meta["mtime"] = st.st_mtime
             meta["bytes"] = len(data)
+            record: Record = {"id": self._id(text, path), "text": text, "metadata": meta}
             if warning:
-                meta["warning"] = warning
-            yield {"id": self._id(text, path), "text": text, "metadata": meta}
+                add_warning(record, warning)
+            yield record
         elif fmt == "json":
             yield from self._json(path, data)
         elif fmt == "csv":

@@ -116,7 +116,8 @@ def test_invalid_utf8_text_is_replaced_with_a_warning(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"ok \xff end")
     (record,) = items(Source([str(tmp_path / "bad.txt")]))
     assert record["text"] == "ok \ufffd end"
-    assert "invalid UTF-8 at byte 3" in record["metadata"]["warning"]
+    assert "invalid UTF-8 at byte 3" in record["_warnings"][0]
+    assert "warning" not in record["metadata"]
 
 
 def test_empty_files_give_no_records_or_one_empty_text(tmp_path):

@@ -387,6 +387,10 @@ def run_operator(
         if tracer is not None:
             tracer.count_tokens = "usage" in getattr(op, "produces", {})
             tracer.start(stats)
+    if os.environ.get("SAGE_ENVELOPE", "") not in ("", "0"):
+        from sage_cli.envelope import envelope_from_env
+
+        driver.envelope = envelope_from_env(command)
 
     def body() -> None:
         try:

@@ -17,6 +17,7 @@ import orjson
 from operators.base import (
     Operator,
     OptionError,
+    OutputFailed,
     Record,
     RecordError,
     ResourceUnavailable,
@@ -125,6 +126,8 @@ def convert_operator_error(exc: Exception) -> SageError | None:
         return UnavailableError(str(exc))
     if isinstance(exc, TransientError):
         return TempFailError(str(exc))
+    if isinstance(exc, OutputFailed):  # disk full: 75 (a retry after freeing space), else 1
+        return TempFailError(str(exc)) if exc.temporary else SageError(str(exc))
     if isinstance(exc, RecordError):
         return DataError(str(exc))
     return None
@@ -149,6 +152,8 @@ class Driver:
         self.on_batch = on_batch
         #: set by run_operator under `sage run` (sage_cli.trace.Tracer): one event per batch
         self.tracer: Any = None
+        #: set by run_operator with SAGE_ENVELOPE=1 (sage_cli.envelope.Envelope): `_sage` per record
+        self.envelope: Any = None
 
     # -- the public entry points -------------------------------------------------------------
 
@@ -276,7 +281,7 @@ class Driver:
         t0 = time.perf_counter()
         try:
             out = self.op.process(batch)
-        except (ResourceUnavailable, KeyboardInterrupt):
+        except (ResourceUnavailable, OutputFailed, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - a failed batch is retried, a failed record judged
             if len(batch) == 1:  # re-running it would only repeat the failure (and its timeout)
@@ -287,6 +292,8 @@ class Driver:
         stats.busy_seconds += t1 - t0
         if self.tracer is not None:
             self.tracer.batch(batch, out, t0, t1)
+        if self.envelope is not None:
+            self.envelope.stamp(out, t1 - t0, len(batch))
         self._write(out)
         # a slow operator over a file never blocks on input: flush at least every ~100 ms
         self.writer.maybe_flush()
@@ -299,7 +306,7 @@ class Driver:
         for i, record in enumerate(batch):
             try:
                 out.extend(self.op.process([record]))
-            except (ResourceUnavailable, KeyboardInterrupt):
+            except (ResourceUnavailable, OutputFailed, KeyboardInterrupt):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure of one record is that record's
                 self._write(out)  # what came before the bad record is written first

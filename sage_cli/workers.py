@@ -372,13 +372,17 @@ class _DrainFirst:
 
 
 class _Slot:
-    __slots__ = ("segments", "batch")
+    __slots__ = ("segments", "batch", "records_in")
 
     def __init__(
-        self, segments: list[Segment] | None = None, batch: list[Record] | None = None
+        self,
+        segments: list[Segment] | None = None,
+        batch: list[Record] | None = None,
+        records_in: int = 0,
     ) -> None:
         self.segments = segments
         self.batch = batch  # kept for the trace until the answer comes
+        self.records_in = records_in
 
 
 class ParallelDriver(Driver):
@@ -425,7 +429,10 @@ class ParallelDriver(Driver):
         self.stats.batches += 1
         seq = next(self._seq)
         # the trace hook `sage run` installs (None when not traced)
-        slot = _Slot(batch=batch if getattr(self, "tracer", None) is not None else None)
+        slot = _Slot(
+            batch=batch if getattr(self, "tracer", None) is not None else None,
+            records_in=len(batch),
+        )
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
@@ -472,6 +479,10 @@ class ParallelDriver(Driver):
             _, seq, segments, busy = answer
             self.stats.busy_seconds += busy
             slot = self._in_flight.pop(seq)
+            if self.envelope is not None:
+                for seg in segments:
+                    if seg[0] == "out":
+                        self.envelope.stamp(seg[1], busy, slot.records_in)
             tracer = getattr(self, "tracer", None)
             if tracer is not None and slot.batch is not None:
                 t1 = time.perf_counter()

@@ -19,6 +19,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """The environment for a sage subprocess: PYTHONUNBUFFERED removed (DESIGN §7)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     env.pop("SAGE_DEBUG", None)
+    env.pop("SAGE_ENVELOPE", None)  # records stay as the tests expect unless a test asks
     env.update(extra)
     return env
 

@@ -37,6 +37,34 @@ class TransientError(OperatorError):
     """A failure a retry may cure: a server that timed out or refused (exit 75)."""
 
 
+class OutputFailed(OperatorError):
+    """The operator cannot write its own output file (an index, a sink's `--to FILE`): the
+    stage stops at once, never retried record by record. Exit 75 when the disk is full or a
+    quota is reached (freeing space and re-running cures it), else 1. Build it with
+    `OutputFailed.from_os_error`; the message says what became of the old file."""
+
+    def __init__(self, message: str, temporary: bool = False) -> None:
+        super().__init__(message)
+        self.temporary = temporary
+
+    @classmethod
+    def from_os_error(cls, what: str, exc: OSError, kept: str) -> OutputFailed:
+        """`what`: cannot write ...; `kept`: what the user still has (the old index is untouched)."""
+        import errno
+        import os
+        import re
+
+        code, reason = exc.errno, exc.strerror
+        if code is None:  # C extensions (annoy): OSError("Unable to write: <strerror> (28)")
+            found = re.search(r"\((\d+)\)\s*$", str(exc))
+            code = int(found.group(1)) if found else None
+        if not reason:
+            reason = os.strerror(code) if code else str(exc) or type(exc).__name__
+        full = code in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free some space and run it again" if full else ""
+        return cls(f"{what}: {reason}; {kept}{hint}", temporary=full)
+
+
 class Operator:
     """Base class for every operator. Subclasses set the class attributes and `process`."""
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ import orjson
 from operators.base import (
     Operator,
     OptionError,
+    OutputFailed,
     Record,
     RecordError,
     ResourceUnavailable,
@@ -209,17 +211,42 @@ def write_index(
     n_jobs: int = 1,
     version: str | None = None,
 ) -> dict[str, Any]:
-    """Write an index atomically (temp dir + rename) and return its manifest."""
-    import numpy as np
-    from annoy import AnnoyIndex
+    """Write an index atomically (temp dir + rename) and return its manifest.
 
-    from operators.bm25 import BM25
-
+    An OSError on the way (disk full, quota, I/O error) removes the temporary directory and
+    becomes OutputFailed (exit 75 for a full disk, else 1) saying the old index is untouched."""
     if len(records) != vectors.shape[0]:
         raise ValueError("one vector per record")
     if not records:
         raise OptionError("no records to index")
     target = check_target(directory)
+    had_index = target.is_dir() and any(target.iterdir())
+    try:
+        return _write_index(target, vectors, records, model, trees, seed, n_jobs, version)
+    except OSError as exc:  # disk full, quota, read-only, I/O error: nothing half-written stays
+        kept = (
+            f"the old index in {target} is untouched"
+            if had_index
+            else f"no index was written to {target}"
+        )
+        raise OutputFailed.from_os_error(f"{target}: cannot write the index", exc, kept) from None
+
+
+def _write_index(
+    target: Path,
+    vectors: np.ndarray,
+    records: list[Record],
+    model: ModelRef | None,
+    trees: int,
+    seed: int,
+    n_jobs: int,
+    version: str | None,
+) -> dict[str, Any]:
+    import numpy as np
+    from annoy import AnnoyIndex
+
+    from operators.bm25 import BM25
+
     target.parent.mkdir(parents=True, exist_ok=True)
     dim = int(vectors.shape[1])
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
@@ -237,7 +264,8 @@ def write_index(
         for i, vec in enumerate(vectors):
             forest.add_item(i, vec)
         forest.build(trees, n_jobs=n_jobs)
-        forest.save(str(tmp / FILES["annoy"]))
+        with _stderr_silenced():  # annoy prints its own error line; the OSError carries it
+            forest.save(str(tmp / FILES["annoy"]))
         forest.unload()
         manifest = {
             "format": FORMAT,
@@ -266,6 +294,24 @@ def write_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+@contextlib.contextmanager
+def _stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 on /dev/null for the duration (C code that prints its errors)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

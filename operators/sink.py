@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
-from operators.base import Operator, OptionError, Record
+from operators.base import Operator, OptionError, OutputFailed, Record
 
 FORMATS = ("ndjson", "json", "csv", "md")
 WHOLE_INPUT = ("csv", "md")
@@ -94,26 +94,50 @@ class Sink(Operator):
         if self.fmt in WHOLE_INPUT:
             self.held.extend(batch)
         elif self.fmt == "ndjson":
-            self._out.write(b"".join([_dump_line(r) for r in batch]))
+            self._write(b"".join([_dump_line(r) for r in batch]))
         else:  # json: one array, elements separated by ",\n"
             sep = b",\n" if self.count else b"\n"
-            self._out.write(sep + b",\n".join(_dump(r) for r in batch))
+            self._write(sep + b",\n".join(_dump(r) for r in batch))
         self.count += len(batch)
         return []
+
+    def _write(self, data: bytes) -> None:
+        assert self._out is not None
+        if self.to is None:
+            self._out.write(data)
+            return
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: OSError) -> OutputFailed:
+        """A write to the temporary file failed (disk full...): drop it, say what is kept."""
+        assert self.to is not None
+        self.abandon()
+        kept = (
+            f"{self.to} is untouched (the partial output was removed)"
+            if os.path.lexists(self.to)
+            else f"{self.to} was not created"
+        )
+        return OutputFailed.from_os_error(f"--to {self.to}: cannot write", exc, kept)
 
     def close(self) -> list[Record]:
         out = self._out
         if out is None:
             return []
         if self.fmt == "json":
-            out.write(b"\n]\n" if self.count else b"]\n")
+            self._write(b"\n]\n" if self.count else b"]\n")
         elif self.fmt == "csv":
-            out.write(to_csv(self.held))
+            self._write(to_csv(self.held))
         elif self.fmt == "md":
-            out.write(to_markdown(self.held))
+            self._write(to_markdown(self.held))
         self.held = []
         if self.to is not None:
-            self._commit()
+            try:
+                self._commit()
+            except OSError as exc:
+                raise self._failed(exc) from None
         else:
             out.flush()
         self._out = None
@@ -135,6 +159,9 @@ class Sink(Operator):
             raise OptionError(
                 f"--to {path}: cannot write in {directory}; check its permissions"
             ) from None
+        except OSError as exc:  # no inode left, read-only file system
+            kept = f"{path} is untouched" if os.path.lexists(path) else f"{path} was not created"
+            raise OutputFailed.from_os_error(f"--to {path}: cannot write", exc, kept) from None
         self._tmp = tmp
         self._file = os.fdopen(fd, "wb", buffering=1024 * 1024)
         # If the run ends any other way than close(), the temporary file goes and PATH stays.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,23 +86,27 @@ _IDS = b',"ids":['
 def read_events(path: Path, ids: bool = True) -> list[dict[str, Any]]:
     """Every complete event of an NDJSON trace file (a torn last line is ignored).
     With ids=False the batches' id lists (the bulk of the file) are not parsed."""
+    return list(iter_events(path, ids))
+
+
+def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
+    """The events of a trace file one at a time, read line by line: a trace grows with the
+    run (about 10 MB per million records with ids) and is never held in memory whole."""
     try:
-        data = path.read_bytes()
+        fh = open(path, "rb")  # noqa: SIM115 - closed below, also when the caller stops early
     except FileNotFoundError:
-        return []
-    out = []
+        return
     loads = orjson.loads
-    for line in data.split(b"\n"):
-        if line:
+    with fh:
+        for line in fh:
             if not ids:
                 cut = line.find(_IDS)
                 if cut > 0:
                     line = line[:cut] + b"}"
             try:
-                out.append(loads(line))
+                yield loads(line)
             except orjson.JSONDecodeError:
                 continue
-    return out
 
 
 def find_run(run: str | None, base: str = DEFAULT_BASE) -> RunDirectory:
@@ -151,7 +156,7 @@ def weighted_percentiles(
     return out
 
 
-def stage_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
+def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Counts, latency and tokens of one stage from its own trace events (all attempts)."""
     records_in = records_out = errors = skipped = tokens = 0
     busy = 0.0
@@ -207,6 +212,12 @@ def stage_figures(events: list[dict[str, Any]]) -> dict[str, Any]:
         "first_batch": first,
         "last_batch": last,
     }
+
+
+def _counted(events: Iterable[dict[str, Any]], seen: list[int]) -> Iterator[dict[str, Any]]:
+    for ev in events:
+        seen[0] += 1
+        yield ev
 
 
 def stderr_tail(path: Path, lines: int = 3) -> list[str]:
@@ -269,10 +280,12 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         elif kind == "relay":
             st["relay"].update({k: ev[k] for k in ("records_in", "records_out") if k in ev})
     for name, st in stages.items():
-        traced = read_events(run.trace_path(name), ids=False)
-        st["traced"] = bool(traced)
-        if traced:
-            st.update(stage_figures(traced))
+        # streamed: the summary of a long run must not hold its traces in memory
+        seen = [0]
+        figures = stage_figures(_counted(iter_events(run.trace_path(name), ids=False), seen))
+        st["traced"] = bool(seen[0])
+        if seen[0]:
+            st.update(figures)
         else:  # an opaque stage: what the supervisor's relay counted, if it relayed
             st.update(
                 {

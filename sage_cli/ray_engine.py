@@ -120,6 +120,7 @@ class _Stage:
     in_flight: int = 0
     closed: bool = False
     tracer: Any = None
+    envelope: Any = None  # SAGE_ENVELOPE=1: the `_sage` stamp (sage_cli/envelope.py)
 
     @property
     def stateful(self) -> bool:
@@ -496,6 +497,8 @@ class RayPipeline:
         if stage.tracer is not None:
             now = time.perf_counter()
             stage.tracer.batch(task.batch, out, now - busy, now)
+        if stage.envelope is not None:
+            stage.envelope.stamp(out, busy, len(task.batch))
         if done:
             self._cut(stage, task.seq)
         self._forward(stage, task.seq, task.origin, out)
@@ -673,6 +676,7 @@ def run_ray_pipeline(
     writer = _writer_for(stdout)
     pipeline = RayPipeline(plans, writer)
     tracers = _start_traces(plans, trace_dir)
+    _start_envelopes(plans)
     code: int = ExitCode.OK
 
     def body() -> None:
@@ -716,6 +720,16 @@ def run_ray_pipeline(
                 ray.shutdown()
         sys.stdout = real_stdout
     return int(code)
+
+
+def _start_envelopes(plans: list[_Stage]) -> None:
+    if os.environ.get("SAGE_ENVELOPE", "") in ("", "0"):
+        return
+    from sage_cli.envelope import Envelope, new_run_id
+
+    run_id = os.environ.get("SAGE_RUN_ID") or new_run_id()
+    for stage in plans:
+        stage.envelope = Envelope(stage.op.name, run_id)
 
 
 def _start_traces(plans: list[_Stage], trace_dir: str | None) -> list[Any]:

@@ -71,3 +71,18 @@ def test_engine_ray_refuses_local_only_flags(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr.decode().count("\n") == 1 and "--engine ray" in result.stderr.decode()
+
+
+@pytest.mark.slow
+def test_engine_ray_stamps_the_envelope_like_local_stages(tmp_path: Path) -> None:
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": i, "x": i} for i in range(30)]))
+    (tmp_path / "p.sh").write_text(SCRIPT)
+    bin_dir = str(Path(sys.executable).parent)
+    env = clean_env(PATH=f"{bin_dir}:/usr/bin:/bin", RAY_AUTH_MODE="disabled", SAGE_ENVELOPE="1")
+    argv = [sys.executable, "-m", "sage_cli", "run", "--engine", "ray", "-q", "p.sh"]
+    ray = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, timeout=300)
+    assert ray.returncode == 0, ray.stderr.decode()
+    out = [json.loads(line) for line in (tmp_path / "out.ndjson").read_text().splitlines()]
+    assert [r["id"] for r in out] == list(range(0, 30, 3))
+    assert len({r["_sage"]["run"] for r in out}) == 1
+    assert all([s["stage"] for s in r["_sage"]["stages"]] == ["map", "filter"] for r in out)

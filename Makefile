@@ -14,8 +14,9 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+FUZZ_SECONDS ?= 10
 
-.PHONY: help install demo test lint format bench check clean models system-deps
+.PHONY: help install demo test lint format bench fuzz check clean models system-deps
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -61,7 +62,11 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 bench: $(STAMP) ## Benchmarks: ratios against baselines measured in the same run
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
-check: lint test ## Lint, type checks and the tests
+fuzz: $(STAMP) ## Fuzz every parser: hypothesis (long profile) + atheris for FUZZ_SECONDS per harness
+	SAGE_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz
+	$(PY) -m tests.fuzz.run_atheris --seconds $(FUZZ_SECONDS)
+
+check: lint test fuzz ## Lint, type checks, the tests and a short fuzz pass
 
 clean: ## Remove the venv, caches and run directories
 	rm -rf $(VENV) .venv-bench .pytest_cache .mypy_cache .ruff_cache .sage build *.egg-info

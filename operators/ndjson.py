@@ -37,6 +37,19 @@ class BadLine:
         return self.raw.decode("utf-8", errors="replace")
 
 
+#: control characters (C0, DEL, C1) and the Unicode line separators, as escapes
+_ESCAPES = {
+    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+}
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (`\\r` -> `\\x0d`): an excerpt of input data
+    quoted in a one-line error message can neither break the line nor drive the terminal."""
+    return text.translate(_ESCAPES)
+
+
 def describe_json_error(raw: bytes, exc: Exception) -> str:
     """A short reason for a line orjson rejected, with an excerpt of the line."""
     try:
@@ -44,7 +57,7 @@ def describe_json_error(raw: bytes, exc: Exception) -> str:
     except UnicodeDecodeError as err:
         return f"invalid UTF-8 at byte {err.start}"
     reason = str(exc).split(":", 1)[0] if str(exc) else "invalid JSON"
-    excerpt = raw[:QUOTE_LIMIT].decode("utf-8", errors="replace")
+    excerpt = printable(raw[:QUOTE_LIMIT].decode("utf-8", errors="replace"))
     if len(raw) > QUOTE_LIMIT:
         excerpt += "..."
     return f"invalid JSON ({reason}): {excerpt}"

@@ -1,0 +1,19 @@
+"""Seed inputs shared by the fuzz tests and harnesses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+#: ../shared beside the clone (as tests.conftest.SHARED), present locally and in CI
+SHARED = ROOT.parent / "shared"
+JSONTESTSUITE = SHARED / "data" / "jsontestsuite" / "test_parsing"
+
+
+def jsontestsuite_seeds(limit: int = 4096) -> list[bytes]:
+    """The JSONTestSuite parsing corpus (files up to `limit` bytes); empty when absent."""
+    if not JSONTESTSUITE.is_dir():
+        return []
+    return [
+        p.read_bytes() for p in sorted(JSONTESTSUITE.glob("*.json")) if p.stat().st_size <= limit
+    ]

@@ -1,0 +1,178 @@
+"""Fuzzing the NDJSON reader (sage_cli.io.RecordReader, operators.ndjson.complete_lines): any
+bytes in give records or a clean data error (exit 65, one line, `stdin:LINE`), never a
+traceback or a hang. The atheris harness tests/fuzz/harness/fuzz_ndjson.py checks the same
+invariants coverage-guided; here hypothesis drives them, plus the whole `sage map r` command.
+"""
+
+from __future__ import annotations
+
+import orjson
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from operators.ndjson import describe_json_error, parse_line, printable
+from tests.conftest import Cli, run_sage
+from tests.fuzz.conftest import examples
+from tests.fuzz.harness.fuzz_ndjson import check
+
+# -- strategies --------------------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text()
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+records = st.dictionaries(st.text(), json_values, max_size=6)
+#: bytes that look like NDJSON often enough to reach the parser's interesting corners
+ndjsonish = st.lists(
+    st.sampled_from(
+        [
+            b"{",
+            b"}",
+            b"[",
+            b"]",
+            b'"',
+            b":",
+            b",",
+            b"\n",
+            b"\r",
+            b" ",
+            b"\\",
+            b"u",
+            b"0",
+            b"1",
+            b"-",
+            b"e",
+            b".",
+            b"null",
+            b"true",
+            b'"_error"',
+            b"\xff",
+            b"\xc3",
+            b"\xa9",
+            b"\x00",
+        ]
+    ),
+    max_size=60,
+).map(b"".join)
+streams = st.binary(max_size=400) | ndjsonish
+#: typer's CliRunner over the whole app (no fixture: hypothesis reuses it across examples)
+CLI = Cli()
+
+
+def stream_of(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def is_blank(line: bytes) -> bool:
+    return not line.strip()
+
+
+def first_error_line(lines: list[bytes]) -> int | None:
+    for n, line in enumerate(lines, 1):
+        if not is_blank(line) and isinstance(parse_line(line), str):
+            return n
+    return None
+
+
+def assert_one_error_line(stderr: str, line: int) -> None:
+    assert "Traceback" not in stderr
+    assert stderr.count("\n") == 1 and stderr.endswith("\n"), repr(stderr)
+    assert stderr.startswith(f"sage map: error: stdin:{line}: "), repr(stderr)
+    assert printable(stderr[:-1]) == stderr[:-1], f"control character in {stderr!r}"
+
+
+# -- the reader, in process --------------------------------------------------------------------
+
+
+@given(data=streams, size=st.integers(min_value=1, max_value=70))
+@example(data=b'{"a":1}\r\nfoo\rbar\n', size=3)
+@example(data=b"\x1b[2J\x1b]0;pwned\x07\n", size=64)
+def test_reader_accounts_for_every_line(data, size):
+    check(data, size)
+
+
+@given(st.lists(records, max_size=8), st.integers(min_value=1, max_value=70))
+def test_valid_records_come_back_unchanged(recs, size):
+    data = stream_of([orjson.dumps(r) for r in recs])
+    check(data, size)
+
+
+def test_regression_control_characters_are_escaped_in_the_excerpt():
+    """Found by the fuzzer: a bad line's excerpt was quoted raw, so `\\r` or an ANSI escape in
+    input data broke the one-line error (or drove the terminal)."""
+    reason = parse_line(b"xfoo\rbar\x1b[2J\xe2\x80\xa8")
+    assert reason == (
+        "invalid JSON (unexpected character, expected a JSON value): xfoo\\x0dbar\\x1b[2J\\u2028"
+    )
+    assert describe_json_error(b"\x85", ValueError("x")).startswith("invalid UTF-8 at byte 0")
+
+
+# -- the whole command ------------------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.one_of(records.map(orjson.dumps), st.binary(max_size=30), ndjsonish),
+        max_size=8,
+    )
+)
+@example([b'{"id": 1}', b"foo\rbar"])
+@example([b'{"id": 1}', b"   ", b'{"_error": {"line": 2}}', b"[1]"])
+def test_map_stops_at_the_first_bad_line_with_one_line(lines):
+    lines = [line.replace(b"\n", b" ") for line in lines]
+    result = CLI("map", "r", input=stream_of(lines))
+    bad = first_error_line(lines)
+    good_before = [
+        orjson.loads(line) for line in lines[: (bad or len(lines) + 1) - 1] if not is_blank(line)
+    ]
+    if bad is None:
+        assert result.exit_code == 0, result.stderr
+        assert result.stderr == ""
+    else:
+        assert result.exit_code == 65, (result.exit_code, result.stderr)
+        assert_one_error_line(result.stderr, bad)
+    assert [orjson.loads(x) for x in result.stdout_bytes.splitlines()] == good_before
+
+
+@given(st.lists(st.one_of(records.map(orjson.dumps), st.binary(max_size=30)), max_size=8))
+def test_map_emit_turns_each_bad_line_into_an_error_record(lines):
+    lines = [line.replace(b"\n", b" ") for line in lines]
+    result = CLI("map", "r", "--on-error", "emit", input=stream_of(lines))
+    assert result.exit_code == 0, result.stderr
+    out = [orjson.loads(x) for x in result.stdout_bytes.splitlines()]
+    kept = [(n, line) for n, line in enumerate(lines, 1) if not is_blank(line)]
+    assert len(out) == len(kept)
+    for (n, line), got in zip(kept, out, strict=True):
+        parsed = parse_line(line)
+        if isinstance(parsed, str):
+            assert got["_error"]["line"] == n and got["_error"]["origin"] == "stdin"
+            assert got["_error"]["error"] == parsed
+            assert got["_error"]["raw"] == line.decode("utf-8", errors="replace")
+        else:
+            assert got == parsed
+
+
+@settings(max_examples=examples(8))
+@given(streams)
+@example(b'{"a": 1}\n\xff\n')
+def test_real_process_any_bytes_exit_0_or_65_never_a_traceback(data):
+    result = run_sage("map", "r", input=data, timeout=30)  # a hang fails with TimeoutExpired
+    stderr = result.stderr.decode()
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    bad = first_error_line(lines)
+    if bad is None:
+        assert result.returncode == 0, stderr
+        assert stderr == ""
+    else:
+        assert result.returncode == 65, (result.returncode, stderr)
+        assert_one_error_line(stderr, bad)

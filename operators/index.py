@@ -253,7 +253,9 @@ def _write_index(
     try:
         vectors = normalise(np.ascontiguousarray(vectors, dtype=np.float32))
         with open(tmp / FILES["vectors"], "wb") as fh:
-            np.save(fh, vectors, allow_pickle=False)
+            # through Python's write, not numpy's fwrite: a full disk is then ENOSPC, not a
+            # bare "N requested and M written"
+            np.save(_PlainWriter(fh), vectors, allow_pickle=False)
         with open(tmp / FILES["records"], "wb") as fh:
             for record in records:
                 fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
@@ -294,6 +296,13 @@ def _write_index(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+class _PlainWriter:
+    """A file object numpy does not recognise as a real file (so it calls `write`)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.write = fh.write
 
 
 @contextlib.contextmanager

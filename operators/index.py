@@ -17,7 +17,10 @@ separator, `..`, an absolute path or a symlink leading out of the directory is r
 Building writes everything into a fresh temporary directory beside the target and renames it
 into place (the old index, if any, is moved aside first and deleted after), so a reader sees
 the old index or the new one, never half of one; a build that fails leaves the old index as it
-was. A non-empty directory that is not a sage index is never replaced.
+was. A non-empty directory that is not a sage index is never replaced. The temporary names carry
+the builder's pid (`.DIR.building-PID-*`, `.DIR.old-PID-*`): a build killed with SIGKILL leaves
+them behind, and the next build of DIR removes those of dead processes (putting a moved-aside
+old index back first if DIR itself is missing).
 """
 
 from __future__ import annotations
@@ -219,6 +222,7 @@ def write_index(
         raise ValueError("one vector per record")
     if not records:
         raise OptionError("no records to index")
+    _recover(Path(directory))
     target = check_target(directory)
     had_index = target.is_dir() and any(target.iterdir())
     try:
@@ -249,7 +253,7 @@ def _write_index(
 
     target.parent.mkdir(parents=True, exist_ok=True)
     dim = int(vectors.shape[1])
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "building"), dir=target.parent))
     try:
         vectors = normalise(np.ascontiguousarray(vectors, dtype=np.float32))
         with open(tmp / FILES["vectors"], "wb") as fh:
@@ -298,6 +302,41 @@ def _write_index(
     return manifest
 
 
+def _temp_prefix(target: Path, kind: str) -> str:
+    return f".{target.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _recover(target: Path) -> None:
+    """Clear what builds of `target` killed with SIGKILL left: their temporary directories,
+    after putting back an old index that was moved aside when `target` itself is missing."""
+    import re
+
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(building|old)-(\d+)-")
+    try:
+        entries = sorted(target.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        found = pattern.match(entry.name)
+        if not found or not entry.is_dir() or entry.is_symlink() or _alive(int(found[2])):
+            continue
+        if found[1] == "old" and not os.path.lexists(target) and _is_index(entry):
+            with contextlib.suppress(OSError):
+                os.rename(entry, target)
+        else:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 class _PlainWriter:
     """A file object numpy does not recognise as a real file (so it calls `write`)."""
 
@@ -329,7 +368,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.rename(tmp, target)
         return
     check_target(target)  # still ours: it may have changed while we were building
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    old = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, "old"), dir=target.parent))
     os.rmdir(old)
     os.rename(target, old)
     try:
@@ -608,6 +647,7 @@ class IndexBuilder(Operator):
         self.manifest: dict[str, Any] | None = None
 
     def setup(self) -> None:
+        _recover(Path(self.directory))  # what a build killed with SIGKILL left behind
         check_target(self.directory)  # refuse a foreign directory before reading any input
 
     # -- embedding the records that come without a vector ----------------------------------

@@ -311,4 +311,19 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         "seconds": round(run_end - run_start, 3) if run_start and run_end else None,
         "status": status,
         "stages": sorted(stages.values(), key=lambda s: (s["group"], s["index"])),
+        # the process that wrote the summary (the supervisor, when `sage run` does), up to now
+        "supervisor_peak_rss_mb": own_peak_rss_mb(),
     }
+
+
+def own_peak_rss_mb() -> float | None:
+    """This process's peak RSS (VmHWM): its own, unlike ru_maxrss, which also counts reaped
+    children and, on Linux, the process image an exec replaced."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

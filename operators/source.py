@@ -7,8 +7,9 @@ Formats, chosen by extension (or forced with `fmt`):
   U+FFFD replacement characters and the record's `_warnings` list says so.
 - ndjson (.ndjson, .jsonl; stdin by default): records as they are. A line that is not a JSON
   object is a BadLine with `FILE:LINE` for the error policy.
-- json (.json): an array of objects (one record each) or one object.
-- csv (.csv): the header row names the fields; values stay strings.
+- json (.json): an array of objects (one record each) or one object (a UTF-8 BOM is allowed).
+- csv (.csv): the first non-blank row names the fields; values stay strings (null for a
+  field a short row lacks); a row with more fields than the header is a BadLine.
 - raw (`raw=True`, `-R`): every non-blank line of any file becomes `{"id", "text"}`.
 
 Ids: a record that has an `id` keeps it. Otherwise the id is path-based (`PATH` for a whole
@@ -250,12 +251,15 @@ class Source(Operator):
     def _json(self, path: str, data: bytes) -> Iterator[Item]:
         if not data.strip():
             return  # an empty file holds no records
+        data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as csv reads it
         try:
             value = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
-            yield BadLine(
-                path, getattr(exc, "lineno", 1), describe_json_error(data, exc), data[:200]
-            )
+            # quote the line at fault, not the start of the file (one line on stderr)
+            lineno = max(int(getattr(exc, "lineno", 1) or 1), 1)
+            lines = data.split(b"\n")
+            line = lines[min(lineno, len(lines)) - 1].rstrip(b"\r")
+            yield BadLine(path, lineno, describe_json_error(line, exc), line[:200])
             return
         if isinstance(value, dict):
             yield self._finish(value, path)
@@ -277,18 +281,36 @@ class Source(Operator):
             line = data.count(b"\n", 0, err.start) + 1
             yield BadLine(path, line, f"invalid UTF-8 at byte {err.start}", data[:200])
             return
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            for row in reader:
-                extra = row.pop(None, None)  # type: ignore[call-overload]
-                if extra is not None:
-                    n = len(reader.fieldnames or ())
-                    reason = f"row has {n + len(extra)} fields, the header has {n}"
-                    yield BadLine(path, reader.line_num, reason, ",".join(extra).encode())
-                    continue
-                yield self._finish(dict(row), f"{path}:{reader.line_num}")
-        except csv.Error as exc:
-            yield BadLine(path, reader.line_num, f"invalid CSV: {exc}", b"")
+        # the whole file is in memory: no field can be longer than it (the csv module's
+        # default limit, 128 KiB, would refuse a long document in a `text` column)
+        if len(text) >= csv.field_size_limit():
+            csv.field_size_limit(len(text) + 1)
+        rows = csv.reader(io.StringIO(text, newline=""))
+        header: list[str] | None = None  # the first non-blank row names the fields
+        while True:
+            before = rows.line_num
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as exc:  # a bad row: report it and read on (nothing lost)
+                yield BadLine(path, rows.line_num, f"invalid CSV: {exc}", b"")
+                if rows.line_num == before:
+                    return
+                continue
+            if not row:
+                continue  # blank lines are skipped, before the header too
+            if header is None:
+                header = row
+                continue
+            if len(row) > len(header):
+                reason = f"row has {len(row)} fields, the header has {len(header)}"
+                extra = row[len(header) :]
+                yield BadLine(path, rows.line_num, reason, ",".join(extra).encode())
+                continue
+            record: Record = dict.fromkeys(header)  # a short row: missing fields are null
+            record.update(zip(header, row, strict=False))
+            yield self._finish(record, f"{path}:{rows.line_num}")
 
     # -- ids -------------------------------------------------------------------------------
 

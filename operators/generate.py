@@ -607,6 +607,10 @@ class Generate(Operator):
             self.backend = LlamaBackend(
                 path, n_ctx=self.n_ctx, threads=self.threads, seed=self.params.seed
             )
+        if self.cache_dir is not None and self.params.deterministic:
+            # the model's identity (its sha256) now, from the file about to be loaded: a model
+            # file removed or replaced later in a long run changes nothing (docs/generation.md)
+            self.backend.identity(self.hash_cache)
         self.backend.load(self.params.json_schema)
         if self.cache_dir is not None and self.params.deterministic:
             self.cache = ResultCache(self.cache_dir / "generate.sqlite", table="generations")

@@ -142,9 +142,19 @@ def sha256_file(
 ) -> str:
     """The sha256 of a file, remembered in the JSON file `cache_file` (when given) under the
     file's real path, size and mtime, so a large model is hashed once, not on every run.
-    A cache that cannot be read or written is ignored.
+    A cache that cannot be read or written is ignored. A file that cannot be read (removed
+    since it was located) is ResourceUnavailable (exit 69).
     """
     p = Path(path).resolve()
+    try:
+        return _sha256_file(p, cache_file)
+    except OSError as exc:
+        raise ResourceUnavailable(
+            f"cannot read model file {path}: {exc.strerror or exc}; {FIX}"
+        ) from None
+
+
+def _sha256_file(p: Path, cache_file: str | os.PathLike[str] | None) -> str:
     st = p.stat()
     key = str(p)
     stamp = [st.st_size, st.st_mtime_ns]

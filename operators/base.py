@@ -139,3 +139,13 @@ def add_warning(record: Record, message: str) -> None:
     """
     warnings = record.get("_warnings")
     record["_warnings"] = [*warnings, message] if isinstance(warnings, list) else [message]
+
+
+#: C0 controls but tab and newline, DEL and C1 controls: what a terminal would act on
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with control characters (ESC, CR, BEL, C1) shown as `\\xNN`, so record content
+    printed for a person cannot move the cursor, retitle the window or write the clipboard."""
+    return text.translate(_CONTROL)

@@ -264,22 +264,41 @@ def compile_grammar(schema: dict[str, Any]) -> Any:
 
 
 def chat_completions_url(base_url: str) -> str:
-    """`http://host:8080/v1` -> `http://host:8080/v1/chat/completions` (kept when given)."""
-    parsed = urllib.parse.urlsplit(base_url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    """`http://host:8080/v1` -> `http://host:8080/v1/chat/completions` (kept when given).
+
+    A URL carrying credentials (`https://user:key@host`) is refused: urllib would not send
+    them as credentials but look the whole `user:key@host` up as a host name (the key in a DNS
+    query), and a command line shows in `ps`, shell history and traces. The key belongs in
+    OPENAI_API_KEY."""
+    try:
+        parsed = urllib.parse.urlsplit(base_url)
+        parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise OptionError(
             f"--base-url must be an http(s) URL, e.g. http://127.0.0.1:8080/v1, "
             f"got {safe_url(base_url)!r}"
         )
-    url = base_url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+    if "@" in parsed.netloc:
+        raise OptionError(
+            f"--base-url {safe_url(base_url)}: credentials in the URL are not sent and would "
+            "show in ps and traces; put the key in OPENAI_API_KEY"
+        )
+    path = parsed.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path += "/chat/completions"
+    return urllib.parse.urlunsplit(parsed._replace(path=path, fragment=""))
 
 
 def safe_url(url: str) -> str:
-    """`url` without any user:password part, for messages."""
-    parsed = urllib.parse.urlsplit(url)
+    """`url` without any user:password part or query, for messages."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<not a URL>"
     netloc = parsed.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query=""))
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query="", fragment=""))
 
 
 class _Retry(Exception):
@@ -392,6 +411,8 @@ class OpenAIBackend:
             detail = exc.read()[:QUOTE].decode("utf-8", errors="replace").strip()
         except Exception:  # noqa: BLE001 - a body that cannot be read is no detail
             detail = ""
+        if self.__key and self.__key in detail:  # servers that echo the key they refused
+            detail = detail.replace(self.__key, "***")
         status = exc.code
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
         if status in (408, 409, 425, 429) or status >= 500:

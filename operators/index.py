@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import orjson
 
+from operators.annoy_check import check_annoy
 from operators.base import (
     Operator,
     OptionError,
@@ -478,6 +479,9 @@ class Index:
             raise ResourceUnavailable(
                 f"{where}: vectors file is corrupt ({exc}); {REBUILD}"
             ) from None
+        if not isinstance(self.vectors, np.ndarray):  # a .npz archive under the .npy name
+            self.vectors.close()
+            raise ResourceUnavailable(f"{where}: vectors file is not a .npy array; {REBUILD}")
         if self.vectors.dtype != np.float32 or self.vectors.shape != (self.count, self.dimension):
             raise ResourceUnavailable(
                 f"{where}: vectors are {self.vectors.dtype} "
@@ -485,9 +489,12 @@ class Index:
                 f"({self.count}, {self.dimension}); {REBUILD}"
             )
         self.records = self._read_records(_safe_file(where, "records", files["records"]))
+        annoy_file = _safe_file(where, "annoy", files["annoy"])
+        # annoy trusts its file: a damaged node makes a query crash the process (SIGSEGV)
+        check_annoy(annoy_file, self.dimension, self.count, REBUILD)
         self.forest = AnnoyIndex(self.dimension, METRIC)
         try:
-            self.forest.load(str(_safe_file(where, "annoy", files["annoy"])))
+            self.forest.load(str(annoy_file))
         except OSError as exc:
             raise ResourceUnavailable(
                 f"{where}: annoy file is corrupt ({exc}); {REBUILD}"

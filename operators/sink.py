@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
-from operators.base import Operator, OptionError, OutputFailed, Record
+from operators.base import Operator, OptionError, OutputFailed, Record, terminal_safe
 
 FORMATS = ("ndjson", "json", "csv", "md")
 WHOLE_INPUT = ("csv", "md")
@@ -197,7 +197,10 @@ class Sink(Operator):
         error = "_error" in record
         for key, value in record.items():
             shown = value if isinstance(value, str) else orjson.dumps(value).decode()
-            grid.add_row(Text(str(key), style="bold red" if key == "_error" else ""), Text(shown))
+            grid.add_row(
+                Text(terminal_safe(str(key)), style="bold red" if key == "_error" else ""),
+                Text(terminal_safe(shown)),
+            )
         console.rule(style="red" if error else "dim")
         console.print(grid)
 

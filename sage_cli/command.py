@@ -19,7 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
-from operators.base import Operator, Record
+from operators.base import Operator, Record, terminal_safe
 from sage_cli.driver import Driver, ErrorMode, ErrorPolicy, Stats, convert_operator_error
 from sage_cli.errors import SageError
 from sage_cli.exitcodes import ExitCode
@@ -188,7 +188,8 @@ def stage_name(command: str) -> str:
 
 def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
     """Print `sage <op>: error: <message>` and return the exit code."""
-    message = str(err)
+    # record content quoted in a message must not drive the terminal (ESC, CR, BEL)
+    message = terminal_safe(str(err))
     if not message.endswith("\n"):
         message += "\n"
     try:

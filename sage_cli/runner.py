@@ -22,6 +22,7 @@ from sage_cli.pipeline import (
     parse_script,
     read_segments,
 )
+from sage_cli.redact import redact_argv, redact_words
 from sage_cli.runs import DEFAULT_BASE, RunDirectory, find_run, summarise
 from sage_cli.supervisor import RunOptions, Supervisor, lineage_key, record_id
 
@@ -32,13 +33,20 @@ def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
             "name": s.name,
             "index": s.index,
             "label": s.label,
-            "argv": s.argv,
+            "argv": redact_argv(s.argv),
             "model": s.is_model,
             "group": s.group,
-            "text": s.text,
+            "text": redact_words(s.text),
         }
         for s in pipeline.stages
     ]
+
+
+def stored_args(args: list[str]) -> dict[str, Any]:
+    """The script's arguments as run.json keeps them: with secrets masked (sage_cli.redact),
+    and a flag saying so, since --resume then needs them given again."""
+    shown = redact_argv(args)
+    return {"args": shown, "args_redacted": True} if shown != args else {"args": args}
 
 
 def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
@@ -125,6 +133,11 @@ def run_pipeline(
         run = find_run(resume, base)
         info = run.read_json("run.json")
         script = script or info.get("script")
+        if not args and info.get("args_redacted"):
+            raise UsageError(
+                f"{resume}: run.json keeps the script's arguments with secrets masked; "
+                "give them again: sage run --resume RUN SCRIPT ARGS..."
+            )
         args = args or info.get("args", [])
         if not script:
             raise UsageError(f"{resume}: the run does not name its script; give it")
@@ -157,7 +170,7 @@ def run_pipeline(
             {
                 "run_id": run.id,
                 "script": str(script_path),
-                "args": args,
+                **stored_args(args),
                 "cwd": os.getcwd(),
                 "output": str(target) if target else str(run.output_path.resolve()),
                 "started": time.time(),
@@ -217,7 +230,7 @@ def run_on_ray(
         {
             "run_id": run.id,
             "script": str(script_path),
-            "args": args,
+            **stored_args(args),
             "cwd": os.getcwd(),
             "engine": "ray",
             "address": address,
@@ -283,7 +296,7 @@ def run_segments(
     info = {
         "run_id": run.id,
         "script": str(script),
-        "args": args,
+        **stored_args(args),
         "cwd": os.getcwd(),
         "output": str(run.output_path.resolve()),
         "started": time.time(),

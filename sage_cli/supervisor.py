@@ -34,6 +34,7 @@ import orjson
 
 from sage_cli.exitcodes import ExitCode
 from sage_cli.pipeline import Pipeline, Stage
+from sage_cli.redact import redact_argv
 from sage_cli.runs import RunDirectory
 
 READ_SIZE = 64 * 1024
@@ -721,7 +722,7 @@ class Supervisor:
             stage=sr.name,
             attempt=sr.attempts,
             pid=proc.pid,
-            argv=stage.argv,
+            argv=redact_argv(stage.argv),
             threads=sr.env.get("SAGE_THREADS"),
         )
         if self.signalled is not None:  # a signal came while we were starting it
@@ -991,7 +992,7 @@ class Supervisor:
             "run_start",
             pid=os.getpid(),
             script=str(self.pipeline.script),
-            args=self.script_args,
+            args=redact_argv(self.script_args),
             resume=self.opts.resume,
             retries=self.retries,
         )

@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+from sage_cli.redact import redact_argv
+
 STATS_SECONDS = 1.0
 FLUSH_SECONDS = 1.0
 FLUSH_BYTES = 64 * 1024
@@ -52,7 +54,9 @@ class Tracer:
 
     def start(self, stats: Any) -> None:
         self.stats = stats
-        self._emit({"ev": "start", "t": time.time(), "pid": os.getpid(), "argv": sys.argv[1:]})
+        self._emit(
+            {"ev": "start", "t": time.time(), "pid": os.getpid(), "argv": redact_argv(sys.argv[1:])}
+        )
         self.flush()
 
     def batch(

@@ -6,6 +6,7 @@ content. An exception inside one is that record's error, with the expression in 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import math
@@ -20,14 +21,40 @@ from operators.base import Operator, OptionError, Record, RecordError
 EXPRESSION_GLOBALS: dict[str, Any] = {"json": json, "math": math, "re": re}
 
 
+#: longest excerpt of an expression quoted in a message
+QUOTE_LIMIT = 80
+
+
+def quote_expression(expr: str) -> str:
+    """`expr` quoted for a message: repr (control characters escaped), cut to QUOTE_LIMIT."""
+    return repr(expr) if len(expr) <= QUOTE_LIMIT else repr(expr[:QUOTE_LIMIT]) + "..."
+
+
 def compile_expression(expr: str) -> Callable[[Record], Any]:
-    """Compile `expr` into a function of `r`, or raise OptionError saying what is wrong."""
+    """Compile `expr` into a function of `r`, or raise OptionError saying what is wrong.
+
+    The text is parsed as the body of `lambda r: (...)` and must be exactly that: a `)` that
+    closes the parenthesis early (`1), (2`) is refused, so nothing in it runs at compile time
+    and the function is always a plain lambda of `r`.
+    """
     if not expr.strip():
         raise OptionError("empty expression; write Python over the record `r`, e.g. 'r[\"text\"]'")
+    shown = quote_expression(expr)
     try:
-        code = compile(f"lambda r: ({expr}\n)", "<expression>", "eval")
+        tree = ast.parse(f"lambda r: ({expr}\n)", "<expression>", mode="eval")
+        if not isinstance(tree.body, ast.Lambda):
+            raise OptionError(f"invalid expression {shown}: unbalanced brackets")
+        if any(isinstance(node, ast.Yield | ast.YieldFrom) for node in ast.walk(tree)):
+            raise OptionError(f"invalid expression {shown}: 'yield' is not allowed here")
+        code = compile(tree, "<expression>", "eval")
     except SyntaxError as exc:
-        raise OptionError(f"invalid expression {expr!r}: {exc.msg}") from None
+        raise OptionError(f"invalid expression {shown}: {exc.msg}") from None
+    except UnicodeError:  # a lone surrogate: argv bytes that were not UTF-8
+        raise OptionError(f"invalid expression {shown}: not valid UTF-8") from None
+    except ValueError as exc:  # a NUL character (Python 3.11)
+        raise OptionError(f"invalid expression {shown}: {exc}") from None
+    except (MemoryError, RecursionError):
+        raise OptionError(f"invalid expression {shown}: nested too deeply") from None
     return eval(code, dict(EXPRESSION_GLOBALS))  # noqa: S307 - the user's own command line
 
 
@@ -55,7 +82,7 @@ def user_function(expr: str | None, fn: str | None) -> tuple[Callable[[Record], 
     if fn is not None:
         return load_function(fn), f"--fn {fn}"
     assert expr is not None
-    return compile_expression(expr), repr(expr)
+    return compile_expression(expr), quote_expression(expr)
 
 
 _ONLY_DICTS = frozenset((dict,))

@@ -11,6 +11,7 @@ grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least ev
 from __future__ import annotations
 
 import os
+import re
 import select
 import stat
 import sys
@@ -293,7 +294,40 @@ class RecordWriter:
 
 def dump_record(record: Record) -> bytes:
     """Serialise one record; values JSON cannot hold become strings rather than a crash."""
-    return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
+    try:
+        return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
+    except TypeError:  # what `default` cannot reach: keys, big ints, surrogates, cycles
+        return _dumps(_jsonable(record), option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """`value` with what orjson refuses made writable (found by fuzzing `sage map`):
+    non-string keys become strings, integers beyond 64 bits floats, lone surrogates U+FFFD,
+    and a container nested deeper than orjson allows (a record that holds itself) a string."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, bool) or not isinstance(value, int | dict | list | tuple):
+        return value
+    if isinstance(value, int):
+        if -(2**63) <= value < 2**64:
+            return value
+        try:
+            return float(value)
+        except OverflowError:
+            return str(value) if value.bit_length() < 10_000 else None
+    if depth >= _MAX_DEPTH:
+        return "..."
+    if isinstance(value, dict):
+        return {
+            _jsonable(k if isinstance(k, str) else str(k)): _jsonable(v, depth + 1)
+            for k, v in value.items()
+        }
+    return [_jsonable(v, depth + 1) for v in value]
+
+
+#: orjson refuses containers nested deeper than 254
+_MAX_DEPTH = 200
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def loads_record(raw: bytes | str, origin: str = "input", line: int = 1) -> Record:

@@ -39,11 +39,12 @@ models: $(STAMP) ## Convert and verify the local models
 demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/rag.sh
 
-system-deps: ## Debian packages the tests use, installed only if missing: chromium, GNU parallel
+system-deps: ## Debian packages the tests use, installed only if missing: chromium, GNU parallel, faketime
 	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v parallel >/dev/null 2>&1 || missing="$$missing parallel"; \
+	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing (HTML trace report test, GNU parallel test)..."; \
+	  echo "installing$$missing (HTML trace report, GNU parallel and clock-step tests)..."; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 

@@ -18,6 +18,13 @@ left out, a missing field or a non-number is the record's error.
 A window is emitted when it closes: a count window when its last record arrives; an event-time
 window when the largest event time seen passes its end (plus `lateness`); an arrival-time window
 when the clock passes its end, checked on every batch and by `tick()` while input is idle.
+
+Arrival time is read from a steady clock (`steady_clock()`): the wall clock read once, at
+construction, plus the monotonic time elapsed since. A wall-clock step (NTP, a suspended VM, an
+admin's `date -s`) neither flushes open windows early (forward) nor stalls them (backward);
+window bounds stay epoch seconds, off from the wall clock by the steps taken during the run.
+An injected `clock` that goes backwards is held at its largest value, so no record ever lands in
+a window already emitted. `tick(now)` ignores the driver's `now` in favour of that same clock.
 What is still open at the end of input is emitted by `close()`. A record whose windows have all
 closed already (event time only) is a record error ("late"). Memory holds the open windows'
 aggregates, never the records (except what `collect` keeps).
@@ -38,6 +45,14 @@ from operators.fields import hashable, lookup
 
 AGGREGATES = ("count", "sum", "mean", "min", "max", "collect")
 KEY_FIELD = "_key"
+#: the most windows one record may belong to (size / slide): beyond, state and time explode
+MAX_OVERLAP = 10_000
+
+
+def steady_clock() -> Callable[[], float]:
+    """Epoch seconds that advance with `time.monotonic()`, immune to wall-clock steps."""
+    wall0, mono0 = time.time(), time.monotonic()
+    return lambda: wall0 + (time.monotonic() - mono0)
 
 
 def parse_aggregate(spec: str) -> tuple[str, str | None]:
@@ -122,7 +137,7 @@ class Window(Operator):
         time_field: str | None = None,
         aggs: list[str] | None = None,
         lateness: float = 0.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if (size is None) == (seconds is None):
             raise OptionError("give --size N (records) or --seconds S (time), one of them")
@@ -137,15 +152,22 @@ class Window(Operator):
             raise OptionError(f"--seconds must be more than 0, got {seconds}")
         if slide is not None and not slide > 0:
             raise OptionError(f"--slide must be more than 0, got {slide}")
-        if lateness < 0:
+        if lateness < 0 or not math.isfinite(lateness):
             raise OptionError(f"--lateness must be 0 or more, got {lateness}")
+        length = size if size is not None else seconds
+        if slide is not None and length is not None and length / slide > MAX_OVERLAP:
+            raise OptionError(
+                f"--slide {slide:g} is too small for windows of {length:g}: each record would "
+                f"be in {length / slide:.0f} windows (at most {MAX_OVERLAP}); raise --slide"
+            )
         self.by_count = size is not None
         self.length: float = float(size if size is not None else seconds)  # type: ignore[arg-type]
         self.slide: float = float(slide) if slide is not None else self.length
         self.key_field = key
         self.time_field = time_field
         self.lateness = lateness
-        self.clock = clock
+        self.clock = clock if clock is not None else steady_clock()
+        self._now = -math.inf  # arrival time: the largest clock reading so far
         self.aggs = [parse_aggregate(a) for a in (aggs or ["count"])]
         self.open: dict[tuple[Hashable, float], _Open] = {}
         self.key_orders: dict[Hashable, int] = {}
@@ -218,7 +240,7 @@ class Window(Operator):
         # Everything that can fail is worked out first, so a bad record changes no state.
         prepared = []
         watermark = self.watermark
-        now = self.clock() if (not self.by_count and self.time_field is None) else 0.0
+        now = self._arrival_now() if (not self.by_count and self.time_field is None) else 0.0
         counted: dict[Hashable, int] = {}  # count windows: records of this batch per key
         for record in batch:
             khash, kvalue, keyed = self._key_of(record)
@@ -230,6 +252,11 @@ class Window(Operator):
             elif self.time_field is not None:
                 position = event_time(lookup(record, self.time_field), self.time_field)
                 starts = self._starts(position)
+                if not starts:  # so far from 1970 that float seconds cannot place it
+                    raise RecordError(
+                        f"field {self.time_field!r}: {position:g} is out of range for "
+                        f"{self.length:g}-second windows"
+                    )
                 if starts and all(s + self.length <= watermark for s in starts):
                     raise RecordError(
                         f"late record: {self.time_field} {position:g} is before the windows "
@@ -331,10 +358,16 @@ class Window(Operator):
                 record[name] = state
         return record
 
+    def _arrival_now(self) -> float:
+        self._now = max(self._now, self.clock())
+        return self._now
+
     def tick(self, now: float) -> list[Record]:
+        """Emit the arrival-time windows the steady clock has passed (`now`, the driver's wall
+        clock, is not used: see the module docstring)."""
         if self.by_count or self.time_field is not None:
             return []
-        return self._emit_until(now)
+        return self._emit_until(self._arrival_now())
 
     def close(self) -> list[Record]:
         return self._emit(list(self.open.values()))

@@ -13,6 +13,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from operators.base import terminal_safe
+
 Record = dict[str, Any]
 
 #: bytes asked for per read when reading lines from a file or pipe
@@ -37,17 +39,11 @@ class BadLine:
         return self.raw.decode("utf-8", errors="replace")
 
 
-#: control characters (C0, DEL, C1) and the Unicode line separators, as escapes
-_ESCAPES = {
-    c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-    for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
-}
-
-
 def printable(text: str) -> str:
-    """`text` with control characters escaped (`\\r` -> `\\x0d`): an excerpt of input data
-    quoted in a one-line error message can neither break the line nor drive the terminal."""
-    return text.translate(_ESCAPES)
+    """`text` on one line with control characters escaped (`\\r` -> `\\x0d`, `\\n` -> `\\x0a`):
+    an excerpt of input data quoted in an error message can neither break the line nor drive
+    the terminal."""
+    return terminal_safe(text).replace("\n", "\\x0a")
 
 
 def describe_json_error(raw: bytes, exc: Exception) -> str:

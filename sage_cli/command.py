@@ -188,10 +188,9 @@ def stage_name(command: str) -> str:
 
 def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
     """Print `sage <op>: error: <message>` and return the exit code."""
-    # record content quoted in a message must not drive the terminal (ESC, CR, BEL)
-    message = terminal_safe(str(err))
-    if not message.endswith("\n"):
-        message += "\n"
+    # record content quoted in a message must not drive the terminal (ESC, CR, BEL) nor split
+    # the one line (a record's value with a newline, quoted by an exception: found by fuzzing)
+    message = terminal_safe(str(err).rstrip("\n")).replace("\n", "\\x0a") + "\n"
     try:
         sys.stderr.write(f"{prog}: error: {message}")
         sys.stderr.flush()

@@ -77,6 +77,7 @@ def build(choose: Choose, depth: int = 3) -> str:
         lambda: f"({sub()} if {sub()} else {sub()})",
         lambda: f"dict({sub()})",
         lambda: f"getattr(r, str({sub()}), None)",
+        lambda: f"getattr(r, str({sub()}))",
         lambda: f"math.floor({sub()})",
         lambda: f"max({sub()})",
     ]

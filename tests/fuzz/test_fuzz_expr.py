@@ -244,6 +244,16 @@ def test_regression_a_record_that_holds_itself_is_written_cut_short():
     assert out == "..." and depth == 200
 
 
+def test_regression_a_record_value_quoted_by_an_exception_stays_on_one_line():
+    """Found by the fuzzer: `getattr(r, r["a"])` fails with AttributeError quoting the value,
+    newline and ANSI escape included, which split the one-line error and coloured the
+    terminal; `fail` now escapes them."""
+    result = CLI("map", 'getattr(r, r["a"])', input=ndjson([{"a": "x\ny\x1b[31mRED"}]))
+    assert result.exit_code == 65
+    assert result.stderr.count("\n") == 1
+    assert "'x\\x0ay\\x1b[31mRED'" in result.stderr
+
+
 # -- record content is never code ---------------------------------------------------------------
 
 PAYLOADS = [

@@ -110,7 +110,7 @@ def test_regression_control_characters_are_escaped_in_the_excerpt():
     input data broke the one-line error (or drove the terminal)."""
     reason = parse_line(b"xfoo\rbar\x1b[2J\xe2\x80\xa8")
     assert reason == (
-        "invalid JSON (unexpected character, expected a JSON value): xfoo\\x0dbar\\x1b[2J\\u2028"
+        "invalid JSON (unexpected character, expected a JSON value): xfoo\\x0dbar\\x1b[2J\u2028"
     )
     assert describe_json_error(b"\x85", ValueError("x")).startswith("invalid UTF-8 at byte 0")
 

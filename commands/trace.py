@@ -73,6 +73,7 @@ def trace(
     def body() -> None:
         import orjson
 
+        from operators.base import terminal_safe
         from sage_cli import trace_view
         from sage_cli.runs import find_run
 
@@ -95,13 +96,13 @@ def trace(
                 fh.write(data)
             sys.stderr.write(f"sage trace: wrote {otlp_file}\n")
         elif record is not None:
-            sys.stdout.write(trace_view.follow_record(run, record))
+            sys.stdout.write(terminal_safe(trace_view.follow_record(run, record)))
         elif as_json:
             sys.stdout.buffer.write(
                 orjson.dumps(trace_view.load_summary(run), option=orjson.OPT_INDENT_2) + b"\n"
             )
         else:
-            sys.stdout.write(trace_view.summary_table(trace_view.load_summary(run)))
+            sys.stdout.write(terminal_safe(trace_view.summary_table(trace_view.load_summary(run))))
         sys.stdout.flush()
 
     code = guarded("sage trace", body)

@@ -295,7 +295,9 @@ def _write_index(
             fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o755)
+        mask = os.umask(0o022)  # mkdtemp made it 0700: give it what mkdir would (the umask)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
         _swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,15 +1,19 @@
 """Read a pipeline script (ordinary bash) into the stages `sage run` starts.
 
 The script stays a plain bash script: it runs the same without `sage run`. We support the common
-shape: comments, line continuations, variable assignments, `set`/`export`/`cd` lines, and ONE
-pipeline (the last command of the script), whose stages may carry redirections (`< in`, `> out`,
-`>> out`, `2> err`) and `VAR=value` prefixes. Anything else (several pipelines, `&&`, loops,
-here-documents, background jobs) is refused with a line that says what to change.
+shape: comments, line continuations, variable assignments, simple commands (`set`, `export`,
+`cd`, `echo`, ...) and pipelines (`read_segments` splits a script into the commands before each
+pipeline and the pipeline; `parse_script` takes a script with one), whose stages may carry
+redirections (`< in`, `> out`, `>> out`, `2> err`) and `VAR=value` prefixes. Anything else
+(`&&`, `||`, loops, functions, here-documents, background jobs, subshells) is refused with a
+line that says what to change.
 
 Word expansion is left to bash itself, so quoting, `$1`, `${X:-default}`, `~` and globs behave
-exactly as they do under bash: the lines before the pipeline and the pipeline's raw words are
+exactly as they do under bash: the commands before a pipeline and the pipeline's raw words are
 handed to `bash -c` with the script's arguments, and bash prints the expanded words back,
-NUL-separated. Only the script's own text reaches that shell, never a record.
+NUL-separated. Only the script's own text reaches that shell, never a record: the stages are then
+started by the supervisor from those argv lists (no shell), and records only flow through the
+pipes between them (tests/security/test_no_shell.py).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ STREAMS = [p for p in RUNNABLE if SPECS[p].kind != TOOL and not SPECS[p].model]
 @pytest.mark.parametrize("path", _params(STREAMS))
 def test_reader_that_leaves_mid_stream(path, tmp_path):
     """`sage OP | head -1` on an output far bigger than a pipe's buffer (64 KiB)."""
-    stdin = _stdin_for(path, tmp_path, 4000)
+    stdin = _stdin_for(path, tmp_path, 2000)
     with stdin.open("rb") as fh:
         proc = subprocess.Popen(
             sage_argv(*argv(path, tmp_path)),

@@ -10,6 +10,7 @@ import ast
 import importlib
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -63,12 +64,20 @@ def load_function(spec: str) -> Callable[[Record], Any]:
     module_name, _, func_name = spec.partition(":")
     if not module_name or not func_name:
         raise OptionError(f"--fn {spec!r}: expected module:function")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
+    # The current directory is on sys.path only while the module is imported: left there, a
+    # `json.py` or `sage_cli.py` lying in it would shadow what sage (or a --workers process
+    # started later, which inherits sys.path) imports afterwards.
+    here = os.getcwd()
+    added = "" not in sys.path and here not in sys.path
+    if added:
+        sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise OptionError(f"--fn {spec!r}: cannot import {module_name!r}: {exc}") from None
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
     func = getattr(module, func_name, None)
     if not callable(func):
         raise OptionError(f"--fn {spec!r}: {module_name} has no function {func_name!r}")

@@ -40,7 +40,8 @@ def stage_schema(pipeline: Pipeline, stage: Stage) -> dict[str, Any]:
     """Run `sage <op> ARGS --schema` for a stage, in the stage's environment."""
     env = dict(pipeline.env)
     env.update(stage.env)
-    argv = [sys.executable, "-m", "sage_cli", *stage.argv[1:], "--schema"]
+    # -P: the stage's directory is not put on sys.path (a `typer.py` there would run)
+    argv = [sys.executable, "-P", "-m", "sage_cli", *stage.argv[1:], "--schema"]
     proc = subprocess.run(
         argv, capture_output=True, env=env, cwd=pipeline.cwd, stdin=subprocess.DEVNULL, timeout=60
     )

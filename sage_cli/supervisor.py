@@ -631,7 +631,8 @@ class Supervisor:
         env = dict(self.pipeline.env)
         env.update(stage.env)
         if stage.is_sage:
-            argv = [sys.executable, "-m", "sage_cli", *stage.argv[1:]]
+            # -P: the pipeline's directory is not put on sys.path (a `typer.py` there would run)
+            argv = [sys.executable, "-P", "-m", "sage_cli", *stage.argv[1:]]
             if self.opts.trace != "off":
                 env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
                 env["SAGE_TRACE_STAGE"] = stage.name

@@ -276,9 +276,18 @@ class WorkerPool:
         # traceback; the parent forwards nothing, it stops them itself.
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        # spawn starts `python -c ...`, which puts the current directory first on sys.path: a
+        # `multiprocessing.py` lying in the data directory would run. PYTHONSAFEPATH (3.11)
+        # keeps it off; a --fn module is still found (load_function adds the directory itself).
+        safe_path = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
         try:
             self.workers = [_Worker(ctx, factory, batch_size, i) for i in range(workers)]
         finally:
+            if safe_path is None:
+                os.environ.pop("PYTHONSAFEPATH", None)
+            else:
+                os.environ["PYTHONSAFEPATH"] = safe_path
             if in_main:
                 signal.signal(signal.SIGINT, previous)
         self._by_conn = {w.conn: w for w in self.workers}

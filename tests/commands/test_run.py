@@ -143,7 +143,7 @@ def test_model_stages_share_the_cores(tmp_path: Path) -> None:
         "prompt": None,
         "generate": share,
     }
-    assert sup.stages[0].argv[:3] == [sys.executable, "-m", "sage_cli"]
+    assert sup.stages[0].argv[:4] == [sys.executable, "-P", "-m", "sage_cli"]
     assert sup.stages[0].env["SAGE_TRACE_STAGE"] == "1-source"
 
 

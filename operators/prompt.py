@@ -269,7 +269,13 @@ class Prompt(Operator):
                     if isinstance(value, str)
                     else f"field 'query' must be str, got {type(value).__name__}"
                 )
-            values.append(_display(value))
+            try:
+                values.append(_display(value))
+            except (RecursionError, TypeError, ValueError) as exc:  # found by fuzzing
+                raise RecordError(
+                    f"template field {{{path[0]}{''.join(f'[{k}]' for k in path[1])}}}: "
+                    f"cannot be shown as text ({type(exc).__name__}: {exc})"
+                ) from None
         out = dict(record)
         context = ""
         truncated = False

@@ -10,6 +10,7 @@ grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least ev
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import select
@@ -293,28 +294,39 @@ class RecordWriter:
 
 
 def dump_record(record: Record) -> bytes:
-    """Serialise one record; values JSON cannot hold become strings rather than a crash."""
+    """Serialise one record; values JSON cannot hold become strings rather than a crash.
+
+    What orjson refuses goes through the standard library instead (found by fuzzing): records
+    nested deeper than orjson writes (255 to 1024 levels: orjson reads them), integers beyond
+    64 bits (written exactly), non-string keys (as strings), lone surrogates (as U+FFFD).
+    """
     try:
         return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
-    except TypeError:  # what `default` cannot reach: keys, big ints, surrogates, cycles
-        return _dumps(_jsonable(record), option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
+    except TypeError:
+        pass
+    import json
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * _MAX_DEPTH))
+    try:
+        text = json.dumps(_jsonable(record), ensure_ascii=False, separators=(",", ":"), default=str)
+    finally:
+        sys.setrecursionlimit(limit)
+    return text.encode("utf-8") + b"\n"
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:
-    """`value` with what orjson refuses made writable (found by fuzzing `sage map`):
-    non-string keys become strings, integers beyond 64 bits floats, lone surrogates U+FFFD,
-    and a container nested deeper than orjson allows (a record that holds itself) a string."""
+    """`value` as the standard library's json can write it as valid JSON: keys as strings, lone
+    surrogates as U+FFFD, NaN and infinities as null, and past _MAX_DEPTH (only a record that
+    holds itself gets there: input is at most 1024 deep) `"..."`."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, bool) or not isinstance(value, int | dict | list | tuple):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, int) and value.bit_length() > 14_000:  # past str()'s 4300 digits
+        return None
+    if not isinstance(value, dict | list | tuple):
         return value
-    if isinstance(value, int):
-        if -(2**63) <= value < 2**64:
-            return value
-        try:
-            return float(value)
-        except OverflowError:
-            return str(value) if value.bit_length() < 10_000 else None
     if depth >= _MAX_DEPTH:
         return "..."
     if isinstance(value, dict):
@@ -325,8 +337,8 @@ def _jsonable(value: Any, depth: int = 0) -> Any:
     return [_jsonable(v, depth + 1) for v in value]
 
 
-#: orjson refuses containers nested deeper than 254
-_MAX_DEPTH = 200
+#: deeper than any record orjson reads (1024), so only a cycle is cut
+_MAX_DEPTH = 1100
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

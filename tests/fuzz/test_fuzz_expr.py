@@ -220,7 +220,10 @@ def test_command_ends_0_or_65_with_one_line(verb, expr, recs):
     ("expr", "written"),
     [
         ("{1: r['a'], None: 2}", {"1": 1, "None": 2}),
-        ("{'big': 2**70, 'huge': 10**400}", {"big": 2.0**70, "huge": str(10**400)}),
+        (
+            "{'big': 2**70, 'nan': float('nan'), 'vast': 10**5000}",
+            {"big": 2.0**70, "nan": None, "vast": None},
+        ),
         ("{'\\udc80': 'a\\ud800'}", {"\ufffd": "a\ufffd"}),
         ("{(1, 2): r}", {"(1, 2)": {"a": 1}}),
     ],
@@ -237,11 +240,21 @@ def test_regression_map_results_orjson_refuses_are_written_not_a_crash(expr, wri
 def test_regression_a_record_that_holds_itself_is_written_cut_short():
     result = CLI("map", "(r.__setitem__('me', r), r)[1]", input=ndjson([{"a": 1}]))
     assert result.exit_code == 0, result.stderr
-    out = orjson.loads(result.stdout_bytes)
-    depth = 0
-    while isinstance(out, dict):
-        out, depth = out["me"], depth + 1
-    assert out == "..." and depth == 200
+    out = result.stdout_bytes
+    assert out.startswith(b'{"a":1,"me":' * 1100 + b'"..."') and out.endswith(b"}\n")
+
+
+@pytest.mark.parametrize("depth", [254, 600, 1023])
+def test_regression_records_nested_deeper_than_orjson_writes_pass_through(tmp_path, depth):
+    """Found by the fuzzer: orjson reads 1024 levels but writes 254, so `sage map r` on a record
+    nested 255-1024 deep read it and then stopped with exit 1 (TypeError: Recursion limit
+    reached). Such records now go out through the standard library, unchanged."""
+    line = b'{"a":' + b"[" * depth + b"]" * depth + b"}\n"
+    src = tmp_path / "deep.ndjson"
+    src.write_bytes(line + b'{"b":1}\n')
+    result = CLI("map", "r", str(src))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout_bytes == line + b'{"b":1}\n'
 
 
 def test_regression_a_record_value_quoted_by_an_exception_stays_on_one_line():

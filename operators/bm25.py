@@ -90,15 +90,19 @@ class BM25:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> BM25:
-        with np.load(path, allow_pickle=False) as data:
-            arrays: dict[str, Any] = {
-                k: data[k] for k in ("vocab", "indptr", "doc_ids", "tfs", "doc_len", "params")
-            }
+        """Read what `save` wrote; ValueError for a file that is damaged in any way (a bad
+        zip, a truncated array, arrays that disagree: a search must never index outside)."""
+        names = ("vocab", "indptr", "doc_ids", "tfs", "doc_len", "params")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays: dict[str, Any] = {k: data[k] for k in names}
+        except (OSError, ValueError, KeyError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - zipfile, zlib, EOF: all mean a damaged file
+            raise ValueError(f"{type(exc).__name__}: {exc}") from None
+        _check_arrays(arrays)
         k1, b = (float(x) for x in arrays.pop("params"))
-        bm = cls(**arrays, k1=k1, b=b)
-        if bm.indptr.shape[0] != bm.vocab.shape[0] + 1 or bm.doc_ids.shape != bm.tfs.shape:
-            raise ValueError("inconsistent BM25 arrays")
-        return bm
+        return cls(**arrays, k1=k1, b=b)
 
     def term_index(self) -> dict[str, int]:
         if self._term_index is None:
@@ -128,6 +132,29 @@ class BM25:
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best (document, score) pairs, best first; documents scoring 0 are left out."""
         return top_k(self.scores(query), k, positive_only=True)
+
+
+def _check_arrays(a: dict[str, Any]) -> None:
+    """ValueError unless the arrays of a saved BM25 are consistent (see BM25.load)."""
+    vocab, indptr, doc_ids, tfs, doc_len, params = (
+        a[k] for k in ("vocab", "indptr", "doc_ids", "tfs", "doc_len", "params")
+    )
+    if any(x.ndim != 1 for x in (vocab, indptr, doc_ids, tfs, doc_len, params)):
+        raise ValueError("BM25 arrays are not one-dimensional")
+    if vocab.dtype.kind != "U" or indptr.dtype.kind != "i" or doc_ids.dtype.kind != "i":
+        raise ValueError("BM25 arrays have the wrong types")
+    if tfs.dtype.kind != "f" or doc_len.dtype.kind != "f" or params.dtype.kind != "f":
+        raise ValueError("BM25 arrays have the wrong types")
+    if params.shape != (2,) or not np.isfinite(params).all():
+        raise ValueError("bad BM25 parameters")
+    if indptr.shape[0] != vocab.shape[0] + 1 or doc_ids.shape != tfs.shape:
+        raise ValueError("inconsistent BM25 arrays")
+    if indptr[0] != 0 or indptr[-1] != doc_ids.shape[0] or (np.diff(indptr) < 0).any():
+        raise ValueError("inconsistent BM25 posting lists")
+    if doc_ids.size and (doc_ids.min() < 0 or doc_ids.max() >= doc_len.shape[0]):
+        raise ValueError("a BM25 posting names a document that does not exist")
+    if not (np.isfinite(tfs).all() and np.isfinite(doc_len).all()):
+        raise ValueError("BM25 statistics are not finite")
 
 
 def top_k(scores: np.ndarray, k: int, positive_only: bool = False) -> list[tuple[int, float]]:

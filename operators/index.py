@@ -470,14 +470,23 @@ class Index:
         files = self.manifest["files"]
         self.dimension: int = self.manifest["dimension"]
         self.count: int = self.manifest["count"]
-        self.model = ModelRef.parse(self.manifest.get("model"))
-        self.trees: int = int((self.manifest.get("build") or {}).get("trees") or DEFAULT_TREES)
+        try:
+            self.model = ModelRef.parse(self.manifest.get("model"))
+        except RecordError:
+            raise ResourceUnavailable(
+                f"{self.directory}/manifest.json: model is neither an object nor a name; {REBUILD}"
+            ) from None
+        build = self.manifest.get("build")
+        trees: Any = build.get("trees") if isinstance(build, dict) else None
+        # only a hint for search_k: a missing or odd value falls back to the default
+        ok = isinstance(trees, int) and not isinstance(trees, bool) and 0 < trees <= 100_000
+        self.trees: int = trees if ok else DEFAULT_TREES
         where = self.directory
         try:
             self.vectors = np.load(
                 _safe_file(where, "vectors", files["vectors"]), mmap_mode="r", allow_pickle=False
             )
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - EOFError, SyntaxError from a bad header...
             raise ResourceUnavailable(
                 f"{where}: vectors file is corrupt ({exc}); {REBUILD}"
             ) from None
@@ -575,6 +584,8 @@ class Index:
             return top_k(self.vectors @ query, k)
         if search_k is None:
             search_k = self.default_search_k(k)
+        # annoy takes C ints: a huge -k or --search-k would be an OverflowError
+        k, search_k = min(k, self.count), min(search_k, 2**31 - 1)
         rows = self.forest.get_nns_by_vector(query.tolist(), k, search_k=search_k)
         if not rows:
             return []

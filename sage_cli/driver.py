@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import orjson
-
 from operators.base import (
     Operator,
     OptionError,
@@ -25,7 +23,7 @@ from operators.base import (
 )
 from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
 from sage_cli.exitcodes import ExitCode
-from sage_cli.io import BadLine, RecordReader, RecordWriter
+from sage_cli.io import BadLine, RecordReader, RecordWriter, dump_record
 
 
 class ErrorMode(StrEnum):
@@ -73,7 +71,7 @@ class ErrorPolicy:
                 raise SageError(
                     f"--errors {self.dead_letter}: cannot open: {exc.strerror}"
                 ) from None
-        self._dead_fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE, default=str))
+        self._dead_fh.write(dump_record(entry))  # any record read can be written (io.py)
         self._dead_fh.flush()  # a dead letter must survive a crash of this process
 
     def bad_line(self, bad: BadLine) -> list[Record]:

@@ -14,6 +14,7 @@ is no sandbox, by design, and none is claimed. What is checked is that nothing e
 
 from __future__ import annotations
 
+import json
 import os
 import types
 
@@ -302,3 +303,16 @@ def test_payloads_pass_through_the_command_as_data():
     out = [orjson.loads(line) for line in result.stdout_bytes.splitlines()]
     assert out == [r | {"copy": r["text"]} for r in recs]
     assert CANARY not in os.environ
+
+
+def test_regression_a_deep_record_that_fails_reaches_the_dead_letter_file(tmp_path):
+    """The same limit in `--errors FILE`: the dead letter of a record nested 300 deep was lost
+    (exit 1, TypeError) instead of written."""
+    line = b'{"a":' + b"[" * 300 + b"]" * 300 + b"}"
+    src, dead = tmp_path / "deep.ndjson", tmp_path / "dead.ndjson"
+    src.write_bytes(line + b"\n")
+    result = CLI("map", 'r["zz"]', "--errors", str(dead), str(src))
+    assert result.exit_code == 65, result.stderr
+    entry = json.loads(dead.read_bytes())  # the stdlib reads any depth orjson writes
+    assert entry["line"] == 1 and entry["origin"] == str(src) and "KeyError" in entry["error"]
+    assert entry["raw"] == json.loads(line)

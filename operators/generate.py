@@ -301,6 +301,17 @@ def safe_url(url: str) -> str:
     return urllib.parse.urlunsplit(parsed._replace(netloc=netloc, query="", fragment=""))
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib forwards the Authorization header to wherever a redirect points (another host,
+    plain http): a redirect is an error instead."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class _Retry(Exception):
     """One attempt failed in a way another attempt may not."""
 
@@ -388,7 +399,7 @@ class OpenAIBackend:
             headers["Authorization"] = f"Bearer {self.__key}"
         request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             raise self._http_error(exc) from None
@@ -415,6 +426,11 @@ class OpenAIBackend:
             detail = detail.replace(self.__key, "***")
         status = exc.code
         said = f"HTTP {status}" + (f": {detail}" if detail else "")
+        if 300 <= status < 400:
+            return OperatorError(
+                f"{self.shown_url}: the server redirects (HTTP {status}); sage does not follow "
+                "redirects (the API key would go along): give the final URL as --base-url"
+            )
         if status in (408, 409, 425, 429) or status >= 500:
             wait = None
             after = exc.headers.get("Retry-After") if exc.headers else None

@@ -236,3 +236,64 @@ def test_key_echoed_back_by_the_server_is_masked(tmp_path, mode):
         )
     assert b"Incorrect API key provided: ***" in result.stdout + result.stderr
     assert_no_marker(result.stdout + result.stderr + (dead.read_bytes() if dead.exists() else b""))
+
+
+class RedirectServer(StubServer):
+    """Answers every call with a redirect to `target` (another host in real life)."""
+
+    target = ""
+
+    def handle(self, h, mode, body, count):  # type: ignore[no-untyped-def]
+        h.send_response(int(mode))
+        h.send_header("Location", self.target)
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+
+
+@pytest.fixture
+def elsewhere():
+    """A server that records every request, whatever its method, with its headers."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):  # type: ignore[no-untyped-def]
+            pass
+
+        def answer(self) -> None:
+            seen.append({"method": self.command, "headers": dict(self.headers)})
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = answer  # noqa: N815
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions", seen
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status", ["301", "302", "303", "307", "308"])
+def test_redirects_are_not_followed_so_the_key_stays_put(tmp_path, elsewhere, status):
+    target, seen = elsewhere
+    with RedirectServer() as server:
+        server.target = target
+        result = run_sage(
+            "generate",
+            "--backend",
+            "openai",
+            "--base-url",
+            f"{server.url}/{status}/v1",
+            input=ndjson([{"prompt": "x"}]),
+            env={**env(tmp_path), "SAGE_DEBUG": "0"},
+        )
+        assert server.requests[0]["headers"]["Authorization"] == f"Bearer {MARKER}"
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "redirects" in stderr and stderr.count("\n") == 1
+    assert seen == []  # the other host never saw a request, nor the key

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,56 @@ def test_index_model_missing_at_start_of_retrieve_is_69(tmp_path, tiny_bert):
     )
     assert gone.returncode == 69, gone.stderr
     one_line(gone.stderr)
+
+
+def test_model_truncated_in_place_under_sage_run_retries_loses_nothing(tmp_path, tiny_llama):
+    """Writing a model in place (truncation, `cp` over it) pulls mapped pages from under the
+    stage: it dies with SIGBUS. `sage run` counts 135 and, with --retries, restarts it on the
+    file now there (replaced by a rename here); every record comes out exactly once."""
+    model = _copy(tiny_llama, tmp_path)
+    spare = tmp_path / "spare.gguf"
+    shutil.copy(model, spare)
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    script = tmp_path / "pipeline.sh"
+    script.write_text(
+        f"cat {fifo} | sage generate --model {model} --max-tokens 4 --n-ctx 256 | sage map r\n"
+    )
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        sage_argv(
+            "run",
+            "--quiet",
+            "--retries",
+            "1",
+            "--backoff",
+            "0.5",
+            "--run-dir",
+            str(run_dir),
+            str(script),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(SAGE_CACHE_DIR=str(tmp_path / "cache")),  # every answer from the model
+    )
+    records = [{"id": f"q{i}", "prompt": f"Say {i}."} for i in range(30)]
+    with open(fifo, "wb", buffering=0) as feed:
+        feed.write(ndjson(records[:10]))
+        first = proc.stdout.readline()  # the model is loaded and in use
+        assert first, proc.stderr.read()
+        os.truncate(model, 0)
+        feed.write(ndjson(records[10:20]))
+        crashed = None
+        deadline = time.monotonic() + 30
+        while crashed is None and time.monotonic() < deadline:
+            events = parse_ndjson((run_dir / "events.ndjson").read_bytes())
+            exits = [e for e in events if e.get("ev") == "stage_exit" and "generate" in e["stage"]]
+            crashed = exits[0]["status"] if exits else None
+            time.sleep(0.01)
+        os.replace(spare, model)  # the new model arrives by rename, before the restart
+        feed.write(ndjson(records[20:]))
+    rest, err = proc.communicate(timeout=120)
+    assert crashed == 135, f"the stage did not die of SIGBUS: {crashed}"
+    assert proc.returncode == 0, err
+    ids = [r["id"] for r in parse_ndjson(first + rest)]
+    assert sorted(ids) == sorted(r["id"] for r in records)  # each exactly once

@@ -17,8 +17,9 @@ file, `PATH:LINE` for a line or row, `PATH:N` for the N-th element of a JSON arr
 `id_by="content"`, the first 16 hex digits of the SHA-256 of the text (or of the canonical JSON of
 a record without text). A record with `content` and no `text` gets `text` (the alias is renamed).
 
-Directories are read recursively, in sorted order, skipping hidden entries and files whose
-extension is not one of the above. With `watch=True` the source emits every matching file once,
+Directories are read recursively, in sorted order, skipping hidden entries, symbolic links
+(as `grep -r` does; a link named as an argument is followed) and files whose extension is not
+one of the above. With `watch=True` the source emits every matching file once,
 then each file again whenever it is created or its content changes, until interrupted.
 """
 
@@ -466,7 +467,9 @@ def _glob_base(pattern: str) -> str:
 
 
 def walk(root: str) -> list[str]:
-    """Files under `root` with a known extension, recursively, sorted, hidden entries skipped.
+    """Files under `root` with a known extension, recursively, sorted, hidden entries and
+    symbolic links skipped (a link planted in an ingested tree could loop, or pull in a file
+    from elsewhere, e.g. `notes.txt -> ~/.ssh/id_rsa`; name a linked path to read it).
 
     A directory that cannot be listed is an error naming it, not a silent gap.
     """
@@ -479,8 +482,8 @@ def walk(root: str) -> list[str]:
         except PermissionError:
             raise _permission_error(directory) from None
         for entry in entries:
-            if _hidden(entry.name):
-                continue
+            if _hidden(entry.name) or entry.is_symlink():
+                continue  # like grep -r: a link inside the tree may loop or lead anywhere
             if entry.is_dir():
                 visit(entry.path)
             elif entry.is_file() and _listed(entry.name):

@@ -17,7 +17,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import clean_env, ndjson, run_sage
+from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage
 
 ROLES = ("vectors", "records", "annoy", "bm25")
 
@@ -178,3 +178,25 @@ def test_model_dir_symlink_to_a_real_model_elsewhere_is_followed(tmp_path, tiny_
     env = clean_env(SAGE_MODEL_DIR=str(models), SAGE_CACHE_DIR=str(tmp_path / "c"))
     result = run_sage("embed", input=ndjson([{"text": "x"}]), env=env)
     assert result.returncode == 0, result.stderr
+
+
+# -- source --------------------------------------------------------------------------------
+
+
+def test_source_does_not_follow_links_planted_in_a_tree(tmp_path):
+    """A symlink loop used to end the whole read (ELOOP, nothing out); a link named like a
+    document could pull in any file the user can read."""
+    tree = tmp_path / "docs"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.txt").write_text("public")
+    secret = tmp_path / "private" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    os.symlink("..", tree / "sub" / "loop")
+    os.symlink(secret, tree / "notes.txt")
+    os.symlink(secret.parent, tree / "more")
+    result = run_sage("source", str(tree))
+    assert result.returncode == 0, result.stderr
+    assert [r["text"] for r in parse_ndjson(result.stdout)] == ["public"]
+    named = run_sage("source", str(tree / "notes.txt"))  # named on the command line: read
+    assert named.returncode == 0 and b"PRIVATE KEY" in named.stdout

@@ -20,7 +20,14 @@ from typing import Annotated, Any
 import typer
 
 from operators.base import Operator, Record, terminal_safe
-from sage_cli.driver import Driver, ErrorMode, ErrorPolicy, Stats, convert_operator_error
+from sage_cli.driver import (
+    Driver,
+    ErrorMode,
+    ErrorPolicy,
+    Stats,
+    convert_operator_error,
+    disk_full_code,
+)
 from sage_cli.errors import SageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import RecordReader, RecordWriter
@@ -283,7 +290,9 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
             return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
         if isinstance(exc, OSError) and exc.strerror:
             where = f"{exc.filename}: " if exc.filename else ""
-            return fail(prog, f"{where}{exc.strerror}", ExitCode.FAILURE)
+            code = disk_full_code(exc)
+            hint = "; free some space and run it again" if code == ExitCode.TEMPFAIL else ""
+            return fail(prog, f"{where}{exc.strerror}{hint}", code)
         return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
     finally:
         for sig, handler in previous.items():

@@ -71,8 +71,20 @@ class ErrorPolicy:
                 raise SageError(
                     f"--errors {self.dead_letter}: cannot open: {exc.strerror}"
                 ) from None
-        self._dead_fh.write(dump_record(entry))  # any record read can be written (io.py)
-        self._dead_fh.flush()  # a dead letter must survive a crash of this process
+        try:
+            self._dead_fh.write(dump_record(entry))  # any record read can be written (io.py)
+            self._dead_fh.flush()  # a dead letter must survive a crash of this process
+        except OSError as exc:  # a full disk: stop, a dead letter must not be lost silently
+            fh, self._dead_fh = self._dead_fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
+            code = disk_full_code(exc)
+            hint = "; free some space and run it again" if code == ExitCode.TEMPFAIL else ""
+            raise SageError(
+                f"--errors {self.dead_letter}: cannot write: {exc.strerror or exc}{hint}", code
+            ) from None
 
     def bad_line(self, bad: BadLine) -> list[Record]:
         """A line that is not a JSON object. Returns what to write in its place."""
@@ -114,6 +126,13 @@ class ErrorPolicy:
         if self._dead_fh is not None:
             self._dead_fh.close()
             self._dead_fh = None
+
+
+def disk_full_code(exc: OSError) -> ExitCode:
+    """75 for a full disk or quota (room made, the same command works), else 1."""
+    import errno
+
+    return ExitCode.TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ExitCode.FAILURE
 
 
 def convert_operator_error(exc: Exception) -> SageError | None:

@@ -284,6 +284,12 @@ class RecordWriter:
         try:
             while done < total:
                 done += os.write(self.fd, view[done:])  # EPIPE raises BrokenPipeError
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # a full disk under `> out.ndjson`: say which file it was
+            if exc.filename is None:
+                exc.filename = "stdout" if self.fd == 1 else f"output (fd {self.fd})"
+            raise
         finally:
             guard.active = False
             rest = data[done:] if done < total else b""

@@ -8,9 +8,11 @@ byte as it was, no temporary file or directory left behind, and a retry with spa
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from tests.conftest import ndjson, parse_ndjson
+from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
 from tests.faults.conftest import one_line, tree_digest, vector_records, write_ndjson
 
 # what overflows 1 MiB first: the annoy forest (small vectors, many trees) or vectors.npy
@@ -114,3 +116,39 @@ def test_sink_that_fits_still_replaces_the_file(small_fs):
     done = small_fs.run("sink", "--to", str(out), input=ndjson(records))
     assert done.returncode == 0, done.stderr
     assert parse_ndjson(out.read_bytes()) == records
+
+
+def test_stdout_redirected_to_a_full_disk(small_fs):
+    """`sage map r > out.ndjson` on a full disk: one line naming stdout, exit 75 (1 for EFBIG)."""
+    records = [{"id": f"r{i}", "text": "w" * 300} for i in range(10_000)]
+    out = small_fs.root / "out.ndjson"
+    with out.open("wb") as fh:
+        done = subprocess.run(
+            sage_argv("map", "r"),
+            input=ndjson(records),
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            preexec_fn=small_fs.preexec(),
+            timeout=60,
+        )
+    assert done.returncode == small_fs.code, done.stderr
+    line = one_line(done.stderr)
+    assert line.startswith(f"sage map: error: stdout: {small_fs.reason}")
+    # what was written is whole records up to the failure, never a record cut in two that
+    # a later stage would read as valid
+    written = out.read_bytes()
+    complete = written[: written.rfind(b"\n") + 1]
+    assert parse_ndjson(complete) == records[: len(parse_ndjson(complete))]
+
+
+def test_dead_letter_file_on_a_full_disk_stops_the_stage(small_fs):
+    """--errors FILE that cannot be written: stop (75), never drop dead letters silently."""
+    records = [{"id": f"r{i}", "text": "v" * 300} for i in range(10_000)]
+    dead = small_fs.root / "dead.ndjson"
+    done = small_fs.run(
+        "map", 'r["missing"]', "--on-error", "skip", "--errors", str(dead), input=ndjson(records)
+    )
+    assert done.returncode == small_fs.code, done.stderr
+    line = one_line(done.stderr)
+    assert line.startswith(f"sage map: error: --errors {dead}: cannot write: {small_fs.reason}")

@@ -3,7 +3,9 @@ SAGE_FUZZ_PROFILE:
 
 - `default` (plain `make test`): 150 examples per property, enough to catch the easy cases in
   seconds;
-- `long` (`make fuzz`): 2000 examples per property.
+- `long` (`make fuzz`): 1000 examples per property, the most that keeps `make fuzz` near three
+  minutes on two cores;
+- `deep` (by hand, or a nightly job): 10000 examples per property.
 
 A property under `@given` leaves `max_examples` to the profile. One that spawns a subprocess per
 example asks for fewer with `examples(n)`: n under the default profile, scaled up by the same
@@ -22,7 +24,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 from tests.conftest import ROOT
 
 DEFAULT_EXAMPLES = 150
-PROFILES = {"default": DEFAULT_EXAMPLES, "long": 2000}
+PROFILES = {"default": DEFAULT_EXAMPLES, "long": 1000, "deep": 10000}
 PROFILE = os.environ.get("SAGE_FUZZ_PROFILE", "default")
 if PROFILE not in PROFILES:
     raise ValueError(f"SAGE_FUZZ_PROFILE={PROFILE!r}: use one of {', '.join(PROFILES)}")

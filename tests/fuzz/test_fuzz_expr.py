@@ -195,7 +195,7 @@ def test_map_filter_flatmap_give_records_or_a_record_error(expr, record):
     run_operator(FlatMap(expr), record)
 
 
-@settings(max_examples=examples(60))
+@settings(max_examples=examples(40))
 @given(st.sampled_from(["map", "filter", "flatmap"]), expressions(), st.lists(records, max_size=5))
 @example("map", "{r.get('a'): 1}", [{"a": 1}, {"a": [1]}])
 @example("map", "r.get('a')", [{"a": {}}, {"a": 1}])

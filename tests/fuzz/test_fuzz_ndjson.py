@@ -27,7 +27,7 @@ json_scalars = (
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=12,
+    max_leaves=8,
 )
 records = st.dictionaries(st.text(), json_values, max_size=6)
 #: bytes that look like NDJSON often enough to reach the parser's interesting corners
@@ -99,7 +99,7 @@ def test_reader_accounts_for_every_line(data, size):
     check(data, size)
 
 
-@given(st.lists(records, max_size=8), st.integers(min_value=1, max_value=70))
+@given(st.lists(records, max_size=5), st.integers(min_value=1, max_value=70))
 def test_valid_records_come_back_unchanged(recs, size):
     data = stream_of([orjson.dumps(r) for r in recs])
     check(data, size)
@@ -118,6 +118,7 @@ def test_regression_control_characters_are_escaped_in_the_excerpt():
 # -- the whole command ------------------------------------------------------------------------
 
 
+@settings(max_examples=examples(40))
 @given(
     st.lists(
         st.one_of(records.map(orjson.dumps), st.binary(max_size=30), ndjsonish),
@@ -142,6 +143,7 @@ def test_map_stops_at_the_first_bad_line_with_one_line(lines):
     assert [orjson.loads(x) for x in result.stdout_bytes.splitlines()] == good_before
 
 
+@settings(max_examples=examples(40))
 @given(st.lists(st.one_of(records.map(orjson.dumps), st.binary(max_size=30)), max_size=8))
 def test_map_emit_turns_each_bad_line_into_an_error_record(lines):
     lines = [line.replace(b"\n", b" ") for line in lines]
@@ -160,7 +162,7 @@ def test_map_emit_turns_each_bad_line_into_an_error_record(lines):
             assert got == parsed
 
 
-@settings(max_examples=examples(8))
+@settings(max_examples=examples(5))
 @given(streams)
 @example(b'{"a": 1}\n\xff\n')
 def test_real_process_any_bytes_exit_0_or_65_never_a_traceback(data):

@@ -262,7 +262,7 @@ def test_context_is_cut_to_fit(docs, n_ctx, reserve, context_tokens, head, syste
 # -- the command ----------------------------------------------------------------------------------
 
 
-@settings(max_examples=examples(40))
+@settings(max_examples=examples(30))
 @given(st.lists(records, max_size=4), st.sampled_from(builtin_templates()))
 def test_command_ends_0_or_65_with_one_line(recs, name):
     result = CLI("prompt", "--template", name, input=ndjson(recs))

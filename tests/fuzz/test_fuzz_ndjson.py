@@ -22,14 +22,16 @@ json_scalars = (
     | st.booleans()
     | st.integers(min_value=-(2**63), max_value=2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text()
+    | st.text(max_size=20)
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
-    max_leaves=8,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
 )
-records = st.dictionaries(st.text(), json_values, max_size=6)
+records = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
 #: bytes that look like NDJSON often enough to reach the parser's interesting corners
 ndjsonish = st.lists(
     st.sampled_from(

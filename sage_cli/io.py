@@ -167,8 +167,11 @@ class RecordReader:
                 pass
             else:
                 if _ONLY_DICTS.issuperset(map(type, items)):
-                    # any key spelled `_error` (escaped or not) ends in `error"`
-                    clean = b'error"' not in data or not any("_error" in v for v in items)
+                    # a key `_error` is spelled `_error"` unless a character of it is escaped
+                    # (`"_erro\u0072"`: found by fuzzing), and then the block holds `\u`
+                    clean = (b'error"' not in data and b"\\u" not in data) or not any(
+                        "_error" in v for v in items
+                    )
                     yield Block(origin, first, items, None, clean)
                     continue
             yield self._slow_block(origin, first, lines)

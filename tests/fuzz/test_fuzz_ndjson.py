@@ -180,3 +180,47 @@ def test_real_process_any_bytes_exit_0_or_65_never_a_traceback(data):
     else:
         assert result.returncode == 65, (result.returncode, stderr)
         assert_one_error_line(stderr, bad)
+
+
+# -- `_error` records pass through, however their key is spelled ---------------------------------
+
+
+def spell(key: str, escaped: list[bool]) -> bytes:
+    """`key` as a JSON string with the characters marked in `escaped` written as \\uXXXX."""
+    chars = [f"\\u{ord(c):04x}" if esc else c for c, esc in zip(key, escaped, strict=False)]
+    return ('"' + "".join(chars) + key[len(escaped) :] + '"').encode()
+
+
+@settings(max_examples=examples(40))
+@given(
+    st.lists(
+        st.tuples(records, st.none() | st.lists(st.booleans(), min_size=6, max_size=6)),
+        min_size=1,
+        max_size=5,
+    )
+)
+@example([({"a": 1}, [False, False, False, False, False, True])])
+def test_error_records_pass_through_map_untouched(rows):
+    lines, want = [], []
+    for record, escaped in rows:
+        record = {k: v for k, v in record.items() if k != "_error"}
+        if escaped is None:
+            lines.append(orjson.dumps(record))
+            want.append({"mapped": True})
+            continue
+        body = orjson.dumps(record)[1:]  # the record's fields after its `{`
+        sep = b"" if body == b"}" else b","
+        lines.append(b"{" + spell("_error", escaped) + b':{"line":1}' + sep + body)
+        want.append({"_error": {"line": 1}, **record})
+    result = CLI("map", '{"mapped": True}', input=stream_of(lines))
+    assert result.exit_code == 0, result.stderr
+    assert [orjson.loads(x) for x in result.stdout_bytes.splitlines()] == want
+
+
+def test_regression_an_escaped_error_key_is_an_error_record():
+    """Found by the fuzzer: the reader's fast path looked for the bytes `error"` to spot
+    `_error` records, so `{"_erro\\u0072": ...}` alone in a block was processed by the operator
+    instead of passing through untouched."""
+    result = CLI("map", '{"b": 2}', input=b'{"_erro\\u0072": {"x": 1}, "a": 1}\n')
+    assert result.exit_code == 0, result.stderr
+    assert orjson.loads(result.stdout_bytes) == {"_error": {"x": 1}, "a": 1}

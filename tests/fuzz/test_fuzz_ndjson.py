@@ -218,7 +218,7 @@ def test_error_records_pass_through_map_untouched(rows):
 
 
 def test_regression_an_escaped_error_key_is_an_error_record():
-    """Found by the fuzzer: the reader's fast path looked for the bytes `error"` to spot
+    """Found reviewing the reader for these properties: its fast path looked for `error"` to spot
     `_error` records, so `{"_erro\\u0072": ...}` alone in a block was processed by the operator
     instead of passing through untouched."""
     result = CLI("map", '{"b": 2}', input=b'{"_erro\\u0072": {"x": 1}, "a": 1}\n')

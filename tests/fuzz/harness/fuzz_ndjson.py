@@ -6,7 +6,8 @@ the rest is the stream. Checked on every input:
 - `complete_lines` gives back exactly the stream (less one final `\\n`), whatever the chunking;
 - `RecordReader` numbers every non-blank line once, in order; a record is what orjson makes of
   that line, a BadLine carries that line's raw bytes and a one-line reason naming `stdin:LINE`;
-- `loads_record` on each line is the same record or a DataError with the same reason.
+- `loads_record` on each line is the same record or a DataError with the same reason;
+- a block marked clean holds only records, none of them an `_error` record.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ SEEDS: list[bytes] = [
     b'\x05{"a": "\\u00e9\\ud83d\\ude00"}\r\n{"b": 1}',
     b'\x05[1]\n"s"\n3\nnull\n{"x":\n',
     b"\x05\xff\xfe{}\n{}\n",
+    b'\x40{"_erro\\u0072": {"line": 1}}\n{"a": 1}\n',
     *(b"\x05" + seed for seed in jsontestsuite_seeds()),
 ]
 MAX_LEN = 4096
@@ -58,6 +60,9 @@ def check(data: bytes, size: int) -> None:
     seen: list[int] = []
     for block in reader._blocks_of(Chunks(data, size), "stdin"):
         numbers = block.lines or list(range(block.first_line, block.first_line + len(block.items)))
+        if block.clean:  # the driver runs a clean block with no per-record checks
+            assert block.lines is None
+            assert all(type(item) is dict and "_error" not in item for item in block.items)
         assert len(numbers) == len(block.items)
         for line, item in zip(numbers, block.items, strict=True):
             raw = lines[line - 1]

@@ -258,6 +258,11 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
     previous = _install_signal_handlers()
     try:
         body()
+        if _last_signal:
+            # The handler's exception can be lost: raised while an import compiles a module,
+            # CPython drops it (found by tests/faults: SIGTERM early in `sage index build` let
+            # the whole build run and exit 0). The signal still ends the command.
+            raise Terminated() if _last_signal == [signal.SIGTERM] else KeyboardInterrupt()
         return int(ExitCode.OK)
     except BrokenPipeError:
         silence_stdout()

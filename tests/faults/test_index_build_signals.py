@@ -2,15 +2,21 @@
 
 SIGTERM at any point: exit 143, nothing on stderr but what the stage had to say (no traceback),
 the old index exactly as it was, no temporary directory left, and a retry builds. The signal is
-sent while the records are read and, deterministically, once the write phase has begun (the
-temporary `.idx.building-*` directory exists). SIGKILL cannot be handled: the old index must
+sent, each time deterministically: while sage starts (its handler is in place, modules are
+still being imported: this once let the whole build run and exit 0, see sage_cli.command.
+guarded), while it waits for the second half of its input, and once the write phase has begun
+(the temporary `.idx.building-*` directory exists). SIGKILL cannot be handled: the old index must
 still be whole, and the next build removes what the killed one left.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import signal
 import subprocess
+import termios
+import threading
 import time
 from pathlib import Path
 
@@ -38,19 +44,55 @@ def _old_index(tmp_path: Path, old: Path) -> tuple[Path, dict[str, str]]:
     return idx, tree_digest(idx)
 
 
-def _start(idx: Path, new: Path) -> subprocess.Popen:
+def _start(idx: Path, new: Path | None) -> subprocess.Popen:
+    """`sage index build IDX NEW`, or with NEW None reading a stdin pipe the test feeds."""
+    files = [str(new)] if new is not None else []
     return subprocess.Popen(
-        sage_argv("index", "build", str(idx), str(new), "--trees", "64"),
+        sage_argv("index", "build", str(idx), *files, "--trees", "64"),
+        stdin=subprocess.PIPE if new is None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=clean_env(),
     )
 
 
+def _feed_until_drained(proc: subprocess.Popen, data: bytes, timeout: float = 60) -> None:
+    """Write `data` to the stage's stdin and wait until it has read all of it: it is then
+    deep in the reading phase, blocked on more input."""
+    writer = threading.Thread(target=proc.stdin.write, args=(data,))
+    writer.start()
+    writer.join(timeout)
+    proc.stdin.flush()
+    pending = array.array("i", [0])
+    stop = time.monotonic() + timeout
+    while time.monotonic() < stop:
+        fcntl.ioctl(proc.stdin.fileno(), termios.FIONREAD, pending)
+        if pending[0] == 0:
+            return
+        time.sleep(0.002)
+    raise AssertionError("the stage did not read its input")
+
+
 def _wait_for_write_phase(proc: subprocess.Popen, idx: Path, timeout: float = 60) -> bool:
     stop = time.monotonic() + timeout
     while time.monotonic() < stop and proc.poll() is None:
         if any(p.name.startswith(".idx.building-") for p in idx.parent.iterdir()):
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def _wait_for_sigterm_handler(proc: subprocess.Popen, timeout: float = 60) -> bool:
+    """Until sage has installed its handler (before that, SIGTERM kills Python outright,
+    which is fine but not what is tested here): the SIGTERM bit of SigCgt in /proc."""
+    stop = time.monotonic() + timeout
+    while time.monotonic() < stop and proc.poll() is None:
+        try:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+        except OSError:
+            return False
+        caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+        if int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
             return True
         time.sleep(0.002)
     return False
@@ -66,14 +108,19 @@ def _count(idx: Path) -> int:
     return parse_ndjson(info.stdout)[0]["count"]
 
 
-@pytest.mark.parametrize("when", ["reading", "writing"])
+@pytest.mark.parametrize("when", ["starting", "reading", "writing"])
 def test_sigterm_keeps_the_old_index_and_a_retry_builds(tmp_path, inputs, when):
     old, new = inputs
     idx, before = _old_index(tmp_path, old)
-    proc = _start(idx, new)
-    if when == "reading":
-        time.sleep(0.15)
+    if when == "starting":  # handler installed, modules still being imported
+        proc = _start(idx, new)
+        assert _wait_for_sigterm_handler(proc), "sage never installed its SIGTERM handler"
+    elif when == "reading":  # half the records read, waiting for the rest
+        proc = _start(idx, None)
+        lines = new.read_bytes().splitlines(keepends=True)
+        _feed_until_drained(proc, b"".join(lines[: len(lines) // 2]))
     else:
+        proc = _start(idx, new)
         assert _wait_for_write_phase(proc, idx), "the build ended before its write phase was seen"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

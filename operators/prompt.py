@@ -43,6 +43,7 @@ TRUNCATION_MARK = " ..."
 
 _FIELD = re.compile(r"^([^.\[\]]+)((?:\[[^\[\]]*\])*)$")
 _INDEX = re.compile(r"\[([^\[\]]*)\]")
+_LIST_INDEX = re.compile(r"-?[0-9]+")
 
 
 def builtin_templates() -> list[str]:
@@ -138,7 +139,7 @@ def lookup(record: Record, path: FieldPath) -> Any:
             value = value[key]
         elif (
             isinstance(value, list)
-            and key.lstrip("-").isdigit()
+            and _LIST_INDEX.fullmatch(key)  # not str.isdigit: `--5`, `²` (found by fuzzing)
             and -len(value) <= int(key) < len(value)
         ):
             value = value[int(key)]

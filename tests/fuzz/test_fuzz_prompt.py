@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import orjson
+import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
@@ -108,6 +109,9 @@ templatish = st.lists(
             ">10",
             "{}",
             "é",
+            "-",
+            "²",
+            "docs",
         ]
     ),
     max_size=25,
@@ -292,3 +296,14 @@ def test_regression_a_deeply_nested_value_is_a_record_error(tmp_path):
     result = CLI("prompt", "--template", str(template), input=line)
     assert result.exit_code == 65, result.stderr
     assert result.stderr.startswith("sage prompt: error: stdin:1: template field {a}")
+
+
+@pytest.mark.parametrize("key", ["--5", "²", "-", "+1", " 1", "1_0", "٣"])
+def test_regression_a_list_index_that_is_not_an_integer_is_a_record_error(key):
+    """Found by atheris (`{docs[--5]}`): a list index was checked with `key.lstrip("-").isdigit()`,
+    true for `--5` and `²`, then `int(key)` raised ValueError: exit 1 instead of the record's
+    error."""
+    op = Prompt(template_text=f"{{docs[{key}]}}")
+    with pytest.raises(RecordError, match="not found in the record"):
+        op.process([{"docs": [1, 2, 3, 4, 5, 6]}])
+    assert Prompt(template_text="{docs[-2]}").process([{"docs": [1, 2, 3]}])[0]["prompt"] == "2"

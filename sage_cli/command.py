@@ -259,9 +259,9 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
     try:
         body()
         if _last_signal:
-            # The handler's exception can be lost: raised while an import compiles a module,
-            # CPython drops it (found by tests/faults: SIGTERM early in `sage index build` let
-            # the whole build run and exit 0). The signal still ends the command.
+            # The handler's exception can be lost: raised while modules are being imported, it
+            # never reached us (tests/faults: SIGTERM in the first ~0.3 s of `sage index
+            # build` let the whole build run and exit 0). The signal still ends the command.
             raise Terminated() if _last_signal == [signal.SIGTERM] else KeyboardInterrupt()
         return int(ExitCode.OK)
     except BrokenPipeError:

@@ -13,6 +13,7 @@ for `sage models verify` and `sage doctor`.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -172,7 +173,11 @@ class _Cursor:
 
 def _read_value(cur: _Cursor, vtype: int, key: str, keep: bool) -> Any:
     if vtype in _SCALARS:
-        return cur.unpack(_SCALARS[vtype], key)
+        value = cur.unpack(_SCALARS[vtype], key)
+        if vtype in (6, 12) and not math.isfinite(value):
+            # a NaN layer_norm_epsilon makes llama.cpp abort (found by fuzzing)
+            raise GGUFError(f"metadata {key!r} is {value}, not a finite number")
+        return value
     if vtype == _STRING:
         raw = cur.string(key)
         try:
@@ -195,6 +200,49 @@ def _read_value(cur: _Cursor, vtype: int, key: str, keep: bool) -> Any:
             raise GGUFError(f"metadata {key!r} is a nested array (not supported by llama.cpp)")
         raise GGUFError(f"metadata {key!r} has an unknown array element type {etype}")
     raise GGUFError(f"metadata {key!r} has an unknown value type {vtype}")
+
+
+#: llama.cpp's LLAMA_MAX_LAYERS
+MAX_LAYERS = 512
+#: llama.cpp's pooling types: UNSPECIFIED (-1) .. RANK (4)
+_POOLING_TYPES = {-1, 0, 1, 2, 3, 4, 0xFFFFFFFF}
+#: tokenizer models whose byte tokens llama.cpp can decode (`<0xXX>`); for the others
+#: (gpt2, bert) a BYTE token is a GGML_ABORT
+_BYTE_TOKENIZERS = {"llama", "t5"}
+_BYTE = 6  # llama_token_type BYTE
+
+
+def _int32_array(raw: memoryview) -> list[int]:
+    """The elements of an int32 (or uint32) array value: its type, count and data bytes."""
+    etype, count = struct.unpack_from("<IQ", raw, 0)
+    if etype not in (4, 5) or 12 + 4 * count > len(raw):
+        return []
+    return list(struct.unpack_from(f"<{count}i", raw, 12))
+
+
+def _check_hyperparameters(
+    metadata: dict[str, Any], tokens: list[bytes], types: list[int] | None, absolute: bool
+) -> None:
+    """Values llama.cpp trusts and aborts on (found by fuzzing the tiny models)."""
+    arch = metadata.get("general.architecture")
+    layers = metadata.get(f"{arch}.block_count")
+    if isinstance(layers, int) and not 1 <= layers <= MAX_LAYERS:
+        raise GGUFError(f"{arch}.block_count {layers} is not between 1 and {MAX_LAYERS}")
+    pooling = metadata.get(f"{arch}.pooling_type")
+    if isinstance(pooling, int) and pooling not in _POOLING_TYPES:
+        raise GGUFError(f"{arch}.pooling_type {pooling} is not a llama.cpp pooling type")
+    context = metadata.get(f"{arch}.context_length")
+    if absolute and isinstance(context, int) and 0 < context < 8:
+        raise GGUFError(f"{arch}.context_length {context} is too short to run")
+    if types:
+        if len(types) != len(tokens):
+            raise GGUFError(
+                f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+            )
+        byte_ok = metadata.get("tokenizer.ggml.model") in _BYTE_TOKENIZERS
+        for token, kind in zip(tokens, types, strict=True):
+            if kind == _BYTE and not (byte_ok and len(token) == 6 and token.startswith(b"<0x")):
+                raise GGUFError(f"byte token {token!r} cannot be decoded by this tokenizer")
 
 
 def _parse(buf: memoryview, size: int) -> GGUFInfo:
@@ -221,6 +269,8 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
 
     metadata: dict[str, Any] = {}
     n_vocab = 0
+    tokens: list[bytes] = []
+    token_types: list[int] | None = None
     seen_keys: set[str] = set()
     for _ in range(n_kv):
         try:
@@ -232,11 +282,15 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
         seen_keys.add(key)
         vtype = cur.unpack("I", key)
         is_tokens = key == "tokenizer.ggml.tokens"
+        start = cur.pos
         value = _read_value(cur, vtype, key, keep=is_tokens)
+        if key == "tokenizer.ggml.token_type" and vtype == _ARRAY:
+            token_types = _int32_array(buf[start : cur.pos])
         if is_tokens:
             if not isinstance(value, list):
                 raise GGUFError("tokenizer.ggml.tokens is not a list of strings")
             n_vocab = len(value)
+            tokens = value
             if len(set(value)) != n_vocab:
                 raise GGUFError("tokenizer.ggml.tokens has duplicate tokens")
         elif key.endswith(_KEEP_SUFFIXES) and not isinstance(value, list):
@@ -278,7 +332,13 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
             )
         if offset % alignment:
             raise GGUFError(f"tensor {name!r} data offset {offset} is not aligned")
+        if n_dims == 1 and ttype != 0:
+            # norms and biases: llama.cpp's converters and quantizer keep them F32, and its
+            # graph aborts on anything else (found by fuzzing)
+            raise GGUFError(f"tensor {name!r} is one-dimensional but of type {ttype}, not F32")
         extents.append((offset, count // block * type_size, name))
+
+    _check_hyperparameters(metadata, tokens, token_types, "position_embd.weight" in names)
 
     data_offset = cur.pos + (-cur.pos % alignment)
     data_end = data_offset

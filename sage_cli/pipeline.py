@@ -215,6 +215,17 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             i = j + 1
         elif c in "|&;<>()" or (c.isdigit() and not word and text[i + 1 : i + 2] in (">", "<")):
             dup = _FD_DUP.match(text, i) if (c in "<>" or c.isdigit()) else None
+            end = dup.end() if dup is not None else i
+            if (
+                dup is not None
+                and (not word or c in "<>")
+                and end < n
+                and text[end] not in " \t|&;<>()"
+            ):
+                # bash reads `2>&1touch` as a redirection to the file `1touch`: refuse it
+                raise ScriptError(
+                    f"{where()}: `{text[i : end + 1]}...`: put a space after the descriptor copy"
+                )
             if dup is not None and (not word or c in "<>"):
                 end_word()
                 commands[-1].append(dup.group(0))  # `>&2`, `2>&1`: a descriptor copy
@@ -266,8 +277,8 @@ def logical_lines(source: str, script: str) -> list[_Line]:
             start = number
         if number == 1 and line.startswith("#!"):
             continue
-        if line.endswith("\\") and not line.endswith("\\\\"):
-            buf += line[:-1] + " "
+        if (len(line) - len(line.rstrip("\\"))) % 2:  # an odd run of `\`: a continuation
+            buf += line[:-1]  # bash drops the backslash and the newline, nothing more
             continue
         buf += line
         try:
@@ -282,6 +293,9 @@ def logical_lines(source: str, script: str) -> list[_Line]:
             continue
         if "<<" in buf and any(w.startswith("<<") or w == "<" for c in commands for w in c):
             raise ScriptError(f"{script}:{start}: here-documents are not supported")
+        for cmd, sep in zip(commands, seps, strict=False):
+            if not cmd:  # `; a`, `a ; ; b`, `| b`: bash refuses the line and runs none of it
+                raise ScriptError(f"{script}:{start}: syntax error near `{sep}`")
         commands = [c for c in commands if c]
         if commands:
             out.append(_Line(start, buf.strip(), commands, seps))
@@ -524,7 +538,15 @@ def expand_segment(
 
     def take() -> list[str]:
         nonlocal pos
-        count = int(fields[pos])
+        try:
+            count = int(fields[pos])
+        except (IndexError, ValueError):
+            count = -1
+        if not 0 <= count < len(fields) - pos:  # bash never got to print them all
+            raise ScriptError(
+                f"{where}: the script stops before its pipeline runs (`exit` or `exec` "
+                "in the commands before it?)"
+            )
         words = [f.decode("utf-8", "surrogateescape") for f in fields[pos + 1 : pos + 1 + count]]
         pos += 1 + count
         return words
@@ -539,11 +561,18 @@ def expand_segment(
         if not argv:
             raise ScriptError(f"{where}: stage {index + 1} expands to no command")
         stage_env = {a.partition("=")[0]: v for a, v in zip(assigns, values, strict=False)}
+        raws = [raw for _, raw in redirs if raw]
+        if len(targets) != len(raws):  # `> $UNSET`, `> *.txt` matching two files
+            raise ScriptError(
+                f"{where}: stage {index + 1}: a redirection target of {' '.join(raws)} "
+                f"expands to {len(targets)} words for {len(raws)} files (bash: ambiguous "
+                "redirect); quote it"
+            )
         it = iter(targets)
         redirects = [Redirect(op, "" if not raw else next(it), raw) for op, raw in redirs]
         text = " ".join(last_group[index])
         stages.append(Stage(index, argv, stage_env, redirects, text, group))
-    final_cwd = take()[0]
+    final_cwd = (take() or [os.getcwd()])[0]
     env_out: dict[str, str] = {}
     for item in fields[pos:]:
         if not item:

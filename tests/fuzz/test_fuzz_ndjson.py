@@ -6,12 +6,14 @@ invariants coverage-guided; here hypothesis drives them, plus the whole `sage ma
 
 from __future__ import annotations
 
+import subprocess
+
 import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from operators.ndjson import describe_json_error, parse_line, printable
-from tests.conftest import Cli, run_sage
+from tests.conftest import Cli, clean_env, run_sage, sage_argv
 from tests.fuzz.conftest import examples
 from tests.fuzz.harness.fuzz_ndjson import check
 
@@ -224,3 +226,32 @@ def test_regression_an_escaped_error_key_is_an_error_record():
     result = CLI("map", '{"b": 2}', input=b'{"_erro\\u0072": {"x": 1}, "a": 1}\n')
     assert result.exit_code == 0, result.stderr
     assert orjson.loads(result.stdout_bytes) == {"_error": {"x": 1}, "a": 1}
+
+
+@settings(max_examples=examples(3))
+@given(
+    st.lists(records, min_size=1, max_size=20),
+    st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=8),
+)
+def test_real_pipe_written_in_pieces_gives_every_record_once(recs, cuts):
+    """A pipe delivers lines in arbitrary pieces: cut the stream at random places, flush each
+    piece, and every record comes out once, in order."""
+    data = stream_of([orjson.dumps(r) for r in recs])
+    proc = subprocess.Popen(
+        sage_argv("map", "r"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    pos = 0
+    for i in range(len(data)):
+        if pos >= len(data):
+            break
+        n = cuts[i % len(cuts)]
+        proc.stdin.write(data[pos : pos + n])
+        proc.stdin.flush()
+        pos += n
+    out, err = proc.communicate(timeout=60)  # closes stdin; a hang fails with TimeoutExpired
+    assert proc.returncode == 0, err
+    assert [orjson.loads(x) for x in out.splitlines()] == recs

@@ -7,7 +7,8 @@ the rest is the stream. Checked on every input:
 - `RecordReader` numbers every non-blank line once, in order; a record is what orjson makes of
   that line, a BadLine carries that line's raw bytes and a one-line reason naming `stdin:LINE`;
 - `loads_record` on each line is the same record or a DataError with the same reason;
-- a block marked clean holds only records, none of them an `_error` record.
+- a block marked clean holds only records, none of them an `_error` record;
+- `numbered_lines` (the line reader of sources and merge) numbers the same lines the same.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import io
 
 import orjson
 
-from operators.ndjson import BadLine, complete_lines, parse_line, printable
+from operators.ndjson import BadLine, complete_lines, numbered_lines, parse_line, printable
 from sage_cli.errors import DataError
 from sage_cli.io import RecordReader, loads_record
 from tests.fuzz.seeds import jsontestsuite_seeds
@@ -87,6 +88,12 @@ def check(data: bytes, size: int) -> None:
                 orjson.dumps(item)  # what was read can be written
     wanted = [n for n, raw in enumerate(lines, 1) if raw.strip()]
     assert seen == wanted, (seen, wanted)
+
+    # the line reader of sources and merge: the same non-blank lines, numbered the same
+    numbered = [(n, raw) for n, raw in numbered_lines(Chunks(data, size), live=True)]
+    assert [(n, raw) for n, raw in numbered if raw is not None] == [
+        (n, lines[n - 1]) for n in wanted
+    ]
 
 
 def TestOneInput(data: bytes) -> None:

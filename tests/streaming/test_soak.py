@@ -8,13 +8,19 @@ a trace, would add tens of MB here)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from sage_cli import supervisor
+from sage_cli.runs import read_events
 from tests.bench.bench_soak import (
     RSS_LIMIT_MB,
+    SCRIPT,
     STAGES,
     SUPERVISOR,
     check_output,
@@ -76,3 +82,100 @@ def test_peak_rss_is_bounded_and_flat(soak_runs, name: str) -> None:
     assert 0 < little < RSS_LIMIT_MB
     assert 0 < big < RSS_LIMIT_MB
     assert big <= little * 1.25 + 5, f"{name}: {little:.1f} MB at {SMALL:,}, {big:.1f} at {LARGE:,}"
+
+
+# -- `sage run --retries`: the relays keep in-flight records on disk past a memory bound -------
+
+
+def test_flight_spills_past_its_memory_and_replays_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(supervisor, "SPILL_SEGMENT", 4096)  # many small spill files
+    fds = len(os.listdir("/proc/self/fd"))
+    lines = [b'{"id":"r%d","n":%d,"pad":"%s"}' % (i, i, b"x" * 50) for i in range(1000)]
+    flight = supervisor.Flight(tmp_path, memory=2000)
+    for i in range(0, 1000, 10):
+        flight.sent(b"\n".join(lines[i : i + 10]))
+    assert flight.in_memory <= 2000 and flight.spilled > 60_000
+    assert len(flight) == 1000
+    assert not list(tmp_path.iterdir())  # spill files are unlinked as soon as they are made
+    opened = len(os.listdir("/proc/self/fd")) - fds
+    # the stage's result for r500 came out: r0..r499 are finished, their spill files closed
+    assert flight.finished(lines[500]) == lines[500]
+    assert len(flight) == 500
+    assert len(os.listdir("/proc/self/fd")) - fds < opened / 2 + 2
+    # the stage crashed: its replay is every record from r500 on, read back a block at a time
+    replay, poison = flight.restart()
+    assert poison is None
+    assert b"".join(replay.chunks()) == b"".join(line + b"\n" for line in lines[500:])
+    assert replay.records == 500
+    assert flight.finished(lines[500]) == b""  # the new process repeats r500's result: dropped
+    assert flight.finished(b"\n".join(lines[501:1000])) == b"\n".join(lines[501:1000])
+    assert len(flight) == 1
+    flight.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
+    tmp_path: Path,
+) -> None:
+    """`sink --to` passes nothing on, so every record it took in stays in flight (its temporary
+    file goes with the crashed process): with 0.1 MB of memory, nearly all of them are in
+    spill files when it is killed, and the new sink is fed them all again."""
+    n = 120_000
+    data, out = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
+    write_records(data, n, TEXT_BYTES)
+    (tmp_path / "soak.sh").write_text(SCRIPT.replace("{KEYS}", "2000"))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sage_cli", "run", "-q", "--retries", "1", "--backoff", "0"]
+        + ["--run-dir", str(run_dir), "soak.sh", str(data), str(out)],
+        cwd=tmp_path,
+        env=env() | {"SAGE_RUN_FLIGHT_MB": "0.1"},
+        stderr=subprocess.PIPE,
+    )
+    trace = run_dir / "stages" / "5-sink.trace.ndjson"
+    deadline = time.monotonic() + 60
+    while not (trace.exists() and trace.stat().st_size > 100_000):  # ~10% of its input
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.01)
+    pid = next(
+        e["pid"]
+        for e in read_events(run_dir / "events.ndjson")
+        if e["ev"] == "stage_start" and e["stage"] == "5-sink"
+    )
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert check_output(out, n) == expected_out(n)  # each kept record once, in order
+    events = read_events(run_dir / "events.ndjson")
+    assert [e["stage"] for e in events if e["ev"] == "restart"] == ["5-sink"]
+    replay = [e for e in events if e["ev"] == "replay"]
+    assert replay and replay[0]["records"] > 10_000  # what it had taken in came back
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".flight")]
+
+
+def test_retries_keep_the_supervisor_flat(tmp_path: Path) -> None:
+    """With --retries every record goes through the supervisor, and `sink --to` finishes
+    none of them: before the spill files, the supervisor held the whole input (55 MB at 200k
+    records, 282 MB at 2M); now its peak RSS does not grow with the input."""
+    peaks = {}
+    for n in (SMALL, LARGE):
+        data, out = tmp_path / f"in-{n}.ndjson", tmp_path / f"out-{n}.ndjson"
+        write_records(data, n, TEXT_BYTES)
+        soak = run_soak(
+            tmp_path,
+            data,
+            out,
+            env=env() | {"SAGE_RUN_FLIGHT_MB": "1"},
+            sage=[sys.executable, "-m", "sage_cli"],
+            keys=2_000,
+            sample=False,
+            timeout=300,
+            run_args=("--retries", "1"),
+        )
+        assert soak.status == 0, soak.stderr
+        assert check_output(out, n) == expected_out(n)
+        peaks[n] = soak.peak_mb[SUPERVISOR]
+    assert peaks[LARGE] < RSS_LIMIT_MB
+    assert peaks[LARGE] <= peaks[SMALL] * 1.25 + 5, peaks

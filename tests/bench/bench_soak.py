@@ -3,10 +3,13 @@ over a 1 GB NDJSON input, keeps every stage's peak RSS flat and loses nothing.
 
 The pipeline (SCRIPT below) is `source FILE | map | filter | dedupe --max-keys | sink --to OUT`:
 every stage streams; `dedupe --max-keys` holds at most that many 16-byte key digests (bounded,
-not whole-input), `sink --to` writes a temporary file it renames at the end. Two scenarios:
+not whole-input), `sink --to` writes a temporary file it renames at the end. Scenarios
+(SOAK_SCENARIOS=records,bytes picks some):
 
 - `records`: SOAK_RECORDS (default 2,000,000) small records (~110 bytes);
-- `bytes`: SOAK_BYTES (default 1 GB) of ~1 KB records (~1M records).
+- `bytes`: SOAK_BYTES (default 1 GB) of ~1 KB records (~1M records);
+- `retries`: `records` under `sage run --retries 1`: every record goes through the supervisor,
+  whose relays keep each stage's in-flight records (`sink --to` finishes none: all its input).
 
 Each runs at full size and at a tenth of it (SOAK_SMALL_DIVISOR). "Flat" is shown two ways:
 the peak RSS of each stage (`os.wait4` in the supervisor, `stage_exit` events) at the small and
@@ -311,11 +314,17 @@ def run(report) -> None:
     size = int(float(os.environ.get("SOAK_BYTES", 1_000_000_000)))
     divisor = int(os.environ.get("SOAK_SMALL_DIVISOR", 10))
     text_bytes = 960  # ~1 KB records for the bytes scenario
-    scenarios = {
-        "records": (records, 50),
-        "bytes": (max(1, size // (text_bytes + 60)), text_bytes),
+    scenarios: dict[str, tuple[int, int, tuple[str, ...]]] = {
+        "records": (records, 50, ()),
+        "bytes": (max(1, size // (text_bytes + 60)), text_bytes, ()),
+        # every record through the supervisor's relays, which keep what is in flight
+        "retries": (records, 50, ("--retries", "1")),
     }
-    need = 2.5 * max(n * (t + 60) for n, t in scenarios.values())  # input + output + traces
+    only = os.environ.get("SOAK_SCENARIOS")
+    if only:
+        scenarios = {k: v for k, v in scenarios.items() if k in only.split(",")}
+    # input + output + traces (+ spill files with --retries)
+    need = 3 * max(n * (t + 60) for n, t, _ in scenarios.values())
     parent = os.environ.get("SOAK_DIR") or tempfile.gettempdir()
     free = shutil.disk_usage(parent).free
     if free < need:
@@ -327,10 +336,15 @@ def run(report) -> None:
     keep.mkdir(parents=True, exist_ok=True)
     sage = sage_command()
     env = _env()
-    repro = "python -m tests.bench --only soak"
     work = Path(tempfile.mkdtemp(prefix="sage-soak-", dir=parent))
     try:
-        for scenario, (n, text) in scenarios.items():
+        for scenario, (n, text, run_args) in scenarios.items():
+            knobs = [f"SOAK_SCENARIOS={scenario}"] + [
+                f"{k}={os.environ[k]}"
+                for k in ("SOAK_RECORDS", "SOAK_BYTES", "SOAK_SMALL_DIVISOR", "SOAK_DIR")
+                if k in os.environ
+            ]
+            repro = " ".join(knobs) + " .venv/bin/python -m tests.bench --only soak"
             small_n = max(1, n // divisor)
             runs: dict[str, SoakRun] = {}
             sizes: dict[str, int] = {}
@@ -338,7 +352,15 @@ def run(report) -> None:
                 data = work / f"{scenario}-{label}.ndjson"
                 out = work / f"{scenario}-{label}.out.ndjson"
                 sizes[label] = write_records(data, count, text)
-                soak = run_soak(work, data, out, env=env, sage=sage, sample=label == "full")
+                soak = run_soak(
+                    work,
+                    data,
+                    out,
+                    env=env,
+                    sage=sage,
+                    sample=label == "full",
+                    run_args=run_args,
+                )
                 if soak.status != 0:
                     raise RuntimeError(
                         f"soak {scenario} {label}: exit {soak.status}: {soak.stderr}"
@@ -390,13 +412,18 @@ def run(report) -> None:
                     late_growth_mb=growth,
                     sampled_hwm_mb=hwm,
                 )
+                # with --retries the supervisor's relays fill up to their bound (8 MB of
+                # in-flight records per stage, the rest spilled to disk) before they stay flat:
+                # judged against RSS_LIMIT_MB above, its ratio is shown
+                relays = bool(run_args) and name == SUPERVISOR
                 report(
                     f"soak.{scenario}.{name}.rss_ratio",
                     big / little if little else float("inf"),
                     "x",
-                    target=f"<= {RATIO_TARGET:g}",
+                    target=None if relays else f"<= {RATIO_TARGET:g}",
                     command=repro,
-                    note=f"peak RSS at {n:,} records / at {small_n:,}",
+                    note=f"peak RSS at {n:,} records / at {small_n:,}"
+                    + ("; bounded, not flat: the relays fill to 8 MB per stage first" * relays),
                 )
     finally:
         shutil.rmtree(work, ignore_errors=True)

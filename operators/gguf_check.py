@@ -202,6 +202,10 @@ def _read_value(cur: _Cursor, vtype: int, key: str, keep: bool) -> Any:
     raise GGUFError(f"metadata {key!r} has an unknown value type {vtype}")
 
 
+#: metadata whose integers may be large (parameter counts, token ids are checked elsewhere)
+_FREE_PREFIXES = ("general.", "tokenizer.")
+#: ggml types that are never weights: Q8_1, Q8_K
+_NOT_WEIGHT_TYPES = {9, 15}
 #: llama.cpp's LLAMA_MAX_LAYERS
 MAX_LAYERS = 512
 #: llama.cpp's pooling types: UNSPECIFIED (-1) .. RANK (4)
@@ -284,6 +288,10 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
         is_tokens = key == "tokenizer.ggml.tokens"
         start = cur.pos
         value = _read_value(cur, vtype, key, keep=is_tokens)
+        if vtype in (4, 5, 10, 11) and value >= 1 << 31 and not key.startswith(_FREE_PREFIXES):
+            # llama.cpp reads hyperparameters as int32: 2**31 becomes negative (found by
+            # fuzzing: context_length 2**31 failed every record with a negative array length)
+            raise GGUFError(f"metadata {key!r} is {value}, more than llama.cpp can take")
         if key == "tokenizer.ggml.token_type" and vtype == _ARRAY:
             token_types = _int32_array(buf[start : cur.pos])
         if is_tokens:
@@ -332,6 +340,10 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
             )
         if offset % alignment:
             raise GGUFError(f"tensor {name!r} data offset {offset} is not aligned")
+        if ttype in _NOT_WEIGHT_TYPES:
+            # Q8_1 and Q8_K only exist inside ggml's dot products: a weight of that type
+            # makes the first matrix product crash (SIGSEGV, found by fuzzing)
+            raise GGUFError(f"tensor {name!r} has type {ttype}, which is not a weight type")
         if n_dims == 1 and ttype != 0:
             # norms and biases: llama.cpp's converters and quantizer keep them F32, and its
             # graph aborts on anything else (found by fuzzing)

@@ -9,9 +9,11 @@ nothing else. Through the real commands: a sample of mutated files goes to `sage
 --model FILE` / `sage generate --model FILE`, which must exit 0 or 69, never die of a signal.
 
 Walking every field of both tiny models through llama.cpp (one fork per file) found files the
-validator passed and llama.cpp aborted on: block_count 0 or huge, a NaN layer-norm epsilon,
-an unknown pooling type, a BYTE token in a BERT vocabulary, a 1-D tensor that is not F32, a
-tiny context with absolute positions; the regression tests below keep each of them at exit 69.
+validator passed and llama.cpp aborted on (SIGABRT): block_count 0 or huge, a NaN layer-norm
+epsilon, an unknown pooling type, a BYTE token in a BERT vocabulary, a 1-D tensor that is not
+F32; crashed on (SIGSEGV): a Q8_1 weight; or failed every record on (exit 1, 2): a
+context_length of 2**31, or under 8 with absolute positions. The regression tests below keep
+each of them at exit 69.
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ ABORTS = [
     ("bert", "element:tokenizer.ggml.token_type", 6, "byte token"),
     ("bert", "ttype:blk.1.layer_output_norm.bias", 1, "not F32"),
     ("bert", "value:bert.context_length", 3, "too short"),
+    ("llama", "value:llama.attention.layer_norm_rms_epsilon", 0xFFFFFFFF, "finite"),
+    ("llama", "value:llama.context_length", 2**31, "more than llama.cpp can take"),  # exit 1
+    ("llama", "ttype:blk.1.ffn_down.weight", 9, "not a weight type"),  # SIGSEGV
 ]
 
 

@@ -21,7 +21,15 @@ from operators.source import Source
 from tests.conftest import parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
 
-EXTENSIONS = {"text": ".txt", "md": ".md", "ndjson": ".ndjson", "json": ".json", "csv": ".csv"}
+EXTENSIONS = {
+    "text": ".txt",
+    "md": ".md",
+    "rst": ".rst",
+    "ndjson": ".ndjson",
+    "jsonl": ".jsonl",
+    "json": ".json",
+    "csv": ".csv",
+}
 
 # -- input strategies ------------------------------------------------------------------------
 
@@ -79,7 +87,9 @@ any_bytes = st.binary(max_size=600) | st.lists(st.sampled_from(NASTY), max_size=
 file_bytes = {
     "text": any_bytes,
     "md": any_bytes,
+    "rst": any_bytes,
     "ndjson": any_bytes | ndjson_bytes | mutated(ndjson_bytes),
+    "jsonl": ndjson_bytes | mutated(ndjson_bytes),
     "json": any_bytes | json_bytes | mutated(json_bytes),
     "csv": any_bytes | csv_bytes | mutated(csv_bytes),
 }
@@ -125,10 +135,10 @@ def test_any_bytes_in_any_file_type_is_records_or_bad_lines(case: tuple[str, byt
     # raw mode: one record per non-blank line, whatever the bytes
     assert len(raw) == _non_blank_lines(data)
     assert all(isinstance(r, dict) and isinstance(r["text"], str) for r in raw)
-    if kind in ("text", "md"):
+    if kind in ("text", "md", "rst"):
         (record,) = items
         assert isinstance(record, dict) and record["metadata"]["bytes"] == len(data)
-    elif kind == "ndjson":
+    elif kind in ("ndjson", "jsonl"):
         # no silent loss: every non-blank line is a record or a bad line
         assert len(items) == _non_blank_lines(data)
     elif kind == "json":

@@ -130,15 +130,27 @@ class LlamaBackend:
         self.llm = load_llama(self.model_path, n_ctx=self.n_ctx, n_threads=self.threads, seed=seed)
         template = self.llm.metadata.get("tokenizer.chat_template")
         if template:
+            import jinja2
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
             model = self.llm._model
             eos, bos = self.llm.token_eos(), self.llm.token_bos()
-            self.formatter = Jinja2ChatFormatter(
-                template=template,
-                eos_token=model.token_get_text(eos) if eos != -1 else "",
-                bos_token=model.token_get_text(bos) if bos != -1 else "",
-            )
+            try:
+                self.formatter = Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=model.token_get_text(eos) if eos != -1 else "",
+                    bos_token=model.token_get_text(bos) if bos != -1 else "",
+                )
+                self.formatter(messages=[{"role": "user", "content": "hi"}])
+            except jinja2.TemplateError as exc:
+                # a damaged chat template is the model file's fault (found by fuzzing: it was
+                # exit 1 with a TemplateSyntaxError on every record)
+                from operators.gguf_check import FIX
+
+                raise ResourceUnavailable(
+                    f"{self.model_path}: the chat template in the model file does not work "
+                    f"({type(exc).__name__}: {exc}); {FIX}"
+                ) from None
 
     def identity(self, hash_cache: Path | None) -> str:
         if self._sha256 is None:

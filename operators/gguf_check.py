@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,6 +215,8 @@ _POOLING_TYPES = {-1, 0, 1, 2, 3, 4, 0xFFFFFFFF}
 #: (gpt2, bert) a BYTE token is a GGML_ABORT
 _BYTE_TOKENIZERS = {"llama", "t5"}
 _BYTE = 6  # llama_token_type BYTE
+_BYTE_TOKEN = re.compile(rb"<0x[0-9A-F]{2}>")
+_ALL_BYTES = frozenset(f"<0x{b:02X}>".encode() for b in range(256))
 
 
 def _int32_array(raw: memoryview) -> list[int]:
@@ -244,9 +247,17 @@ def _check_hyperparameters(
                 f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
             )
         byte_ok = metadata.get("tokenizer.ggml.model") in _BYTE_TOKENIZERS
+        has_bytes = False
         for token, kind in zip(tokens, types, strict=True):
-            if kind == _BYTE and not (byte_ok and len(token) == 6 and token.startswith(b"<0x")):
-                raise GGUFError(f"byte token {token!r} cannot be decoded by this tokenizer")
+            if kind == _BYTE:
+                if not (byte_ok and _BYTE_TOKEN.fullmatch(token)):
+                    raise GGUFError(f"byte token {token!r} cannot be decoded by this tokenizer")
+                has_bytes = True
+        if has_bytes and not _ALL_BYTES <= set(tokens):
+            # byte fallback looks every byte up as `<0xXX>` with `at()`: one missing spelling
+            # is a std::out_of_range abort on the first text that needs it (found by fuzzing)
+            missing = sorted(_ALL_BYTES - set(tokens))[0]
+            raise GGUFError(f"the vocabulary has byte tokens but no {missing.decode()}")
 
 
 def _parse(buf: memoryview, size: int) -> GGUFInfo:

@@ -80,6 +80,7 @@ def load_llama(
         n_batch = min(n_batch, trained)
         n_ubatch = min(n_ubatch or n_batch, trained)
     threads = n_threads or 1
+    import jinja2
     from llama_cpp import Llama
 
     try:
@@ -99,6 +100,12 @@ def load_llama(
     except (ValueError, RuntimeError) as exc:
         # llama-cpp-python raises ValueError("Failed to load model from file") and friends
         raise ResourceUnavailable(f"llama.cpp could not load {path}: {exc}; {FIX}") from None
+    except jinja2.TemplateError as exc:
+        # Llama() compiles the file's chat template: a damaged one is the file's fault
+        raise ResourceUnavailable(
+            f"{path}: the chat template in the model file does not compile "
+            f"({type(exc).__name__}: {exc}); {FIX}"
+        ) from None
 
 
 class Embedder:

@@ -193,10 +193,10 @@ def _assert_clean(code: int, err: str, out: bytes) -> None:
         assert "embedding" in record or "answer" in record
 
 
-@given(field_mutations())
-@settings(max_examples=examples(6))
+@given(field_mutations() | byte_edits().map(lambda data: ("bytes", data)))
+@settings(max_examples=examples(8))
 def test_sage_embed_and_generate_on_mutated_models_exit_0_or_69(case: tuple[str, bytes]) -> None:
-    field_kind, data = case
+    _field_kind, data = case
     kind = "bert" if b"bert.block_count" in data[:4096] else "llama"
     with tempfile.TemporaryDirectory(prefix="fuzz-gguf-") as tmp:
         path = Path(tmp) / "model.gguf"
@@ -212,3 +212,36 @@ def test_sage_embed_on_a_file_that_aborted_llama_cpp_is_69(
     path.write_bytes(_with(kind, field_kind, value))
     code, err, _ = _run_model(kind, path)
     assert code == 69 and words in err, err
+
+
+def _replace(kind: str, old: bytes, new: bytes) -> bytes:
+    data = model_bytes(kind)
+    assert len(old) == len(new) and data.count(old) == 1
+    return data.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "words"),
+    [
+        (b"{% for message", b"{% for \x12essage", "does not compile"),  # TemplateSyntaxError
+        (b"message['role']", b"messige['role']", "does not work"),  # UndefinedError
+    ],
+)
+def test_a_damaged_chat_template_is_69(tmp_path: Path, old: bytes, new: bytes, words: str) -> None:
+    """Regression (fuzzing, random header bytes): one changed byte in the chat template made
+    every record fail with TemplateSyntaxError or UndefinedError (exit 1)."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(_replace("llama", old, new))
+    code, err, _ = _run_model("llama", path)
+    assert code == 69 and words in err, err
+
+
+def test_a_misspelt_or_missing_byte_token_is_refused(tmp_path: Path) -> None:
+    """Regression (fuzzing): byte fallback looks each byte up as `<0xXX>` with `at()`; with
+    `<0x69>` spelt `<0xK9>` the first text holding an `i` aborted llama.cpp (out_of_range)."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(_replace("llama", b"<0x69>", b"<0xK9>"))
+    with pytest.raises(ResourceUnavailable, match="cannot be decoded"):
+        check_gguf(path)
+    code, err, _ = _run_model("llama", path)
+    assert code == 69, err

@@ -174,6 +174,15 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
         elif c == "\\":
             word.append(text[i : i + 2])
             i += 2
+        elif c == "$" and text.startswith("'", i + 1):
+            # ANSI-C quoting: `\'` does not end it (found by fuzzing against bash)
+            j = i + 2
+            while j < n and text[j] != "'":
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
+                raise _Incomplete(f"{where()}: unterminated $'")
+            word.append(text[i : j + 1])
+            i = j + 1
         elif c == "'":
             j = text.find("'", i + 1)
             if j < 0:
@@ -189,8 +198,10 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             word.append(text[i : j + 1])
             i = j + 1
         elif c == "`":
-            j = text.find("`", i + 1)
-            if j < 0:
+            j = i + 1  # `\`` does not end it (found by fuzzing against bash)
+            while j < n and text[j] != "`":
+                j += 2 if text[j] == "\\" else 1
+            if j >= n:
                 raise _Incomplete(f"{where()}: unterminated backquote")
             word.append(text[i : j + 1])
             i = j + 1
@@ -205,9 +216,15 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
                     depth -= 1
                     if depth == 0:
                         break
-                elif text[j] in "'\"":
-                    k = text.find(text[j], j + 1)
+                elif text[j] == "\\":
+                    j += 1  # `\)` does not close it
+                elif text[j] == "'":
+                    k = text.find("'", j + 1)
                     j = k if k > 0 else n
+                elif text[j] == '"':
+                    j += 1
+                    while j < n and text[j] != '"':
+                        j += 2 if text[j] == "\\" else 1
                 j += 1
             if j >= n:
                 raise _Incomplete(f"{where()}: unterminated ${opener}")
@@ -352,6 +369,28 @@ class Segment:
     line: int
 
 
+def _check_syntax(script: Path, name: str) -> None:
+    """Refuse a script bash itself cannot parse (`bash -n`), before any of it runs: bash runs
+    nothing of a line with a syntax error, and sage run must not run more than bash would
+    (found by fuzzing: `"a\\" ; touch X ; "` then `$(b"` ran `touch X`)."""
+    bash = shutil.which("bash") or "/bin/bash"
+    try:
+        proc = subprocess.run(
+            [bash, "-n", str(script)],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise ScriptError(f"{name}: cannot check the script with bash: {exc}") from None
+    if proc.returncode != 0:
+        lines = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        why = lines[0] if lines else f"bash -n exited with status {proc.returncode}"
+        match = re.match(r"^.*?: line ([0-9]+): (.*)$", why)
+        where = f"{name}:{match.group(1)}" if match else name
+        raise ScriptError(f"{where}: {match.group(2) if match else why}")
+
+
 def read_segments(path: str | Path) -> list[Segment]:
     """Read a script into segments: the commands before each pipeline, and the pipeline."""
     script = Path(path)
@@ -365,6 +404,7 @@ def read_segments(path: str | Path) -> list[Segment]:
     lines = logical_lines(source, name)
     if not lines:
         raise ScriptError(f"{name}: the script has no pipeline to run")
+    _check_syntax(script, name)
     # split `a; b` lines into one entry per command, remembering which have pipes
     entries: list[tuple[int, list[list[str]], bool]] = []
     for line in lines:
@@ -480,23 +520,28 @@ def expand_segment(
         program.append('source "$__SAGE_STATE_IN" 2>/dev/null\n')
     for cmd in segment.commands:
         program.append(" ".join(cmd) + "\n")
-    program.append('__sage_words "$-" "$?"\n')  # reached: the commands ran; their options
+    calls = 0
+
+    def marked(words: str) -> str:
+        """A call that prints `words` after a marker, so a call bash joined with another
+        (a quote or continuation the tokenizer read differently) is noticed, not misread."""
+        nonlocal calls
+        calls += 1
+        return f"__sage_words __sage_{calls - 1} {words}\n"
+
+    program.append(marked('"$-" "$?"'))  # reached: the commands ran; their options
     last_group = segment.pipeline or []
     split = [_split_stage(cmd, where) for cmd in last_group]
     for assigns, argv, redirs in split:
         if not argv:
             raise ScriptError(f"{where}: a stage of the pipeline has no command")
-        program.append("__sage_words " + " ".join(argv) + "\n")
-        program.append(
-            "__sage_words " + " ".join(a.partition("=")[2] or "''" for a in assigns) + "\n"
-            if assigns
-            else "__sage_words\n"
-        )
+        program.append(marked(" ".join(argv)))
+        program.append(marked(" ".join(a.partition("=")[2] or "''" for a in assigns)))
         targets = [t for _, t in redirs if t]
-        program.append("__sage_words " + " ".join(targets) + "\n")
+        program.append(marked(" ".join(targets)))
     if state_out:
         program.append(_SAVE_STATE)
-    program.append('__sage_words "$PWD"\nunset __SAGE_WORDS\nenv -0 >> "$__SAGE_WORDS_COPY"\n')
+    program.append(marked('"$PWD"') + 'unset __SAGE_WORDS\nenv -0 >> "$__SAGE_WORDS_COPY"\n')
     run_env = dict(os.environ if env is None else env)
     bash = shutil.which("bash", path=run_env.get("PATH")) or "/bin/bash"
     import tempfile
@@ -536,22 +581,31 @@ def expand_segment(
         raise CommandsFailed(f"{where}: a command failed (exit {proc.returncode})", proc.returncode)  # type: ignore[arg-type]
     pos = 0
 
+    taken = 0
+
     def take() -> list[str]:
-        nonlocal pos
+        nonlocal pos, taken
         try:
             count = int(fields[pos])
         except (IndexError, ValueError):
             count = -1
-        if not 0 <= count < len(fields) - pos:  # bash never got to print them all
+        if pos >= len(fields) - 1 or (taken == 0 and count < 0):  # bash never got here
             raise ScriptError(
                 f"{where}: the script stops before its pipeline runs (`exit` or `exec` "
                 "in the commands before it?)"
             )
-        words = [f.decode("utf-8", "surrogateescape") for f in fields[pos + 1 : pos + 1 + count]]
+        marker = f"__sage_{taken}".encode()
+        if not 1 <= count < len(fields) - pos or fields[pos + 1] != marker:
+            raise ScriptError(
+                f"{where}: bash joins lines or quotes of this script differently from "
+                "sage run's reading of it (an unusual quote or continuation?); simplify it"
+            )
+        words = [f.decode("utf-8", "surrogateescape") for f in fields[pos + 2 : pos + 1 + count]]
         pos += 1 + count
+        taken += 1
         return words
 
-    flags, last_status = take()
+    flags, last_status = (take() + ["", "0"])[:2]
     errexit = "e" in flags
     stages: list[Stage] = []
     for index, (assigns, _argv, redirs) in enumerate(split):

@@ -252,3 +252,23 @@ def test_a_descriptor_copy_glued_to_a_word_is_refused(tmp_path: Path) -> None:
     for line in ("2>&1touch CANARY", "echo a >&2touch CANARY"):
         assert "descriptor copy" in _check(tmp_path, f"{line}\n{PIPELINE}\n")
         assert not (tmp_path / "CANARY").exists()
+
+
+def test_a_script_bash_cannot_parse_runs_nothing(tmp_path: Path) -> None:
+    """Regression (fuzzing, differential with bash): the tokenizer closed `"...$(touch B"`
+    where bash sees an unterminated `$(`; bash refuses the whole line, the parser ran the
+    `touch` in it. Now `bash -n` vets the script before anything runs."""
+    text = '""a\\" ; touch CANARY ; "\n$(touch CANARY1"\n\n' + PIPELINE + "\n"
+    message = _check(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'script.sh'}:2: ") and "matching" in message
+    assert not list(tmp_path.glob("CANARY*"))
+
+
+def test_ansi_c_quotes_are_read_as_bash_reads_them(tmp_path: Path) -> None:
+    """Regression (fuzzing, differential with bash): `$'a\\' ; touch X ; '` is one word to
+    bash; the tokenizer ended the quote at `\\'` and split `touch X` off as a command."""
+    text = "X=$'a\\' ; touch CANARY ; '\n" + PIPELINE + ' "$X"\n'
+    path = _write(str(tmp_path), text)
+    (_, head) = parse_script(path, env=clean_env(), cwd=str(tmp_path)).stages
+    assert head.argv[-1] == "a' ; touch CANARY ; "
+    assert not (tmp_path / "CANARY").exists()

@@ -63,9 +63,12 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 bench: $(STAMP) ## Benchmarks: ratios against baselines measured in the same run
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
+# hypothesis and atheris run side by side (one core each); atheris's summary is printed after
 fuzz: $(STAMP) ## Fuzz every parser: hypothesis (long profile) + atheris for FUZZ_SECONDS per harness
-	SAGE_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz
-	$(PY) -m tests.fuzz.run_atheris --seconds $(FUZZ_SECONDS)
+	@mkdir -p .sage/fuzz; \
+	$(PY) -m tests.fuzz.run_atheris --seconds $(FUZZ_SECONDS) > .sage/fuzz/summary.txt 2>&1 & ath=$$!; \
+	SAGE_FUZZ_PROFILE=long $(PY) -m pytest -q tests/fuzz; hyp=$$?; \
+	wait $$ath; ath=$$?; cat .sage/fuzz/summary.txt; test $$hyp = 0 && test $$ath = 0
 
 check: lint test fuzz ## Lint, type checks, the tests and a short fuzz pass
 

@@ -31,6 +31,8 @@ from tests.fuzz.conftest import examples
 from tests.fuzz.expressions import build
 
 CLI = Cli()
+#: Python's "perhaps you missed a comma?" on odd grammar expressions: expected, not news
+pytestmark = pytest.mark.filterwarnings("ignore::SyntaxWarning")
 
 json_scalars = (
     st.none()

@@ -241,23 +241,24 @@ def _check_hyperparameters(
     context = metadata.get(f"{arch}.context_length")
     if absolute and isinstance(context, int) and 0 < context < 8:
         raise GGUFError(f"{arch}.context_length {context} is too short to run")
+    byte_ok = metadata.get("tokenizer.ggml.model") in _BYTE_TOKENIZERS
+    # SentencePiece ("llama") falls back to `<0xXX>` tokens whatever the token types say
+    has_bytes = bool(tokens) and metadata.get("tokenizer.ggml.model") == "llama"
     if types:
         if len(types) != len(tokens):
             raise GGUFError(
                 f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
             )
-        byte_ok = metadata.get("tokenizer.ggml.model") in _BYTE_TOKENIZERS
-        has_bytes = False
         for token, kind in zip(tokens, types, strict=True):
             if kind == _BYTE:
                 if not (byte_ok and _BYTE_TOKEN.fullmatch(token)):
                     raise GGUFError(f"byte token {token!r} cannot be decoded by this tokenizer")
                 has_bytes = True
-        if has_bytes and not _ALL_BYTES <= set(tokens):
-            # byte fallback looks every byte up as `<0xXX>` with `at()`: one missing spelling
-            # is a std::out_of_range abort on the first text that needs it (found by fuzzing)
-            missing = sorted(_ALL_BYTES - set(tokens))[0]
-            raise GGUFError(f"the vocabulary has byte tokens but no {missing.decode()}")
+    if has_bytes and not _ALL_BYTES <= set(tokens):
+        # byte fallback looks every byte up as `<0xXX>` with `at()`: one missing spelling is
+        # a std::out_of_range abort on the first text that needs it (found by fuzzing)
+        missing = sorted(_ALL_BYTES - set(tokens))[0]
+        raise GGUFError(f"the vocabulary falls back to byte tokens but has no {missing.decode()}")
 
 
 def _parse(buf: memoryview, size: int) -> GGUFInfo:
@@ -299,6 +300,8 @@ def _parse(buf: memoryview, size: int) -> GGUFInfo:
         is_tokens = key == "tokenizer.ggml.tokens"
         start = cur.pos
         value = _read_value(cur, vtype, key, keep=is_tokens)
+        if vtype in (6, 12) and key.endswith("epsilon") and value < 0:
+            raise GGUFError(f"metadata {key!r} is negative")  # GGML_ASSERT(eps >= 0.0f)
         if vtype in (4, 5, 10, 11) and value >= 1 << 31 and not key.startswith(_FREE_PREFIXES):
             # llama.cpp reads hyperparameters as int32: 2**31 becomes negative (found by
             # fuzzing: context_length 2**31 failed every record with a negative array length)

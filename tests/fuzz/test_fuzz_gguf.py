@@ -245,3 +245,23 @@ def test_a_misspelt_or_missing_byte_token_is_refused(tmp_path: Path) -> None:
         check_gguf(path)
     code, err, _ = _run_model("llama", path)
     assert code == 69, err
+
+
+def test_a_negative_layer_norm_epsilon_is_refused(tmp_path: Path) -> None:
+    """Regression (fuzzing): one flipped sign bit made llama.cpp abort in GGML_ASSERT(eps >= 0)."""
+    field = next(f for f in _field_list("bert") if f.kind.endswith("layer_norm_epsilon"))
+    value = current_value(model_bytes("bert"), field) | 0x80000000
+    path = tmp_path / "model.gguf"
+    path.write_bytes(mutate(model_bytes("bert"), field, value))
+    with pytest.raises(ResourceUnavailable, match="negative"):
+        check_gguf(path)
+
+
+def test_sentencepiece_without_token_types_still_needs_every_byte_token(tmp_path: Path) -> None:
+    """Regression (fuzzing): with the token-type key renamed, a misspelt `<0xE2>` passed the
+    check and SentencePiece's byte fallback aborted llama.cpp (unordered_map::at)."""
+    data = _replace("llama", b"tokenizer.ggml.token_type\t", b"tokenizer.ggml.token_typf\t")
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data.replace(b"<0xE2>", b"<0xZ2>"))
+    with pytest.raises(ResourceUnavailable, match="no <0xE2>"):
+        check_gguf(path)

@@ -259,6 +259,22 @@ def test_flipped_annoy_node_is_exit_69_not_a_segfault(index_dir: Path, tmp_path:
             Index(directory)
 
 
+@pytest.mark.parametrize(("count", "dim"), [(COUNT + 7, DIM), (COUNT, DIM * 2), (COUNT // 2, DIM)])
+def test_an_annoy_file_from_another_index_is_exit_69(
+    index_dir: Path, tmp_path: Path, count: int, dim: int
+) -> None:
+    """index.ann copied from an index of another size or dimension: refused before annoy maps
+    it (annoy itself would read nodes of the wrong width)."""
+    rng = np.random.default_rng(count + dim)
+    other = tmp_path / "other"
+    records = [{"id": f"o{i}", "text": f"other {i}"} for i in range(count)]
+    write_index(other, rng.standard_normal((count, dim)).astype(np.float32), records, None)
+    directory = _copy(index_dir, str(tmp_path / "mixed"))
+    shutil.copy(other / FILES["annoy"], directory / FILES["annoy"])
+    with pytest.raises(ResourceUnavailable, match="annoy file"):
+        Index(directory)
+
+
 # -- the real commands -------------------------------------------------------------------------
 
 

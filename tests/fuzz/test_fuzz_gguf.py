@@ -265,3 +265,12 @@ def test_sentencepiece_without_token_types_still_needs_every_byte_token(tmp_path
     path.write_bytes(data.replace(b"<0xE2>", b"<0xZ2>"))
     with pytest.raises(ResourceUnavailable, match="no <0xE2>"):
         check_gguf(path)
+
+
+def test_the_atheris_harness_takes_its_seeds() -> None:
+    """tests/fuzz/harness/fuzz_gguf.py (run by `make fuzz`) passes its own seed corpus."""
+    from tests.fuzz.harness import fuzz_gguf
+
+    assert fuzz_gguf.SEEDS
+    for seed in fuzz_gguf.SEEDS:
+        fuzz_gguf.TestOneInput(seed)

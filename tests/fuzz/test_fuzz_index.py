@@ -328,3 +328,12 @@ def test_sage_retrieve_on_the_undamaged_index_answers(index_dir: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     (out,) = parse_ndjson(proc.stdout)
     assert [d["rank"] for d in out["docs"]] == [1, 2, 3]
+
+
+def test_the_atheris_harness_takes_its_seeds() -> None:
+    """tests/fuzz/harness/fuzz_manifest.py (run by `make fuzz`) passes its own seed corpus."""
+    from tests.fuzz.harness import fuzz_manifest
+
+    assert fuzz_manifest.SEEDS
+    for seed in fuzz_manifest.SEEDS:
+        fuzz_manifest.TestOneInput(seed)

@@ -272,3 +272,12 @@ def test_ansi_c_quotes_are_read_as_bash_reads_them(tmp_path: Path) -> None:
     (_, head) = parse_script(path, env=clean_env(), cwd=str(tmp_path)).stages
     assert head.argv[-1] == "a' ; touch CANARY ; "
     assert not (tmp_path / "CANARY").exists()
+
+
+def test_the_atheris_harness_takes_its_seeds() -> None:
+    """tests/fuzz/harness/fuzz_pipeline.py (run by `make fuzz`) passes its own seed corpus."""
+    from tests.fuzz.harness import fuzz_pipeline
+
+    assert fuzz_pipeline.SEEDS
+    for seed in fuzz_pipeline.SEEDS:
+        fuzz_pipeline.TestOneInput(seed)

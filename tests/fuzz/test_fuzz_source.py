@@ -235,3 +235,12 @@ def test_csv_blank_lines_before_the_header_are_skipped(tmp_path: Path) -> None:
         {"id": "a", "text": "hello"},
         {"id": "b", "text": None},
     ]
+
+
+def test_the_atheris_harness_takes_its_seeds() -> None:
+    """tests/fuzz/harness/fuzz_source.py (run by `make fuzz`) passes its own seed corpus."""
+    from tests.fuzz.harness import fuzz_source
+
+    assert fuzz_source.SEEDS
+    for seed in fuzz_source.SEEDS:
+        fuzz_source.TestOneInput(seed)

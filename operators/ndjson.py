@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from operators.base import terminal_safe
+from operators.base import RecordError, terminal_safe
 
 Record = dict[str, Any]
 
@@ -21,6 +21,19 @@ Record = dict[str, Any]
 CHUNK = 1024 * 1024
 #: longest excerpt of a bad line quoted in an error message
 QUOTE_LIMIT = 80
+#: longest line read: past it the input is not NDJSON (`/dev/zero`, a binary file with no
+#: newline), and holding more would only grow memory until the process is killed
+MAX_LINE_BYTES = 256 * 1024 * 1024
+
+
+class LineTooLong(RecordError):
+    """A line longer than MAX_LINE_BYTES (a data error, exit 65)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"line longer than {limit // (1024 * 1024) or limit} "
+            f"{'MiB' if limit >= 1024 * 1024 else 'bytes'} with no newline; is this NDJSON?"
+        )
 
 
 @dataclass
@@ -79,17 +92,24 @@ def parse_or_bad(raw: bytes, origin: str, line: int) -> Record | BadLine:
     return parsed if type(parsed) is dict else BadLine(origin, line, str(parsed), raw)
 
 
-def complete_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def complete_lines(chunks: Iterable[bytes], max_line: int | None = None) -> Iterator[bytes]:
     """Runs of complete lines (joined, without the final `\\n`) from raw chunks, in order.
 
     A line split across chunks (a 50 MB line comes in many parts) is joined before it is
     yielded; a final line without `\\n` comes last. The one place sage splits bytes into lines.
+    A line that grows past `max_line` bytes (MAX_LINE_BYTES) raises LineTooLong: memory stays
+    bounded whatever the input (`sage map r < /dev/zero` used to grow until it was killed).
     """
+    limit = MAX_LINE_BYTES if max_line is None else max_line
     pending: list[bytes] = []  # the start of a line not yet ended
+    held = 0  # bytes in pending
     for chunk in chunks:
         nl = chunk.rfind(b"\n")
         if nl < 0:
             pending.append(chunk)
+            held += len(chunk)
+            if held > limit:
+                raise LineTooLong(limit)
             continue
         if pending:
             pending.append(chunk[:nl])
@@ -98,6 +118,7 @@ def complete_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
         else:
             head = chunk[:nl]
         rest = chunk[nl + 1 :]
+        held = len(rest)
         if rest:
             pending.append(rest)
         yield head

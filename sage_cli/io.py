@@ -26,6 +26,7 @@ import orjson
 from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shared with sources
     QUOTE_LIMIT,
     BadLine,
+    LineTooLong,
     complete_lines,
     describe_json_error,
     parse_line,
@@ -156,7 +157,14 @@ class RecordReader:
     def _blocks_of(self, fd: int | BinaryIO, origin: str) -> Iterator[Block]:
         lineno = 0
         loads = _loads
-        for data in read_blocks(fd, self.on_idle, self.idle_interval):
+        blocks = read_blocks(fd, self.on_idle, self.idle_interval)
+        while True:
+            try:
+                data = next(blocks)
+            except StopIteration:
+                return
+            except LineTooLong as exc:  # no newline for MAX_LINE_BYTES: not NDJSON
+                raise DataError(f"{origin}:{lineno + 1}: {exc}") from None
             lines = data.split(b"\n")
             first = lineno + 1
             lineno += len(lines)
@@ -168,7 +176,7 @@ class RecordReader:
             else:
                 if _ONLY_DICTS.issuperset(map(type, items)):
                     # a key `_error` is spelled `_error"` unless a character of it is escaped
-                    # (`"_erro\u0072"`: found by fuzzing), and then the block holds `\u`
+                    # (`"_erro\u0072"`, found writing the fuzz tests): then the block holds `\u`
                     clean = (b'error"' not in data and b"\\u" not in data) or not any(
                         "_error" in v for v in items
                     )

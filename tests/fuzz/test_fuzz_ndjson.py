@@ -12,10 +12,16 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from operators.ndjson import describe_json_error, parse_line, printable
+from operators.ndjson import (
+    LineTooLong,
+    complete_lines,
+    describe_json_error,
+    parse_line,
+    printable,
+)
 from tests.conftest import Cli, clean_env, run_sage, sage_argv
 from tests.fuzz.conftest import examples
-from tests.fuzz.harness.fuzz_ndjson import check
+from tests.fuzz.harness.fuzz_ndjson import check, chunked
 
 # -- strategies --------------------------------------------------------------------------------
 
@@ -255,3 +261,37 @@ def test_real_pipe_written_in_pieces_gives_every_record_once(recs, cuts):
     out, err = proc.communicate(timeout=60)  # closes stdin; a hang fails with TimeoutExpired
     assert proc.returncode == 0, err
     assert [orjson.loads(x) for x in out.splitlines()] == recs
+
+
+# -- bounded memory: a line has a maximum length --------------------------------------------------
+
+
+@given(
+    st.binary(max_size=300) | ndjsonish,
+    st.integers(min_value=1, max_value=40),
+    st.integers(min_value=0, max_value=50),
+)
+def test_only_a_line_longer_than_the_limit_stops_the_reader(data, size, limit):
+    lines = data.split(b"\n")
+    try:
+        heads = list(complete_lines(chunked(data, size), max_line=limit))
+    except LineTooLong as exc:
+        assert max(map(len, lines)) > limit
+        assert str(exc).startswith("line longer than ")
+        return
+    # no line too long, or a longer one that arrived whole inside one chunk with its newline
+    assert b"\n".join(heads) == (data[:-1] if data.endswith(b"\n") else data)
+
+
+def test_regression_endless_line_is_a_data_error_not_unbounded_memory():
+    """`sage map r < /dev/zero` (or a binary file with no newline) held the growing line in
+    memory until the process was killed; past MAX_LINE_BYTES (256 MiB) it is now exit 65."""
+    with open("/dev/zero", "rb") as zero:
+        result = subprocess.run(
+            sage_argv("map", "r"), stdin=zero, capture_output=True, env=clean_env(), timeout=60
+        )
+    assert result.returncode == 65
+    assert result.stderr == (
+        b"sage map: error: stdin:1: line longer than 256 MiB with no newline; is this NDJSON?\n"
+    )
+    assert result.stdout == b""

@@ -62,31 +62,45 @@ def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
 def read_done(path: Path) -> tuple[set[Any], set[Any]]:
     """From a run's output: the ids of the results in it, and the keys of the input records
     whose results are all in it (every key but the last one seen, which may be partial).
-    A torn last line (the writer was killed mid-line) is cut off the file."""
+    A torn last line (the writer was killed mid-line) is cut off the file. The file is read a
+    line at a time: it can be as large as the run's whole output."""
     try:
-        data = path.read_bytes()
+        fh = open(path, "r+b")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return set(), set()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as fh:
-            fh.truncate(end)
-        data = data[:end]
     ids: set[Any] = set()
-    keys: list[Any] = []
     seen: set[Any] = set()
-    for line in data.split(b"\n"):
-        if not line:
-            continue
-        rid = record_id(line)
-        if rid is not None:
-            ids.add(rid)
-        key = lineage_key(line)
-        if key is not None and key not in seen:
-            seen.add(key)
-            keys.append(key)
-    done = set(keys[:-1]) if keys else set()
-    return ids, done
+    last_new: Any = None
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        end = _after_last_newline(fh, size)
+        if end < size:
+            fh.truncate(end)
+        fh.seek(0)
+        for line in fh:
+            rid = record_id(line)
+            if rid is not None:
+                ids.add(rid)
+            key = lineage_key(line)
+            if key is not None and key not in seen:
+                seen.add(rid if key == rid else key)  # one string for both sets
+                last_new = key
+    seen.discard(last_new)
+    return ids, seen
+
+
+def _after_last_newline(fh: Any, size: int) -> int:
+    """The offset just after the file's last `\n` (0 if it has none), read from the end."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        fh.seek(start)
+        chunk = fh.read(pos - start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        pos = start
+    return 0
 
 
 def lock_path(script: Path, args: list[str]) -> Path:

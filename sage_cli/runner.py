@@ -156,6 +156,8 @@ def run_pipeline(
         if not script:
             raise UsageError(f"{resume}: the run does not name its script; give it")
         if info.get("cwd") and Path(info["cwd"]) != Path.cwd():
+            # absolute: `--resume work/run` must still name it after the cd
+            run = RunDirectory(run.path.resolve())
             os.chdir(info["cwd"])
         opts.resume = True
     elif script is None:

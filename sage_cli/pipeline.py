@@ -25,6 +25,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sage_cli.errors import SageError, UsageError
 
@@ -369,18 +370,19 @@ class Segment:
     line: int
 
 
+def _bash(bash: str, args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
+    """The one place bash runs: on the script's own text (`-n`, or its commands and words in
+    `expand_segment`), never on record content. stderr is captured, stdin is /dev/null."""
+    return subprocess.run([bash, *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kwargs)
+
+
 def _check_syntax(script: Path, name: str) -> None:
     """Refuse a script bash itself cannot parse (`bash -n`), before any of it runs: bash runs
     nothing of a line with a syntax error, and sage run must not run more than bash would
     (found by fuzzing: `"a\\" ; touch X ; "` then `$(b"` ran `touch X`)."""
     bash = shutil.which("bash") or "/bin/bash"
     try:
-        proc = subprocess.run(
-            [bash, "-n", str(script)],
-            capture_output=True,
-            stdin=subprocess.DEVNULL,
-            timeout=30,
-        )
+        proc = _bash(bash, ["-n", str(script)], stdout=subprocess.DEVNULL, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ScriptError(f"{name}: cannot check the script with bash: {exc}") from None
     if proc.returncode != 0:
@@ -557,13 +559,12 @@ def expand_segment(
         body = _body_file(script, "".join(program[1:]))
         extra["__SAGE_BODY"] = body
         try:
-            proc = subprocess.run(
-                [bash, "-c", program[0] + 'source "$__SAGE_BODY"\n', name, *(args or [])],
+            proc = _bash(
+                bash,
+                ["-c", program[0] + 'source "$__SAGE_BODY"\n', name, *(args or [])],
                 stdout=None,
-                stderr=subprocess.PIPE,
                 env=run_env | extra,
                 cwd=cwd or None,
-                stdin=subprocess.DEVNULL,
             )
         finally:
             os.unlink(body)

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from sage_cli.errors import UsageError
+from sage_cli.trace import peak_rss_mb
 
 DEFAULT_BASE = os.path.join(".sage", "runs")
 
@@ -189,6 +190,7 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             attempt.update({k: ev.get(k, 0) for k in ("in", "out", "errors", "skipped", "busy")})
             if kind == "stop":
                 attempt["status"] = ev.get("status")
+                attempt["hwm"] = ev.get("hwm_mb")
     close_attempt()
     for a in attempts:
         records_in += a.get("in", a.get("b_in", 0))
@@ -197,6 +199,9 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         skipped += a.get("skipped", 0)
         busy += float(a.get("busy", 0.0))
     p50, p95, p99 = weighted_percentiles(latencies, (0.5, 0.95, 0.99))
+    # the stage's own peak RSS, when every attempt reported it (a crashed one did not)
+    hwm = [float(a["hwm"]) for a in attempts if a.get("hwm") is not None]
+    own_rss = max(hwm) if attempts and len(hwm) == len(attempts) else None
     return {
         "records_in": records_in,
         "records_out": records_out,
@@ -211,6 +216,7 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         },
         "first_batch": first,
         "last_batch": last,
+        "own_peak_rss_mb": own_rss,
     }
 
 
@@ -286,6 +292,9 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         st["traced"] = bool(seen[0])
         if seen[0]:
             st.update(figures)
+            if figures["own_peak_rss_mb"] is not None:  # wait4's figure is kept beside it
+                st["wait4_rss_mb"] = st["peak_rss_mb"]
+                st["peak_rss_mb"] = figures["own_peak_rss_mb"]
         else:  # an opaque stage: what the supervisor's relay counted, if it relayed
             st.update(
                 {
@@ -312,18 +321,5 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         "status": status,
         "stages": sorted(stages.values(), key=lambda s: (s["group"], s["index"])),
         # the process that wrote the summary (the supervisor, when `sage run` does), up to now
-        "supervisor_peak_rss_mb": own_peak_rss_mb(),
+        "supervisor_peak_rss_mb": peak_rss_mb(),
     }
-
-
-def own_peak_rss_mb() -> float | None:
-    """This process's peak RSS (VmHWM): its own, unlike ru_maxrss, which also counts reaped
-    children and, on Linux, the process image an exec replaced."""
-    try:
-        with open("/proc/self/status", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"VmHWM:"):
-                    return round(int(line.split()[1]) / 1024.0, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

@@ -103,7 +103,9 @@ class Tracer:
         )
 
     def stop(self, status: int) -> None:
-        self._emit_stats("stop", status=status)
+        # the stage's own peak RSS: the supervisor's wait4 figure is at least the RSS of the
+        # process image the stage's exec replaced (the supervisor's, ~22 MB)
+        self._emit_stats("stop", status=status, hwm_mb=peak_rss_mb())
         self.flush()
         try:
             os.close(self.fd)
@@ -121,6 +123,19 @@ class Tracer:
             os.write(self.fd, data)
         except OSError:
             pass  # a trace must never stop the data
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS in MB (VmHWM: its own image only, unlike ru_maxrss, which on
+    Linux also counts reaped children and the image an exec replaced); None off Linux."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _tokens(out: list[dict[str, Any]]) -> int:

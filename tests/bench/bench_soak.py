@@ -12,8 +12,8 @@ not whole-input), `sink --to` writes a temporary file it renames at the end. Sce
   whose relays keep each stage's in-flight records (`sink --to` finishes none: all its input).
 
 Each runs at full size and at a tenth of it (SOAK_SMALL_DIVISOR). "Flat" is shown two ways:
-the peak RSS of each stage (`os.wait4` in the supervisor, `stage_exit` events) at the small and
-the full size, and their ratio (~1.0 when nothing grows with the input); and VmRSS sampled from
+the peak RSS of each stage (its own VmHWM, which it reports when it stops; summary.json) at the
+small and the full size, and their ratio (~1.0 when nothing grows with the input); and VmRSS sampled from
 /proc every 0.2 s during the full-size run (the largest sample of the last quarter of a stage's
 life minus that of its second quarter). The supervisor (`sage run` itself) is measured too. The
 output is checked record by record: every record that passes the filter, once, in input order.
@@ -129,10 +129,11 @@ def vm_mb(pid: int) -> tuple[float, float] | None:
 
 @dataclass
 class SoakRun:
-    """One `sage run` of the soak script: its status, wall time, each stage's peak RSS (from the
-    supervisor's `stage_exit` events: os.wait4's ru_maxrss, which on Linux is at least the
-    supervisor's own RSS when it started the stage, ~22 MB), the supervisor's own (VmHWM, from
-    summary.json), and (time, VmRSS, VmHWM) samples per process."""
+    """One `sage run` of the soak script: its status, wall time, each stage's peak RSS (its own
+    VmHWM, summary.json's peak_rss_mb) and the supervisor's (VmHWM, from summary.json), the
+    supervisor's `wait4` figures (`stage_exit` events: ru_maxrss, which on Linux is at least the
+    supervisor's own RSS when it started the stage, ~22 MB), and (time, VmRSS, VmHWM) samples
+    per process."""
 
     status: int
     wall: float
@@ -141,6 +142,7 @@ class SoakRun:
     samples: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
     run_dir: Path | None = None
+    wait4_mb: dict[str, float] = field(default_factory=dict)
 
     def late_growth_mb(self, name: str) -> float | None:
         """The largest VmRSS sample of the last quarter of a process's life minus that of its
@@ -228,14 +230,20 @@ def run_soak(
     if len(lines) != 3:
         raise RuntimeError(f"sage run did not report its end: {err_path.read_text()[-2000:]}")
     status, maxrss_kb = int(lines[1]), int(lines[2])
-    peak: dict[str, float] = {}
+    wait4: dict[str, float] = {}
     for ev in _events(run_dir / "events.ndjson"):
         if ev.get("ev") == "stage_exit":
-            peak[ev["stage"]] = max(peak.get(ev["stage"], 0.0), float(ev.get("rss_mb") or 0.0))
+            wait4[ev["stage"]] = max(wait4.get(ev["stage"], 0.0), float(ev.get("rss_mb") or 0.0))
     try:
         summary = orjson.loads((run_dir / "summary.json").read_bytes())
     except (OSError, orjson.JSONDecodeError):
         summary = {}
+    # each stage's own peak (VmHWM in its trace's stop event; summary.json's peak_rss_mb), else
+    # the supervisor's wait4 figure
+    peak = dict(wait4)
+    for st in summary.get("stages", []):
+        if st.get("peak_rss_mb"):
+            peak[st["name"]] = float(st["peak_rss_mb"])
     # the supervisor's own peak (VmHWM, through writing the summary); its wait4 figure is the
     # largest of it and its stages (ru_maxrss counts reaped children)
     peak[SUPERVISOR] = summary.get("supervisor_peak_rss_mb") or maxrss_kb / 1024.0
@@ -247,6 +255,7 @@ def run_soak(
         samples,
         summary,
         run_dir,
+        wait4,
     )
 
 
@@ -401,18 +410,21 @@ def run(report) -> None:
                 growth = full.late_growth_mb(name)
                 hwm = full.sampled_hwm_mb(name)
                 hwm_text = f"{hwm:.1f} MB" if hwm is not None else "-"
+                w4 = full.wait4_mb.get(name)
+                w4_text = f"{w4:.1f} MB" if w4 is not None else "-"
                 report(
                     f"soak.{scenario}.{name}.peak_rss_mb",
                     big,
                     "MB",
                     target=f"< {RSS_LIMIT_MB:g}",
                     command=repro,
-                    note=f"{little:.1f} MB at {small_n:,} records; sampled VmHWM {hwm_text}; "
-                    "VmRSS over the run: "
+                    note=f"{little:.1f} MB at {small_n:,} records; wait4 {w4_text}; sampled "
+                    f"VmHWM {hwm_text}; VmRSS over the run: "
                     + (f"{growth:+.1f} MB last quarter vs second" if growth is not None else "-"),
                     small_mb=little,
                     late_growth_mb=growth,
                     sampled_hwm_mb=hwm,
+                    wait4_mb=w4,
                 )
                 # with --retries the supervisor's relays fill up to their bound (8 MB of
                 # in-flight records per stage, the rest spilled to disk) before they stay flat:

@@ -122,7 +122,7 @@ def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
     """`sink --to` passes nothing on, so every record it took in stays in flight (its temporary
     file goes with the crashed process): with 0.1 MB of memory, nearly all of them are in
     spill files when it is killed, and the new sink is fed them all again."""
-    n = 120_000
+    n = 80_000
     data, out = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
     write_records(data, n, TEXT_BYTES)
     (tmp_path / "soak.sh").write_text(SCRIPT.replace("{KEYS}", "2000"))
@@ -151,7 +151,7 @@ def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
     events = read_events(run_dir / "events.ndjson")
     assert [e["stage"] for e in events if e["ev"] == "restart"] == ["5-sink"]
     replay = [e for e in events if e["ev"] == "replay"]
-    assert replay and replay[0]["records"] > 10_000  # what it had taken in came back
+    assert replay and replay[0]["records"] > 5_000  # what it had taken in came back
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".flight")]
 
 
@@ -185,7 +185,7 @@ def test_resume_from_another_directory_after_kill_9_of_the_supervisor(tmp_path: 
     """--resume reads the run's output a line at a time (it was read whole, with two more
     copies of every id: 811 MB to resume a 1.5M-record run, now 262 MB), and a run directory
     given as a relative path from elsewhere is still found after the chdir to the run's cwd."""
-    n = 120_000
+    n = 80_000
     work = tmp_path / "work"
     work.mkdir()
     write_records(work / "in.ndjson", n, TEXT_BYTES)

@@ -146,6 +146,15 @@ class _Line:
     separators: list[str]
 
 
+def _closing(text: str, start: int, quote: str) -> int:
+    """Index of the `quote` that closes a quoted word begun before `start` (a backslash escapes
+    the next character), or len(text) when it is unterminated."""
+    j, n = start, len(text)
+    while j < n and text[j] != quote:
+        j += 2 if text[j] == "\\" else 1
+    return min(j, n)
+
+
 def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], list[str]]:
     """Split one logical line into commands (lists of raw words) and the operators between them.
 
@@ -177,9 +186,7 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             i += 2
         elif c == "$" and text.startswith("'", i + 1):
             # ANSI-C quoting: `\'` does not end it (found by fuzzing against bash)
-            j = i + 2
-            while j < n and text[j] != "'":
-                j += 2 if text[j] == "\\" else 1
+            j = _closing(text, i + 2, "'")
             if j >= n:
                 raise _Incomplete(f"{where()}: unterminated $'")
             word.append(text[i : j + 1])
@@ -191,17 +198,13 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             word.append(text[i : j + 1])
             i = j + 1
         elif c == '"':
-            j = i + 1
-            while j < n and text[j] != '"':
-                j += 2 if text[j] == "\\" else 1
+            j = _closing(text, i + 1, '"')
             if j >= n:
                 raise _Incomplete(f"{where()}: unterminated double quote")
             word.append(text[i : j + 1])
             i = j + 1
         elif c == "`":
-            j = i + 1  # `\`` does not end it (found by fuzzing against bash)
-            while j < n and text[j] != "`":
-                j += 2 if text[j] == "\\" else 1
+            j = _closing(text, i + 1, "`")  # `\`` does not end it (found by fuzzing against bash)
             if j >= n:
                 raise _Incomplete(f"{where()}: unterminated backquote")
             word.append(text[i : j + 1])

@@ -29,30 +29,19 @@ from operators.ndjson import printable
 from tests.conftest import Cli, ndjson
 from tests.fuzz.conftest import examples
 from tests.fuzz.expressions import build
+from tests.fuzz.strategies import json_values
 
 CLI = Cli()
 #: Python's "perhaps you missed a comma?" on odd grammar expressions: expected, not news
 pytestmark = pytest.mark.filterwarnings("ignore::SyntaxWarning")
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-    | st.sampled_from(["a", "10", "2.5", "__class__", "{0.__class__}", "[1, 2]", '{"a": 1}'])
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
+strings = st.text(max_size=20) | st.sampled_from(
+    ["a", "10", "2.5", "__class__", "{0.__class__}", "[1, 2]", '{"a": 1}']
 )
 keys = st.sampled_from(["a", "b", "text", "id", "docs", "metadata", "_error", "é"]) | st.text(
     max_size=8
 )
-records = st.dictionaries(keys, json_values, max_size=6)
+records = st.dictionaries(keys, json_values(strings, max_leaves=8), max_size=6)
 #: text that is often almost Python: brackets, quotes, operators, keywords, names around `r`
 pythonish = st.lists(
     st.sampled_from(

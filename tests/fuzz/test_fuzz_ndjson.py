@@ -22,24 +22,11 @@ from operators.ndjson import (
 from tests.conftest import Cli, clean_env, run_sage, sage_argv
 from tests.fuzz.conftest import examples
 from tests.fuzz.harness.fuzz_ndjson import check, chunked
+from tests.fuzz.strategies import json_values
 
 # -- strategies --------------------------------------------------------------------------------
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
-records = st.dictionaries(st.text(max_size=8), json_values, max_size=4)
+records = st.dictionaries(st.text(max_size=8), json_values(), max_size=4)
 #: bytes that look like NDJSON often enough to reach the parser's interesting corners
 ndjsonish = st.lists(
     st.sampled_from(

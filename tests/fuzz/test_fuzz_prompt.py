@@ -29,6 +29,7 @@ from operators.prompt import (
 )
 from tests.conftest import Cli, ndjson
 from tests.fuzz.conftest import examples
+from tests.fuzz.strategies import json_values
 
 CLI = Cli()
 
@@ -48,24 +49,13 @@ NASTY = [
     "{text!r:>10}",
 ]
 text_values = st.text(max_size=30) | st.sampled_from(NASTY)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | text_values
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text_values, inner, max_size=3),
-    max_leaves=8,
-)
+any_json = json_values(text_values, max_leaves=8)
 docs = st.lists(
     st.one_of(
         text_values,
         st.fixed_dictionaries({"text": text_values}),
         st.fixed_dictionaries({"content": text_values, "id": st.integers(-(2**63), 2**63 - 1)}),
-        json_values,
+        any_json,
     ),
     max_size=6,
 )
@@ -73,12 +63,12 @@ FIELDS = ["query", "text", "a", "b", "context", "metadata"]
 records = st.fixed_dictionaries(
     {},
     optional={
-        "query": text_values | json_values,
+        "query": text_values | any_json,
         "text": text_values,
-        "a": json_values,
+        "a": any_json,
         "b": text_values,
-        "docs": docs | json_values,
-        "metadata": st.dictionaries(st.sampled_from(["title", "0", "x"]), json_values),
+        "docs": docs | any_json,
+        "metadata": st.dictionaries(st.sampled_from(["title", "0", "x"]), any_json),
     },
 )
 #: text that is often almost a template: braces, brackets, conversions, names
@@ -188,7 +178,7 @@ def template_and_record(draw: st.DrawFn):
             max_size=8,
         )
     )
-    record = draw(st.fixed_dictionaries({"text": text_values, "a": json_values, "b": text_values}))
+    record = draw(st.fixed_dictionaries({"text": text_values, "a": any_json, "b": text_values}))
     template = "".join(literal(v) if kind == "lit" else "{" + v + "}" for kind, v in pieces)
     expected = "".join(v if kind == "lit" else shown(record[v]) for kind, v in pieces)
     return template, record, expected

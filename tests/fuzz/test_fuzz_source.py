@@ -20,6 +20,7 @@ from operators.ndjson import BadLine
 from operators.source import Source
 from tests.conftest import parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
+from tests.fuzz.strategies import json_values
 
 EXTENSIONS = {
     "text": ".txt",
@@ -33,16 +34,10 @@ EXTENSIONS = {
 
 # -- input strategies ------------------------------------------------------------------------
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
-    max_leaves=12,
+records = st.dictionaries(
+    st.sampled_from(["id", "text", "content", "_error", "x"]),
+    json_values(max_leaves=12, max_size=4),
 )
-records = st.dictionaries(st.sampled_from(["id", "text", "content", "_error", "x"]), json_values)
 NASTY = [b"\n", b"\r", b"\r\n", b"\x00", b"\xff", b"\xef\xbb\xbf", b'"', b",", b"{", b"[", b"\\"]
 
 
@@ -68,7 +63,7 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
 ndjson_bytes = st.lists(records, max_size=6).map(
     lambda rs: b"".join(orjson.dumps(r) + b"\n" for r in rs)
 )
-json_bytes = (st.lists(records, max_size=5) | records | json_values).map(
+json_bytes = (st.lists(records, max_size=5) | records | json_values(max_leaves=12, max_size=4)).map(
     lambda v: orjson.dumps(v, option=orjson.OPT_INDENT_2)
 )
 cells = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=12) | (

@@ -10,6 +10,7 @@ grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least ev
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -175,11 +176,10 @@ class RecordReader:
                 pass
             else:
                 if _ONLY_DICTS.issuperset(map(type, items)):
-                    # a key `_error` is spelled `_error"` unless a character of it is escaped
-                    # (`"_erro\u0072"`, found writing the fuzz tests): then the block holds `\u`
-                    clean = (b'error"' not in data and b"\\u" not in data) or not any(
-                        "_error" in v for v in items
-                    )
+                    # One dict lookup per record finds an `_error` key however it is spelled
+                    # (`"_erro\u0072"` too, found writing the fuzz tests), and costs less than
+                    # scanning the block's bytes for it (20 ns a record vs 0.5 ns a byte).
+                    clean = not any(map(dict.__contains__, items, _ERROR_KEY))
                     yield Block(origin, first, items, None, clean)
                     continue
             yield self._slow_block(origin, first, lines)
@@ -308,6 +308,10 @@ class RecordWriter:
             self._size = len(rest)
         if guard.pending is not None:
             guard.raise_pending()
+
+
+#: map() stops at the shortest iterable, so one endless repeat serves every block
+_ERROR_KEY = itertools.repeat("_error")
 
 
 def dump_record(record: Record) -> bytes:

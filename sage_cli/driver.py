@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from operators.base import (
     Operator,
     OptionError,
@@ -102,9 +104,13 @@ class ErrorPolicy:
     ) -> list[Record]:
         """A record the operator could not process."""
         reason = str(exc) or type(exc).__name__
+        # a record orjson cannot write (nested past 254 levels, as JSON allows) is bad data
+        unwritable = isinstance(exc, orjson.JSONEncodeError)
+        if unwritable:
+            reason = f"record cannot be written as JSON: {reason}"
         entry = {"stage": self.stage, "origin": origin, "line": line, "error": reason}
         dead = dict(entry, raw=record)
-        code = ExitCode.DATA if isinstance(exc, RecordError) else ExitCode.FAILURE
+        code = ExitCode.DATA if unwritable or isinstance(exc, RecordError) else ExitCode.FAILURE
         if isinstance(exc, TransientError):
             code = ExitCode.TEMPFAIL
         emitted = dict(record)

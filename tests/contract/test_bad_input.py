@@ -223,3 +223,14 @@ def test_error_output_is_valid_ndjson_up_to_the_failure():
     assert "stdin:5001:" in one_line(result.stderr)
     assert result.stdout == lines
     assert [orjson.loads(x)["id"] for x in result.stdout.splitlines()] == list(range(5000))
+
+
+@pytest.mark.parametrize("args", [["sink", "--to", "{out}"], ["dedupe", "--key", "a"]])
+def test_a_record_nested_past_what_orjson_writes_is_bad_data(tmp_path, args):
+    # JSON allows it and orjson reads 1024 levels, but writes only 254: exit 65, not 1
+    deep = b'{"id": 1, "a": ' + b"[" * 300 + b"]" * 300 + b"}\n"
+    argv = [a.replace("{out}", str(tmp_path / "out.ndjson")) for a in args]
+    proc = run_sage(*argv, input=deep)
+    assert proc.returncode == 65, proc.stderr
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "stdin:1" in lines[0] and "cannot be written as JSON" in lines[0]

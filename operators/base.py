@@ -37,6 +37,10 @@ class TransientError(OperatorError):
     """A failure a retry may cure: a server that timed out or refused (exit 75)."""
 
 
+#: what a message about a full disk tells the user to do (the same command works once there is room)
+DISK_FULL_HINT = "; free some space and run it again"
+
+
 class OutputFailed(OperatorError):
     """The operator cannot write its own output file (an index, a sink's `--to FILE`): the
     stage stops at once, never retried record by record. Exit 75 when the disk is full or a
@@ -61,7 +65,7 @@ class OutputFailed(OperatorError):
         if not reason:
             reason = os.strerror(code) if code else str(exc) or type(exc).__name__
         full = code in (errno.ENOSPC, errno.EDQUOT)
-        hint = "; free some space and run it again" if full else ""
+        hint = DISK_FULL_HINT if full else ""
         return cls(f"{what}: {reason}; {kept}{hint}", temporary=full)
 
 

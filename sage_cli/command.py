@@ -26,7 +26,7 @@ from sage_cli.driver import (
     ErrorPolicy,
     Stats,
     convert_operator_error,
-    disk_full_code,
+    write_failure,
 )
 from sage_cli.errors import SageError
 from sage_cli.exitcodes import ExitCode
@@ -295,8 +295,7 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
             return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
         if isinstance(exc, OSError) and exc.strerror:
             where = f"{exc.filename}: " if exc.filename else ""
-            code = disk_full_code(exc)
-            hint = "; free some space and run it again" if code == ExitCode.TEMPFAIL else ""
+            code, hint = write_failure(exc)
             return fail(prog, f"{where}{exc.strerror}{hint}", code)
         return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
     finally:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from operators.base import (
+    DISK_FULL_HINT,
     Operator,
     OptionError,
     OutputFailed,
@@ -82,8 +83,7 @@ class ErrorPolicy:
                 fh.close()
             except OSError:
                 pass
-            code = disk_full_code(exc)
-            hint = "; free some space and run it again" if code == ExitCode.TEMPFAIL else ""
+            code, hint = write_failure(exc)
             raise SageError(
                 f"--errors {self.dead_letter}: cannot write: {exc.strerror or exc}{hint}", code
             ) from None
@@ -134,11 +134,14 @@ class ErrorPolicy:
             self._dead_fh = None
 
 
-def disk_full_code(exc: OSError) -> ExitCode:
-    """75 for a full disk or quota (room made, the same command works), else 1."""
+def write_failure(exc: OSError) -> tuple[ExitCode, str]:
+    """The exit code and message hint for a failed write: 75 and what to do for a full disk or
+    quota (room made, the same command works), else 1 and no hint."""
     import errno
 
-    return ExitCode.TEMPFAIL if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ExitCode.FAILURE
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ExitCode.TEMPFAIL, DISK_FULL_HINT
+    return ExitCode.FAILURE, ""
 
 
 def convert_operator_error(exc: Exception) -> SageError | None:

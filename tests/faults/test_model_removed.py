@@ -149,24 +149,11 @@ def test_index_model_missing_at_start_of_retrieve_is_69(tmp_path, tiny_bert):
         "index", "build", str(tmp_path / "idx"), "--model", str(model), input=ndjson(docs)
     )
     assert built.returncode == 0, built.stderr
-    ok = run_sage(
-        "retrieve",
-        "--index",
-        str(tmp_path / "idx"),
-        "--model",
-        str(model),
-        input=b'{"query": "document"}\n',
-    )
+    argv = ["retrieve", "--index", str(tmp_path / "idx"), "--model", str(model)]
+    ok = run_sage(*argv, input=b'{"query": "document"}\n')
     assert ok.returncode == 0, ok.stderr
     os.unlink(model)
-    gone = run_sage(
-        "retrieve",
-        "--index",
-        str(tmp_path / "idx"),
-        "--model",
-        str(model),
-        input=b'{"query": "document"}\n',
-    )
+    gone = run_sage(*argv, input=b'{"query": "document"}\n')
     assert gone.returncode == 69, gone.stderr
     one_line(gone.stderr)
 

@@ -55,6 +55,6 @@ def chunk(
       sage chunk --by tokens --size 200 --overlap 25 docs.ndjson
       sage chunk --by sentences --size 3 --overlap 1 < docs.ndjson
     """
-    from operators.chunk import Chunker
+    from sage_cli.operators.chunk import Chunker
 
     return Chunker(by, size, overlap)

@@ -43,6 +43,6 @@ def dedupe_records(
       sage dedupe --key url --key lang < pages.ndjson
       tail -f events.ndjson | sage dedupe --key event_id --max-keys 100000
     """
-    from operators.dedupe import Dedupe
+    from sage_cli.operators.dedupe import Dedupe
 
     return Dedupe(key, max_keys)

@@ -66,7 +66,7 @@ def embed_records(
       sage embed --field title --format b64 < papers.ndjson
       echo '{"text": "The cat sits on the mat"}' | sage embed | jq '.embedding | length'
     """
-    from operators.embed import Embed
+    from sage_cli.operators.embed import Embed
     from sage_cli.resources import cache_dir, default_threads, hash_cache_file, model_dirs
 
     return Embed(

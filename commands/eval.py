@@ -36,6 +36,6 @@ def eval_records(
       sage retrieve --index idx/ -k 10 < questions.ndjson | sage eval -k 10 | tail -1
       echo '{"answer": "Paris.", "gold": ["Paris", "paris, france"]}' | sage eval
     """
-    from operators.eval import Eval
+    from sage_cli.operators.eval import Eval
 
     return Eval(k=k, summary=summary)

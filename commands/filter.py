@@ -31,6 +31,6 @@ def filter_records(
       sage filter '"python" in r["text"].lower()'
       sage filter -v 'r.get("draft")'
     """
-    from operators.expr import Filter
+    from sage_cli.operators.expr import Filter
 
     return Filter(expr, fn, invert=invert)

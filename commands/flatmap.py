@@ -30,6 +30,6 @@ def flatmap_records(
       sage flatmap '[{"id": r["id"], "word": w} for w in r["text"].split()]'
       sage flatmap 'r["text"].split("\\n\\n")' docs.ndjson
     """
-    from operators.expr import FlatMap
+    from sage_cli.operators.expr import FlatMap
 
     return FlatMap(expr, fn)

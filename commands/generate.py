@@ -120,7 +120,7 @@ def generate_records(
       sage generate --json-schema person.json < bios.ndjson | sage map 'r["answer_json"]'
       sage generate --backend openai --base-url http://127.0.0.1:8080/v1 --api-model qwen
     """
-    from operators.generate import Generate
+    from sage_cli.operators.generate import Generate
     from sage_cli.resources import cache_dir, default_threads, hash_cache_file, model_dirs
 
     return Generate(

@@ -20,6 +20,6 @@ def head_records(
       sage source docs/ | sage head 3
       yes '{"a": 1}' | sage head 5
     """
-    from operators.head import Head
+    from sage_cli.operators.head import Head
 
     return Head(n)

@@ -76,7 +76,7 @@ def build(
       sage chunk docs.ndjson | sage index build idx/ --model minilm-l6
       sage index build idx/ --trees 50 embedded.ndjson
     """
-    from operators.index import IndexBuilder
+    from sage_cli.operators.index import IndexBuilder
     from sage_cli.resources import default_threads, hash_cache_file, model_dirs
 
     return IndexBuilder(
@@ -115,7 +115,7 @@ def info(
     import sys
 
     def body() -> None:
-        from operators.index import read_manifest
+        from sage_cli.operators.index import read_manifest
 
         manifest = read_manifest(directory)
         manifest["directory"] = directory

@@ -51,9 +51,9 @@ def join_records(
       sage join authors.ndjson --on author_id < posts.ndjson
       sage join labels.ndjson --on id --how left --prefix gold_ < answers.ndjson
     """
-    from operators.join import Join
     from sage_cli.errors import SageError, UnavailableError
     from sage_cli.io import read_table
+    from sage_cli.operators.join import Join
 
     try:
         rows = read_table(table)

@@ -32,6 +32,6 @@ def keyby_records(
       sage keyby metadata.path | sage dedupe --key _key
       sage keyby user,day < events.ndjson
     """
-    from operators.keyby import KeyBy
+    from sage_cli.operators.keyby import KeyBy
 
     return KeyBy([f for f in field.split(",") if f])

@@ -33,6 +33,6 @@ def map_records(
       sage map '{"id": r["id"], "text": r["text"].lower()}'
       sage map --fn mymodule:clean < in.ndjson > out.ndjson
     """
-    from operators.expr import Map
+    from sage_cli.operators.expr import Map
 
     return Map(expr, fn)

@@ -35,7 +35,7 @@ def merge_records(
     """
     import sys
 
-    from operators.merge import Merge
+    from sage_cli.operators.merge import Merge
 
     op = Merge(inputs, tag, stdin=sys.stdin.buffer)
     return op, op.records()

@@ -73,7 +73,7 @@ def list_models(json_out: _JSON = False) -> None:
     """
 
     def body() -> None:
-        from operators.models import MODELS, status
+        from sage_cli.operators.models import MODELS, status
         from sage_cli.resources import hash_cache_file, model_dirs
         from sage_cli.tables import human_size, print_table
 
@@ -128,8 +128,8 @@ def model_path(
     """
 
     def body() -> None:
-        from operators.gguf_check import check_gguf
-        from operators.models import locate
+        from sage_cli.operators.gguf_check import check_gguf
+        from sage_cli.operators.models import locate
         from sage_cli.resources import model_dirs
 
         path = locate(name, model_dirs())
@@ -169,9 +169,9 @@ def verify(
     """
 
     def body() -> None:
-        from operators.base import ResourceUnavailable
-        from operators.models import MODELS, ModelSpec, ModelStatus, smoke_test, status
         from sage_cli.errors import UnavailableError
+        from sage_cli.operators.base import ResourceUnavailable
+        from sage_cli.operators.models import MODELS, ModelSpec, ModelStatus, smoke_test, status
         from sage_cli.resources import default_threads, hash_cache_file, model_dirs
 
         dirs = model_dirs()
@@ -179,7 +179,7 @@ def verify(
         if name is None or name in MODELS:
             specs = list(MODELS.values()) if name is None else [MODELS[name]]
         else:
-            from operators.models import locate, spec_for_path
+            from sage_cli.operators.models import locate, spec_for_path
 
             path = locate(name, dirs)
             known = spec_for_path(path)
@@ -271,9 +271,9 @@ def convert(
     def body() -> None:
         import time
 
-        from operators.convert import convert_bert
-        from operators.gguf_check import check_gguf
-        from operators.models import MODELS, smoke_test
+        from sage_cli.operators.convert import convert_bert
+        from sage_cli.operators.gguf_check import check_gguf
+        from sage_cli.operators.models import MODELS, smoke_test
         from sage_cli.resources import default_threads
 
         started = time.perf_counter()
@@ -337,10 +337,10 @@ def install(
     def body() -> None:
         from pathlib import Path
 
-        from operators.gguf_check import check_gguf
-        from operators.models import MODELS, install, locate, sha256_file, smoke_test
         from sage_cli.driver import convert_operator_error
         from sage_cli.errors import UnavailableError
+        from sage_cli.operators.gguf_check import check_gguf
+        from sage_cli.operators.models import MODELS, install, locate, sha256_file, smoke_test
         from sage_cli.resources import (
             default_threads,
             hash_cache_file,

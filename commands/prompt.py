@@ -58,7 +58,7 @@ def prompt_records(
       sage prompt --template summarize --system 'Be brief.' docs.ndjson
       sage prompt --template my_template.txt --n-ctx 8192 --reserve 512
     """
-    from operators.prompt import Prompt
+    from sage_cli.operators.prompt import Prompt
 
     return Prompt(
         template, system=system, n_ctx=n_ctx, reserve=reserve, context_tokens=context_tokens

@@ -72,7 +72,7 @@ def rerank(
       sage retrieve --index idx/ -k 10 < q.ndjson | sage rerank --method mmr --lambda 0.7
       sage retrieve --index idx/ -k 8 < q.ndjson | sage rerank --method llm -k 3
     """
-    from operators.rerank import Reranker
+    from sage_cli.operators.rerank import Reranker
     from sage_cli.resources import default_threads, hash_cache_file, model_dirs
 
     return Reranker(

@@ -78,7 +78,7 @@ def retrieve(
       echo '{"query": "how do I open a file?"}' | sage retrieve --index idx/ --mode hybrid
       sage retrieve --index idx/ --mode bm25 --min-score 2 queries.ndjson
     """
-    from operators.retrieve import Retriever
+    from sage_cli.operators.retrieve import Retriever
     from sage_cli.resources import default_threads, hash_cache_file, model_dirs
 
     return Retriever(

@@ -38,6 +38,6 @@ def sample_records(
       sage source docs/ | sage sample --rate 0.1 --seed 7
       sage sample --n 100 --seed 1 < questions.ndjson > dev.ndjson
     """
-    from operators.sample import Sample
+    from sage_cli.operators.sample import Sample
 
     return Sample(rate, n, seed)

@@ -53,7 +53,7 @@ def sink_records(
     """
     import sys
 
-    from operators.sink import Sink
+    from sage_cli.operators.sink import Sink
 
     if pretty is None:
         pretty = fmt is None and to is None and sys.stdout.isatty()

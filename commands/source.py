@@ -73,7 +73,7 @@ def source_records(
     """
     import sys
 
-    from operators.source import Source
+    from sage_cli.operators.source import Source
 
     op = Source(paths, raw=raw, id_by=id_by, fmt=fmt, watch=watch, stdin=sys.stdin.buffer)
     return op, op.records()

@@ -73,8 +73,8 @@ def trace(
     def body() -> None:
         import orjson
 
-        from operators.base import terminal_safe
         from sage_cli import trace_view
+        from sage_cli.operators.base import terminal_safe
         from sage_cli.runs import find_run
 
         action = args[0] if args and args[0] in ("report", "export") else None

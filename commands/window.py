@@ -77,7 +77,7 @@ def window_records(
       sage keyby user < events.ndjson | sage window --seconds 60 --time-field ts --agg sum:bytes
       tail -f access.ndjson | sage window --seconds 10 --slide 5 --agg count
     """
-    from operators.window import Window
+    from sage_cli.operators.window import Window
 
     return Window(
         size=size,

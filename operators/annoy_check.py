@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from operators.base import ResourceUnavailable
+from .base import ResourceUnavailable
 
 #: bytes of a node before its vector: n_descendants and two children, int32 each
 NODE_HEADER = 12

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from operators.tokenize import terms
+from .tokenize import terms
 
 K1 = 1.2
 B = 0.75

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, ClassVar
 
-from operators.base import Operator, OptionError, Record, RecordError, record_text
-from operators.tokenize import count_tokens
+from .base import Operator, OptionError, Record, RecordError, record_text
+from .tokenize import count_tokens
 
 UNITS = ("chars", "tokens", "sentences", "paragraphs")
 #: (size, overlap) when the user gives none, per unit

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from operators.base import OptionError, ResourceUnavailable
+from .base import OptionError, ResourceUnavailable
 
 if TYPE_CHECKING:
     import numpy as np

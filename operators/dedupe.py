@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from operators.base import Operator, OptionError, Record
-from operators.fields import lookup
+from .base import Operator, OptionError, Record
+from .fields import lookup
 
 
 class Dedupe(Operator):

@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from operators.base import Operator, OptionError, Record, record_text
-from operators.cache import ResultCache, content_key
-from operators.llm import EMBED_BATCH, EMBED_CTX, Embedder
-from operators.models import DEFAULT_EMBED, model_label
+from .base import Operator, OptionError, Record, record_text
+from .cache import ResultCache, content_key
+from .llm import EMBED_BATCH, EMBED_CTX, Embedder
+from .models import DEFAULT_EMBED, model_label
 
 FORMATS = ("floats", "b64")
 #: decimals kept in `embedding` floats: float32 precision for unit vectors, short JSON
@@ -95,8 +95,8 @@ class Embed(Operator):
         self.texts = 0
 
     def setup(self) -> None:
-        from operators.gguf_check import check_gguf
-        from operators.models import locate, sha256_file
+        from .gguf_check import check_gguf
+        from .models import locate, sha256_file
 
         self.model_path = locate(self.model, self.model_dirs)
         check_gguf(self.model_path, what=f"embedding model {self.model_name}")

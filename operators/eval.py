@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from operators.base import Operator, OptionError, Record, RecordError
+from .base import Operator, OptionError, Record, RecordError
 
 _PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from operators.base import Operator, OptionError, Record, RecordError
+from .base import Operator, OptionError, Record, RecordError
 
 #: names an expression can use besides `r` and the builtins
 EXPRESSION_GLOBALS: dict[str, Any] = {"json": json, "math": math, "re": re}

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from operators.base import Record, RecordError
+from .base import Record, RecordError
 
 _MISSING = object()
 

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from operators.base import (
+from .base import (
     Operator,
     OperatorError,
     OptionError,
@@ -52,7 +52,7 @@ from operators.base import (
     TransientError,
     add_warning,
 )
-from operators.cache import ResultCache, content_key
+from .cache import ResultCache, content_key
 
 #: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
 SAFETY_TOKENS = 4
@@ -118,7 +118,7 @@ class LlamaBackend:
         self._sha256: str | None = None
 
     def load(self, json_schema: dict[str, Any] | None) -> None:
-        from operators.llm import load_llama
+        from .llm import load_llama
 
         if self.llm is not None:
             return
@@ -145,7 +145,7 @@ class LlamaBackend:
             except jinja2.TemplateError as exc:
                 # a damaged chat template is the model file's fault (found by fuzzing: it was
                 # exit 1 with a TemplateSyntaxError on every record)
-                from operators.gguf_check import FIX
+                from .gguf_check import FIX
 
                 raise ResourceUnavailable(
                     f"{self.model_path}: the chat template in the model file does not work "
@@ -154,7 +154,7 @@ class LlamaBackend:
 
     def identity(self, hash_cache: Path | None) -> str:
         if self._sha256 is None:
-            from operators.models import sha256_file
+            from .models import sha256_file
 
             self._sha256 = sha256_file(self.model_path, cache_file=hash_cache)
         return f"llama:{self._sha256}:n_ctx={self.n_ctx}"
@@ -650,7 +650,7 @@ class Generate(Operator):
 
     def setup(self) -> None:
         if self.backend is None:
-            from operators.models import locate
+            from .models import locate
 
             path = locate(self.model, self.model_dirs)
             self.backend = LlamaBackend(

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from operators.base import ResourceUnavailable
+from .base import ResourceUnavailable
 
 #: what to run when a model file is missing or damaged
 FIX = "run `make install` (or `sage models install`) to reinstall the models"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from operators.base import Operator, OptionError, Record
+from .base import Operator, OptionError, Record
 
 
 class Head(Operator):

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import orjson
 
-from operators.annoy_check import check_annoy
-from operators.base import (
+from .annoy_check import check_annoy
+from .base import (
     Operator,
     OptionError,
     OutputFailed,
@@ -55,7 +55,7 @@ from operators.base import (
 if TYPE_CHECKING:
     import numpy as np
 
-    from operators.bm25 import BM25
+    from .bm25 import BM25
 
 FORMAT = "sage-index"
 FORMAT_VERSION = 1
@@ -250,7 +250,7 @@ def _write_index(
     import numpy as np
     from annoy import AnnoyIndex
 
-    from operators.bm25 import BM25
+    from .bm25 import BM25
 
     target.parent.mkdir(parents=True, exist_ok=True)
     dim = int(vectors.shape[1])
@@ -540,7 +540,7 @@ class Index:
     @property
     def bm25(self) -> BM25:
         if self._bm25 is None:
-            from operators.bm25 import BM25
+            from .bm25 import BM25
 
             path = _safe_file(self.directory, "bm25", self.manifest["files"]["bm25"])
             try:
@@ -578,7 +578,7 @@ class Index:
         """(row, cosine similarity) of the k nearest vectors, best first."""
         import numpy as np
 
-        from operators.bm25 import top_k
+        from .bm25 import top_k
 
         if exact:
             return top_k(self.vectors @ query, k)
@@ -609,8 +609,8 @@ def make_embedder(
     """An Embedder for `path` (or what `factory` makes, in tests), its sha256 from the cache."""
     if factory is not None:
         return factory(path, threads)
-    from operators.llm import Embedder
-    from operators.models import sha256_file
+    from .llm import Embedder
+    from .models import sha256_file
 
     return Embedder(path, threads, model_sha256=sha256_file(path, hash_cache))
 
@@ -676,7 +676,7 @@ class IndexBuilder(Operator):
         """The embedder for records that come without a vector: --model, else the model the
         other records name, else the default embedding model."""
         if self._embedder is None:
-            from operators.models import DEFAULT_EMBED, locate, model_label
+            from .models import DEFAULT_EMBED, locate, model_label
 
             name = self.model_name or (model.name if model and model.name else DEFAULT_EMBED)
             path = locate(name, self.model_dirs)
@@ -690,7 +690,7 @@ class IndexBuilder(Operator):
     def _check_model(self, doc_id: str, ref: ModelRef, model: ModelRef | None) -> ModelRef:
         """The index model after a record made with `ref`; RecordError when they differ."""
         if self.model_name and self._embedder_ref is None:
-            from operators.models import model_label
+            from .models import model_label
 
             wanted = ModelRef(model_label(self.model_name))
             if not ref.same_as(wanted) and ref.name != wanted.name:
@@ -781,11 +781,11 @@ class IndexBuilder(Operator):
         vectors = np.vstack(self.vectors)
         model = self.model
         if model is None and self.model_name:
-            from operators.models import model_label
+            from .models import model_label
 
             model = ModelRef(model_label(self.model_name))
         if model is not None and model.file is None and model.name:
-            from operators.models import MODELS
+            from .models import MODELS
 
             spec = MODELS.get(model.name)
             if spec is not None:  # named by the records: record the registry's file name too

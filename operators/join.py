@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from operators.base import Operator, OptionError, Record
-from operators.fields import hashable, lookup
+from .base import Operator, OptionError, Record
+from .fields import hashable, lookup
 
 
 class Join(Operator):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from operators.base import Operator, OptionError, Record
-from operators.fields import lookup
+from .base import Operator, OptionError, Record
+from .fields import lookup
 
 KEY_FIELD = "_key"
 

@@ -7,7 +7,7 @@ or corrupt file is a `ResourceUnavailable` (exit 69) with the fix, never a llama
 
 Usage::
 
-    from operators.llm import load_llama, Embedder
+    from .llm import load_llama, Embedder
 
     llm = load_llama(path, n_ctx=4096, n_threads=2)               # generation
     emb = Embedder(path, n_threads=2)                             # sentence embeddings
@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from operators.base import OptionError, ResourceUnavailable
-from operators.gguf_check import FIX, GGUFInfo, check_gguf
+from .base import OptionError, ResourceUnavailable
+from .gguf_check import FIX, GGUFInfo, check_gguf
 
 if TYPE_CHECKING:
     import numpy as np
@@ -169,7 +169,7 @@ class Embedder:
     @property
     def model_sha256(self) -> str:
         if self._sha256 is None:
-            from operators.models import sha256_file
+            from .models import sha256_file
 
             self._sha256 = sha256_file(self.model_path)
         return self._sha256

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any, BinaryIO, ClassVar
 
-from operators.base import Operator, OptionError, Record
-from operators.ndjson import BadLine, numbered_lines, parse_or_bad
+from .base import Operator, OptionError, Record
+from .ndjson import BadLine, numbered_lines, parse_or_bad
 
 STDIN = "-"
 #: chunks of parsed lines waiting for the caller (backpressure for fast inputs)

@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from operators.base import OptionError, ResourceUnavailable
-from operators.gguf_check import FIX
+from .base import OptionError, ResourceUnavailable
+from .gguf_check import FIX
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def write_json_atomic(path: Path, data: object) -> None:
     """Write JSON to `path` through a temp file and a rename (readers never see half)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    from operators.convert import readable
+    from .convert import readable
 
     readable(tmp)
     try:
@@ -253,7 +253,7 @@ def status(
 ) -> ModelStatus:
     """Find `spec`, check its file (`check_gguf`) and hash it (cached): never raises for a
     missing or corrupt model, it is reported in `problem`."""
-    from operators.gguf_check import check_gguf
+    from .gguf_check import check_gguf
 
     try:
         path = locate(spec.name, model_dirs)
@@ -287,7 +287,7 @@ def _size_or_none(path: Path) -> int | None:
 
 
 def _source_stamp(src: Path) -> dict[str, object]:
-    from operators.convert import CONVERTER_VERSION
+    from .convert import CONVERTER_VERSION
 
     st = (src / "model.safetensors").stat()
     vocab = (src / "vocab.txt").stat()
@@ -307,7 +307,7 @@ def manifest_path(out: Path) -> Path:
 def is_current(out: Path, src: Path) -> bool:
     """True when `out` exists, is a valid GGUF, and was converted from `src` as it is now by
     this converter version."""
-    from operators.gguf_check import check_gguf
+    from .gguf_check import check_gguf
 
     try:
         recorded = json.loads(manifest_path(out).read_text())
@@ -355,7 +355,7 @@ def install(
     out = Path(out_dir) / spec.filename
     if not force and is_current(out, src):
         return InstallResult(spec.name, out, "up to date")
-    from operators.convert import convert_bert
+    from .convert import convert_bert
 
     started = time.perf_counter()
     result = convert_bert(
@@ -383,7 +383,7 @@ def smoke_test(spec: ModelSpec, path: str | os.PathLike[str], n_threads: int | N
     must produce a token. Raises `ResourceUnavailable` when the model loads but misbehaves.
     """
     if spec.task == "embed":
-        from operators.llm import Embedder
+        from .llm import Embedder
 
         emb = Embedder(path, n_threads, model_sha256="-")
         try:
@@ -397,7 +397,7 @@ def smoke_test(spec: ModelSpec, path: str | os.PathLike[str], n_threads: int | N
                 f"paraphrase vs {unrelated:.2f} unrelated); {FIX}"
             )
         return f"dim {v.shape[1]}, cosine paraphrase {related:.2f} vs unrelated {unrelated:.2f}"
-    from operators.llm import load_llama
+    from .llm import load_llama
 
     llm = load_llama(path, n_ctx=256, n_threads=n_threads)
     try:

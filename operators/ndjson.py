@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from operators.base import RecordError, terminal_safe
+from .base import RecordError, terminal_safe
 
 Record = dict[str, Any]
 

@@ -30,8 +30,8 @@ import string
 from pathlib import Path
 from typing import Any
 
-from operators.base import Operator, OptionError, Record, RecordError, add_warning
-from operators.tokenize import count_tokens
+from .base import Operator, OptionError, Record, RecordError, add_warning
+from .tokenize import count_tokens
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 #: tokens the chat template itself adds around the messages (role markers, a default system

@@ -26,9 +26,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from operators.base import Operator, OptionError, Record, RecordError
-from operators.index import Index, make_embedder, normalise, record_vector
-from operators.retrieve import QueryEmbedder, query_text
+from .base import Operator, OptionError, Record, RecordError
+from .index import Index, make_embedder, normalise, record_vector
+from .retrieve import QueryEmbedder, query_text
 
 if TYPE_CHECKING:
     import numpy as np
@@ -195,7 +195,7 @@ class Reranker(Operator):
         if self._query_embedder is not None:
             return self._query_embedder.get()
         if self._embedder is None:
-            from operators.models import DEFAULT_EMBED, locate
+            from .models import DEFAULT_EMBED, locate
 
             path = locate(self.model or DEFAULT_EMBED, self.model_dirs)
             self._embedder = make_embedder(
@@ -206,13 +206,13 @@ class Reranker(Operator):
     def judge(self) -> Any:
         """Something with `score(query, text) -> float`: an LLMJudge on the generation model."""
         if self._judge is None:
-            from operators.models import DEFAULT_GENERATE, locate
+            from .models import DEFAULT_GENERATE, locate
 
             path = locate(self.model or DEFAULT_GENERATE, self.model_dirs)
             if self.judge_factory is not None:
                 self._judge = self.judge_factory(path, self.threads)
             else:
-                from operators.llm import load_llama
+                from .llm import load_llama
 
                 self._llm = load_llama(path, n_ctx=1024, n_threads=self.threads)
                 self._judge = LLMJudge(self._llm)

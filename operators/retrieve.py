@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from operators.base import Operator, OptionError, Record, RecordError, ResourceUnavailable
-from operators.index import Index, ModelRef, make_embedder, record_vector
+from .base import Operator, OptionError, Record, RecordError, ResourceUnavailable
+from .index import Index, ModelRef, make_embedder, record_vector
 
 if TYPE_CHECKING:
     import numpy as np
@@ -90,7 +90,7 @@ class QueryEmbedder:
     def get(self) -> Any:
         if self._embedder is not None:
             return self._embedder
-        from operators.models import locate
+        from .models import locate
 
         where = self.index.directory
         recorded = self.index.model
@@ -223,7 +223,7 @@ class Retriever(Operator):
 
     def _query_vectors(self, batch: list[Record], queries: list[str]) -> list[np.ndarray]:
         """One unit vector per record: its own `embedding` when it fits, else embedded."""
-        from operators.index import normalise
+        from .index import normalise
 
         assert self.index is not None and self.embedder is not None
         vectors: list[Any] = [None] * len(batch)

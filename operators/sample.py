@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from operators.base import Operator, OptionError, Record
+from .base import Operator, OptionError, Record
 
 
 class Sample(Operator):

@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
-from operators.base import Operator, OptionError, OutputFailed, Record, terminal_safe
+from .base import Operator, OptionError, OutputFailed, Record, terminal_safe
 
 FORMATS = ("ndjson", "json", "csv", "md")
 WHOLE_INPUT = ("csv", "md")

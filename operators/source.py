@@ -37,8 +37,8 @@ from typing import Any, BinaryIO, ClassVar
 
 import orjson
 
-from operators.base import Operator, OptionError, Record, add_warning
-from operators.ndjson import (
+from .base import Operator, OptionError, Record, add_warning
+from .ndjson import (
     BadLine,
     describe_json_error,
     line_blocks,

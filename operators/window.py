@@ -40,8 +40,8 @@ from typing import Any
 
 import orjson
 
-from operators.base import Operator, OptionError, Record, RecordError
-from operators.fields import hashable, lookup
+from .base import Operator, OptionError, Record, RecordError
+from .fields import hashable, lookup
 
 AGGREGATES = ("count", "sum", "mean", "min", "max", "collect")
 KEY_FIELD = "_key"

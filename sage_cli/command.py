@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 import typer
 
-from operators.base import Operator, Record, terminal_safe
 from sage_cli.driver import (
     Driver,
     ErrorMode,
@@ -31,6 +30,7 @@ from sage_cli.driver import (
 from sage_cli.errors import SageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import RecordReader, RecordWriter
+from sage_cli.operators.base import Operator, Record, terminal_safe
 
 
 class Terminated(BaseException):

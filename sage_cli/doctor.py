@@ -128,7 +128,7 @@ def check_llama_cpp() -> list[Check]:
 
 
 def check_models(model_dirs: list[Path], hash_cache: Path | None) -> list[Check]:
-    from operators.models import MODELS, status
+    from sage_cli.operators.models import MODELS, status
 
     checks = []
     for spec in MODELS.values():

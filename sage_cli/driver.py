@@ -14,7 +14,10 @@ from typing import Any
 
 import orjson
 
-from operators.base import (
+from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.io import BadLine, RecordReader, RecordWriter, dump_record
+from sage_cli.operators.base import (
     DISK_FULL_HINT,
     Operator,
     OptionError,
@@ -24,9 +27,6 @@ from operators.base import (
     ResourceUnavailable,
     TransientError,
 )
-from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
-from sage_cli.exitcodes import ExitCode
-from sage_cli.io import BadLine, RecordReader, RecordWriter, dump_record
 
 
 class ErrorMode(StrEnum):

@@ -24,7 +24,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
-from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shared with sources
+from sage_cli.errors import DataError, SageError, UsageError
+from sage_cli.operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shared with sources
     QUOTE_LIMIT,
     BadLine,
     LineTooLong,
@@ -32,7 +33,6 @@ from operators.ndjson import (  # noqa: F401 - re-exported: line parsing is shar
     describe_json_error,
     parse_line,
 )
-from sage_cli.errors import DataError, SageError, UsageError
 
 BLOCK_SIZE = 64 * 1024
 #: reads from a file: small enough that a block's records stay in the CPU cache from parsing to

@@ -34,12 +34,12 @@ from typing import Any, BinaryIO
 
 import ray
 
-from operators.base import Operator, Record
 from sage_cli.command import OperatorCall, fail, stage_name
 from sage_cli.driver import ErrorPolicy, Stats, convert_operator_error
 from sage_cli.errors import SageError, TempFailError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import BadLine, RecordReader, RecordWriter
+from sage_cli.operators.base import Operator, Record
 from sage_cli.stages import parse_stage, stage_words
 from sage_cli.workers import BatchRunner, portable_error, replay, worker_kwargs
 

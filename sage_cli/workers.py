@@ -24,7 +24,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from operators.base import (
+from sage_cli.driver import Driver, ErrorMode, ErrorPolicy, Stats
+from sage_cli.errors import SageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.io import RecordWriter
+from sage_cli.operators.base import (
     Operator,
     OperatorError,
     OptionError,
@@ -33,10 +37,6 @@ from operators.base import (
     ResourceUnavailable,
     TransientError,
 )
-from sage_cli.driver import Driver, ErrorMode, ErrorPolicy, Stats
-from sage_cli.errors import SageError
-from sage_cli.exitcodes import ExitCode
-from sage_cli.io import RecordWriter
 
 #: what a batch turns into: ("out", records) or ("err", record, origin, line, exception),
 #: in the order the one-process driver would have written or judged them

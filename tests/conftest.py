@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+#: test data carried inside the repo (a clone has nothing beside it)
+DATA = ROOT / "tests" / "data"
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -23,7 +23,7 @@ def tiny_index(dest: str | Path) -> Path:
     """Copy the session's tiny MiniLM index to `dest` (building it on first use)."""
     global _built
     if _built is None or not (_built / "manifest.json").exists():
-        from operators.index import IndexBuilder
+        from sage_cli.operators.index import IndexBuilder
         from sage_cli.resources import hash_cache_file, model_dirs
 
         base = Path(tempfile.mkdtemp(prefix="sage-test-index-"))

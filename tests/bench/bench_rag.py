@@ -105,9 +105,9 @@ PYTHON_PIPELINE = """\
 import sys
 import orjson
 from sage_cli.resources import default_threads, hash_cache_file, model_dirs
-from operators.generate import Generate
-from operators.prompt import Prompt
-from operators.retrieve import Retriever
+from sage_cli.operators.generate import Generate
+from sage_cli.operators.prompt import Prompt
+from sage_cli.operators.retrieve import Retriever
 
 index, questions = sys.argv[1:3]
 retriever = Retriever(index, k=5, mode="hybrid", exact=False, search_k=None, min_score=None,
@@ -201,7 +201,7 @@ def records(stdout: bytes) -> list[dict]:
 
 def model_path(name: str) -> Path:
     """The model file `sage generate`/`sage embed` would load (as commands/*.py locate it)."""
-    from operators.models import locate
+    from sage_cli.operators.models import locate
     from sage_cli.resources import model_dirs
 
     return locate(name, model_dirs())

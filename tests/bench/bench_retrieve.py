@@ -78,7 +78,7 @@ def measure_vectors(
 ) -> dict[str, float]:
     """Index `vectors` (e.g. real embeddings) and measure annoy against exact search for each
     row of `probes` as a query."""
-    from operators.index import Index, ModelRef, write_index
+    from sage_cli.operators.index import Index, ModelRef, write_index
 
     n, queries = vectors.shape[0], probes.shape[0]
     records = [{"id": str(i), "text": f"document {i}"} for i in range(n)]

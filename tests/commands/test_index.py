@@ -4,7 +4,7 @@ import numpy as np
 import orjson
 import pytest
 
-from operators.index import ModelRef, write_index
+from sage_cli.operators.index import ModelRef, write_index
 from tests.conftest import ndjson, parse_ndjson
 from tests.index_fixture import DOCS
 

@@ -104,7 +104,7 @@ def test_convert_errors(cli, tmp_path):
 
 def test_install_converts_once_then_is_fast(tmp_path, model_dir, monkeypatch):
     """`sage models install` with the tiny HF folder as the source: converts once."""
-    import operators.models as models
+    import sage_cli.operators.models as models
 
     src = write_tiny_hf_bert(tmp_path / "hf")
     monkeypatch.setattr(models, "source_dir", lambda spec: src)
@@ -127,7 +127,7 @@ def test_install_converts_once_then_is_fast(tmp_path, model_dir, monkeypatch):
 
 
 def test_install_without_source_package_is_69(cli, tmp_path, model_dir, monkeypatch):
-    import operators.models as models
+    import sage_cli.operators.models as models
 
     monkeypatch.setattr(models, "source_dir", lambda spec: None)
     result = cli("models", "install", "--dir", str(tmp_path / "x"))

@@ -1,6 +1,6 @@
 """The NDJSON reader against the whole JSONTestSuite parsing corpus (DESIGN §7).
 
-`../shared/data/jsontestsuite/test_parsing/` (its README maps the corpus to NDJSON): a one-line
+`tests/data/jsontestsuite/test_parsing/` (its README maps the corpus to NDJSON): a one-line
 `y_` file holding an object is a valid record; a `y_` file holding any other value and every `n_`
 file is a data error (exit 65 under `--on-error fail`); `i_` files may go either way; no file may
 produce a traceback or a hang.
@@ -24,9 +24,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import SHARED, parse_ndjson, run_sage
+from tests.conftest import DATA, parse_ndjson, run_sage
 
-CORPUS = SHARED / "data" / "jsontestsuite" / "test_parsing"
+CORPUS = DATA / "jsontestsuite" / "test_parsing"
 FILES = sorted(CORPUS.glob("*.json"))
 HANG_SECONDS = 10
 

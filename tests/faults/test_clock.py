@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.window import Window
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.window import Window
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
 
 LIBFAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))

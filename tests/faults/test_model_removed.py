@@ -97,8 +97,8 @@ def test_model_removed_after_setup_before_any_record(tmp_path, tiny_bert, tiny_l
     """A long-running stage (`tail -f | sage generate`) loads its model, then waits: a model
     removed before the first record arrives must not matter (the sha256 used in cache keys was
     taken lazily at the first record before: exit 1 blaming stdin:1)."""
-    from operators.embed import Embed
-    from operators.generate import Generate
+    from sage_cli.operators.embed import Embed
+    from sage_cli.operators.generate import Generate
 
     model = _copy(tiny_llama if command == "generate" else tiny_bert, tmp_path)
     if command == "generate":
@@ -114,8 +114,8 @@ def test_model_removed_after_setup_before_any_record(tmp_path, tiny_bert, tiny_l
 
 def test_model_hash_of_a_vanished_file_is_exit_69_not_a_crash(tmp_path):
     """Removed between being located and being hashed (the setup race): ResourceUnavailable."""
-    from operators.base import ResourceUnavailable
-    from operators.models import sha256_file
+    from sage_cli.operators.base import ResourceUnavailable
+    from sage_cli.operators.models import sha256_file
 
     with pytest.raises(ResourceUnavailable, match="cannot read model file"):
         sha256_file(tmp_path / "gone.gguf", tmp_path / "hashes.json")

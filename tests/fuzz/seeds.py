@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-#: ../shared beside the clone (as tests.conftest.SHARED), present locally and in CI
-SHARED = ROOT.parent / "shared"
-JSONTESTSUITE = SHARED / "data" / "jsontestsuite" / "test_parsing"
+#: the JSONTestSuite parsing corpus, carried in the repo (tests/data/jsontestsuite, MIT)
+JSONTESTSUITE = ROOT / "tests" / "data" / "jsontestsuite" / "test_parsing"
 
 
 def jsontestsuite_seeds(limit: int = 4096) -> list[bytes]:

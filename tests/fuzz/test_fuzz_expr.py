@@ -23,9 +23,9 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from operators.base import OptionError, RecordError
-from operators.expr import Filter, FlatMap, Map, compile_expression
-from operators.ndjson import printable
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.expr import Filter, FlatMap, Map, compile_expression
+from sage_cli.operators.ndjson import printable
 from tests.conftest import Cli, ndjson
 from tests.fuzz.conftest import examples
 from tests.fuzz.expressions import build

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.base import ResourceUnavailable
-from operators.gguf_check import GGUFError, GGUFInfo, _parse, check_gguf
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.gguf_check import GGUFError, GGUFInfo, _parse, check_gguf
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage
 from tests.fixtures.tiny_models import write_tiny_bert, write_tiny_llama
 from tests.fuzz.conftest import examples

@@ -24,8 +24,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.base import ResourceUnavailable
-from operators.index import FILES, Index, read_manifest, write_index
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.index import FILES, Index, read_manifest, write_index
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
 

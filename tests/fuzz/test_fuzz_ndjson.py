@@ -12,7 +12,7 @@ import orjson
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from operators.ndjson import (
+from sage_cli.operators.ndjson import (
     LineTooLong,
     complete_lines,
     describe_json_error,

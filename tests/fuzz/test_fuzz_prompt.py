@@ -18,8 +18,8 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from operators.base import OptionError, RecordError
-from operators.prompt import (
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.prompt import (
     CHAT_OVERHEAD,
     Prompt,
     builtin_templates,

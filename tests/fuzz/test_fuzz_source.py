@@ -16,8 +16,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.ndjson import BadLine
-from operators.source import Source
+from sage_cli.operators.ndjson import BadLine
+from sage_cli.operators.source import Source
 from tests.conftest import parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
 from tests.fuzz.strategies import json_values

@@ -1,4 +1,4 @@
-from operators.cache import ResultCache, content_key
+from sage_cli.operators.cache import ResultCache, content_key
 
 
 def test_round_trip_and_counters(tmp_path):

@@ -3,9 +3,9 @@ from itertools import pairwise
 
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.chunk import Chunker, markdown_sections, pack
-from operators.tokenize import count_tokens
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.chunk import Chunker, markdown_sections, pack
+from sage_cli.operators.tokenize import count_tokens
 
 PROSE = ("The quick brown fox jumps over the lazy dog. " * 30).strip()
 DOC = """# Guide

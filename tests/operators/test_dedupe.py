@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.dedupe import Dedupe
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.dedupe import Dedupe
 
 
 def test_dedupe_keeps_first_per_id_across_batches():

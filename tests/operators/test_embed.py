@@ -7,8 +7,8 @@ import base64
 import numpy as np
 import pytest
 
-from operators.base import OptionError, RecordError, ResourceUnavailable
-from operators.embed import Embed
+from sage_cli.operators.base import OptionError, RecordError, ResourceUnavailable
+from sage_cli.operators.embed import Embed
 
 
 @pytest.fixture

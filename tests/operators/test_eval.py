@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.eval import (
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.eval import (
     Eval,
     answer_scores,
     contains,

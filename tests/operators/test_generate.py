@@ -2,14 +2,14 @@ import time
 
 import pytest
 
-from operators.base import (
+from sage_cli.operators.base import (
     OperatorError,
     OptionError,
     RecordError,
     ResourceUnavailable,
     TransientError,
 )
-from operators.generate import (
+from sage_cli.operators.generate import (
     Generate,
     OpenAIBackend,
     chat_completions_url,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from operators.base import ResourceUnavailable
-from operators.gguf_check import FIX, check_gguf
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.gguf_check import FIX, check_gguf
 from tests.conftest import ROOT, clean_env
 
 
@@ -119,8 +119,8 @@ def test_huge_counts_in_header(tmp_path):
 
 _LOAD = """
 import sys
-from operators.base import ResourceUnavailable
-from operators.llm import load_llama, Embedder
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.llm import load_llama, Embedder
 kind, paths = sys.argv[1], sys.argv[2:]
 for path in paths:
     try:
@@ -190,7 +190,7 @@ def test_loading_damaged_files_never_aborts(tmp_path, tiny_llama, tiny_bert, kin
 
 def test_bert_context_never_exceeds_its_position_embeddings(tmp_path):
     """A BERT trained on 64 positions, asked for 1024 and fed 1000 words: truncated, no abort."""
-    from operators.convert import convert_bert
+    from sage_cli.operators.convert import convert_bert
     from tests.fixtures.tiny_models import write_tiny_hf_bert
 
     write_tiny_hf_bert(tmp_path / "hf", n_pos=64)
@@ -218,7 +218,7 @@ def test_bert_context_never_exceeds_its_position_embeddings(tmp_path):
 def test_builtin_type_sizes_match_the_gguf_package():
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    from operators.gguf_check import _COMMON_QUANT_SIZES, _quant_size
+    from sage_cli.operators.gguf_check import _COMMON_QUANT_SIZES, _quant_size
 
     for code, sizes in _COMMON_QUANT_SIZES.items():
         assert GGML_QUANT_SIZES[GGMLQuantizationType(code)] == sizes

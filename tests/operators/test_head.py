@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError
-from operators.head import Head
+from sage_cli.operators.base import OptionError
+from sage_cli.operators.head import Head
 
 
 def test_head_cuts_across_batches_and_sets_done():

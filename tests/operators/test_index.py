@@ -7,11 +7,11 @@ import numpy as np
 import orjson
 import pytest
 
-import operators.index as index_mod
-from operators.base import OptionError, RecordError, ResourceUnavailable
-from operators.bm25 import BM25, top_k
-from operators.index import Index, IndexBuilder, ModelRef, read_manifest, write_index
-from operators.retrieve import Retriever, rrf
+import sage_cli.operators.index as index_mod
+from sage_cli.operators.base import OptionError, RecordError, ResourceUnavailable
+from sage_cli.operators.bm25 import BM25, top_k
+from sage_cli.operators.index import Index, IndexBuilder, ModelRef, read_manifest, write_index
+from sage_cli.operators.retrieve import Retriever, rrf
 
 DIM = 16
 

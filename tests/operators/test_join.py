@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.join import Join
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.join import Join
 
 TABLE = [
     {"uid": 1, "name": "ann", "text": "table text"},

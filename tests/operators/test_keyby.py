@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.keyby import KeyBy
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.keyby import KeyBy
 
 
 def test_keyby_one_field_copies_value_and_keeps_the_rest():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from operators.base import OptionError, ResourceUnavailable
-from operators.llm import Embedder, load_llama
+from sage_cli.operators.base import OptionError, ResourceUnavailable
+from sage_cli.operators.llm import Embedder, load_llama
 
 
 def test_load_llama_generates_with_the_chat_template(tiny_llama):
@@ -71,7 +71,7 @@ def test_embedder_refuses_a_model_without_pooling(tiny_llama):
 
 @pytest.mark.model
 def test_real_minilm_similarity(real_model_dirs):
-    from operators.models import locate
+    from sage_cli.operators.models import locate
 
     emb = Embedder(locate("minilm-l6", real_model_dirs), n_threads=2)
     v = emb.embed(

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from operators.base import OptionError
-from operators.merge import Merge
-from operators.ndjson import BadLine
+from sage_cli.operators.base import OptionError
+from sage_cli.operators.merge import Merge
+from sage_cli.operators.ndjson import BadLine
 
 
 def items(op):

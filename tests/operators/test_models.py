@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-import operators.models as models
-from operators.base import OptionError, ResourceUnavailable
-from operators.models import MODELS, install, is_current, locate, sha256_file, status
+import sage_cli.operators.models as models
+from sage_cli.operators.base import OptionError, ResourceUnavailable
+from sage_cli.operators.models import MODELS, install, is_current, locate, sha256_file, status
 from tests.fixtures.tiny_models import write_tiny_hf_bert
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.prompt import (
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.prompt import (
     Prompt,
     build_context,
     builtin_templates,

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.index import ModelRef, write_index
-from operators.rerank import Reranker, mmr_order
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.index import ModelRef, write_index
+from sage_cli.operators.rerank import Reranker, mmr_order
 from tests.operators.test_index import FakeEmbedder
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError
-from operators.sample import Sample
+from sage_cli.operators.base import OptionError
+from sage_cli.operators.sample import Sample
 
 RECS = [{"i": i} for i in range(2000)]
 

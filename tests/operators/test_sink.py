@@ -5,8 +5,8 @@ import os
 import orjson
 import pytest
 
-from operators.base import OptionError
-from operators.sink import Sink, to_csv, to_markdown
+from sage_cli.operators.base import OptionError
+from sage_cli.operators.sink import Sink, to_csv, to_markdown
 
 RECS = [
     {"id": "a", "text": "x,y", "meta": {"k": [1, 2]}},

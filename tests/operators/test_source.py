@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from operators.base import OptionError
-from operators.ndjson import BadLine, numbered_lines
-from operators.source import Source, walk
+from sage_cli.operators.base import OptionError
+from sage_cli.operators.ndjson import BadLine, numbered_lines
+from sage_cli.operators.source import Source, walk
 
 
 def items(op):
@@ -200,7 +200,7 @@ def test_path_ids_do_not_depend_on_how_the_directory_is_spelled(tree, monkeypatc
 
 
 def test_glob_match_keeps_star_within_a_directory(tmp_path):
-    from operators.source import _glob_match
+    from sage_cli.operators.source import _glob_match
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.md").write_text("d")

@@ -1,7 +1,7 @@
 import pytest
 
-from operators.base import OptionError, RecordError
-from operators.window import Window, event_time, parse_aggregate
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.window import Window, event_time, parse_aggregate
 
 
 def recs(*values, **extra):

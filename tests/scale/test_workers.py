@@ -12,8 +12,8 @@ import orjson
 import pytest
 import typer
 
-from operators.base import Operator, ResourceUnavailable
 from sage_cli.command import OperatorFactory, operator_command, single_command_app
+from sage_cli.operators.base import Operator, ResourceUnavailable
 from sage_cli.workers import worker_kwargs
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from operators.eval import contains
+from sage_cli.operators.eval import contains
 from tests.conftest import ROOT, clean_env, parse_ndjson
 
 QUESTIONS = ROOT / "scripts" / "rag_questions.ndjson"

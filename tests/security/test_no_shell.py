@@ -177,7 +177,7 @@ def test_terminal_escapes_in_records_are_shown_not_obeyed(tmp_path):
     """sink on a terminal and one-line errors print record content for a person: control
     characters come out as \\x1b, so a record cannot retitle the window, clear the screen or
     write to the clipboard (OSC 52)."""
-    from operators.sink import Sink
+    from sage_cli.operators.sink import Sink
 
     evil = "a\x1b]52;c;ZXZpbA==\x07b\x1b[2J\x9b31m\rc"
     console = tmp_path / "tty.txt"

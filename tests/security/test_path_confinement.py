@@ -157,7 +157,7 @@ def test_model_name_with_path_parts_is_not_looked_up_in_model_dirs(name, tmp_pat
 def test_model_dir_symlink_to_a_non_model_is_exit_69(tmp_path):
     """A file in a model dir that links to anything (here /etc/passwd) is still checked as a
     GGUF before llama.cpp sees it."""
-    from operators.models import MODELS
+    from sage_cli.operators.models import MODELS
 
     models = tmp_path / "models"
     models.mkdir()
@@ -172,7 +172,7 @@ def test_model_dir_symlink_to_a_non_model_is_exit_69(tmp_path):
 def test_model_dir_symlink_to_a_real_model_elsewhere_is_followed(tmp_path, tiny_model_dir):
     """Linking a large model from a shared disk into a model dir is a supported setup (the
     model dir is the user's own configuration, not data); the target is validated as usual."""
-    from operators.models import MODELS
+    from sage_cli.operators.models import MODELS
 
     models = tmp_path / "models"
     models.mkdir()

@@ -18,11 +18,11 @@ import warnings
 
 import orjson
 
-from operators.expr import Filter, FlatMap, Map
-from operators.ndjson import parse_line
 from sage_cli.driver import Driver, ErrorMode, ErrorPolicy
 from sage_cli.errors import SageError
 from sage_cli.io import RecordReader, RecordWriter, dump_record
+from sage_cli.operators.expr import Filter, FlatMap, Map
+from sage_cli.operators.ndjson import parse_line
 from tests.fuzz.expressions import build
 from tests.fuzz.harness.fuzz_expr import Chooser
 

@@ -16,9 +16,9 @@ import warnings
 
 import orjson
 
-from operators.base import OptionError, RecordError
-from operators.expr import Filter, FlatMap, Map, compile_expression
-from operators.ndjson import printable
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.expr import Filter, FlatMap, Map, compile_expression
+from sage_cli.operators.ndjson import printable
 from tests.fuzz.expressions import build
 
 SEEDS: list[bytes] = [

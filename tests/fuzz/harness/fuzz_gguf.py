@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 
-from operators.gguf_check import GGUFError, _parse
+from sage_cli.operators.gguf_check import GGUFError, _parse
 from tests.fuzz.gguf_fields import current_value, fields, interesting, mutate
 
 _BASE: dict[str, bytes] = {}

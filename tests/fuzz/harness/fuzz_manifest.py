@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from operators.base import ResourceUnavailable
-from operators.index import Index, read_manifest, write_index
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.index import Index, read_manifest, write_index
 
 _DIR: list[Path] = []
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import orjson
 
-from operators.base import OptionError, RecordError
-from operators.prompt import Prompt, lookup, parse_template
+from sage_cli.operators.base import OptionError, RecordError
+from sage_cli.operators.prompt import Prompt, lookup, parse_template
 
 SEEDS: list[bytes] = [
     b'Question: {query}\n\n{context}\x00{"query": "q", "docs": [{"text": "a"}, "b"]}',

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from operators.ndjson import BadLine
-from operators.source import Source
+from sage_cli.operators.ndjson import BadLine
+from sage_cli.operators.source import Source
 
 FORMATS = [(".txt", {}), (".ndjson", {}), (".json", {}), (".csv", {}), (".txt", {"raw": True})]
 _DIR: list[str] = []

@@ -26,7 +26,9 @@ def tiny_index(dest: str | Path) -> Path:
         from sage_cli.operators.index import IndexBuilder
         from sage_cli.resources import hash_cache_file, model_dirs
 
-        base = Path(tempfile.mkdtemp(prefix="sage-test-index-"))
+        from tests.conftest import run_tmp
+
+        base = Path(tempfile.mkdtemp(prefix="index-", dir=run_tmp()))
         IndexBuilder(
             base / "idx", model_dirs=model_dirs(), threads=1, hash_cache=hash_cache_file()
         ).run([dict(d) for d in DOCS])

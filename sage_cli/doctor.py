@@ -31,7 +31,9 @@ FALLBACK_REQUIREMENTS = [
     "watchfiles",
     "gguf",
 ]
-INSTALL_FIX = "run `make install` (it reuses .venv and installs what is missing)"
+INSTALL_FIX = (
+    "reinstall sage into this environment (`pip install sage-pipes`, or `make install` in a clone)"
+)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def check_models(model_dirs: list[Path], hash_cache: Path | None) -> list[Check]
             )
         else:
             problem = str(st.problem)
-            fix = "run `sage models install` (or `make install`)"
+            fix = "run `sage models install`"
             if "; run" in problem:
                 problem, _, tail = problem.partition("; run")
                 fix = "run" + tail

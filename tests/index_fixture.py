@@ -25,7 +25,6 @@ def tiny_index(dest: str | Path) -> Path:
     if _built is None or not (_built / "manifest.json").exists():
         from sage_cli.operators.index import IndexBuilder
         from sage_cli.resources import hash_cache_file, model_dirs
-
         from tests.conftest import run_tmp
 
         base = Path(tempfile.mkdtemp(prefix="index-", dir=run_tmp()))

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 
 from .base import Operator, OptionError, OutputFailed, Record, terminal_safe
+from .ndjson import dump_record, dumps_value
 
 FORMATS = ("ndjson", "json", "csv", "md")
 WHOLE_INPUT = ("csv", "md")
@@ -223,14 +224,10 @@ def _mode_for(path: str) -> int:
 
 
 def _dump(record: Record) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+    return dumps_value(record)
 
 
-_LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-
-
-def _dump_line(record: Record) -> bytes:
-    return orjson.dumps(record, option=_LINE, default=str)
+_dump_line = dump_record
 
 
 def columns(records: list[Record]) -> list[str]:

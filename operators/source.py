@@ -41,7 +41,9 @@ from .base import Operator, OptionError, Record, add_warning
 from .ndjson import (
     BadLine,
     describe_json_error,
+    exact_numbers,
     line_blocks,
+    may_hold_long_integer,
     numbered_lines,
     parse_or_bad,
 )
@@ -209,6 +211,8 @@ class Source(Operator):
             except orjson.JSONDecodeError:
                 items = []
             if items and all(type(r) is dict for r in items):
+                if may_hold_long_integer(b"".join(lines)):  # integers beyond 64 bits stay exact
+                    items = list(map(exact_numbers, lines, items))
                 for offset, record in enumerate(items):
                     if "id" not in record or "text" not in record:
                         finish(record, f"{origin}:{first + offset}")
@@ -254,7 +258,7 @@ class Source(Operator):
             return  # an empty file holds no records
         data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as csv reads it
         try:
-            value = orjson.loads(data)
+            value = exact_numbers(data, orjson.loads(data))
         except orjson.JSONDecodeError as exc:
             # quote the line at fault, not the start of the file (one line on stderr)
             lineno = max(int(getattr(exc, "lineno", 1) or 1), 1)

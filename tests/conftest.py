@@ -88,7 +88,9 @@ def run_sage(
 
 
 def ndjson(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+    from sage_cli.operators.ndjson import dump_record  # integers beyond 64 bits too
+
+    return b"".join(dump_record(r) for r in records)
 
 
 def parse_ndjson(data: bytes | str) -> list[dict[str, Any]]:

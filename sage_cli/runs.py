@@ -41,7 +41,10 @@ class RunDirectory:
     @classmethod
     def create(cls, run_dir: str | None = None, base: str = DEFAULT_BASE) -> RunDirectory:
         path = Path(run_dir) if run_dir else Path(base) / new_run_id()
-        (path / "stages").mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # private whatever the umask: a run keeps copies of records and command lines
+        path.mkdir(mode=0o700, exist_ok=True)
+        (path / "stages").mkdir(mode=0o700, exist_ok=True)
         return cls(path)
 
     @property

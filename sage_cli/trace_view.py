@@ -117,7 +117,12 @@ def follow_record(run: RunDirectory, record: str) -> str:
     if output.exists():
         for line in output.read_bytes().split(b"\n"):
             if record.encode() in line:
-                r = orjson.loads(line)
+                try:  # a script may end in a non-sage stage (`| cut ...`): not every line is JSON
+                    r = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(r, dict):
+                    continue
                 if any(_matches(r.get(k), record) for k in ("id", "parent_id", "query_id")):
                     results.append(r)
                 docs = r.get("docs")

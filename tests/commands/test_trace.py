@@ -82,6 +82,23 @@ def test_follow_a_record_and_its_chunks(run_dir: Path) -> None:
     assert '"id":"doc7#2"' in text and "doc70" not in text
 
 
+def test_follow_a_record_when_the_output_is_not_all_json(tmp_path: Path) -> None:
+    """A script ending in a non-sage stage (`| cut`) leaves lines that are not JSON in the
+    run's output: following a record reads past them (it was exit 1, JSONDecodeError)."""
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": f"doc{i}", "n": i} for i in range(20)]))
+    (tmp_path / "p.sh").write_text("sage map 'r' in.ndjson | cut -c1-12\n")
+    env = clean_env()
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    run = subprocess.run(
+        sage_argv("run", "--run-dir", "run2", "p.sh"), cwd=tmp_path, env=env, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert b'{"id":"doc1"' in run.stdout  # cut left half-records: not JSON
+    result = trace(tmp_path, "run2", "--record", "doc1")
+    assert result.returncode == 0, result.stderr
+    assert "1-map" in result.stdout.decode() and b"Traceback" not in result.stderr
+
+
 def test_unknown_run_is_a_usage_error(run_dir: Path) -> None:
     result = trace(run_dir, "nope")
     assert result.returncode == 2

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Literal
 
 import orjson
 
@@ -414,6 +414,15 @@ def _safe_file(directory: Path, role: str, name: Any) -> Path:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of the index in `directory`, or ResourceUnavailable saying why."""
+    manifest, fh = _open_manifest(directory)
+    fh.close()
+    return manifest
+
+
+def _open_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], BinaryIO]:
+    """The validated manifest and the manifest file, still open: while it is open its inode
+    cannot be reused, so comparing it with what the path names later tells whether the index
+    was replaced in between (see Index)."""
     path = Path(directory)
     if not path.exists():
         raise ResourceUnavailable(
@@ -423,7 +432,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_dir():
         raise ResourceUnavailable(f"{path} is not an index directory; {REBUILD}")
     try:
-        raw = (path / "manifest.json").read_bytes()
+        fh: BinaryIO = open(path / "manifest.json", "rb")  # noqa: SIM115 - returned open
+        raw = fh.read()
     except FileNotFoundError:
         raise ResourceUnavailable(
             f"{path} is not a sage index (no manifest.json); {REBUILD}"
@@ -455,18 +465,62 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ResourceUnavailable(f"{path}/manifest.json lists no files {sorted(FILES)}; {REBUILD}")
     for role in FILES:
         _safe_file(path, role, files[role])
-    return manifest
+    return manifest, fh
+
+
+def _same_file(fh: BinaryIO, path: Path) -> bool:
+    """Whether the open file `fh` is still the file at `path`."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    was = os.fstat(fh.fileno())
+    return (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino)
+
+
+#: how many times Index opens an index that is replaced while it reads it before giving up
+OPEN_ATTEMPTS = 10
 
 
 class Index:
-    """An index opened for search: vectors and annoy memory-mapped, records in memory."""
+    """An index opened for search: vectors and annoy memory-mapped, records in memory.
+
+    Every file comes from one generation of the index: the manifest is held open while the
+    other files are opened (the BM25 file too, read on first use from the open file), and the
+    manifest the path names afterwards must be the same file; if a build replaced the index in
+    between, everything is opened again. A long-running reader keeps the generation it opened.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        for _ in range(OPEN_ATTEMPTS):
+            manifest, fh = _open_manifest(self.directory)
+            try:
+                try:
+                    self._open(manifest)
+                except ResourceUnavailable:
+                    if _same_file(fh, self.directory / "manifest.json"):
+                        raise  # really damaged, not replaced under our feet
+                    continue
+                if _same_file(fh, self.directory / "manifest.json"):
+                    return
+                self._close_files()  # replaced while we read it: open the new one whole
+            finally:
+                fh.close()
+        raise ResourceUnavailable(
+            f"{self.directory}: the index was replaced {OPEN_ATTEMPTS} times while it was "
+            "being opened; try again when `sage index build` is done"
+        )
+
+    def _close_files(self) -> None:
+        self.forest.unload()
+        self._bm25_file.close()
+
+    def _open(self, manifest: dict[str, Any]) -> None:
         import numpy as np
         from annoy import AnnoyIndex
 
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest = manifest
         files = self.manifest["files"]
         self.dimension: int = self.manifest["dimension"]
         self.count: int = self.manifest["count"]
@@ -516,6 +570,10 @@ class Index:
                 f"items, the manifest says {self.count}; {REBUILD}"
             )
         self._bm25: BM25 | None = None
+        # opened now, read on first use: from this generation whatever happens at the path
+        bm25_path = _safe_file(where, "bm25", files["bm25"])
+        self._bm25_name = str(bm25_path)
+        self._bm25_file: BinaryIO = open(bm25_path, "rb")  # noqa: SIM115 - kept open
         self._rows: dict[str, int] | None = None
 
     def _read_records(self, path: Path) -> list[Record]:
@@ -542,9 +600,11 @@ class Index:
         if self._bm25 is None:
             from .bm25 import BM25
 
-            path = _safe_file(self.directory, "bm25", self.manifest["files"]["bm25"])
+            path = self._bm25_name
             try:
-                self._bm25 = BM25.load(path)
+                self._bm25_file.seek(0)
+                self._bm25 = BM25.load(self._bm25_file)
+                self._bm25_file.close()
             except (OSError, ValueError, KeyError) as exc:
                 raise ResourceUnavailable(
                     f"{path}: corrupt BM25 statistics ({exc}); {REBUILD}"

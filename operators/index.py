@@ -516,6 +516,10 @@ class Index:
         self.forest.unload()
         self._bm25_file.close()
 
+    def close(self) -> None:
+        """Let go of the files (the mapped vectors go when the last reference does)."""
+        self._close_files()
+
     def _open(self, manifest: dict[str, Any]) -> None:
         import numpy as np
         from annoy import AnnoyIndex
@@ -655,6 +659,13 @@ class Index:
         return [(int(rows[i]), float(scores[i])) for i in order]
 
 
+def document_of(record: Record) -> str:
+    """The document a record belongs to, for `index build --update`: its `parent_id` (a chunk
+    of it) or its own id."""
+    parent = record.get("parent_id")
+    return str(parent if parent is not None else record.get("id"))
+
+
 def search_k_floor(count: int) -> int:
     """The least search_k for an index of `count` vectors (see Index.default_search_k)."""
     return min(max(1000, int(math.sqrt(count) * 16)), max(count, 1) * 4)
@@ -706,9 +717,20 @@ class IndexBuilder(Operator):
         seed: int = DEFAULT_SEED,
         embedder_factory: Callable[[Path, int | None], Any] | None = None,
         hash_cache: str | os.PathLike[str] | None = None,
+        update: bool = False,
+        keep_missing: bool = False,
     ) -> None:
         if trees < 1:
             raise OptionError(f"--trees must be at least 1, got {trees}")
+        self.update = update or keep_missing
+        self.keep_missing = keep_missing
+        self.old: Index | None = None  # the index being updated
+        self.old_rows: dict[str, int] = {}  # its ids -> rows
+        self.documents: set[str] = set()  # documents named by the input (see document_of)
+        self.deleted_ids: set[str] = set()  # from deletion records
+        self.deleted_paths: set[str] = set()
+        self.reused = 0  # vectors taken from the old index
+        self.embedded = 0  # vectors made here
         self.directory = Path(directory)
         self.model_name = model
         self.model_dirs = list(model_dirs)
@@ -729,6 +751,10 @@ class IndexBuilder(Operator):
     def setup(self) -> None:
         _recover(Path(self.directory))  # what a build killed with SIGKILL left behind
         check_target(self.directory)  # refuse a foreign directory before reading any input
+        if self.update and self.old is None and _is_index(self.directory):
+            self.old = Index(self.directory)  # one generation, held until the new one is in
+            for i, r in enumerate(self.old.records):
+                self.old_rows.setdefault(str(r.get("id")), i)
 
     # -- embedding the records that come without a vector ----------------------------------
 
@@ -777,7 +803,12 @@ class IndexBuilder(Operator):
         ids: set[str] = set()
         kept: list[tuple[Record, np.ndarray | None]] = []
         need_vector: list[int] = []
+        reused = 0
+        deletions: list[Record] = []
         for record in batch:
+            if record.get("deleted") is True:
+                deletions.append(record)  # kept out of the index, and its document with it
+                continue
             text = record_text(record)
             if "id" in record:
                 doc_id = str(record["id"])
@@ -792,7 +823,13 @@ class IndexBuilder(Operator):
             vec = record_vector(record)
             if vec is None:
                 ref: ModelRef | None = self._embedder_for(model)[1]
-                need_vector.append(len(kept))
+                assert ref is not None
+                vec = self._old_vector(doc_id, text, ref)
+                if vec is None:
+                    need_vector.append(len(kept))
+                else:
+                    reused += 1
+                    dim = int(vec.shape[0]) if dim is None else dim
             else:
                 ref = ModelRef.parse(record.get("embedding_model"))
                 if dim is None:
@@ -827,8 +864,68 @@ class IndexBuilder(Operator):
             assert vec is not None
             self.records.append(stored)
             self.vectors.append(vec)
+            self.documents.add(document_of(stored))
         self.ids |= ids
+        self.embedded += len(need_vector)
+        self.reused += reused
+        for record in deletions:
+            self.deleted_ids.add(str(record.get("id")))
+            meta = record.get("metadata")
+            if isinstance(meta, dict) and isinstance(meta.get("path"), str):
+                self.deleted_paths.add(meta["path"])
         return []
+
+    def _old_vector(self, doc_id: str, text: str, ref: ModelRef) -> np.ndarray | None:
+        """The vector the index being updated holds for this very chunk (same id, same text,
+        same model), or None when it must be embedded."""
+        import numpy as np
+
+        if self.old is None or self.old.model is None or not self.old.model.same_as(ref):
+            return None
+        row = self.old_rows.get(doc_id)
+        if row is None or self.old.records[row].get("text") != text:
+            return None
+        return np.array(self.old.vectors[row], dtype=np.float32)
+
+    def _carry_over(self) -> None:
+        """--keep-missing: the old index's documents that the input did not name or delete."""
+        import numpy as np
+
+        old = self.old
+        if old is None:
+            return
+        for i, record in enumerate(old.records):
+            doc = document_of(record)
+            meta = record.get("metadata")
+            path = meta.get("path") if isinstance(meta, dict) else None
+            if (
+                doc in self.documents
+                or doc in self.deleted_ids
+                or str(record.get("id")) in self.deleted_ids
+                or path in self.deleted_paths
+                or str(record.get("id")) in self.ids
+            ):
+                continue
+            if self.model is not None and old.model is not None:
+                if not self.model.same_as(old.model):
+                    raise OptionError(
+                        f"{self.directory} holds vectors from {old.model.label()}, the new "
+                        f"records from {self.model.label()}; an index cannot mix models "
+                        "(rebuild it from the full listing, without --keep-missing)"
+                    )
+            elif self.dimension is not None and self.dimension != old.dimension:
+                raise OptionError(
+                    f"{self.directory} holds {old.dimension}-dimensional vectors, the new "
+                    f"records {self.dimension}-dimensional ones; rebuild it without --keep-missing"
+                )
+            self.records.append(record)
+            self.vectors.append(np.array(old.vectors[i], dtype=np.float32))
+            self.ids.add(str(record.get("id")))
+            self.reused += 1
+        if self.model is None:
+            self.model = old.model
+        if self.dimension is None:
+            self.dimension = old.dimension
 
     def close(self) -> list[Record]:
         import numpy as np
@@ -836,7 +933,17 @@ class IndexBuilder(Operator):
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        if self.keep_missing and (self.records or self.deleted_ids or self.deleted_paths):
+            self._carry_over()
         if not self.records:
+            old, self.old = self.old, None
+            if old is not None:
+                old.close()
+            if old is not None and not self.keep_missing:
+                raise OptionError(
+                    f"--update with no records would leave nothing in {self.directory}; "
+                    "give it the full listing (or --keep-missing and the changes)"
+                )
             return []
         vectors = np.vstack(self.vectors)
         model = self.model
@@ -861,5 +968,11 @@ class IndexBuilder(Operator):
             "model_sha256": model.sha256 if model else None,
             "trees": self.trees,
         }
+        if self.update:
+            removed = sum(1 for doc_id in self.old_rows if doc_id not in self.ids)
+            summary.update(embedded=self.embedded, reused=self.reused, removed=removed)
+        if self.old is not None:
+            self.old.close()
+            self.old = None
         self.vectors, self.records = [], []
         return [summary]

@@ -191,13 +191,15 @@ def read_docx(data: bytes) -> Document:
         raise DocumentError(f"not a readable DOCX file ({type(exc).__name__}: {exc})") from None
     lines: list[str] = []
     first_title = ""
+    # style names by id, looked up once (python-docx's `paragraph.style` searches every time)
+    names = {s.style_id: s.name or "" for s in document.styles}
     for block in document.iter_inner_content():
         if isinstance(block, Paragraph):
             text = block.text.strip()
             if not text:
                 continue
-            style = block.style.name if block.style is not None else ""
-            level = _heading_level(style or "")
+            style = names.get(block._p.style or "", "")  # noqa: SLF001 - the pStyle id
+            level = _heading_level(style)
             if level is not None:
                 if style.strip().lower() == "title" and not first_title:
                     first_title = text

@@ -134,6 +134,9 @@ class Source(Operator):
                 "path": {"type": "string"},
                 "mtime": {"type": "number"},
                 "bytes": {"type": "integer"},
+                "page": {"type": "integer", "description": "PDF: the page, from 1"},
+                "pages": {"type": "integer", "description": "PDF: its number of pages"},
+                "title": {"type": "string", "description": "PDF, HTML, DOCX: the title"},
             },
         },
         "_warnings": {"type": "array", "items": {"type": "string"}},
@@ -219,7 +222,7 @@ class Source(Operator):
     def listed(self, path: str) -> bool:
         """Whether a file found in a directory is read: a known extension, one with a
         converter, no extension at all, or any file when a format is forced."""
-        if self.raw or self.fmt != "auto":
+        if self.fmt != "auto":
             return True
         ext = extension(path)
         return not ext or ext in EXTENSIONS or ext in self.convert
@@ -275,6 +278,11 @@ class Source(Operator):
                 raise OptionError("no stdin to read from")
             if fmt in ("raw", "ndjson"):
                 yield from self._lines(stream, "stdin", fmt, live=not _is_regular(stream))
+            elif fmt in DOCUMENT_FORMATS:
+                try:
+                    yield from self._document("stdin", read_all(stream), fmt, None)
+                except DocumentError as exc:
+                    yield BadFile("stdin", 0, str(exc), b"")
             else:
                 yield from self._whole("stdin", read_all(stream), fmt, None)
             return

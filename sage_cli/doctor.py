@@ -19,7 +19,7 @@ from sage_cli.exitcodes import ExitCode
 
 MIN_PYTHON = (3, 11)
 #: distribution name -> module name, where they differ
-IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml"}
+IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml", "python-docx": "docx"}
 #: what pyproject.toml declares, used when the installed metadata cannot be read
 FALLBACK_REQUIREMENTS = [
     "typer",

@@ -150,8 +150,10 @@ def follow_record(run: RunDirectory, record: str) -> str:
     results = []
     hits = []  # the record (or its chunks) retrieved for a query
     if output.exists():
+        # the id as typed, and as JSON spells it (control characters and quotes are escaped)
+        needles = {record.encode(errors="surrogateescape"), orjson.dumps(record)[1:-1]}
         for line in output.read_bytes().split(b"\n"):
-            if record.encode() in line:
+            if any(n in line for n in needles):
                 try:  # a script may end in a non-sage stage (`| cut ...`): not every line is JSON
                     r = orjson.loads(line)
                 except orjson.JSONDecodeError:

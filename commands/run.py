@@ -202,8 +202,9 @@ def run(
                 script_args,
                 address=address,
                 replicas=list(replicas or []),
+                opts=opts,
                 run_dir=run_dir,
-                quiet=quiet,
+                lock=lock,
             )
             return
         from sage_cli.runner import run_pipeline

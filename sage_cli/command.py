@@ -209,6 +209,14 @@ def _install_signal_handlers() -> dict[int, Any]:
     return previous
 
 
+def reclaim_signals() -> None:
+    """Inside `guarded`: take SIGINT and SIGTERM back after a library replaced their handlers
+    (ray.init installs a SIGTERM handler that exits 15 after dumping a stack)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
+
+
 def silence_stdout() -> None:
     """After stdout is closed by the reader (`| head`), make later writes to it harmless."""
     try:

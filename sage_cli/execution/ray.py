@@ -30,7 +30,7 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sage_cli.command import fail, make_progress, report_error
+from sage_cli.command import fail, make_progress, reclaim_signals, report_error
 from sage_cli.errors import SageError, TempFailError
 from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy, Stats
 from sage_cli.execution.executor import Done, Executor, Task
@@ -422,6 +422,7 @@ def run_ray_pipeline(
 
     def body() -> None:
         connect(address, num_cpus)
+        reclaim_signals()  # a SIGTERM ends the run with 143, like a local stage
         total = float(ray.cluster_resources().get("CPU", 1.0))
         actors = sum(p.replicas for p in plans)
         # Fractional CPUs: all actors together reserve at most half the cluster's CPUs, so the

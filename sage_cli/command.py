@@ -209,6 +209,12 @@ def _install_signal_handlers() -> dict[int, Any]:
     return previous
 
 
+def forget_signal() -> None:
+    """A signal this process sent itself (a timeout's SIGINT) was handled: callers up the
+    stack must not take it for the user's."""
+    _last_signal.clear()
+
+
 def reclaim_signals() -> None:
     """Inside `guarded`: take SIGINT and SIGTERM back after a library replaced their handlers
     (ray.init installs a SIGTERM handler that exits 15 after dumping a stack)."""

@@ -30,7 +30,13 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sage_cli.command import fail, make_progress, reclaim_signals, report_error
+from sage_cli.command import (
+    fail,
+    forget_signal,
+    make_progress,
+    reclaim_signals,
+    report_error,
+)
 from sage_cli.errors import SageError, TempFailError
 from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy, Stats
 from sage_cli.execution.executor import Done, Executor, Task
@@ -460,6 +466,7 @@ def run_ray_pipeline(
         if timer is not None:
             timer.cancel()
         if timed_out.is_set():
+            forget_signal()
             code = TIMEOUT_STATUS
         elif code == ExitCode.OK and failed:
             exc = failed[0]

@@ -93,7 +93,10 @@ def read_pdf(data: bytes) -> Document:
         pages: list[str] = []
         empty: list[int] = []
         for i in range(len(pdf)):
-            page = pdf[i]
+            try:
+                page = pdf[i]
+            except pdfium.PdfiumError as exc:
+                raise DocumentError(f"page {i + 1} cannot be read ({exc})") from None
             try:
                 textpage = page.get_textpage()
                 text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n")

@@ -85,6 +85,8 @@ def read_pdf(data: bytes) -> Document:
     """One part per page (PDFium's text, line ends as \\n); metadata `pages` and `title`."""
     import pypdfium2 as pdfium
 
+    if not data.strip():
+        raise DocumentError("empty file, not a PDF")
     try:
         pdf = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
@@ -133,11 +135,15 @@ def read_html(data: bytes) -> Document:
     """The page's main text (markdown headings), without navigation, scripts, styles, sidebars
     and footers; metadata `title`. A page with no main content falls back to all its text."""
     import trafilatura
-    from trafilatura.metadata import extract_metadata
+    from trafilatura.utils import load_html
 
     try:
+        tree = load_html(data)
+        if tree is None:
+            raise DocumentError("not readable HTML")
+        title = _html_title(tree)  # before extract, which prunes the tree
         text = trafilatura.extract(
-            data,
+            tree,
             output_format="markdown",
             include_comments=False,
             include_tables=True,
@@ -150,14 +156,23 @@ def read_html(data: bytes) -> Document:
             text = trafilatura.html2txt(data)
             if text:
                 warnings.append("no main content found; all the page's text was kept")
-        info = extract_metadata(data)
     except (ValueError, TypeError) as exc:  # lxml refuses what is not markup at all
         raise DocumentError(f"not readable HTML ({exc})") from None
-    meta: dict[str, Any] = {}
-    title = (getattr(info, "title", None) or "").strip() if info is not None else ""
-    if title:
-        meta["title"] = title
-    return Document([text or ""], meta, warnings)
+    return Document([text or ""], {"title": title} if title else {}, warnings)
+
+
+def _html_title(tree: Any) -> str:
+    """The title as trafilatura's metadata step finds it (OpenGraph and meta tags, JSON-LD,
+    then the one <h1> or <title>), without the rest of that step: its date search (htmldate,
+    dateparser) costs more than the text extraction itself."""
+    from trafilatura.metadata import examine_meta, extract_meta_json, extract_title
+
+    meta = examine_meta(tree)
+    try:
+        meta = extract_meta_json(tree, meta)
+    except Exception:  # noqa: BLE001 - trafilatura guards this call the same way (bad JSON-LD)
+        pass
+    return (meta.title or extract_title(tree) or "").strip()
 
 
 # -- DOCX --------------------------------------------------------------------------------------

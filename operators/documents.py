@@ -5,11 +5,11 @@ has headings, so `sage chunk` puts them in `metadata.heading`) and metadata. A f
 cannot make sense of raises DocumentError (one file's error: the source reports it under the
 error policy and reads on). The libraries are imported only when a file of their kind is read:
 
-- PDF: pypdfium2 (PDFium's own text extraction; Apache-2.0/BSD; imports in ~0.1 s and reads
-  pages at C speed; pypdf is pure Python and several times slower on the same pages).
+- PDF: pypdfium2 (PDFium's own text extraction, in C; Apache-2.0/BSD).
 - HTML: trafilatura (main-content extraction: navigation, scripts, styles, sidebars and footers
-  are left out; headings come out as markdown). It imports in ~0.5 s (lxml, justext), paid
-  only by a source that reads an HTML file.
+  are left out; headings come out as markdown). Its import (lxml, justext) is the heaviest,
+  paid only by a source that reads an HTML file.
+(Import times and speeds: `make bench`, area `documents`; the choice: docs/dataflow.md.)
 - DOCX: python-docx (paragraphs in order; Title and Heading N styles become `#` headings).
 """
 

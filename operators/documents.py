@@ -260,18 +260,22 @@ def parse_converters(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def run_converter(argv: list[str], path: str, timeout: float = CONVERT_TIMEOUT) -> bytes:
-    """What `argv` writes on stdout when the file at `path` is its stdin (no shell)."""
+def run_converter(
+    argv: list[str], path: str, data: bytes | None = None, timeout: float = CONVERT_TIMEOUT
+) -> bytes:
+    """What `argv` writes on stdout when the file at `path` (or `data`, the content of a
+    compressed one) is its stdin. No shell."""
+    env = {**os.environ, "LC_ALL": os.environ.get("LC_ALL", "C.UTF-8")}
     try:
-        with open(path, "rb") as stdin:
+        if data is not None:
             done = subprocess.run(
-                argv,
-                stdin=stdin,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-                env={**os.environ, "LC_ALL": os.environ.get("LC_ALL", "C.UTF-8")},
+                argv, input=data, capture_output=True, timeout=timeout, check=False, env=env
             )
+        else:
+            with open(path, "rb") as stdin:
+                done = subprocess.run(
+                    argv, stdin=stdin, capture_output=True, timeout=timeout, check=False, env=env
+                )
     except subprocess.TimeoutExpired:
         raise DocumentError(f"converter {argv[0]} took more than {timeout:g}s") from None
     except OSError as exc:

@@ -301,12 +301,13 @@ class Source(Operator):
             return
         with open_file(path) as fh:
             st = os.fstat(fh.fileno())
-            data = b"" if fmt == "convert" else read_all(fh)
+            data = b"" if fmt == "convert" and not gz else read_all(fh)
         try:
             if gz:
                 data = gunzip(data)
-            if fmt == "convert":
-                data = run_converter(self.convert[extension(path)], path)
+            if fmt == "convert":  # the program reads the file itself, or what gzip gave
+                argv = self.convert[extension(path)]
+                data = run_converter(argv, path, data if gz else None)
                 fmt = "text"
             elif fmt in DOCUMENT_FORMATS:
                 yield from self._document(path, data, fmt, st)

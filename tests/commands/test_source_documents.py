@@ -177,6 +177,10 @@ def test_convert_runs_a_program_without_a_shell(tmp_path):
     result = run_sage("source", str(tmp_path), "--convert", "rot=tr a-z n-za-m")
     assert result.returncode == 0, result.stderr
     assert [r["text"] for r in parse_ndjson(result.stdout)] == ["hello world", "plain"]
+    (tmp_path / "c.rot.gz").write_bytes(gzip.compress(b"pbzcerffrq"))  # converted once inflated
+    inflated = run_sage("source", str(tmp_path / "c.rot.gz"), "--convert", "rot=tr a-z n-za-m")
+    assert parse_ndjson(inflated.stdout)[0]["text"] == "compressed"
+    (tmp_path / "c.rot.gz").unlink()
     # the command is split like a shell would split it, but never run by one
     injected = run_sage("source", str(tmp_path / "a.rot"), "--convert", f"rot=cat ; touch {marker}")
     assert injected.returncode == 65 and not marker.exists()

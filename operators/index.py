@@ -51,6 +51,7 @@ from .base import (
     ResourceUnavailable,
     record_text,
 )
+from .ndjson import dump_record, exact_numbers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -263,7 +264,7 @@ def _write_index(
             np.save(_PlainWriter(fh), vectors, allow_pickle=False)
         with open(tmp / FILES["records"], "wb") as fh:
             for record in records:
-                fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                fh.write(dump_record(record))
         bm25 = BM25.build(record_text(r) for r in records)
         bm25.save(tmp / FILES["bm25"])
         forest = AnnoyIndex(dim, METRIC)
@@ -585,7 +586,7 @@ class Index:
         with open(path, "rb") as fh:
             for n, line in enumerate(fh, 1):
                 try:
-                    record = orjson.loads(line)
+                    record = exact_numbers(line, orjson.loads(line))
                 except orjson.JSONDecodeError:
                     raise ResourceUnavailable(
                         f"{path}:{n}: not JSON (corrupt index); {REBUILD}"

@@ -37,6 +37,7 @@ from .base import (
     record_text,
     terminal_safe,
 )
+from .ndjson import dump_record, dumps_value
 
 FORMATS = ("ndjson", "json", "csv", "md", "llm")
 WHOLE_INPUT = ("csv", "md")
@@ -236,14 +237,10 @@ def _mode_for(path: str) -> int:
 
 
 def _dump(record: Record) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+    return dumps_value(record)
 
 
-_LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-
-
-def _dump_line(record: Record) -> bytes:
-    return orjson.dumps(record, option=_LINE, default=str)
+_dump_line = dump_record
 
 
 def columns(records: list[Record]) -> list[str]:

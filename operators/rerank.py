@@ -23,7 +23,8 @@
   Nothing is sampled, so the order is deterministic. (Asking a 135M model to write a 0-10
   rating, even grammar-constrained, gave the same rating to every document: useless.)
   Documents are sorted by score, ties kept in their retrieved order. With SmolLM2-135M it
-  lowers recall and costs about 0.2 s per document: kept for larger local models.
+  lowers recall and costs one model call (seconds on 2 cores) per document: kept for larger
+  local models.
 
 Each doc keeps its fields; `score` becomes the reranker's (the phrase score, the MMR objective
 when the doc was picked, or the 0-10 rating) and the previous score moves to

@@ -7,7 +7,7 @@ explicitly, with no fallback). Modes:
   relative score: each list's scores are min-max normalised to 0..1 over that list, a hit
   missing from a list scores 0 there, and the fused score is `alpha * dense + (1 - alpha) *
   bm25` (alpha 0.5). `fusion="rrf"` fuses by reciprocal rank instead: sum of 1 / (60 + rank).
-  Measured (docs/retrieval.md, `make bench`): relative-score fusion beats dense by 50 points
+  Measured (docs/retrieval.md, `make bench`): relative-score fusion beats dense by 55 points
   of recall@1 on the demo questions and ties it on two held-out sets, never with a lower
   recall@5; RRF loses recall@5 on the paraphrased held-out set.
 - `dense`: the query is embedded with the index's own model (found through the

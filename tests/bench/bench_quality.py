@@ -59,7 +59,7 @@ RERANKERS = {"rerank_default": "", "rerank_mmr": "--method mmr --index {index}"}
 
 
 def sage(*words: str) -> str:
-    return " ".join([rel(VENV_BIN / "sage"), *words])
+    return " ".join([rel(VENV_BIN / "sage"), *(w for w in words if w)])
 
 
 def shell(command: str, env: dict[str, str], timeout: float = 3600) -> bytes:
@@ -164,7 +164,7 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
                 value,
                 "",
                 command=commands[method],
-                note=f"{n} questions, top {DEPTH} retrieved",
+                note=f"{n} questions, top {5 if method.endswith('top5') else DEPTH} retrieved",
             )
     dense, default, reranked = scores["dense"], scores["default"], scores["rerank_default"]
     for k, i in ((1, 0), (5, 1)):

@@ -44,7 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "embed": ("sage_cli.commands.embed", "Add an `embedding` to each record with a local model."),
     "index": ("sage_cli.commands.index", "Build and inspect vector indexes (annoy)."),
     "retrieve": ("sage_cli.commands.retrieve", "Attach the documents most relevant to `query`."),
-    "rerank": ("sage_cli.commands.rerank", "Reorder retrieved `docs` (MMR or the local model)."),
+    "rerank": (
+        "sage_cli.commands.rerank",
+        "Reorder retrieved `docs` (query word pairs, MMR diversity, or the local model).",
+    ),
     "prompt": ("sage_cli.commands.prompt", "Render a prompt from a template and the record."),
     "generate": (
         "sage_cli.commands.generate",

@@ -51,6 +51,9 @@ class Stats:
 class ErrorPolicy:
     """Applies `--on-error` and `--errors FILE` to a bad line or a failed record."""
 
+    #: what a `fail` message adds to say how to go on (the Python API says it in its own words)
+    go_on_hint = " (--on-error skip|emit to go on)"
+
     def __init__(
         self,
         stage: str,
@@ -121,7 +124,7 @@ class ErrorPolicy:
         self.stats.errors += 1
         self._record_dead(dead)
         if self.mode is ErrorMode.fail:
-            hint = "" if self.dead_letter else " (--on-error skip|emit to go on)"
+            hint = "" if self.dead_letter else self.go_on_hint
             raise SageError(message + hint, code)
         if self.mode is ErrorMode.skip:
             self.stats.skipped += 1

@@ -1,0 +1,222 @@
+"""What one stage of a Python pipeline is (a verb with its options, a Python callable, or an
+operator instance) and how it becomes an operator the Driver runs."""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sage_cli.api import verbs
+from sage_cli.command import IOOptions
+from sage_cli.driver import ErrorMode
+from sage_cli.errors import UsageError
+from sage_cli.operators.base import Operator, Record
+
+#: what a callable stage does with its function, per DataStream method
+CALLABLE_KINDS = ("map", "filter", "flatmap", "keyby", "sink")
+
+
+@dataclass
+class StageSpec:
+    """One stage as the user wrote it. Exactly one of `verb`, `func`, `operator`, `records`."""
+
+    method: str  # the DataStream method (or from_source / from_batch) that made it
+    label: str  # the stage's name in counts, messages and `_error` records
+    verb: str | None = None  # a sage verb ("retrieve", "index build")
+    options: dict[str, Any] = field(default_factory=dict)  # its keywords (arguments named)
+    func: Callable[..., Any] | None = None  # a Python callable
+    operator: Operator | None = None  # an operator instance
+    records: Iterable[Any] | None = None  # from_batch's iterable
+    common: dict[str, Any] = field(default_factory=dict)  # on_error... for non-verb stages
+
+    @property
+    def argv(self) -> list[str]:
+        """`sage VERB ...` without `sage` (verb stages only)."""
+        assert self.verb is not None
+        return verbs.to_argv(self.verb, self.options)
+
+    def spelling(self) -> str:
+        """What the stage is, for a message that says why it has no bash or YAML form."""
+        if self.records is not None:
+            return "from_batch (records held in Python)"
+        if self.func is not None:
+            return f"{self.label}, a Python callable"
+        return f"{self.label}, an operator instance"
+
+
+@dataclass
+class BuiltStage:
+    """A stage ready to run: its operator, common options, how to rebuild the operator in a
+    worker process (None: it cannot be), and the records a source reads."""
+
+    spec: StageSpec
+    op: Operator
+    opts: IOOptions
+    factory: Callable[[], Operator] | None
+    records: Iterable[Any] | None = None
+
+
+def verb_stage(method: str, verb: str, args: tuple[Any, ...], options: dict[str, Any]) -> StageSpec:
+    """A stage running `sage VERB ...`; the options are checked against the verb now."""
+    if not isinstance(verb, str) or not verbs.is_verb(verb):
+        raise UsageError(
+            f".{method}({verb!r}): not a sage verb; give a verb name "
+            f"({', '.join(verbs.known_verbs())}), a callable or an operator"
+        )
+    named = verbs.named_options(verb, args, options)
+    verbs.parse(verbs.to_argv(verb, named))  # the CLI's own checks, now rather than at submit
+    return StageSpec(method, verb, verb=verb, options=named)
+
+
+def check_common(where: str, common: dict[str, Any]) -> dict[str, Any]:
+    """The common options of a callable or instance stage, checked as the CLI checks them."""
+    unknown = sorted(set(common) - set(verbs.COMMON_OPTIONS))
+    if unknown:
+        raise UsageError(
+            f"{where}: no option {unknown[0]!r} (options: {', '.join(verbs.COMMON_OPTIONS)})"
+        )
+    out = {k: v for k, v in common.items() if v is not None}
+    if "on_error" in out:
+        try:
+            out["on_error"] = ErrorMode(out["on_error"])
+        except ValueError:
+            raise UsageError(
+                f"{where}: on_error={out['on_error']!r}: choose fail, skip or emit"
+            ) from None
+    for name in ("batch_size", "workers"):
+        value = out.get(name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"{where}: {name}={value!r}: expected an integer >= 1")
+    return out
+
+
+def callable_stage(method: str, func: Callable[..., Any], common: dict[str, Any]) -> StageSpec:
+    name = getattr(func, "__qualname__", None) or type(func).__name__
+    label = f"{method}({name})"
+    checked = check_common(label, common)
+    if checked.get("workers", 1) > 1:
+        try:
+            pickle.dumps(func)
+        except Exception:  # noqa: BLE001 - any pickling failure means the same thing
+            raise UsageError(
+                f"{label}: workers={checked['workers']} runs the function in other processes, "
+                "so it must be picklable: define it at module level (not a lambda or closure)"
+            ) from None
+    return StageSpec(method, label, func=func, common=checked)
+
+
+def operator_stage(method: str, op: Operator, common: dict[str, Any]) -> StageSpec:
+    label = f"{method}({type(op).__name__})"
+    checked = check_common(label, common)
+    if checked.get("workers", 1) > 1:
+        raise UsageError(
+            f"{label}: workers needs a verb or a function to build the operator again in each "
+            f'worker; write .{method}("VERB", ...) instead of an instance'
+        )
+    return StageSpec(method, label, operator=op, common=checked)
+
+
+# -- operators for Python callables --------------------------------------------------------
+
+
+class CallKeyBy(Operator):
+    """`_key` = func(record), for `.keyby(func)`."""
+
+    name = "keyby"
+
+    def __init__(self, fn: Callable[[Record], Any]) -> None:
+        self.func = fn
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        func = self.func
+        for record in batch:
+            record["_key"] = func(record)
+        return batch
+
+
+class CallSink(Operator):
+    """Calls func(record) for each record, for `.sink(func)`; passes nothing on.
+
+    When one call fails the Driver retries the batch record by record: the records of that
+    batch already handed to func are not handed again.
+    """
+
+    name = "sink"
+    stateless = False
+
+    def __init__(self, fn: Callable[[Record], Any]) -> None:
+        self.func = fn
+        self._delivered = 0  # records of a failed batch that func already took
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        if self._delivered and len(batch) == 1:
+            self._delivered -= 1
+            return []
+        func = self.func
+        for i, record in enumerate(batch):
+            try:
+                func(record)
+            except Exception:
+                if len(batch) > 1:
+                    self._delivered = i
+                raise
+        return []
+
+
+class BatchSource(Operator):
+    """The records of `from_batch`, as they are."""
+
+    name = "from_batch"
+
+    def process(self, batch: list[Record]) -> list[Record]:
+        return batch
+
+
+def _callable_operator(method: str, func: Callable[..., Any]) -> Operator:
+    from sage_cli.operators.expr import Filter, FlatMap, Map
+
+    if method == "map":
+        return Map(fn=func)
+    if method == "filter":
+        return Filter(fn=func)
+    if method == "flatmap":
+        return FlatMap(fn=func)
+    if method == "keyby":
+        return CallKeyBy(func)
+    if method == "sink":
+        return CallSink(func)
+    raise UsageError(f".{method}() takes a verb or an operator, not a callable")
+
+
+def build(spec: StageSpec) -> BuiltStage:
+    """Build the stage's operator (not set up: no model loads here)."""
+    if spec.verb is not None:
+        call = verbs.parse(spec.argv)
+        op, records = call.build()
+        if call.opts.workers > 1 and not op.stateless:
+            raise UsageError(
+                f"{spec.label}: workers={call.opts.workers} needs a stateless operator; "
+                f"sage {spec.verb} keeps state between records: run it as one process"
+            )
+        factory = call.factory
+        if call.opts.workers > 1:
+            from sage_cli.workers import worker_kwargs
+
+            factory = type(factory)(
+                factory.command, factory.build, worker_kwargs(factory.kwargs, call.opts.workers)
+            )
+        return BuiltStage(spec, op, call.opts, factory, records)
+    opts = IOOptions(**spec.common)
+    if spec.records is not None:
+        return BuiltStage(spec, BatchSource(), opts, None, spec.records)
+    if spec.func is not None:
+        op = _callable_operator(spec.method, spec.func)
+        factory = functools.partial(_callable_operator, spec.method, spec.func)
+        if opts.workers > 1 and not op.stateless:
+            raise UsageError(f"{spec.label}: workers runs a map, filter, flatmap or keyby")
+        return BuiltStage(spec, op, opts, factory)
+    assert spec.operator is not None
+    return BuiltStage(spec, spec.operator, opts, None)

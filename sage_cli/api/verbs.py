@@ -1,0 +1,178 @@
+"""From a verb and Python options to the command line the CLI would run, and to the stage that
+command line builds: the same parser, types, checks and build function as `sage VERB ...`.
+
+Keywords are named after the verb's long flags (`--top-k` -> `top_k`) or, for an argument, its
+parameter name (`map`'s `expr`, `source`'s `paths`); nothing here lists a verb's flags: they are
+read from the verb's own command. Going through the command line is what keeps the Python, YAML
+and bash spellings of a pipeline the same pipeline: the argv built here is what `to_script()`
+prints.
+"""
+
+from __future__ import annotations
+
+import importlib
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from os import PathLike
+from typing import Any
+
+from sage_cli.errors import UsageError
+
+#: the flags every operator command takes, and the stage-level options the Python API adds to
+#: them for callables (a callable stage has no command line)
+COMMON_OPTIONS = ("on_error", "errors", "batch_size", "workers", "unordered")
+
+
+@dataclass
+class VerbCall:
+    """What `sage VERB ARGS...` runs: its argv (without `sage`), the factory that builds its
+    operator (here or in a worker process), its common I/O options, and whether it reads
+    records (False for a source)."""
+
+    argv: list[str]
+    factory: Any  # sage_cli.command.OperatorFactory
+    opts: Any  # sage_cli.command.IOOptions
+    reads_records: bool
+
+    def build(self) -> tuple[Any, Any]:
+        """(operator, records): records is the iterable a source reads, else None."""
+        built = self.factory.build(**self.factory.kwargs)
+        return built if isinstance(built, tuple) else (built, None)
+
+
+def known_verbs() -> list[str]:
+    from sage_cli.app import COMMANDS
+
+    return list(COMMANDS)
+
+
+def _command(verb: str) -> Any:
+    """The click command of `verb` ("retrieve", "index build")."""
+    import typer.main
+
+    from sage_cli.app import COMMANDS
+
+    words = verb.split()
+    if not words or words[0] not in COMMANDS:
+        raise UsageError(f"{verb!r} is not a sage verb (verbs: {', '.join(known_verbs())})")
+    command = typer.main.get_command(importlib.import_module(COMMANDS[words[0]][0]).app)
+    for word in words[1:]:
+        sub = getattr(command, "get_command", lambda ctx, name: None)(None, word)
+        if sub is None:
+            raise UsageError(f"{verb!r} is not a sage verb")
+        command = sub
+    return command
+
+
+def keyword_of(param: Any) -> str:
+    """The Python keyword of a click parameter: its long flag without dashes (`-` as `_`), or
+    an argument's name."""
+    longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
+    return longs[0][2:].replace("-", "_") if longs and not _is_argument(param) else param.name
+
+
+def _is_argument(param: Any) -> bool:
+    return param.param_type_name == "argument"  # type: ignore[no-any-return]
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, PathLike):
+        return str(value.__fspath__())
+    if isinstance(value, bool | int | float | str):
+        return str(value)
+    raise UsageError(
+        f"{value!r} ({type(value).__name__}) cannot be written as a command-line value"
+    )
+
+
+def named_options(
+    verb: str, args: Sequence[Any] = (), options: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """`options` with the positional `args` given their argument names, checked against the
+    verb's command: an unknown keyword is a UsageError naming the ones it has.
+
+        >>> named_options("keyby", ("user",))
+        {'field': 'user'}
+    """
+    params = _params(verb)
+    by_key = {keyword_of(p): p for p in params}
+    named = dict(options or {})
+    unknown = sorted(k for k in named if k not in by_key)
+    if unknown:
+        names = ", ".join(sorted(by_key))
+        raise UsageError(f"sage {verb}: no option {unknown[0]!r} (options: {names})")
+    rest = list(args)
+    for param in params:  # positional values fill the arguments in order
+        if not rest or not _is_argument(param):
+            continue
+        key = keyword_of(param)
+        if key in named:
+            raise UsageError(f"sage {verb}: {key} given twice")
+        if param.nargs == -1:
+            named[key], rest = rest, []
+        else:
+            named[key] = rest.pop(0)
+    if rest:
+        raise UsageError(f"sage {verb}: too many arguments: {rest!r}")
+    return {k: v for k, v in named.items() if v is not None}
+
+
+def _params(verb: str) -> list[Any]:
+    """The verb's parameters a stage can set (its FILE arguments and --schema are not)."""
+    return [p for p in _command(verb).params if p.name not in ("schema", "files")]
+
+
+def to_argv(verb: str, options: Mapping[str, Any]) -> list[str]:
+    """The words of `sage VERB ...` (without `sage`) for `named_options`.
+
+    >>> to_argv("retrieve", {"index": "idx/", "top_k": 5})
+    ['retrieve', '--index', 'idx/', '--top-k', '5']
+    """
+    flags: list[str] = []
+    positional: list[str] = []
+    for param in _params(verb):
+        key = keyword_of(param)
+        if options.get(key) is None:
+            continue
+        value = options[key]
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        if _is_argument(param):
+            positional.extend(_word(v) for v in values)
+        elif param.is_flag and isinstance(value, bool):
+            if value:
+                flags.append(param.opts[0])
+            elif param.secondary_opts:
+                flags.append(param.secondary_opts[0])
+        else:
+            if len(values) > 1 and not param.multiple:
+                raise UsageError(f"sage {verb}: {key} takes one value, not {value!r}")
+            long = next(o for o in param.opts if o.startswith("--"))
+            for v in values:
+                flags.extend([long, _word(v)])
+    if any(w.startswith("-") and w != "-" for w in positional):
+        positional.insert(0, "--")  # an argument such as '-1' is not a flag
+    return [*verb.split(), *flags, *positional]
+
+
+def parse(argv: list[str]) -> VerbCall:
+    """Parse `VERB ARGS...` with the verb's own command, exactly as `sage VERB ARGS...` would,
+    without running or building anything."""
+    from sage_cli.stages import parse_stage
+
+    call = parse_stage(["sage", *argv])
+    return VerbCall(list(argv), call.factory, call.opts, call.reads_stdin)
+
+
+def shell_words(argv: list[str]) -> str:
+    """`sage ARGV...` as one line of bash, quoted."""
+    return " ".join(shlex.quote(w) for w in ["sage", *argv])
+
+
+def is_verb(name: str) -> bool:
+    from sage_cli.app import COMMANDS
+
+    return bool(name.split()) and name.split()[0] in COMMANDS

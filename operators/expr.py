@@ -88,13 +88,19 @@ def load_function(spec: str) -> Callable[[Record], Any]:
 UserFn = str | Callable[[Record], Any] | None
 
 
+def callable_name(fn: Callable[..., Any]) -> str:
+    """A function's name for messages: `clean`, `Cleaner.run`, `<lambda>` (no `<locals>`)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return str(name).rsplit("<locals>.", 1)[-1]
+
+
 def user_function(expr: str | None, fn: UserFn) -> tuple[Callable[[Record], Any], str]:
     """The callable and a label for messages, from an expression, a --fn spec or a Python
     callable (exactly one)."""
     if (expr is None) == (fn is None):
         raise OptionError("give an expression or --fn module:function (one of them)")
     if callable(fn):
-        return fn, getattr(fn, "__qualname__", None) or repr(fn)
+        return fn, callable_name(fn)
     if fn is not None:
         return load_function(fn), f"--fn {fn}"
     assert expr is not None

@@ -67,8 +67,12 @@ class _Policy(ErrorPolicy):
         try:
             return super()._apply(dead, message, code, emitted)
         except SageError as err:
-            # the cause shown is the user's own exception (with its traceback), not ours
-            raise PipelineError(f"{self.stage}: {err}", err.code, self.stage) from (err.__context__)
+            # the cause shown is the user's own exception (with its traceback), not the
+            # operator's wrapper of it (`raise RecordError(...) from None`)
+            cause = err.__context__
+            while cause is not None and cause.__suppress_context__ and cause.__context__:
+                cause = cause.__context__
+            raise PipelineError(f"{self.stage}: {err}", err.code, self.stage) from cause
 
 
 class _Done:
@@ -80,10 +84,16 @@ class _Done:
 class _Link:
     """The writer of one stage: hands its output to the next stage's Driver."""
 
-    def __init__(self, driver: Driver, done: _Done) -> None:
+    def __init__(self, driver: Driver, done: _Done, downstream: _Link | None) -> None:
         self.next = driver
         self.done = done
         self.position = 0
+        #: the last block fed to `next` known clean: an operator that passes its batch on as
+        #: it is (a source, `keyby`) hands the link after it the same list, known clean
+        self.clean_block: list[Record] | None = None
+        if downstream is not None:
+            downstream.upstream = self
+        self.upstream: _Link | None = None
 
     def write(self, records: list[Record]) -> None:
         nxt = self.next
@@ -91,10 +101,13 @@ class _Link:
             return
         first = self.position + 1
         self.position += len(records)
+        up = self.upstream
         # a clean block (dicts without `_error`) is cut into batches with no per-record work
-        clean = _ONLY_DICTS.issuperset(map(type, records)) and not any(
-            map(dict.__contains__, records, itertools.repeat("_error"))
+        clean = (up is not None and records is up.clean_block) or (
+            _ONLY_DICTS.issuperset(map(type, records))
+            and not any(map(dict.__contains__, records, itertools.repeat("_error")))
         )
+        self.clean_block = records if clean else None
         nxt.feed_block(ORIGIN, first, records, None, clean)
         if nxt.op.done:
             self.done.stop = True
@@ -175,15 +188,16 @@ def run(number: int, specs: list[Any], on_stage: Callable[[list[StageCounts]], N
             stages.append(build(spec))
         done = _Done()
         writer: Any = _last_writer(stages[-1])
+        link: _Link | None = None
         for stage in reversed(stages):
             driver = _driver(stage, writer)
             drivers.insert(0, driver)
-            writer = _Link(driver, done)
+            writer = link = _Link(driver, done, link)
         for stage, driver in zip(stages[1:], drivers[1:], strict=True):
             current = stage.spec.label
             driver.op.setup()  # every model loads before the first record is read
         current = stages[0].spec.label
-        _run_source(stages[0], drivers[0], done)
+        _run_source(stages[0], drivers[0], done, writer)
         for stage, driver in zip(stages[1:], drivers[1:], strict=True):
             current = stage.spec.label
             driver.finish()
@@ -227,7 +241,9 @@ def _stop(stages: list[BuiltStage], drivers: list[Driver]) -> None:
             pass
 
 
-def _run_source(stage: BuiltStage, driver: Driver, done: _Done) -> None:
+def _run_source(stage: BuiltStage, driver: Driver, done: _Done, feed: _Link) -> None:
+    """Read the source into the first stage's Driver (`feed`: the link that stands for its
+    input, so the link after it knows a block it passes on as it is is clean)."""
     if stage.spec.records is None:  # a verb source (`source`, `merge`): the CLI's own loop
         assert stage.records is not None
         driver.run_records(_until(stage.records, done), origin=stage.spec.label)
@@ -243,6 +259,7 @@ def _run_source(stage: BuiltStage, driver: Driver, done: _Done) -> None:
         if not _ONLY_DICTS.issuperset(map(type, batch)):
             batch = _as_records(batch, position, driver.policy)
         clean = not any(map(dict.__contains__, batch, itertools.repeat("_error")))
+        feed.clean_block = batch if clean else None
         driver.feed_block(ORIGIN, position, batch, None, clean)
         position += len(batch)
     driver.finish()

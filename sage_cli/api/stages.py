@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,8 +95,9 @@ def check_common(where: str, common: dict[str, Any]) -> dict[str, Any]:
 
 
 def callable_stage(method: str, func: Callable[..., Any], common: dict[str, Any]) -> StageSpec:
-    name = getattr(func, "__qualname__", None) or type(func).__name__
-    label = f"{method}({name})"
+    from sage_cli.operators.expr import callable_name
+
+    label = f"{method}({callable_name(func)})"
     checked = check_common(label, common)
     if checked.get("workers", 1) > 1:
         try:
@@ -155,14 +157,13 @@ class CallSink(Operator):
         if self._delivered and len(batch) == 1:
             self._delivered -= 1
             return []
-        func = self.func
-        for i, record in enumerate(batch):
-            try:
-                func(record)
-            except Exception:
-                if len(batch) > 1:
-                    self._delivered = i
-                raise
+        rest = iter(batch)
+        try:
+            deque(map(self.func, rest), maxlen=0)  # the loop stays in C
+        except Exception:
+            if len(batch) > 1:  # what `rest` still holds was not handed to func
+                self._delivered = len(batch) - sum(1 for _ in rest) - 1
+            raise
         return []
 
 

@@ -21,13 +21,8 @@ import orjson
 from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.pipeline import Pipeline, Stage, parse_script
+from sage_cli.verbs import Verb, lookup
 
-#: commands whose output fields cannot be known from their schema (they run user code)
-OPEN_OUTPUT = frozenset({"map", "flatmap", "join"})
-#: options whose value is a path that must exist before the run (per command; "*" for all)
-INPUT_PATHS = {"*": ("--index", "--table"), "index": ()}
-#: a field that also satisfies a requirement (documented aliases)
-ALIASES = {"text": ("content",), "query": ("text",)}
 _ALIAS_IN_DOC = re.compile(r"`(\w+)`(?: if absent| is accepted)")
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 
@@ -63,8 +58,8 @@ def stage_schema(pipeline: Pipeline, stage: Stage) -> dict[str, Any]:
         ) from None
 
 
-def _paths_to_check(stage: Stage) -> list[tuple[str, str]]:
-    options = INPUT_PATHS.get(stage.command, INPUT_PATHS["*"])
+def _paths_to_check(stage: Stage, verb: Verb) -> list[tuple[str, str]]:
+    options = verb.input_paths
     out = []
     argv = stage.argv
     for i, word in enumerate(argv):
@@ -76,10 +71,10 @@ def _paths_to_check(stage: Stage) -> list[tuple[str, str]]:
     return out
 
 
-def _satisfied(field: str, available: set[str], schema_doc: str) -> bool:
+def _satisfied(field: str, available: set[str], schema_doc: str, verb: Verb) -> bool:
     if field in available:
         return True
-    aliases = set(ALIASES.get(field, ())) | set(_ALIAS_IN_DOC.findall(schema_doc))
+    aliases = set(verb.aliases.get(field, ())) | set(_ALIAS_IN_DOC.findall(schema_doc))
     return bool(aliases & available)
 
 
@@ -129,11 +124,13 @@ def check(pipeline: Pipeline, made_before: set[Path] | None = None) -> list[str]
             available = None
             report.append(f"{stage.name}: {stage.argv[0]} (not a sage stage: fields unknown)")
             continue
-        from sage_cli.app import COMMANDS
-
-        if stage.command not in COMMANDS:
-            raise CheckError(f"{where}: unknown command; see `sage --help`", ExitCode.USAGE)
-        for opt, value in _paths_to_check(stage):
+        try:
+            verb = lookup(stage.argv[1:])
+        except UsageError:
+            raise CheckError(
+                f"{where}: unknown command; see `sage --help`", ExitCode.USAGE
+            ) from None
+        for opt, value in _paths_to_check(stage, verb):
             path = cwd / value
             if not path.exists() and path.resolve() not in made_before:
                 raise CheckError(
@@ -147,14 +144,14 @@ def check(pipeline: Pipeline, made_before: set[Path] | None = None) -> list[str]
         if available is not None:
             for fld in required:
                 doc = orjson.dumps(inp.get("properties", {}).get(fld, {})).decode()
-                if not _satisfied(fld, available, doc):
+                if not _satisfied(fld, available, doc, verb):
                     have = ", ".join(sorted(f for f in available if not f.startswith("_")))
                     raise CheckError(
                         f"{where}: needs field {fld!r}, which no stage before it produces "
                         f"(fields there: {have or 'none'})",
                         ExitCode.USAGE,
                     )
-        if stage.command in OPEN_OUTPUT:
+        if verb.open_output:
             available = None
         elif stage.command == "source" and stage.index == 0:
             available = set(produced) if _source_is_closed(stage) else None

@@ -13,8 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
@@ -27,10 +26,11 @@ from sage_cli.driver import (
     convert_operator_error,
     write_failure,
 )
-from sage_cli.errors import SageError
+from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import RecordReader, RecordWriter
 from sage_cli.operators.base import Operator, Record, terminal_safe
+from sage_cli.verbs import VERBS, OperatorFactory, Verb
 
 
 class Terminated(BaseException):
@@ -51,36 +51,6 @@ class IOOptions:
     workers: int = 1
     unordered: bool = False
     files: list[str] | None = None
-
-
-@dataclass
-class OperatorFactory:
-    """Builds a command's operator again in another process (a `--workers` worker, a Ray
-    actor): the command's build function and its parsed flags. Picklable, because `build` is
-    the module-level function `operator_command` registered."""
-
-    command: str
-    build: Callable[..., Any]
-    kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def __call__(self) -> Operator:
-        built = self.build(**self.kwargs)
-        return built[0] if isinstance(built, tuple) else built
-
-
-@dataclass
-class OperatorCall:
-    """What one `sage VERB ...` command line would run: its operator factory, common flags,
-    and whether it reads records (False for a source)."""
-
-    factory: OperatorFactory
-    opts: IOOptions
-    reads_stdin: bool
-
-
-#: set by `sage_cli.stages.parse_stage`: an operator command then records its OperatorCall here
-#: instead of running
-CAPTURE: ContextVar[list[OperatorCall] | None] = ContextVar("sage_capture", default=None)
 
 
 _COMMON: list[tuple[str, Any, Any]] = [
@@ -451,12 +421,27 @@ def make_progress(prog: str, opts: IOOptions) -> Any:
     return Progress(prog)
 
 
+def refuse_opted_out(verb: Verb, opts: IOOptions, copies: int | None = None) -> None:
+    """Raise UsageError when `opts` (or `copies`, the replicas an engine would start) use a
+    flag the verb opts out of: the one refusal every executor gives."""
+    n = opts.workers if copies is None else copies
+    if n > 1 and "workers" in verb.opts_out:
+        flag = "--workers" if copies is None else f"--replicas {verb.name}={n}"
+        raise UsageError(
+            f"{flag} needs a stateless operator; {verb.prog} keeps state between records: "
+            "run it as one process (exactly 1 actor on Ray)"
+        )
+
+
 def operator_command(
-    app: typer.Typer, name: str, *, reads_stdin: bool = True, **command_kwargs: Any
+    app: typer.Typer, name: str, *, verb: Verb | None = None, **command_kwargs: Any
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Register `build` as the command `name`: it parses the command's own flags and returns
-    an Operator (or `(operator, records)` for a source); the common I/O flags are added here.
-    """
+    """Register `build` as the command of the registry's verb `name`: it parses the command's
+    own flags and returns an Operator (or `(operator, records)` for a source); the common I/O
+    flags are added here (FILE arguments unless the verb reads its own inputs). `verb`: the
+    entry of a verb that is not in the registry (a test's own operator)."""
+    if verb is None:
+        verb = VERBS[name]
 
     def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
         sig = inspect.signature(build, eval_str=True)
@@ -466,7 +451,7 @@ def operator_command(
             for n, a, d in _COMMON
         ]
         params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
-        if reads_stdin:
+        if verb.reads == "records":
             n, a, d = _FILES
             params.append(
                 inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
@@ -477,30 +462,19 @@ def operator_command(
         def command(**kwargs: Any) -> None:
             opts = IOOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in common_names})
             prog = stage_name(name)
-            factory = OperatorFactory(name, build, kwargs)
-            capture = CAPTURE.get()
-            if capture is not None:
-                capture.append(OperatorCall(factory, opts, reads_stdin))
-                return
             built: Any = None
 
             def construct() -> None:
                 nonlocal built
+                if not opts.schema:
+                    refuse_opted_out(verb, opts)
                 built = build(**kwargs)
 
             code = guarded(prog, construct)
             if code:
                 raise typer.Exit(code)
             op, records = built if isinstance(built, tuple) else (built, None)
-            if opts.workers > 1 and not op.stateless and not opts.schema:
-                raise typer.Exit(
-                    fail(
-                        prog,
-                        f"--workers needs a stateless operator; {prog} keeps "
-                        "state between records: run it as one process",
-                        ExitCode.USAGE,
-                    )
-                )
+            factory = OperatorFactory(name, build, kwargs)
             raise typer.Exit(run_operator(name, op, opts, records, factory))
 
         command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]

@@ -29,9 +29,6 @@ from typing import Any
 
 from sage_cli.errors import SageError, UsageError
 
-#: operator commands that load a model and get a share of the cores
-MODEL_COMMANDS = frozenset({"embed", "retrieve", "rerank", "generate"})
-
 _FD_DUP = re.compile(r"[0-9]?(?:>>?|<)&(?:[0-9]+|-)")
 _REDIR_OPS = ("2>>", "&>>", "2>&1", ">>", "2>", "&>", ">", "<")
 _UNSUPPORTED_WORDS = {
@@ -91,7 +88,9 @@ class Stage:
 
     @property
     def is_model(self) -> bool:
-        return self.is_sage and self.command in MODEL_COMMANDS
+        from sage_cli.verbs import is_model_stage
+
+        return is_model_stage(self.argv)
 
     @property
     def name(self) -> str:

@@ -34,13 +34,13 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sage_cli.command import OperatorCall, fail, stage_name
+from sage_cli.command import fail, refuse_opted_out, stage_name
 from sage_cli.driver import ErrorPolicy, Stats, convert_operator_error
 from sage_cli.errors import SageError, TempFailError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import BadLine, RecordReader, RecordWriter
 from sage_cli.operators.base import Operator, Record
-from sage_cli.stages import parse_stage, stage_words
+from sage_cli.verbs import StageCall, parse_stage, stage_words
 from sage_cli.workers import BatchRunner, portable_error, replay, worker_kwargs
 
 #: times a batch is sent again after the actor holding it died
@@ -107,7 +107,7 @@ class _Stage:
     index: int
     name: str  # "2-map": the file name of its trace, as `sage run` names stages
     prog: str  # "sage map"
-    call: OperatorCall
+    call: StageCall
     op: Operator  # built here only to read its class attributes; never set up here
     replicas: int
     batch_size: int
@@ -124,7 +124,7 @@ class _Stage:
 
     @property
     def stateful(self) -> bool:
-        return not self.op.stateless or self.op.memory == "whole-input"
+        return not self.call.verb.replicable
 
 
 @dataclass
@@ -169,12 +169,10 @@ def parse_replicas(specs: list[str] | dict[str, int] | None) -> dict[str, int]:
     return out
 
 
-def default_replicas(op: Operator) -> int:
+def default_replicas(call: StageCall) -> int:
     """One actor for a stage that keeps state or holds its whole input, two otherwise (a pool
     that survives the loss of one actor without a pause)."""
-    if not op.stateless or op.memory == "whole-input":
-        return 1
-    return 2
+    return 2 if call.verb.replicable else 1
 
 
 def plan_stages(stages: list[list[str]], replicas: dict[str, int]) -> list[_Stage]:
@@ -203,13 +201,10 @@ def plan_stages(stages: list[list[str]], replicas: dict[str, int]) -> list[_Stag
             raise convert_operator_error(exc) or exc from None
         name = f"{index + 1}-{command}"
         keys = [k for k in (name, str(index + 1), command) if k in replicas]
-        n = replicas[keys[0]] if keys else default_replicas(op)
+        n = replicas[keys[0]] if keys else default_replicas(call)
         used.update(keys)
-        if n > 1 and (not op.stateless or op.memory == "whole-input"):
-            raise UsageError(
-                f"--replicas {keys[0]}={n}: sage {command} keeps state between "
-                "records and runs as exactly 1 actor"
-            )
+        refuse_opted_out(call.verb, call.opts, copies=n)
+        refuse_opted_out(call.verb, call.opts)
         stats = Stats()
         policy = ErrorPolicy(stage_name(command), call.opts.on_error, call.opts.errors, stats)
         plans.append(
@@ -328,11 +323,7 @@ class RayPipeline:
 
     def _new_actor(self, stage: _Stage) -> _Actor:
         factory = stage.call.factory
-        from sage_cli.command import OperatorFactory
-
-        factory = OperatorFactory(
-            factory.command, factory.build, worker_kwargs(factory.kwargs, stage.replicas)
-        )
+        factory = factory.with_kwargs(worker_kwargs(factory.kwargs, stage.replicas))
         handle = StageActor.options(  # type: ignore[attr-defined]
             num_cpus=self.actor_cpus, max_restarts=0, max_task_retries=0
         ).remote(factory, stage.batch_size, os.getcwd(), sage_env())

@@ -67,8 +67,12 @@ def verb_stage(method: str, verb: str, args: tuple[Any, ...], options: dict[str,
             f".{method}({verb!r}): not a sage verb; give a verb name "
             f"({', '.join(verbs.known_verbs())}), a callable or an operator"
         )
+    from sage_cli.command import refuse_opted_out
+    from sage_cli.verbs import VERBS
+
     named = verbs.named_options(verb, args, options)
-    verbs.parse(verbs.to_argv(verb, named))  # the CLI's own checks, now rather than at submit
+    call = verbs.parse(verbs.to_argv(verb, named))  # the CLI's own checks, now, not at submit
+    refuse_opted_out(VERBS[verb], call.opts)  # --workers on a stateful verb: the CLI's refusal
     return StageSpec(method, verb, verb=verb, options=named)
 
 
@@ -197,17 +201,12 @@ def build(spec: StageSpec) -> BuiltStage:
     if spec.verb is not None:
         call = verbs.parse(spec.argv)
         op, records = call.build()
-        if call.opts.workers > 1 and not op.stateless:
-            raise UsageError(
-                f"{spec.label}: workers={call.opts.workers} needs a stateless operator; "
-                f"sage {spec.verb} keeps state between records: run it as one process"
-            )
-        factory = call.factory
+        factory: Callable[[], Operator] = call.factory
         if call.opts.workers > 1:
             from sage_cli.workers import worker_kwargs
 
-            factory = type(factory)(
-                factory.command, factory.build, worker_kwargs(factory.kwargs, call.opts.workers)
+            factory = call.factory.with_kwargs(
+                worker_kwargs(call.factory.kwargs, call.opts.workers)
             )
         return BuiltStage(spec, op, call.opts, factory, records)
     opts = IOOptions(**spec.common)

@@ -1,27 +1,31 @@
 """From a verb and Python options to the command line the CLI would run, and to the stage that
-command line builds: the same parser, types, checks and build function as `sage VERB ...`.
+command line builds: the registry's parse step (sage_cli.verbs.parse_stage), so the same
+parser, types, checks and build function as `sage VERB ...`.
 
-Keywords are named after the verb's long flags (`--top-k` -> `top_k`) or, for an argument, its
-parameter name (`map`'s `expr`, `source`'s `paths`); nothing here lists a verb's flags: they are
-read from the verb's own command. Going through the command line is what keeps the Python, YAML
-and bash spellings of a pipeline the same pipeline: the argv built here is what `to_script()`
-prints.
+Keywords are named as the registry names them (`option_names`: a long flag without dashes,
+`-` as `_`, `--top-k` -> `top_k`; an argument by its parameter name, `map`'s `expr`). Nothing
+here lists a verb's flags: they are read from the verb's own command. Going through the
+command line is what keeps the Python, YAML and bash spellings of a pipeline the same
+pipeline: the argv built here is what `to_script()` prints.
 """
 
 from __future__ import annotations
 
-import importlib
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from os import PathLike
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sage_cli.errors import UsageError
 
-#: the flags every operator command takes, and the stage-level options the Python API adds to
-#: them for callables (a callable stage has no command line)
+if TYPE_CHECKING:
+    from sage_cli.command import IOOptions
+    from sage_cli.operators.base import Operator
+    from sage_cli.verbs import OperatorFactory
+
+#: the common flags a stage may set (in Python, on a callable stage too)
 COMMON_OPTIONS = ("on_error", "errors", "batch_size", "workers", "unordered")
 
 
@@ -32,45 +36,43 @@ class VerbCall:
     records (False for a source)."""
 
     argv: list[str]
-    factory: Any  # sage_cli.command.OperatorFactory
-    opts: Any  # sage_cli.command.IOOptions
+    factory: OperatorFactory
+    opts: IOOptions
     reads_records: bool
 
-    def build(self) -> tuple[Any, Any]:
+    def build(self) -> tuple[Operator, Iterable[Any] | None]:
         """(operator, records): records is the iterable a source reads, else None."""
         built = self.factory.build(**self.factory.kwargs)
         return built if isinstance(built, tuple) else (built, None)
 
 
 def known_verbs() -> list[str]:
-    from sage_cli.app import COMMANDS
+    """The verbs that can be a stage (operators over records), from the registry."""
+    from sage_cli.verbs import operator_verbs
 
-    return list(COMMANDS)
+    return [v.name for v in operator_verbs()]
+
+
+def is_verb(name: str) -> bool:
+    from sage_cli.verbs import VERBS
+
+    verb = VERBS.get(name)
+    return verb is not None and verb.is_operator
 
 
 def _command(verb: str) -> Any:
     """The click command of `verb` ("retrieve", "index build")."""
-    import typer.main
+    from sage_cli.verbs import VERBS, _click_command
 
-    from sage_cli.app import COMMANDS
-
-    words = verb.split()
-    if not words or words[0] not in COMMANDS:
+    if not is_verb(verb):
         raise UsageError(f"{verb!r} is not a sage verb (verbs: {', '.join(known_verbs())})")
-    command = typer.main.get_command(importlib.import_module(COMMANDS[words[0]][0]).app)
-    for word in words[1:]:
-        sub = getattr(command, "get_command", lambda ctx, name: None)(None, word)
-        if sub is None:
-            raise UsageError(f"{verb!r} is not a sage verb")
-        command = sub
-    return command
+    return _click_command(VERBS[verb])
 
 
 def keyword_of(param: Any) -> str:
-    """The Python keyword of a click parameter: its long flag without dashes (`-` as `_`), or
-    an argument's name."""
+    """The Python keyword of a click parameter, as the registry's `option_names` names it."""
     longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-    return longs[0][2:].replace("-", "_") if longs and not _is_argument(param) else param.name
+    return longs[0][2:].replace("-", "_") if longs else str(param.name)
 
 
 def _is_argument(param: Any) -> bool:
@@ -123,7 +125,13 @@ def named_options(
 
 def _params(verb: str) -> list[Any]:
     """The verb's parameters a stage can set (its FILE arguments and --schema are not)."""
-    return [p for p in _command(verb).params if p.name not in ("schema", "files")]
+    from sage_cli.verbs import COMMON_FLAGS
+
+    return [
+        p
+        for p in _command(verb).params
+        if p.name != "files" and (p.name not in COMMON_FLAGS or p.name in COMMON_OPTIONS)
+    ]
 
 
 def to_argv(verb: str, options: Mapping[str, Any]) -> list[str]:
@@ -159,20 +167,14 @@ def to_argv(verb: str, options: Mapping[str, Any]) -> list[str]:
 
 
 def parse(argv: list[str]) -> VerbCall:
-    """Parse `VERB ARGS...` with the verb's own command, exactly as `sage VERB ARGS...` would,
-    without running or building anything."""
-    from sage_cli.stages import parse_stage
+    """Parse `VERB ARGS...` with the registry's parse step, exactly as `sage VERB ARGS...`
+    would, without running or building anything."""
+    from sage_cli.verbs import parse_stage
 
-    call = parse_stage(["sage", *argv])
+    call = parse_stage(list(argv))
     return VerbCall(list(argv), call.factory, call.opts, call.reads_stdin)
 
 
 def shell_words(argv: list[str]) -> str:
     """`sage ARGV...` as one line of bash, quoted."""
     return " ".join(shlex.quote(w) for w in ["sage", *argv])
-
-
-def is_verb(name: str) -> bool:
-    from sage_cli.app import COMMANDS
-
-    return bool(name.split()) and name.split()[0] in COMMANDS

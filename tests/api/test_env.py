@@ -163,6 +163,8 @@ def test_options_are_checked_when_the_stage_is_written() -> None:
         stream.map("retreive", index="idx/")
     with pytest.raises(UsageError, match="picklable"):
         stream.map(lambda r: r, workers=2)
+    with pytest.raises(UsageError, match="needs a stateless operator; sage window keeps state"):
+        stream.window(size=3, workers=2)
     with pytest.raises(UsageError, match="on_error='maybe'"):
         stream.map(double, on_error="maybe")
     stream.map(double)

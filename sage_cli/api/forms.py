@@ -73,18 +73,28 @@ def _plain(value: Any) -> Any:
 
 
 def to_yaml(env: LocalEnvironment) -> str:
+    """`env`'s pipelines as YAML: one line per stage, `- VERB: {options}`."""
     import yaml
 
-    pipelines = [
-        [{spec.verb: {k: _plain(v) for k, v in spec.options.items()}} for spec in pipeline]
-        for pipeline in _verb_stages(env, "to_yaml")
-    ]
-    doc: dict[str, Any] = {"name": env.name}
+    def flow(value: Any) -> str:
+        text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False)
+        return str(text).strip().removesuffix("\n...").strip()
+
+    def stages(pipeline: list[StageSpec], indent: str) -> list[str]:
+        return [
+            f"{indent}- {flow(spec.verb)}: " + flow({k: _plain(v) for k, v in spec.options.items()})
+            for spec in pipeline
+        ]
+
+    pipelines = _verb_stages(env, "to_yaml")
+    lines = [f"name: {flow(env.name)}"]
     if len(pipelines) == 1:
-        doc["stages"] = pipelines[0]
+        lines += ["stages:", *stages(pipelines[0], "  ")]
     else:
-        doc["pipelines"] = [{"stages": p} for p in pipelines]
-    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100))
+        lines.append("pipelines:")
+        for pipeline in pipelines:
+            lines += ["  - stages:", *stages(pipeline, "      ")]
+    return "\n".join(lines) + "\n"
 
 
 def _read(text_or_path: str | PathLike[str]) -> tuple[str, str]:

@@ -63,10 +63,10 @@ class BuiltStage:
 def verb_stage(method: str, verb: str, args: tuple[Any, ...], options: dict[str, Any]) -> StageSpec:
     """A stage running `sage VERB ...`; the options are checked against the verb now."""
     if not isinstance(verb, str) or not verbs.is_verb(verb):
-        raise UsageError(
-            f".{method}({verb!r}): not a sage verb; give a verb name "
-            f"({', '.join(verbs.known_verbs())}), a callable or an operator"
-        )
+        known = f"{verb!r} is not a sage verb (verbs: {', '.join(verbs.known_verbs())})"
+        if method == "yaml":
+            raise UsageError(known)
+        raise UsageError(f".{method}(): {known}; or give a callable or an operator instance")
     from sage_cli.command import refuse_opted_out
     from sage_cli.verbs import VERBS
 

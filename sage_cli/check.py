@@ -206,7 +206,28 @@ def pipelines_of(script: str, args: list[str]) -> list[Pipeline]:
     return out
 
 
-def check_pipeline(script: str, args: list[str], quiet: bool = False) -> int:
+def check_engine(pipelines: list[Pipeline], engine: str, replicas: list[str] | None) -> None:
+    """Raise what the engine would refuse. `ray`: exactly what `sage run --engine ray` checks
+    before it joins a cluster (one pipeline, sage stages only, `--replicas` that fit)."""
+    if engine != "ray":
+        return
+    if len(pipelines) != 1:
+        raise UsageError("--engine ray runs scripts that hold one pipeline")
+    from sage_cli.execution.plan import parse_replicas, plan_stages
+
+    try:
+        plan_stages([s.argv for s in pipelines[0].stages], parse_replicas(replicas))
+    except SageError as err:
+        raise CheckError(f"--engine ray: {err}", err.code) from None
+
+
+def check_pipeline(
+    script: str,
+    args: list[str],
+    quiet: bool = False,
+    engine: str = "local",
+    replicas: list[str] | None = None,
+) -> int:
     if not Path(script).exists():
         raise UsageError(f"{script}: no such script; check the path")
     pipelines = pipelines_of(script, args)
@@ -215,6 +236,7 @@ def check_pipeline(script: str, args: list[str], quiet: bool = False) -> int:
     for pipeline in pipelines:
         lines.extend(check(pipeline, made))
         made |= outputs_of(pipeline)
+    check_engine(pipelines, engine, replicas)
     if not quiet:
         for line in lines:
             sys.stderr.write(f"  {line}\n")

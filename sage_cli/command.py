@@ -18,7 +18,8 @@ from typing import Annotated, Any
 
 import typer
 
-from sage_cli.driver import (
+from sage_cli.errors import SageError, UsageError
+from sage_cli.execution.driver import (
     Driver,
     ErrorMode,
     ErrorPolicy,
@@ -26,7 +27,6 @@ from sage_cli.driver import (
     convert_operator_error,
     write_failure,
 )
-from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.io import RecordReader, RecordWriter
 from sage_cli.operators.base import Operator, Record, terminal_safe
@@ -209,6 +209,14 @@ def _install_signal_handlers() -> dict[int, Any]:
     return previous
 
 
+def reclaim_signals() -> None:
+    """Inside `guarded`: take SIGINT and SIGTERM back after a library replaced their handlers
+    (ray.init installs a SIGTERM handler that exits 15 after dumping a stack)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
+
+
 def silence_stdout() -> None:
     """After stdout is closed by the reader (`| head`), make later writes to it harmless."""
     try:
@@ -224,7 +232,6 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
 
     `on_stop` flushes complete output when the run is cut short by an error or a signal.
     """
-    debug = os.environ.get("SAGE_DEBUG") == "1"
     previous = _install_signal_handlers()
     try:
         body()
@@ -245,32 +252,33 @@ def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | N
     except Terminated:
         _stop(on_stop)
         return int(ExitCode.TERMINATED)
-    except SageError as err:
-        _stop(on_stop)
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        return fail(prog, err)
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         _stop(on_stop)
-        if debug:
-            import traceback
-
-            traceback.print_exc()
-        converted = convert_operator_error(exc)
-        if converted is not None:
-            return fail(prog, converted)
-        if isinstance(exc, MemoryError):
-            return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
-        if isinstance(exc, OSError) and exc.strerror:
-            where = f"{exc.filename}: " if exc.filename else ""
-            code, hint = write_failure(exc)
-            return fail(prog, f"{where}{exc.strerror}{hint}", code)
-        return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
+        return report_error(prog, exc)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def report_error(prog: str, exc: Exception) -> int:
+    """Print what ended `prog` as one line on stderr (a traceback too with SAGE_DEBUG=1) and
+    return its exit code: a SageError's own, an operator error's, 75 for a full disk..."""
+    if os.environ.get("SAGE_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, SageError):
+        return fail(prog, exc)
+    converted = convert_operator_error(exc)
+    if converted is not None:
+        return fail(prog, converted)
+    if isinstance(exc, MemoryError):
+        return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        code, hint = write_failure(exc)
+        return fail(prog, f"{where}{exc.strerror}{hint}", code)
+    return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
 
 
 def _stop(on_stop: Callable[[], None] | None) -> None:
@@ -343,37 +351,35 @@ def run_operator(
     if supervised and os.environ.get("SAGE_RUN_BATCH_SIZE"):
         batch_size = int(os.environ["SAGE_RUN_BATCH_SIZE"])
     on_batch = progress.update if progress else None
-    driver: Driver
+    executor = None
     if opts.workers > 1 and factory is not None:
-        from sage_cli.workers import parallel_driver, worker_kwargs
+        from sage_cli.execution.pool import ProcessPoolExecutor, worker_kwargs
 
-        factory = OperatorFactory(
-            command, factory.build, worker_kwargs(factory.kwargs, opts.workers)
-        )
-        driver = parallel_driver(
-            op,
-            writer,
-            policy,
-            batch_size,
-            on_batch,
-            factory,
+        executor = ProcessPoolExecutor(
+            factory.with_kwargs(worker_kwargs(factory.kwargs, opts.workers)),
             opts.workers,
-            ordered=not opts.unordered,
+            stop_at_error=policy.mode is ErrorMode.fail,
         )
-    else:
-        driver = Driver(op, writer, policy, batch_size, on_batch=on_batch)
+    driver = Driver(
+        op,
+        writer,
+        policy,
+        batch_size,
+        on_batch=on_batch,
+        executor=executor,
+        ordered=not opts.unordered,
+    )
     tracer = None
     if "SAGE_TRACE_DIR" in os.environ:  # set by `sage run` for the stages it starts
         from sage_cli.trace import tracer_from_env
 
-        tracer = driver.tracer = tracer_from_env(command)
-        if tracer is not None:
-            tracer.count_tokens = "usage" in getattr(op, "produces", {})
-            tracer.start(stats)
+        tracer = tracer_from_env(command)
+    envelope = None
     if os.environ.get("SAGE_ENVELOPE", "") not in ("", "0"):
         from sage_cli.envelope import envelope_from_env
 
-        driver.envelope = envelope_from_env(command)
+        envelope = envelope_from_env(command)
+    driver.observe(tracer, envelope)
 
     def body() -> None:
         try:
@@ -385,9 +391,7 @@ def run_operator(
                 )
                 driver.run_reader(reader)
         finally:
-            shutdown = getattr(driver, "shutdown", None)  # --workers: stop the worker processes
-            if shutdown is not None:
-                shutdown()
+            driver.shutdown()  # --workers: stop the worker processes
             policy.close()
             if progress:
                 progress.close()
@@ -403,7 +407,7 @@ def run_operator(
         try:
             writer.flush()  # what is complete is written
         finally:
-            op.abandon()  # what is not (a sink's temporary file) is dropped
+            driver.abandon()  # what is not (a sink's temporary file) is dropped
 
     code = guarded(prog, body, on_stop=stop)
     if tracer is not None:

@@ -140,15 +140,17 @@ class RecordReader:
         paths: list[str] | None = None,
         on_idle: Callable[[], None] | None = None,
         idle_interval: float | None = None,
+        stdin: int | BinaryIO | None = None,
     ) -> None:
         self.paths = list(paths) if paths else ["-"]
         self.on_idle = on_idle
         self.idle_interval = idle_interval
+        self.stdin = stdin  # what `-` reads (default: fd 0)
 
     def blocks(self) -> Iterator[Block]:
         for path in self.paths:
             origin = "stdin" if path == "-" else path
-            fd = open_input(path)
+            fd = self.stdin if path == "-" and self.stdin is not None else open_input(path)
             try:
                 yield from self._blocks_of(fd, origin)
             finally:

@@ -7,6 +7,7 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,15 +226,37 @@ def run_on_ray(
     *,
     address: str | None,
     replicas: list[str],
+    opts: RunOptions | None = None,
     run_dir: str | None = None,
-    quiet: bool = False,
+    lock: bool = False,
     base: str = DEFAULT_BASE,
 ) -> int:
     """Run a one-pipeline script on Ray (`sage run --engine ray`): every stage a pool of actors
-    built from the same operator class; traces in the same run directory format as local runs."""
+    built from the same operator class; traces in the same run directory format as local runs.
+    `opts` and `lock` mean what they mean for a local run (--trace, --timeout, --progress,
+    --quiet, --lock)."""
+    opts = opts or RunOptions()
     if script is None:
         raise UsageError("missing the pipeline script: sage run --engine ray SCRIPT [ARGS]...")
     script_path = Path(script)
+    held = acquire_lock(script_path, args) if lock else None
+    try:
+        return _run_on_ray(script_path, args, address, replicas, opts, run_dir, base)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _run_on_ray(
+    script_path: Path,
+    args: list[str],
+    address: str | None,
+    replicas: list[str],
+    opts: RunOptions,
+    run_dir: str | None,
+    base: str,
+) -> int:
+    script = str(script_path)
     segments = read_segments(script_path)
     if len(segments) > 1 or segments[0].pipeline is None:
         raise UsageError(f"{script}: --engine ray runs scripts that hold one pipeline")
@@ -255,7 +278,7 @@ def run_on_ray(
             "stages": describe(pipeline),
         },
     )
-    from sage_cli.ray_engine import run_ray_pipeline  # imports ray: only here
+    from sage_cli.execution.ray import run_ray_pipeline  # imports ray: only here
 
     def event(ev: str, **fields: Any) -> None:
         with open(run.events_path, "ab") as fh:
@@ -268,6 +291,14 @@ def run_on_ray(
     started = time.monotonic()
     stdin = open(source.target, "rb") if source else None  # noqa: SIM115 - closed below
     stdout = None
+    # the same live table / progress lines as a local run, read from the same stage traces
+    view = _RayStages(pipeline)
+    dashboard = None
+    if not opts.quiet:
+        from sage_cli.dashboard import start_dashboard
+
+        dashboard = start_dashboard(run, view, progress=opts.progress)
+    status = int(ExitCode.FAILURE)
     try:
         if target is not None:
             stdout = open(target.target, "ab" if target.op == ">>" else "wb")  # noqa: SIM115
@@ -278,8 +309,13 @@ def run_on_ray(
             stdin=stdin,
             stdout=stdout,
             trace_dir=str(run.stages_dir),
+            trace=opts.trace,
+            timeout=opts.timeout,
         )
     finally:
+        view.finish(status)
+        if dashboard is not None:
+            dashboard.stop()
         for fh in (stdin, stdout):
             if fh is not None:
                 fh.close()
@@ -288,9 +324,29 @@ def run_on_ray(
     event("run_stop", status=status)
     summary = summarise(run)
     run.write_json("summary.json", summary)
-    if not quiet:
+    if not opts.quiet:
         report_end(run, summary, status, time.monotonic() - started)
     return status
+
+
+class _RayStages:
+    """What the dashboard shows of a Ray run: its stages, running in this process."""
+
+    @dataclass
+    class _Stage:
+        name: str
+        stage: Any
+        pid: int | None = None
+        attempts: int = 1
+        final: bool = False
+        status: int | None = None
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.stages = [self._Stage(s.name, s, os.getpid()) for s in pipeline.stages]
+
+    def finish(self, status: int) -> None:
+        for stage in self.stages:
+            stage.final, stage.status = True, status
 
 
 def run_segments(

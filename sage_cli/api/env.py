@@ -30,9 +30,12 @@ class LocalEnvironment:
 
     Each stage runs under sage's Driver (batching, the error policy, `_error` pass-through);
     stages hand records to each other as dicts, in batches, with no JSON between them.
-    `on_error`, `errors`, `batch_size` and `workers` given here are every stage's default
-    (a stage's own options win). The same pipeline as a bash script: `env.to_script()`; as a
-    YAML file for `sage run`: `env.to_yaml()`.
+    `on_error`, `errors`, `batch_size`, `workers` and `engine` given here are every stage's
+    default (a stage's own options win). `engine="ray"` runs each stage's batches on a pool of
+    Ray actors (`workers=N` actors; default 2, 1 for a stage that keeps state), on the cluster
+    at `address` or on a private local Ray started for the run; sources and sinks run here.
+    The same pipeline as a bash script: `env.to_script()`; as a YAML file for `sage run`:
+    `env.to_yaml()`.
     """
 
     def __init__(
@@ -43,8 +46,15 @@ class LocalEnvironment:
         errors: str | None = None,
         batch_size: int | None = None,
         workers: int | None = None,
+        engine: str = "local",
+        address: str | None = None,
     ) -> None:
         self.name = name
+        self.engine = "local"
+        self.engine = self.engine_of(engine)
+        #: with engine="ray": the cluster to join ("auto", "HOST:PORT"); None starts a private
+        #: local Ray for the run (and stops it after)
+        self.address = address
         self.defaults: dict[str, Any] = {
             k: v
             for k, v in {
@@ -61,6 +71,13 @@ class LocalEnvironment:
 
     def __repr__(self) -> str:
         return f"<LocalEnvironment {self.name}: {len(self.pipelines)} pipeline(s)>"
+
+    def engine_of(self, engine: str | None) -> str:
+        """A stage's engine: its own, else the environment's; "local" or "ray"."""
+        chosen = self.engine if engine is None else engine
+        if chosen not in ("local", "ray"):
+            raise UsageError(f"engine={chosen!r}: choose local or ray")
+        return chosen
 
     def split_options(self, options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """(common stage options with this environment's defaults under them, the rest)."""
@@ -118,7 +135,7 @@ class LocalEnvironment:
             raise UsageError("nothing to run: start a pipeline with from_source or from_batch")
         self.counts = []
         for number, pipeline in enumerate(self.pipelines, 1):
-            run(number, pipeline, self.counts.extend)
+            run(number, pipeline, self.counts.extend, self.address)
         return list(self.counts)
 
     # -- other spellings -------------------------------------------------------------------

@@ -5,13 +5,20 @@ time, so an unbounded source runs in memory bounded by the batch sizes."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sage_cli.api.stages import BuiltStage, build
-from sage_cli.driver import Driver, ErrorPolicy, Stats, convert_operator_error
-from sage_cli.errors import SageError
+from sage_cli.errors import SageError, UsageError
+from sage_cli.execution.driver import (
+    Driver,
+    ErrorMode,
+    ErrorPolicy,
+    Stats,
+    convert_operator_error,
+)
+from sage_cli.execution.executor import Executor
 from sage_cli.exitcodes import ExitCode
 from sage_cli.operators.base import OperatorError, Record, RecordError
 
@@ -31,6 +38,8 @@ class PipelineError(SageError):
     ) -> None:
         super().__init__(message, ExitCode(code))
         self.stage = stage
+        #: the exception of the record that failed (the user's own, for a callable)
+        self.original: BaseException | None = None
 
 
 @dataclass
@@ -63,30 +72,37 @@ class _Policy(ErrorPolicy):
 
     go_on_hint = ' (on_error="skip" or "emit" to go on)'
 
+    #: the exception of the record being judged
+    _judged: BaseException | None = None
+
+    def bad_record(
+        self, record: Record, origin: str, line: int, exc: BaseException
+    ) -> list[Record]:
+        self._judged = exc
+        try:
+            return super().bad_record(record, origin, line, exc)
+        finally:
+            self._judged = None
+
     def _apply(self, dead: Record, message: str, code: Any, emitted: Record) -> list[Record]:
         try:
             return super()._apply(dead, message, code, emitted)
         except SageError as err:
             # the cause shown is the user's own exception (with its traceback), not the
             # operator's wrapper of it (`raise RecordError(...) from None`)
-            cause = err.__context__
+            cause = self._judged
             while cause is not None and cause.__suppress_context__ and cause.__context__:
                 cause = cause.__context__
-            raise PipelineError(f"{self.stage}: {err}", err.code, self.stage) from cause
-
-
-class _Done:
-    """Set when a stage needs no more input (`head`): the source stops reading."""
-
-    stop = False
+            failed = PipelineError(f"{self.stage}: {err}", err.code, self.stage)
+            failed.original = cause
+            raise failed from cause
 
 
 class _Link:
     """The writer of one stage: hands its output to the next stage's Driver."""
 
-    def __init__(self, driver: Driver, done: _Done, downstream: _Link | None) -> None:
+    def __init__(self, driver: Driver, downstream: _Link | None) -> None:
         self.next = driver
-        self.done = done
         self.position = 0
         #: the last block fed to `next` known clean: an operator that passes its batch on as
         #: it is (a source, `keyby`) hands the link after it the same list, known clean
@@ -95,9 +111,14 @@ class _Link:
             downstream.upstream = self
         self.upstream: _Link | None = None
 
+    @property
+    def done(self) -> bool:
+        """The next stage wants no more input (`head`): the Driver feeding it stops."""
+        return self.next.done
+
     def write(self, records: list[Record]) -> None:
         nxt = self.next
-        if not records or nxt.op.done:
+        if not records or nxt.done:
             return
         first = self.position + 1
         self.position += len(records)
@@ -109,8 +130,6 @@ class _Link:
         )
         self.clean_block = records if clean else None
         nxt.feed_block(ORIGIN, first, records, None, clean)
-        if nxt.op.done:
-            self.done.stop = True
 
     def maybe_flush(self) -> None:
         pass
@@ -132,24 +151,61 @@ class _Discard:
         pass
 
 
-def _driver(stage: BuiltStage, writer: Any) -> Driver:
+def _driver(stage: BuiltStage, writer: Any, ray_cpus: float | None) -> Driver:
+    """The stage's Driver, with the executor its options choose: inline (this process),
+    `workers=N` processes, or Ray actors (`engine="ray"`; `workers=N` actors)."""
     opts = stage.opts
     policy = _Policy(stage.spec.label, opts.on_error, opts.errors, Stats())
     batch_size = opts.batch_size or stage.op.default_batch_size
-    if opts.workers > 1 and stage.factory is not None:
-        from sage_cli.workers import parallel_driver
+    stop = policy.mode is ErrorMode.fail
+    executor: Executor | None = None
+    if stage.spec.engine == "ray":
+        from sage_cli.execution.ray import RayExecutor
 
-        return parallel_driver(
-            stage.op,
-            writer,
-            policy,
-            batch_size,
-            None,
+        if stage.factory is None:
+            raise UsageError(
+                f'{stage.spec.label}: engine="ray" builds the operator again in each actor; '
+                "write the stage as a verb or a function"
+            )
+        replicas = opts.workers if opts.workers > 1 else (2 if stage.op.stateless else 1)
+        executor = RayExecutor(
             stage.factory,
-            opts.workers,
-            ordered=not opts.unordered,
+            replicas,
+            replayable=stage.op.stateless,
+            stop_at_error=stop,
+            actor_cpus=ray_cpus or 0.25,
         )
-    return Driver(stage.op, writer, policy, batch_size)
+    elif opts.workers > 1 and stage.factory is not None:
+        from sage_cli.execution.pool import ProcessPoolExecutor
+
+        executor = ProcessPoolExecutor(stage.factory, opts.workers, stop_at_error=stop)
+    return Driver(
+        stage.op, writer, policy, batch_size, executor=executor, ordered=not opts.unordered
+    )
+
+
+def _start_ray(stages: list[BuiltStage], address: str | None) -> tuple[float | None, bool]:
+    """Connect to Ray when a stage runs on it: (CPUs per actor, whether Ray was started here).
+    The actors of a pipeline together reserve at most half the cluster's CPUs, as under
+    `sage run --engine ray`; Python's own SIGINT and SIGTERM handlers are kept."""
+    on_ray = [s for s in stages if s.spec.engine == "ray"]
+    if not on_ray:
+        return None, False
+    import signal
+
+    import ray
+
+    from sage_cli.execution.ray import ACTOR_CPUS, connect
+
+    started = not ray.is_initialized()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    connect(address)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+    total = float(ray.cluster_resources().get("CPU", 1.0))
+    actors = sum(max(2, s.opts.workers) for s in on_ray)
+    return max(0.01, min(ACTOR_CPUS, total / 2 / actors)), started
 
 
 class _Calls(_Discard):
@@ -176,50 +232,63 @@ def _last_writer(stage: BuiltStage) -> Any:
     return _Discard()
 
 
-def run(number: int, specs: list[Any], on_stage: Callable[[list[StageCounts]], None]) -> None:
+def run(
+    number: int,
+    specs: list[Any],
+    on_stage: Callable[[list[StageCounts]], None],
+    address: str | None = None,
+) -> None:
     """Run one pipeline to the end. `on_stage` receives the counts (also when it stops early:
-    an error, Ctrl-C)."""
+    an error, Ctrl-C). `address`: the Ray cluster of stages with engine="ray"."""
     stages: list[BuiltStage] = []
     drivers: list[Driver] = []
     current = specs[0].label
+    ray_started = False
     try:
         for spec in specs:
             current = spec.label
             stages.append(build(spec))
-        done = _Done()
+        current = specs[0].label
+        ray_cpus, ray_started = _start_ray(stages, address)
         writer: Any = _last_writer(stages[-1])
         link: _Link | None = None
         for stage in reversed(stages):
-            driver = _driver(stage, writer)
+            driver = _driver(stage, writer, ray_cpus)
             drivers.insert(0, driver)
-            writer = link = _Link(driver, done, link)
-        for stage, driver in zip(stages[1:], drivers[1:], strict=True):
+            writer = link = _Link(driver, link)
+        for stage, driver in zip(stages, drivers, strict=True):
             current = stage.spec.label
-            driver.op.setup()  # every model loads before the first record is read
+            driver.start()  # every model loads before the first record is read
         current = stages[0].spec.label
-        _run_source(stages[0], drivers[0], done, writer)
+        _run_source(stages[0], drivers[0], writer)
         for stage, driver in zip(stages[1:], drivers[1:], strict=True):
             current = stage.spec.label
             driver.finish()
-    except PipelineError:
-        _stop(stages, drivers)
-        raise
-    except SageError as err:
-        _stop(stages, drivers)
-        raise PipelineError(f"{current}: {err}", err.code, current) from err
-    except OperatorError as exc:
-        _stop(stages, drivers)
-        converted = convert_operator_error(exc) or SageError(str(exc))
-        raise PipelineError(f"{current}: {converted}", converted.code, current) from exc
+    except PipelineError as err:
+        _stop(drivers)
+        # the Driver re-raises errors `from None` to name its stage: the cause shown is the
+        # user's own exception again (its traceback is what they need)
+        raise err from err.original
+    except (SageError, OperatorError) as exc:
+        _stop(drivers)
+        stage_name = getattr(exc, "stage", None) or current  # the Driver names its stage
+        converted = exc if isinstance(exc, SageError) else convert_operator_error(exc)
+        if converted is None:
+            converted = SageError(str(exc))
+        raise PipelineError(f"{stage_name}: {converted}", converted.code, stage_name) from exc
     except BaseException:  # Ctrl-C, a bug: what is complete is written, partial files dropped
-        _stop(stages, drivers)
+        _stop(drivers)
         raise
     finally:
         for driver in drivers:
-            shutdown = getattr(driver, "shutdown", None)  # workers: stop their processes
-            if shutdown is not None:
-                shutdown()
-            driver.policy.close()
+            try:
+                driver.shutdown()  # workers, actors: stopped however the run ended
+            finally:
+                driver.policy.close()
+        if ray_started:
+            import ray
+
+            ray.shutdown()
         on_stage(
             [
                 StageCounts.of(number, s.spec.label, d.stats)
@@ -228,31 +297,31 @@ def run(number: int, specs: list[Any], on_stage: Callable[[list[StageCounts]], N
         )
 
 
-def _stop(stages: list[BuiltStage], drivers: list[Driver]) -> None:
+def _stop(drivers: list[Driver]) -> None:
     if drivers:
         try:
             drivers[-1].writer.flush()
         except Exception:  # noqa: BLE001 - the first failure is the one to report
             pass
-    for stage in stages:
+    for driver in drivers:
         try:
-            stage.op.abandon()
+            driver.abandon()
         except Exception:  # noqa: BLE001
             pass
 
 
-def _run_source(stage: BuiltStage, driver: Driver, done: _Done, feed: _Link) -> None:
+def _run_source(stage: BuiltStage, driver: Driver, feed: _Link) -> None:
     """Read the source into the first stage's Driver (`feed`: the link that stands for its
     input, so the link after it knows a block it passes on as it is is clean)."""
     if stage.spec.records is None:  # a verb source (`source`, `merge`): the CLI's own loop
         assert stage.records is not None
-        driver.run_records(_until(stage.records, done), origin=stage.spec.label)
+        driver.run_records(stage.records, origin=stage.spec.label)
         return
-    driver.op.setup()
+    driver.start()
     size = driver.batch_size
     it = iter(stage.records or ())
     position = 1
-    while not done.stop:
+    while not driver.done:
         batch = list(itertools.islice(it, size))
         if not batch:
             break
@@ -263,13 +332,6 @@ def _run_source(stage: BuiltStage, driver: Driver, done: _Done, feed: _Link) -> 
         driver.feed_block(ORIGIN, position, batch, None, clean)
         position += len(batch)
     driver.finish()
-
-
-def _until(records: Iterable[Any], done: _Done) -> Iterator[Any]:
-    for record in records:
-        yield record
-        if done.stop:
-            return
 
 
 def _as_records(items: list[Any], position: int, policy: ErrorPolicy) -> list[Record]:

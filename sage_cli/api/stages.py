@@ -32,6 +32,7 @@ class StageSpec:
     operator: Operator | None = None  # an operator instance
     records: Iterable[Any] | None = None  # from_batch's iterable
     common: dict[str, Any] = field(default_factory=dict)  # on_error... for non-verb stages
+    engine: str = "local"  # where its batches run: "local" (inline or workers) or "ray"
 
     @property
     def argv(self) -> list[str]:
@@ -60,7 +61,13 @@ class BuiltStage:
     records: Iterable[Any] | None = None
 
 
-def verb_stage(method: str, verb: str, args: tuple[Any, ...], options: dict[str, Any]) -> StageSpec:
+def verb_stage(
+    method: str,
+    verb: str,
+    args: tuple[Any, ...],
+    options: dict[str, Any],
+    engine: str = "local",
+) -> StageSpec:
     """A stage running `sage VERB ...`; the options are checked against the verb now."""
     if not isinstance(verb, str) or not verbs.is_verb(verb):
         known = f"{verb!r} is not a sage verb (verbs: {', '.join(verbs.known_verbs())})"
@@ -73,7 +80,7 @@ def verb_stage(method: str, verb: str, args: tuple[Any, ...], options: dict[str,
     named = verbs.named_options(verb, args, options)
     call = verbs.parse(verbs.to_argv(verb, named))  # the CLI's own checks, now, not at submit
     refuse_opted_out(VERBS[verb], call.opts)  # --workers on a stateful verb: the CLI's refusal
-    return StageSpec(method, verb, verb=verb, options=named)
+    return StageSpec(method, verb, verb=verb, options=named, engine=engine)
 
 
 def check_common(where: str, common: dict[str, Any]) -> dict[str, Any]:
@@ -98,12 +105,14 @@ def check_common(where: str, common: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def callable_stage(method: str, func: Callable[..., Any], common: dict[str, Any]) -> StageSpec:
+def callable_stage(
+    method: str, func: Callable[..., Any], common: dict[str, Any], engine: str = "local"
+) -> StageSpec:
     from sage_cli.operators.expr import callable_name
 
     label = f"{method}({callable_name(func)})"
     checked = check_common(label, common)
-    if checked.get("workers", 1) > 1:
+    if checked.get("workers", 1) > 1 and engine == "local":  # Ray ships it with cloudpickle
         try:
             pickle.dumps(func)
         except Exception:  # noqa: BLE001 - any pickling failure means the same thing
@@ -111,16 +120,18 @@ def callable_stage(method: str, func: Callable[..., Any], common: dict[str, Any]
                 f"{label}: workers={checked['workers']} runs the function in other processes, "
                 "so it must be picklable: define it at module level (not a lambda or closure)"
             ) from None
-    return StageSpec(method, label, func=func, common=checked)
+    return StageSpec(method, label, func=func, common=checked, engine=engine)
 
 
-def operator_stage(method: str, op: Operator, common: dict[str, Any]) -> StageSpec:
+def operator_stage(
+    method: str, op: Operator, common: dict[str, Any], engine: str = "local"
+) -> StageSpec:
     label = f"{method}({type(op).__name__})"
     checked = check_common(label, common)
-    if checked.get("workers", 1) > 1:
+    if checked.get("workers", 1) > 1 or engine == "ray":
         raise UsageError(
-            f"{label}: workers needs a verb or a function to build the operator again in each "
-            f'worker; write .{method}("VERB", ...) instead of an instance'
+            f'{label}: workers and engine="ray" need a verb or a function, to build the '
+            f'operator again in each copy; write .{method}("VERB", ...) instead of an instance'
         )
     return StageSpec(method, label, operator=op, common=checked)
 

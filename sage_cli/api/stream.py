@@ -23,8 +23,8 @@ class DataStream:
 
     Every method takes a Python callable, a sage verb with keyword options named after its
     long flags, or an operator instance, plus the common stage options `on_error`
-    ("fail", "skip", "emit"), `errors` (a dead-letter file), `batch_size`, `workers`
-    and `unordered`:
+    ("fail", "skip", "emit"), `errors` (a dead-letter file), `batch_size`, `workers`,
+    `unordered` and `engine` ("local" or "ray": where its batches run):
 
         >>> from sage_cli.api import LocalEnvironment
         >>> env = LocalEnvironment("rag_pipeline")
@@ -59,24 +59,27 @@ class DataStream:
     def _step(
         self, method: str, step: Step | None, args: tuple[Any, ...], options: Any
     ) -> DataStream:
+        engine = self._env.engine_of(options.pop("engine", None))
+        if method == "sink":
+            engine = "local"  # a sink writes here: a callable's list, a file, stdout
         common, own = self._env.split_options(options)
         if isinstance(step, Operator):
             if args or own:
                 raise UsageError(f".{method}(operator): options go to the operator's constructor")
-            return self._add(operator_stage(method, step, common))
+            return self._add(operator_stage(method, step, common, engine))
         if callable(step):
             if args or own:
                 raise UsageError(
                     f".{method}(callable): takes only on_error, errors, batch_size, workers, "
-                    f"unordered; got {', '.join(sorted(own)) or args!r}"
+                    f"unordered, engine; got {', '.join(sorted(own)) or args!r}"
                 )
-            return self._add(callable_stage(method, step, common))
+            return self._add(callable_stage(method, step, common, engine))
         verb = method if step is None else step
         if not isinstance(verb, str):
             raise UsageError(
                 f".{method}({step!r}): give a callable, a verb name or an operator instance"
             )
-        return self._add(verb_stage(method, verb, args, {**own, **common}))
+        return self._add(verb_stage(method, verb, args, {**own, **common}, engine))
 
     def map(self, step: Step | None = None, *args: Any, **options: Any) -> DataStream:
         """Transform each record: `func(record) -> dict`, or a verb (`.map("retrieve",
@@ -115,6 +118,7 @@ class DataStream:
             return self._step("join", table, (), options)
         from sage_cli.operators.join import Join
 
+        engine = self._env.engine_of(options.pop("engine", None))
         common, own = self._env.split_options(options)
         if "on" not in own:
             raise UsageError(".join(rows, on=KEY): name the key field")
@@ -122,7 +126,7 @@ class DataStream:
         op = Join(rows, own.pop("on"), own.pop("how", "inner"), own.pop("prefix", None), "rows")
         if own:
             raise UsageError(f".join(rows): no option {sorted(own)[0]!r} (on, how, prefix)")
-        return self._add(operator_stage("join", op, common))
+        return self._add(operator_stage("join", op, common, engine))
 
     def sink(
         self,

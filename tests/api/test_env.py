@@ -211,3 +211,23 @@ def test_several_pipelines_run_in_order(tmp_path: Path) -> None:
     counts = env.submit()
     assert [r["id"] for r in seen] == [0, 1, 2]
     assert [c.pipeline for c in counts] == [1, 1, 2, 2]
+
+
+@pytest.mark.slow
+def test_engine_ray_runs_stages_on_ray_actors_in_input_order() -> None:
+    import ray
+
+    assert not ray.is_initialized()
+    env = LocalEnvironment("on-ray", engine="ray")
+    out: list[dict] = []
+    (
+        env.from_batch({"id": i, "n": i} for i in range(2000))
+        .map(double, batch_size=100)
+        .filter(lambda r: r["n"] % 3 == 0, workers=3, batch_size=50)  # cloudpickle ships it
+        .map(expr='r | {"k": r["m"] + 1}', engine="local")
+        .sink(out.append)
+    )
+    counts = env.submit()
+    assert out == [{"id": i, "n": i, "m": 2 * i, "k": 2 * i + 1} for i in range(0, 2000, 3)]
+    assert [c.records_out for c in counts] == [2000, 2000, 667, 667, 0]
+    assert not ray.is_initialized()  # the private Ray started for the run is stopped

@@ -201,7 +201,11 @@ def run(
             from sage_cli.api.forms import script_for_run
 
             assert script is not None
-            script = script_for_run(script)
+            pipeline_file, script = script, script_for_run(script)
+            if not quiet:
+                import sys
+
+                sys.stderr.write(f"sage run: {pipeline_file} runs as {script}\n")
         if check:
             from sage_cli.check import check_pipeline
 

@@ -103,3 +103,31 @@ def test_the_seeds_quick_start_answers_from_the_index_in_three_spellings(
     expected = comparable(py / "answers.ndjson")
     assert comparable(sh / "answers.ndjson") == expected
     assert comparable(ya / "answers.ndjson") == expected
+
+
+@pytest.mark.model
+def test_an_index_built_in_python_answers_retrieval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.index_fixture import DOCS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAGE_CACHE_DIR", str(tmp_path / "cache"))
+    env = LocalEnvironment("ingest")
+    built: list[dict] = []
+    (
+        env.from_batch(dict(d) for d in DOCS)
+        .flatmap("chunk", size=200)
+        .map("embed")
+        .map("index build", "idx/")  # a whole-input verb: one summary record at the end
+        .sink(built.append)
+    )
+    env.submit()
+    assert built[0]["count"] == len(DOCS) and built[0]["dimension"] == 384
+    hits: list[dict] = []
+    env = LocalEnvironment("ask")
+    env.from_batch(["Which city is the capital of France?"]).map(
+        "retrieve", index="idx/", top_k=1
+    ).sink(hits.append)
+    env.submit()
+    assert hits[0]["docs"][0]["parent_id"] == "paris"

@@ -4,7 +4,7 @@ operator instance) and how it becomes an operator the Driver runs."""
 from __future__ import annotations
 
 import functools
-import pickle
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -113,14 +113,21 @@ def callable_stage(
     label = f"{method}({callable_name(func)})"
     checked = check_common(label, common)
     if checked.get("workers", 1) > 1 and engine == "local":  # Ray ships it with cloudpickle
-        try:
-            pickle.dumps(func)
-        except Exception:  # noqa: BLE001 - any pickling failure means the same thing
+        if not _importable(func):
             raise UsageError(
                 f"{label}: workers={checked['workers']} runs the function in other processes, "
-                "so it must be picklable: define it at module level (not a lambda or closure)"
-            ) from None
+                "so it must be importable: define it at module level (not a lambda or closure)"
+            )
     return StageSpec(method, label, func=func, common=checked, engine=engine)
+
+
+def _importable(func: Callable[..., Any]) -> bool:
+    """Whether a worker process can import `func` by its module and name (what pickling a
+    function sends): a module-level function, not a lambda, closure or method of an object."""
+    obj: Any = sys.modules.get(getattr(func, "__module__", None) or "")
+    for part in str(getattr(func, "__qualname__", "")).split("."):
+        obj = getattr(obj, part, None)
+    return obj is func
 
 
 def operator_stage(

@@ -161,7 +161,7 @@ def test_options_are_checked_when_the_stage_is_written() -> None:
         stream.map("retrieve", index="idx/", top_k=0)
     with pytest.raises(UsageError, match="not a sage verb"):
         stream.map("retreive", index="idx/")
-    with pytest.raises(UsageError, match="picklable"):
+    with pytest.raises(UsageError, match="must be importable"):
         stream.map(lambda r: r, workers=2)
     with pytest.raises(UsageError, match="needs a stateless operator; sage window keeps state"):
         stream.window(size=3, workers=2)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from sage_cli.api import LocalEnvironment
@@ -67,7 +68,12 @@ def test_python_script_and_yaml_give_the_same_records(
     (ya / "pipeline.yaml").write_text(yaml_text)
     result = run_sage("run", "--quiet", "pipeline.yaml", cwd=ya, env=env_path())
     assert result.returncode == 0, result.stderr.decode()
-    assert list((ya / ".sage" / "runs").iterdir()), "sage run keeps a run directory"
+    (run,) = (ya / ".sage" / "runs").iterdir()  # traced like a script: one trace per stage
+    summary = orjson.loads((run / "summary.json").read_bytes())
+    assert [s["command"] for s in summary["stages"]] == [
+        f"sage {verb}" for verb in ("source", "map", "filter", "keyby", "window", "sink")
+    ]
+    assert summary["stages"][1]["records_in"] == len(RECORDS)
 
     out = (py / "out.ndjson").read_bytes()
     assert parse_ndjson(out) and {"key", "count", "sum_n"} <= set(parse_ndjson(out)[0])

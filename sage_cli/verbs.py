@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sage_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from sage_cli.command import IOOptions
+    from sage_cli.cli.command import IOOptions
     from sage_cli.operators.base import Operator
 
 MemoryClass = Literal["streaming", "bounded", "whole-input"]
@@ -37,7 +37,7 @@ MemoryClass = Literal["streaming", "bounded", "whole-input"]
 #: paths; merge: several NDJSON streams), or nothing (a tool such as `models`)
 Reads = Literal["records", "own", "nothing"]
 
-#: the flags every operator command takes (sage_cli.command adds them), by parameter name
+#: the flags every operator command takes (sage_cli.cli.command adds them), by parameter name
 COMMON_FLAGS = (
     "on_error",
     "errors",
@@ -355,7 +355,7 @@ def parse_stage(argv: list[str]) -> StageCall:
     """
     import click
 
-    from sage_cli.command import IOOptions
+    from sage_cli.cli.command import IOOptions
 
     words = stage_words(argv)
     verb = lookup(words)

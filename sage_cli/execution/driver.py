@@ -20,11 +20,11 @@ from typing import Any
 
 import orjson
 
+from sage_cli.cli.io import BadLine, RecordReader, RecordWriter, dump_record
 from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
 from sage_cli.execution.executor import Executor, InlineExecutor, Task
 from sage_cli.execution.runtime import Segment
 from sage_cli.exitcodes import ExitCode
-from sage_cli.io import BadLine, RecordReader, RecordWriter, dump_record
 from sage_cli.operators.base import (
     DISK_FULL_HINT,
     Operator,
@@ -223,9 +223,9 @@ class Driver:
         self.executor = executor
         self.ordered = ordered
         self.max_pending = max(1, executor.capacity)
-        #: set under `sage run` (sage_cli.trace.Tracer): one event per batch
+        #: set under `sage run` (sage_cli.observability.trace.Tracer): one event per batch
         self.tracer: Any = None
-        #: set with SAGE_ENVELOPE=1 (sage_cli.envelope.Envelope): `_sage` per record
+        #: set with SAGE_ENVELOPE=1 (sage_cli.observability.envelope.Envelope): `_sage` per record
         self.envelope: Any = None
         #: the operator wants no more input (`head`), or the stage after this one does
         self.done = False
@@ -238,8 +238,8 @@ class Driver:
     # -- the public entry points -------------------------------------------------------------
 
     def observe(self, tracer: Any = None, envelope: Any = None) -> None:
-        """Trace every batch to `tracer` (sage_cli.trace.Tracer, started here) and stamp every
-        record with `envelope` (sage_cli.envelope.Envelope); None: not this one."""
+        """Trace every batch to `tracer` (sage_cli.observability.trace.Tracer, started here) and stamp every
+        record with `envelope` (sage_cli.observability.envelope.Envelope); None: not this one."""
         self.envelope = envelope
         self.tracer = tracer
         if tracer is not None:

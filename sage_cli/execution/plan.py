@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sage_cli.command import refuse_opted_out
+from sage_cli.cli.command import refuse_opted_out
 from sage_cli.errors import UsageError
 from sage_cli.execution.driver import convert_operator_error
 from sage_cli.operators.base import Operator

@@ -30,7 +30,14 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sage_cli.command import fail, make_progress, reclaim_signals, report_error
+from sage_cli.cli.command import (
+    fail,
+    forget_signal,
+    make_progress,
+    reclaim_signals,
+    report_error,
+)
+from sage_cli.cli.io import RecordReader, RecordWriter
 from sage_cli.errors import SageError, TempFailError
 from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy, Stats
 from sage_cli.execution.executor import Done, Executor, Task
@@ -38,7 +45,6 @@ from sage_cli.execution.plan import StagePlan, parse_replicas, plan_stages
 from sage_cli.execution.pool import worker_kwargs
 from sage_cli.execution.runtime import StageRuntime, portable_error
 from sage_cli.exitcodes import ExitCode
-from sage_cli.io import RecordReader, RecordWriter
 from sage_cli.operators.base import Record
 
 #: times a batch is sent again after the actor holding it died
@@ -460,6 +466,7 @@ def run_ray_pipeline(
         if timer is not None:
             timer.cancel()
         if timed_out.is_set():
+            forget_signal()
             code = TIMEOUT_STATUS
         elif code == ExitCode.OK and failed:
             exc = failed[0]
@@ -487,7 +494,7 @@ def run_ray_pipeline(
 
 
 def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:
-    from sage_cli.command import guarded
+    from sage_cli.cli.command import guarded
 
     return guarded(prog, body, on_stop=writer.flush)
 
@@ -495,7 +502,7 @@ def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:
 def _start_envelopes(pipeline: RayPipeline) -> None:
     if os.environ.get("SAGE_ENVELOPE", "") in ("", "0"):
         return
-    from sage_cli.envelope import Envelope, new_run_id
+    from sage_cli.observability.envelope import Envelope, new_run_id
 
     run_id = os.environ.get("SAGE_RUN_ID") or new_run_id()
     for plan, driver in zip(pipeline.plans, pipeline.drivers, strict=True):
@@ -505,7 +512,7 @@ def _start_envelopes(pipeline: RayPipeline) -> None:
 def _start_traces(pipeline: RayPipeline, trace_dir: str | None, mode: str) -> list[Any]:
     if not trace_dir or mode == "off":
         return []
-    from sage_cli.trace import Tracer
+    from sage_cli.observability.trace import Tracer
 
     tracers: list[Any] = []
     for plan, driver in zip(pipeline.plans, pipeline.drivers, strict=True):

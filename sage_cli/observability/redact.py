@@ -1,0 +1,74 @@
+"""Secrets out of what sage writes down: command lines and script text in run directories.
+
+`sage run` records each stage's argv and text (run.json, events.ndjson, the stages' own trace
+files, summary.json) so `sage trace` can show what ran. A command line can carry a secret: a URL
+with `user:password@`, a `?api_key=` query parameter, a `TOKEN=...` prefix, a `--api-key VALUE`
+option of a non-sage stage, an `Authorization: Bearer ...` header. These functions replace the
+secret part with `***` and keep the rest readable. They are applied where argv or script text is
+written (sage_cli/run/runner.py, supervisor.py, trace.py); keys read from the environment
+(OPENAI_API_KEY) are never written at all.
+"""
+
+from __future__ import annotations
+
+import re
+
+MASK = "***"
+
+#: a name that holds a secret, judged by its last part: OPENAI_API_KEY, api-key, x-auth-token,
+#: DB_PASSWORD, client_secret; not `--key` (dedupe's field), `--max-tokens` or `--pdeathsig`
+_SECRET_NAME = (
+    r"(?:[A-Za-z0-9]+[_.-])*"
+    r"(?:[A-Za-z0-9]+[_.-]key|apikey|token|secret|passw(?:or)?d|pwd|credentials?|auth"
+    r"|authorization|signature|sig)"
+)
+#: a query parameter that holds a secret: the names above, and `key` alone (`?key=...`)
+_PARAM_NAME = r"(?:" + _SECRET_NAME + r"|key)"
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
+_QUERY = re.compile(r"([?&;]" + _PARAM_NAME + r"=)[^&;#\s'\"]*", re.IGNORECASE)
+_VALUE = r"""(?:'[^']*'|"[^"]*"|[^\s&;'"]+)"""
+_ASSIGN = re.compile(r"(?<![A-Za-z0-9_.-])(-{0,2}" + _SECRET_NAME + r"=)" + _VALUE, re.IGNORECASE)
+_HEADER = re.compile(
+    r"(?<![A-Za-z0-9_.-])(" + _SECRET_NAME + r")(\s*:\s*)(?!(?:Bearer|Basic|Token)\s)[^\s'\"]+",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"\b(Bearer|Basic|Token)(\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_OPTION = re.compile(r"^-{1,2}" + _SECRET_NAME + r"$", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """`text` (a word or a line of a script) with every secret it visibly carries masked."""
+    if not text:
+        return text
+    text = _USERINFO.sub(r"\1" + MASK + "@", text)
+    text = _QUERY.sub(r"\1" + MASK, text)
+    text = _BEARER.sub(r"\1\2" + MASK, text)
+    text = _HEADER.sub(r"\1\2" + MASK, text)
+    return _ASSIGN.sub(r"\1" + MASK, text)
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A copy of `argv` with secrets masked, including the value after `--api-key`-like
+    options (`--api-key VALUE`, `-H "Authorization: Bearer X"`)."""
+    out: list[str] = []
+    hide_next = False
+    for word in argv:
+        if hide_next:
+            out.append(MASK)
+            hide_next = False
+            continue
+        out.append(redact_text(word))
+        hide_next = bool(_OPTION.match(word))
+    return out
+
+
+def redact_words(text: str) -> str:
+    """A line of script text: masks like `redact_text`, plus the word after a secret option."""
+    text = redact_text(text)
+    return re.sub(
+        r"(?<!\S)(-{1,2}" + _SECRET_NAME + r")(\s+)(?!-)(\"[^\"]*\"|'[^']*'|\S+)",
+        r"\1\2" + MASK,
+        text,
+        flags=re.IGNORECASE,
+    )

@@ -224,7 +224,7 @@ def _last_writer(stage: BuiltStage) -> Any:
     """A `sink` verb writes what it passes on to stdout, as `sage sink` does; a callable sink
     gets the `_error` records too; any other last stage's output is counted and dropped."""
     if stage.spec.verb == "sink":
-        from sage_cli.io import RecordWriter
+        from sage_cli.cli.io import RecordWriter
 
         return RecordWriter()
     if stage.spec.method == "sink" and stage.spec.func is not None:

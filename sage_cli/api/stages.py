@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sage_cli.api import verbs
-from sage_cli.command import IOOptions
-from sage_cli.driver import ErrorMode
+from sage_cli.cli.command import IOOptions
 from sage_cli.errors import UsageError
+from sage_cli.execution.driver import ErrorMode
 from sage_cli.operators.base import Operator, Record
 
 #: what a callable stage does with its function, per DataStream method
@@ -74,7 +74,7 @@ def verb_stage(
         if method == "yaml":
             raise UsageError(known)
         raise UsageError(f".{method}(): {known}; or give a callable or an operator instance")
-    from sage_cli.command import refuse_opted_out
+    from sage_cli.cli.command import refuse_opted_out
     from sage_cli.verbs import VERBS
 
     named = verbs.named_options(verb, args, options)
@@ -221,7 +221,7 @@ def build(spec: StageSpec) -> BuiltStage:
         op, records = call.build()
         factory: Callable[[], Operator] = call.factory
         if call.opts.workers > 1:
-            from sage_cli.workers import worker_kwargs
+            from sage_cli.execution.pool import worker_kwargs
 
             factory = call.factory.with_kwargs(
                 worker_kwargs(call.factory.kwargs, call.opts.workers)

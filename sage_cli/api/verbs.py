@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from sage_cli.errors import UsageError
 
 if TYPE_CHECKING:
-    from sage_cli.command import IOOptions
+    from sage_cli.cli.command import IOOptions
     from sage_cli.operators.base import Operator
     from sage_cli.verbs import OperatorFactory
 

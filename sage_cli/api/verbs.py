@@ -69,12 +69,6 @@ def _command(verb: str) -> Any:
     return _click_command(VERBS[verb])
 
 
-def keyword_of(param: Any) -> str:
-    """The Python keyword of a click parameter, as the registry's `option_names` names it."""
-    longs = [o for o in getattr(param, "opts", []) if o.startswith("--")]
-    return longs[0][2:].replace("-", "_") if longs else str(param.name)
-
-
 def _is_argument(param: Any) -> bool:
     return param.param_type_name == "argument"  # type: ignore[no-any-return]
 
@@ -91,6 +85,20 @@ def _word(value: Any) -> str:
     )
 
 
+def _keywords(verb: str) -> dict[str, Any]:
+    """keyword -> click parameter, for every option a stage of `verb` may set: the verb's own,
+    named by the registry (`option_names`), and the common flags in COMMON_OPTIONS (their
+    long flag without dashes, the same rule). Its FILE arguments and --schema are not."""
+    from sage_cli.verbs import option_names
+
+    by_name = {p.name: p for p in _command(verb).params}
+    keywords = {key: by_name[name] for key, name in option_names(verb).items()}
+    for name in COMMON_OPTIONS:
+        if name in by_name:
+            keywords[name] = by_name[name]
+    return keywords
+
+
 def named_options(
     verb: str, args: Sequence[Any] = (), options: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -100,18 +108,16 @@ def named_options(
         >>> named_options("keyby", ("user",))
         {'field': 'user'}
     """
-    params = _params(verb)
-    by_key = {keyword_of(p): p for p in params}
+    by_key = _keywords(verb)
     named = dict(options or {})
     unknown = sorted(k for k in named if k not in by_key)
     if unknown:
         names = ", ".join(sorted(by_key))
         raise UsageError(f"sage {verb}: no option {unknown[0]!r} (options: {names})")
     rest = list(args)
-    for param in params:  # positional values fill the arguments in order
+    for key, param in by_key.items():  # positional values fill the arguments in order
         if not rest or not _is_argument(param):
             continue
-        key = keyword_of(param)
         if key in named:
             raise UsageError(f"sage {verb}: {key} given twice")
         if param.nargs == -1:
@@ -123,17 +129,6 @@ def named_options(
     return {k: v for k, v in named.items() if v is not None}
 
 
-def _params(verb: str) -> list[Any]:
-    """The verb's parameters a stage can set (its FILE arguments and --schema are not)."""
-    from sage_cli.verbs import COMMON_FLAGS
-
-    return [
-        p
-        for p in _command(verb).params
-        if p.name != "files" and (p.name not in COMMON_FLAGS or p.name in COMMON_OPTIONS)
-    ]
-
-
 def to_argv(verb: str, options: Mapping[str, Any]) -> list[str]:
     """The words of `sage VERB ...` (without `sage`) for `named_options`.
 
@@ -142,8 +137,7 @@ def to_argv(verb: str, options: Mapping[str, Any]) -> list[str]:
     """
     flags: list[str] = []
     positional: list[str] = []
-    for param in _params(verb):
-        key = keyword_of(param)
+    for key, param in _keywords(verb).items():
         if options.get(key) is None:
             continue
         value = options[key]

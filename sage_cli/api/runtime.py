@@ -4,8 +4,10 @@ time, so an unbounded source runs in memory bounded by the batch sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -258,7 +260,8 @@ def run(
             writer = link = _Link(driver, link)
         for stage, driver in zip(stages, drivers, strict=True):
             current = stage.spec.label
-            driver.start()  # every model loads before the first record is read
+            with _main_hidden(stage.spec.verb is not None):
+                driver.start()  # every model loads before the first record is read
         current = stages[0].spec.label
         _run_source(stages[0], drivers[0], writer)
         for stage, driver in zip(stages[1:], drivers[1:], strict=True):
@@ -295,6 +298,23 @@ def run(
                 for s, d in zip(stages, drivers, strict=False)
             ]
         )
+
+
+@contextlib.contextmanager
+def _main_hidden(hide: bool) -> Iterator[None]:
+    """While `workers=N` processes of a verb stage start: hide the main script's path, so
+    multiprocessing's spawn does not run the user's script again in each worker (a verb's
+    factory needs nothing from it; a script then needs no `if __name__ == "__main__":`)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not hide or main is None or path is None or getattr(main, "__spec__", None) is not None:
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def _stop(drivers: list[Driver]) -> None:

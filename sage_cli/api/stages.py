@@ -124,7 +124,10 @@ def callable_stage(
 def _importable(func: Callable[..., Any]) -> bool:
     """Whether a worker process can import `func` by its module and name (what pickling a
     function sends): a module-level function, not a lambda, closure or method of an object."""
-    obj: Any = sys.modules.get(getattr(func, "__module__", None) or "")
+    module = getattr(func, "__module__", None) or ""
+    obj: Any = sys.modules.get(module)
+    if module == "__main__" and getattr(obj, "__file__", None) is None:
+        return False  # a notebook or `python -c`: a worker has no file to import it from
     for part in str(getattr(func, "__qualname__", "")).split("."):
         obj = getattr(obj, part, None)
     return obj is func

@@ -25,7 +25,7 @@ INTERRUPTED = textwrap.dedent(
     seen = []
     (env.from_batch({"id": i} for i in itertools.count())
         .map(tick)
-        .map(expr='r | {"n": r["id"] * 2}', errors=sys.argv[2])
+        .map(expr='r | {"n": r["id"] * 2}', errors=sys.argv[2], workers=2)
         .sink(sys.argv[1]))
     try:
         env.submit()
@@ -37,6 +37,7 @@ INTERRUPTED = textwrap.dedent(
 
 
 def test_ctrl_c_in_submit_stops_cleanly_and_drops_the_partial_sink_file(tmp_path: Path) -> None:
+    """One stage runs in two worker processes: they are stopped too (the run exits)."""
     script = tmp_path / "forever.py"
     script.write_text(INTERRUPTED)
     target, dead = tmp_path / "out.ndjson", tmp_path / "dead.ndjson"

@@ -413,12 +413,22 @@ class Driver:
         self.stats.batches += 1
         seq = self._seq
         self._seq += 1
+        task = Task(seq, origin, batch, lines)
+        if not self._in_flight and not self._slots:  # nothing ahead of it: maybe run it now
+            try:
+                result = self.executor.run_now(task)
+            except Exception as exc:
+                raise owned_by(exc, self.policy.stage) from None
+            if result is not None:
+                self.stats.busy_seconds += result.busy
+                self._emit(_Slot(batch, entered, result.segments, result.busy, result.done))
+                return
         slot = _Slot(batch, entered)
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
         try:
-            self.executor.submit(Task(seq, origin, batch, lines))
+            self.executor.submit(task)
         except Exception as exc:
             raise owned_by(exc, self.policy.stage) from None
         self._collect(wait=False)
@@ -499,5 +509,5 @@ class Driver:
         if records:
             self.stats.records_out += len(records)
             self.writer.write(records)
-            if getattr(self.writer, "done", False):  # the next stage wants no more (Ray)
+            if self.writer.done:  # the next stage wants no more (a pipeline of Drivers)
                 self.done = True

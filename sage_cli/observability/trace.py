@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
+from sage_cli.run.env import StageEnv
 
 STATS_SECONDS = 1.0
 FLUSH_SECONDS = 1.0
@@ -147,17 +148,15 @@ def _tokens(out: list[dict[str, Any]]) -> int:
     return total
 
 
-def tracer_from_env(command: str) -> Tracer | None:
-    """The tracer `sage run` asked for through the environment, or None."""
-    directory = os.environ.get("SAGE_TRACE_DIR")
-    if not directory:
+def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
+    """The tracer `sage run` asked for through the stage's environment, or None."""
+    env = env or StageEnv.read()
+    if not env.trace_dir:
         return None
-    stage = os.environ.get("SAGE_TRACE_STAGE") or command
+    stage = env.trace_stage or command
     try:
         return Tracer(
-            os.path.join(directory, f"{stage}.trace.ndjson"),
-            stage,
-            with_ids=os.environ.get("SAGE_TRACE_IDS", "1") != "0",
+            os.path.join(env.trace_dir, f"{stage}.trace.ndjson"), stage, with_ids=env.trace_ids
         )
     except OSError:
         return None

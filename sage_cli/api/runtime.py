@@ -143,6 +143,8 @@ class _Link:
 class _Discard:
     """The end of a pipeline with no stage writing to stdout: records are counted only."""
 
+    done = False  # the end of a pipeline always takes more
+
     def write(self, records: list[Record]) -> None:
         pass
 

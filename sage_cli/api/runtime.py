@@ -224,12 +224,22 @@ class _Calls(_Discard):
             self.func(record)
 
 
+def _has_stdout_fd() -> bool:
+    try:
+        sys.stdout.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 def _last_writer(stage: BuiltStage) -> Any:
     """A `sink` verb writes what it passes on to stdout, as `sage sink` does; a callable sink
     gets the `_error` records too; any other last stage's output is counted and dropped."""
     if stage.spec.verb == "sink":
-        from sage_cli.cli.io import RecordWriter
+        from sage_cli.cli.io import RecordWriter, dump_record
 
+        if not _has_stdout_fd():  # a notebook: sys.stdout is a Python object, not fd 1
+            return _Calls(lambda r: sys.stdout.write(dump_record(r).decode()))
         return RecordWriter()
     if stage.spec.method == "sink" and stage.spec.func is not None:
         return _Calls(stage.spec.func)

@@ -231,3 +231,16 @@ def test_engine_ray_runs_stages_on_ray_actors_in_input_order() -> None:
     assert out == [{"id": i, "n": i, "m": 2 * i, "k": 2 * i + 1} for i in range(0, 2000, 3)]
     assert [c.records_out for c in counts] == [2000, 2000, 667, 667, 0]
     assert not ray.is_initialized()  # the private Ray started for the run is stopped
+
+
+def test_a_sink_without_a_file_writes_ndjson_to_a_python_stdout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    shown = io.StringIO()  # what a notebook's sys.stdout is: no file descriptor
+    monkeypatch.setattr("sys.stdout", shown)
+    env = LocalEnvironment()
+    env.from_batch([{"id": 1}, {"id": 2}]).sink()
+    env.submit()
+    assert parse_ndjson(shown.getvalue()) == [{"id": 1}, {"id": 2}]

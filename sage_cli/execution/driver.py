@@ -53,6 +53,7 @@ class Stats:
     skipped: int = 0
     batches: int = 0
     busy_seconds: float = 0.0
+    tokens: int = 0  # model tokens (`usage`) of the records this stage produced
     started: float = field(default_factory=time.monotonic)
 
 
@@ -182,6 +183,16 @@ class _Slot:
     done: bool = False
 
 
+def usage_tokens(records: list[Record]) -> int:
+    """Model tokens (prompt + completion) the records' `usage` reports."""
+    total = 0
+    for r in records:
+        usage = r.get("usage")
+        if type(usage) is dict:
+            total += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    return total
+
+
 def owned_by(exc: BaseException, stage: str) -> BaseException:
     """Name the stage an error ended (`sage map`), unless a later stage already did: a
     pipeline of Drivers (Ray) reports the stage that failed, not the one that fed it."""
@@ -234,6 +245,8 @@ class Driver:
         self._in_flight: dict[int, _Slot] = {}
         self._lines = 0  # records fed by feed_records (the line numbers of a later stage)
         self._started = False
+        #: only a stage that produces `usage` counts tokens (later stages pass it through)
+        self._counts_tokens = "usage" in getattr(op, "produces", {})
 
     # -- the public entry points -------------------------------------------------------------
 
@@ -243,7 +256,6 @@ class Driver:
         self.envelope = envelope
         self.tracer = tracer
         if tracer is not None:
-            tracer.count_tokens = "usage" in getattr(self.op, "produces", {})
             tracer.start(self.stats)
 
     def start(self) -> None:
@@ -492,8 +504,10 @@ class Driver:
                 self._write(out)  # what came before the failure is written first
                 raise owned_by(exc, self.policy.stage) from None
         if batch is not None:
+            tokens = usage_tokens(out) if self._counts_tokens and out else 0
+            self.stats.tokens += tokens
             if self.tracer is not None:
-                self.tracer.batch(batch, out, slot.entered, time.perf_counter())
+                self.tracer.batch(batch, out, slot.entered, time.perf_counter(), tokens)
             if self.envelope is not None:
                 self.envelope.stamp(out, slot.busy, len(batch))
         self._write(out)

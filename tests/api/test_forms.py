@@ -163,3 +163,21 @@ def test_sage_run_print_script_and_check_on_a_yaml_pipeline(tmp_path: Path) -> N
     shutil.rmtree(work / ".sage")
     missing = run_sage("run", "--print-script", "nope.yaml", cwd=work)
     assert missing.returncode == 2 and b"nope.yaml: no such pipeline file" in missing.stderr
+
+
+def test_a_yaml_file_with_several_pipelines_runs_them_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = LocalEnvironment("two")
+    env.from_source("in.ndjson").map(expr='r | {"n": len(r["text"])}').sink("mid.ndjson")
+    env.from_source("mid.ndjson").filter(expr='r["n"] > 10').sink("out.ndjson")
+
+    py = workdir(tmp_path, "python")
+    monkeypatch.chdir(py)
+    env.submit()
+    ya = workdir(tmp_path, "yaml")
+    (ya / "two.yaml").write_text(env.to_yaml())
+    result = run_sage("run", "--quiet", "two.yaml", cwd=ya, env=env_path())
+    assert result.returncode == 0, result.stderr.decode()
+    out = (py / "out.ndjson").read_bytes()
+    assert out and (ya / "out.ndjson").read_bytes() == out

@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import THREADS, StageEnv
+from sage_cli.run.record import Events
 from sage_cli.run.script import Pipeline, Stage
 
 READ_SIZE = 64 * 1024
@@ -550,27 +551,6 @@ class StageRun:
             return "restarted" if self.generation != generation else "final"
 
 
-class Events:
-    """The supervisor's own event stream (events.ndjson), flushed on every event."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.lock = threading.Lock()
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        data = orjson.dumps(
-            {"ev": kind, "t": time.time(), **fields}, option=orjson.OPT_APPEND_NEWLINE, default=str
-        )
-        with self.lock:
-            try:
-                os.write(self.fd, data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -581,13 +561,24 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 # -- relays ---------------------------------------------------------------------------------------
 
 
+@dataclass
+class RelayHooks:
+    """What a relay needs from whoever runs it: a warning line, the records to feed a restarted
+    stage again, an event for the run's stream, and whether restarts are on (line mode)."""
+
+    warn: Callable[[str], None]
+    replay_for: Callable[[StageRun], Replay]
+    emit: Callable[..., None]
+    retries: bool = False
+
+
 class Relay(threading.Thread):
     """Copies one stage's output to the next stage's input (or to the run's output),
     keeping the books restart and resume need."""
 
     def __init__(
         self,
-        sup: Supervisor,
+        hooks: RelayHooks,
         up: StageRun,
         down: StageRun | None,
         target_fd: int | None = None,
@@ -596,7 +587,7 @@ class Relay(threading.Thread):
         skip_ids: set[Any] | None = None,
     ) -> None:
         super().__init__(name=f"relay-{up.name}", daemon=True)
-        self.sup = sup
+        self.hooks = hooks
         self.up = up
         self.down = down
         self.target_fd = target_fd
@@ -613,14 +604,14 @@ class Relay(threading.Thread):
             or (down and down.flight is not None)
             or skip_keys is not None
             or skip_ids is not None
-            or sup.retries > 0
+            or hooks.retries
         )
 
     def run(self) -> None:
         try:
             self._run()
         except Exception as exc:  # noqa: BLE001 - a relay must never die silently
-            self.sup.warn(f"relay after {self.up.name} failed: {type(exc).__name__}: {exc}")
+            self.hooks.warn(f"relay after {self.up.name} failed: {type(exc).__name__}: {exc}")
             self.gone = True
         finally:
             self._close_down()
@@ -767,7 +758,7 @@ class Relay(threading.Thread):
             self.wfd = down.stdin_w
         if down.flight is None:
             return
-        replay = self.sup.replay_for(down)
+        replay = self.hooks.replay_for(down)
         try:
             for chunk in replay.chunks():  # a block at a time: it may come from spill files
                 assert self.wfd is not None
@@ -776,7 +767,7 @@ class Relay(threading.Thread):
             pass  # it died again: the next write or close notices
         finally:
             replay.close()
-        self.sup.events.emit("replay", stage=down.name, records=replay.records)
+        self.hooks.emit("replay", stage=down.name, records=replay.records)
 
     def _close_down(self) -> None:
         down = self.down
@@ -819,6 +810,7 @@ class Supervisor:
         run: RunDirectory,
         opts: RunOptions,
         script_args: list[str] | None = None,
+        events: Events | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.run_dir = run
@@ -831,7 +823,9 @@ class Supervisor:
         self.signalled: int | None = None
         self.timed_out = False
         self.stderr_lock = threading.Lock()
-        self.events = Events(run.events_path)
+        # the run's stream (sage_cli.run.record.Run), or one of its own
+        self._own_events = events is None
+        self.events = events if events is not None else Events(run.events_path)
         self._stderr_threads: list[threading.Thread] = []
         self._dead_lock = threading.Lock()
         self._kill_timer: threading.Timer | None = None
@@ -996,6 +990,7 @@ class Supervisor:
                 sr.flight = Flight(self.run_dir.path, self.flight_memory)
         stdin_fds: list[int] = []
         stdout_fds: list[int] = []
+        hooks = RelayHooks(self.warn, self.replay_for, self.events.emit, retries=relay_all)
         for i, sr in enumerate(stages):
             if i == 0:
                 stdin_fds.append(
@@ -1025,7 +1020,7 @@ class Supervisor:
                 down = None if is_last else stages[i + 1]
                 self.relays.append(
                     Relay(
-                        self,
+                        hooks,
                         sr,
                         down,
                         target_fd=target_fd if is_last else None,
@@ -1260,5 +1255,6 @@ class Supervisor:
             self.events.emit("relay", stage=relay.up.name, records_out=relay.records)
             if relay.down is not None:
                 self.events.emit("relay", stage=relay.down.name, records_in=relay.records)
-        self.events.close()
+        if self._own_events:
+            self.events.close()
         return status

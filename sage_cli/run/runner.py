@@ -16,6 +16,7 @@ from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv, redact_words
 from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run
+from sage_cli.run.ids import lineage_key, record_id
 from sage_cli.run.record import Run
 from sage_cli.run.script import (
     CommandsFailed,
@@ -25,7 +26,7 @@ from sage_cli.run.script import (
     parse_script,
     read_segments,
 )
-from sage_cli.run.supervisor import RunOptions, Supervisor, lineage_key, record_id
+from sage_cli.run.supervisor import RunOptions, Supervisor
 
 
 def describe(pipeline: Pipeline) -> list[dict[str, Any]]:

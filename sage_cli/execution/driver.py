@@ -481,8 +481,8 @@ class Driver:
     def _emit(self, slot: _Slot) -> None:
         """Judge a slot's segments with the policy, then trace, stamp and write its output."""
         batch = slot.batch
-        if self.done and batch is not None:
-            return  # the operator wanted no more input: what it still answered is dropped
+        if self.done:
+            return  # the operator wanted no more input: nothing after that point is written
         segments = slot.segments
         assert segments is not None
         if len(segments) == 1 and segments[0][0] == "out":

@@ -50,8 +50,9 @@ from sage_cli.run.env import StageEnv, forwarded
 
 #: times a batch is sent again after the actor holding it died
 MAX_ATTEMPTS = 3
-#: batches one actor holds at once (one running, one queued behind it)
-PER_ACTOR = 2
+#: batches one actor holds at once (one running, three queued): the Drivers of a Ray pipeline
+#: share one thread, so a stage's actors must have work queued while it waits on another stage
+PER_ACTOR = 4
 #: most CPUs reserved per actor: fractional, so that actors never starve the driver (on 2
 #: cores, whole-CPU actors can deadlock it)
 ACTOR_CPUS = 0.25

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,9 @@ import orjson
 from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv, redact_words
-from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run, summarise
+from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run
+from sage_cli.run.ids import lineage_key, record_id
+from sage_cli.run.record import Run
 from sage_cli.run.script import (
     CommandsFailed,
     Pipeline,
@@ -25,7 +26,7 @@ from sage_cli.run.script import (
     parse_script,
     read_segments,
 )
-from sage_cli.run.supervisor import RunOptions, Supervisor, lineage_key, record_id
+from sage_cli.run.supervisor import RunOptions, Supervisor
 
 
 def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
@@ -182,22 +183,18 @@ def run_pipeline(
             skip_ids, skip_keys = done_ids, done_keys
         if target is None:
             ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        run.write_json(
-            "run.json",
-            {
-                "run_id": run.id,
-                "script": str(script_path),
-                **stored_args(args),
-                "cwd": os.getcwd(),
-                "output": str(target) if target else str(run.output_path.resolve()),
-                "started": time.time(),
-                "retries": opts.retries,
-                "stages": describe(pipeline),
-                "resumed": bool(resume),
-            },
+        record = Run(
+            run,
+            script=str(script_path),
+            **stored_args(args),
+            cwd=os.getcwd(),
+            output=str(target) if target else str(run.output_path.resolve()),
+            started=time.time(),
+            retries=opts.retries,
+            stages=describe(pipeline),
+            resumed=bool(resume),
         )
-        sup = Supervisor(pipeline, run, opts, args)
-        started = time.monotonic()
+        sup = Supervisor(pipeline, run, opts, args, events=record.events)
         dashboard = None
         if not opts.quiet:
             from sage_cli.observability.dashboard import start_dashboard
@@ -210,10 +207,7 @@ def run_pipeline(
                 dashboard.stop()
             if ledger is not None:
                 os.close(ledger)
-        summary = summarise(run)
-        run.write_json("summary.json", summary)
-        if not opts.quiet:
-            report_end(run, summary, status, time.monotonic() - started)
+        record.finish(status, quiet=opts.quiet)
         return status
     finally:
         if held is not None:
@@ -264,31 +258,23 @@ def _run_on_ray(
     source = pipeline.stages[0].redirect("<")
     target = pipeline.stages[-1].redirect(">", ">>")
     run = RunDirectory.create(run_dir, base)
-    run.write_json(
-        "run.json",
-        {
-            "run_id": run.id,
-            "script": str(script_path),
-            **stored_args(args),
-            "cwd": os.getcwd(),
-            "engine": "ray",
-            "address": address,
-            "replicas": replicas,
-            "started": time.time(),
-            "stages": describe(pipeline),
-        },
+    record = Run(
+        run,
+        script=str(script_path),
+        **stored_args(args),
+        cwd=os.getcwd(),
+        engine="ray",
+        address=address,
+        replicas=replicas,
+        started=time.time(),
+        stages=describe(pipeline),
     )
     from sage_cli.execution.ray import run_ray_pipeline  # imports ray: only here
 
-    def event(ev: str, **fields: Any) -> None:
-        with open(run.events_path, "ab") as fh:
-            fh.write(orjson.dumps({"ev": ev, "t": time.time(), **fields}) + b"\n")
-
     names = [stage.name for stage in pipeline.stages]
-    event("run_start", engine="ray", address=address)
+    record.emit("run_start", engine="ray", address=address)
     for name in names:
-        event("stage_start", stage=name, attempt=1)
-    started = time.monotonic()
+        record.emit("stage_start", stage=name, attempt=1)
     stdin = open(source.target, "rb") if source else None  # noqa: SIM115 - closed below
     stdout = None
     # the same live table / progress lines as a local run, read from the same stage traces
@@ -320,12 +306,9 @@ def _run_on_ray(
             if fh is not None:
                 fh.close()
     for name in names:  # the engine reports the run's status; per-stage status only when ok
-        event("stage_exit", stage=name, status=0 if status == 0 else None)
-    event("run_stop", status=status)
-    summary = summarise(run)
-    run.write_json("summary.json", summary)
-    if not opts.quiet:
-        report_end(run, summary, status, time.monotonic() - started)
+        record.emit("stage_exit", stage=name, status=0 if status == 0 else None)
+    record.emit("run_stop", status=status)
+    record.finish(status, quiet=opts.quiet)
     return status
 
 
@@ -365,19 +348,17 @@ def run_segments(
 
     run = RunDirectory.create(run_dir, base)
     stages: list[dict[str, Any]] = []
-    info = {
-        "run_id": run.id,
-        "script": str(script),
+    record = Run(
+        run,
+        script=str(script),
         **stored_args(args),
-        "cwd": os.getcwd(),
-        "output": str(run.output_path.resolve()),
-        "started": time.time(),
-        "retries": opts.retries,
-        "stages": stages,
-        "resumed": False,
-    }
-    run.write_json("run.json", info)
-    started = time.monotonic()
+        cwd=os.getcwd(),
+        output=str(run.output_path.resolve()),
+        started=time.time(),
+        retries=opts.retries,
+        stages=stages,
+        resumed=False,
+    )
     status = 0
     number = 0
     with tempfile.TemporaryDirectory(prefix="sage-state-") as tmp:
@@ -398,11 +379,11 @@ def run_segments(
                 status = last  # the script's tail ran: its status is that of its last command
                 continue
             stages.extend(describe(pipeline))
-            run.write_json("run.json", info)
+            record.update(stages=stages)
             ledger = None
             if output_path(pipeline, run) is None:
                 ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            sup = Supervisor(pipeline, run, opts, args)
+            sup = Supervisor(pipeline, run, opts, args, events=record.events)
             dashboard = None
             if not opts.quiet:
                 from sage_cli.observability.dashboard import start_dashboard
@@ -417,27 +398,5 @@ def run_segments(
                     os.close(ledger)
             if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED, 124) or (status and errexit):
                 break
-    summary = summarise(run)
-    summary["status"] = status
-    run.write_json("summary.json", summary)
-    if not opts.quiet:
-        report_end(run, summary, status, time.monotonic() - started)
+    record.finish(status, quiet=opts.quiet)
     return status
-
-
-def report_end(run: RunDirectory, summary: dict[str, Any], status: int, seconds: float) -> None:
-    """One line on stderr: how the run ended, which stage failed, where the trace is."""
-    failed = [s for s in summary["stages"] if s.get("status")]
-    restarts = sum(s.get("restarts", 0) for s in summary["stages"])
-    parts = [f"sage run: {len(summary['stages'])} stage(s), {seconds:.1f}s, exit {status}"]
-    if restarts:
-        parts.append(f"{restarts} restart(s)")
-    if failed and status:
-        last = failed[-1]
-        parts.append(f"stage {last['index'] + 1} ({last['command']}) exited {last['status']}")
-    parts.append(f"trace: {run.path} (sage trace {run.id})")
-    try:
-        sys.stderr.write("; ".join(parts) + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass

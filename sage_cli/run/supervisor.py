@@ -1,4 +1,7 @@
-"""The supervisor behind `sage run` (DESIGN §5).
+"""The supervisor behind `sage run` (DESIGN §5): it starts, signals, times out, restarts and
+reaps the stages of one pipeline. Its other jobs live beside it: the records in flight and
+their replay (flight.py), the relays between stages (relay.py), record ids in a stream
+(ids.py), a stage across its attempts (stage.py), the run's record (record.py).
 
 It starts every stage of a parsed pipeline itself (`sage` stages as `python -m sage_cli` in this
 interpreter, others as they are), each in its own process group and killed with the supervisor
@@ -18,17 +21,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -37,9 +36,12 @@ from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import THREADS, StageEnv
+from sage_cli.run.flight import FLIGHT_MEMORY, Flight, Replay
+from sage_cli.run.record import Events
+from sage_cli.run.relay import READ_SIZE, Relay, RelayHooks
 from sage_cli.run.script import Pipeline, Stage
+from sage_cli.run.stage import StageRun
 
-READ_SIZE = 64 * 1024
 TIMEOUT_STATUS = 124  # like timeout(1)
 KILL_GRACE_SECONDS = 5.0
 #: exit statuses a restart cannot fix
@@ -49,13 +51,6 @@ NO_RETRY = {
     int(ExitCode.INTERRUPTED),
     int(ExitCode.TERMINATED),
 }
-#: --retries: bytes of a stage's in-flight records a relay keeps in memory before it spills
-#: them to files in the run directory (SAGE_RUN_FLIGHT_MB overrides), and the size of one file
-FLIGHT_MEMORY = 8 * 1024 * 1024
-SPILL_SEGMENT = 64 * 1024 * 1024
-#: after this many crashes with the same record at the head, a stage is restarted in isolation
-#: (batches of one, flushed at once); a crash in isolation sends the head record to the dead letter
-ISOLATE_AFTER = 2
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -63,15 +58,6 @@ try:
     _prctl: Any = _libc.prctl
 except (OSError, AttributeError):  # pragma: no cover - not Linux
     _prctl = None
-
-try:  # glibc: give freed heap pages back (see Relay, TRIM_BYTES)
-    _malloc_trim: Any = ctypes.CDLL(None).malloc_trim
-except (OSError, AttributeError):  # pragma: no cover - not glibc
-    _malloc_trim = None
-#: a relay returns the heap's free pages to the system after this many bytes: glibc keeps what
-#: the relays' threads free (64 KB buffers, one after another) in per-thread arenas it rarely
-#: shrinks, and a `--retries` run grew by ~50 MB per 2M records without it
-TRIM_BYTES = 16 * 1024 * 1024
 
 
 #: util-linux setpriv sets the parent-death signal and execs the stage (no Python in the child)
@@ -99,703 +85,6 @@ def pipefail(statuses: list[int | None]) -> int:
     return result
 
 
-# -- ids in the stream ----------------------------------------------------------------------------
-
-_FAST_ID = re.compile(rb'\{"id":(?:"([^"\\]*)"|(-?[0-9]{1,18})[,}])')
-
-
-def record_id(line: bytes) -> Any:
-    """The `id` of an NDJSON line (fast for lines that start with a plain string id)."""
-    m = _FAST_ID.match(line)
-    if m is not None:
-        text = m.group(1)
-        return text.decode("utf-8", "surrogateescape") if text is not None else int(m.group(2))
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    return _hashable(value.get("id")) if type(value) is dict else None
-
-
-def lineage_key(line: bytes) -> Any:
-    """The key of the input record an output line came from: parent_id, query_id or id."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    if type(value) is not dict:
-        return None
-    for k in ("parent_id", "query_id", "id"):
-        if value.get(k) is not None:
-            return _hashable(value[k])
-    return None
-
-
-def _hashable(v: Any) -> Any:
-    return v if isinstance(v, str | int | float | type(None)) else orjson.dumps(v)
-
-
-_ID_TOKEN = re.compile(rb'\{"id":("[^"\\]*"|-?[0-9]{1,18})[,}]')
-
-
-def id_token(line: bytes) -> bytes | None:
-    """The `id` of a line as its JSON text (b'"doc1"', b'12'): the key the relays track."""
-    m = _ID_TOKEN.match(line)
-    if m is not None:
-        return m.group(1)
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    if type(value) is not dict or value.get("id") is None:
-        return None
-    return orjson.dumps(value["id"])
-
-
-def _key_of(line: bytes) -> list[bytes]:
-    """The tokens an output line can be matched to its input by: id, parent_id, query_id."""
-    m = _ID_TOKEN.match(line)
-    first = [m.group(1)] if m is not None else []
-    if m is not None and b'"parent_id"' not in line and b'"query_id"' not in line:
-        return first
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return first
-    if type(value) is not dict:
-        return first
-    return [
-        orjson.dumps(value[k]) for k in ("id", "parent_id", "query_id") if value.get(k) is not None
-    ]
-
-
-class _Segment:
-    """A spill file of in-flight blocks (unlinked at once: only its descriptor keeps it)."""
-
-    __slots__ = ("fd", "size", "live")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.size = 0
-        self.live = 0  # blocks in it not finished yet
-
-
-class _Spilled:
-    """An in-flight block kept in a spill segment rather than in memory."""
-
-    __slots__ = ("segment", "offset", "length")
-
-    def __init__(self, segment: _Segment, offset: int, length: int) -> None:
-        self.segment = segment
-        self.offset = offset
-        self.length = length
-
-
-class Flight:
-    """The records a stage has taken in and not finished, in the order it took them.
-
-    The records are kept as the blocks they were sent in (bytes, one `\n` before every line),
-    with the head (the first record not finished) as a block index and a byte offset. A result
-    whose lineage key (its id, else its parent_id or query_id) is record K finishes every record
-    before K: outputs keep input order. K itself stays in flight (it may still have results to
-    come, e.g. chunks); the ids of its results seen so far are kept, to drop them when it is
-    replayed. Finding K is a bytes search from the head (in C), so a relay does a few Python
-    operations per block, none per record.
-
-    Memory is bounded: past `memory` bytes, blocks go to spill files in `spill_dir` (segments
-    of SPILL_SEGMENT bytes, unlinked when made and closed once every block in them is finished).
-    A stage that passes nothing on (`sink --to`) or drops long runs of records (`filter`) keeps
-    everything it took in in flight, since a restart must feed it all again: that costs disk,
-    not memory.
-    """
-
-    def __init__(self, spill_dir: Path | None = None, memory: int = FLIGHT_MEMORY) -> None:
-        self.lock = threading.Lock()
-        self.blocks: list[bytes | _Spilled] = []
-        self.slow: list[bool] = []  # blocks with lines whose id is not their first field
-        self.counts: list[int] = []  # lines in each block
-        self.head_block = 0
-        self.head_off = 0  # offset of the `\n` that starts the head line
-        self.head_key: bytes | None = None
-        self.head_out: set[bytes | None] = set()  # result ids already seen for the head
-        self.suppress: set[bytes | None] = set()  # results a restarted process will repeat
-        self.dead: set[bytes | None] = set()  # keys of records sent to the dead letter
-        self.crashes: Counter[bytes | None] = Counter()  # crashes while a key was the head
-        self.poison_pending = False
-        self.spill_dir = spill_dir
-        self.memory = memory
-        self.in_memory = 0  # bytes of the blocks held in memory
-        self.spilled = 0  # bytes written to spill segments (ever)
-        self._segment: _Segment | None = None  # the segment being written
-        self._pins = 0  # replays reading spilled blocks: segments stay open until they end
-        self._unpinned: list[_Segment] = []
-        self._cache: tuple[_Spilled | None, bytes] = (None, b"")
-
-    def sent(self, block: bytes) -> None:
-        """`block`: complete lines joined by `\n`, without the last one's newline."""
-        blk = b"\n" + block
-        lines = blk.count(b"\n")
-        slow = blk.count(b'\n{"id":') != lines
-        with self.lock:
-            item: bytes | _Spilled = blk
-            if self.spill_dir is not None and self.in_memory + len(blk) > self.memory:
-                item = self._spill(blk)
-            if item is blk:
-                self.in_memory += len(blk)
-            self.blocks.append(item)
-            self.slow.append(slow)
-            self.counts.append(lines)
-
-    def _spill(self, blk: bytes) -> bytes | _Spilled:
-        seg = self._segment
-        try:
-            if seg is None or seg.size >= SPILL_SEGMENT:
-                assert self.spill_dir is not None
-                path = self.spill_dir / f".flight-{os.getpid()}-{id(self)}-{self.spilled}"
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                os.unlink(path)
-                if seg is not None and seg.live == 0:
-                    self._close(seg)
-                seg = self._segment = _Segment(fd)
-            write_all(seg.fd, blk)
-        except OSError:  # a full or read-only disk: keep it in memory rather than lose it
-            return blk
-        item = _Spilled(seg, seg.size, len(blk))
-        seg.size += len(blk)
-        seg.live += 1
-        self.spilled += len(blk)
-        return item
-
-    def _data(self, b: int) -> bytes:
-        item = self.blocks[b]
-        if type(item) is bytes:
-            return item
-        return self._read(item)  # type: ignore[arg-type]
-
-    def _read(self, item: _Spilled) -> bytes:
-        cached, data = self._cache
-        if cached is not item:
-            data = os.pread(item.segment.fd, item.length, item.offset)
-            self._cache = (item, data)
-        return data
-
-    def _release(self, n: int) -> None:
-        """Forget the first `n` blocks (finished)."""
-        for item in self.blocks[:n]:
-            if type(item) is bytes:
-                self.in_memory -= len(item)
-            else:
-                seg = item.segment  # type: ignore[union-attr]
-                seg.live -= 1
-                if seg.live == 0 and seg is not self._segment:
-                    self._close(seg)
-        del self.blocks[:n]
-        del self.slow[:n]
-        del self.counts[:n]
-        self.head_block -= n
-
-    def _close(self, seg: _Segment) -> None:
-        if self._pins:
-            self._unpinned.append(seg)
-            return
-        try:
-            os.close(seg.fd)
-        except OSError:
-            pass
-
-    def _find(self, key: bytes) -> tuple[int, int] | None:
-        """Where the line of the record with id token `key` starts, from the head on."""
-        pattern = b'\n{"id":' + key
-        n = len(pattern)
-        for b in range(self.head_block, len(self.blocks)):
-            blk = self._data(b)
-            at = self.head_off if b == self.head_block else 0
-            while True:
-                pos = blk.find(pattern, at)
-                if pos < 0:
-                    break
-                if blk[pos + n : pos + n + 1] in (b",", b"}"):
-                    return b, pos
-                at = pos + 1
-        return self._find_slow(key)
-
-    def _find_slow(self, key: bytes) -> tuple[int, int] | None:
-        """The same for lines whose id is not their first field."""
-        for b in range(self.head_block, len(self.blocks)):
-            if not self.slow[b]:
-                continue
-            blk = self._data(b)
-            pos = self.head_off if b == self.head_block else 0
-            while 0 <= pos < len(blk):
-                end = blk.find(b"\n", pos + 1)
-                line = blk[pos + 1 : end if end >= 0 else len(blk)]
-                if id_token(line) == key:
-                    return b, pos
-                pos = end
-        return None
-
-    def _locate(self, line: bytes) -> tuple[int, int, bytes] | None:
-        for key in _key_of(line):
-            found = self._find(key)
-            if found is not None:
-                return found[0], found[1], key
-        return None
-
-    def finished(self, block: bytes) -> bytes:
-        """Account for a block of result lines; return the part to pass on."""
-        with self.lock:
-            if self.suppress:
-                lines = block.split(b"\n")
-                kept = [ln for ln in lines if id_token(ln) not in self.suppress]
-                self.suppress.difference_update(id_token(ln) for ln in lines)
-                if not kept:
-                    return b""
-                block = b"\n".join(kept)
-            end = len(block)
-            while end > 0:  # from the last result back: the last one that can be placed
-                cut = block.rfind(b"\n", 0, end)
-                line = block[cut + 1 : end]
-                found = self._locate(line)
-                if found is not None:
-                    break
-                end = cut
-            else:
-                return block  # results we cannot place: passed on, no progress recorded
-            b, pos, key = found
-            if (b, pos) != (self.head_block, self.head_off) or key != self.head_key:
-                self.head_out = set()
-                self._release(b)
-                self.head_block, self.head_off, self.head_key = 0, pos, key
-            self.head_out.add(id_token(line))
-            while cut >= 0:  # earlier results of the same record (its other chunks)
-                prev = block.rfind(b"\n", 0, cut)
-                line = block[prev + 1 : cut]
-                if key not in _key_of(line):
-                    break
-                self.head_out.add(id_token(line))
-                cut = prev
-            return block
-
-    def _iter_lines(self, items: list[tuple[bytes | _Spilled, int]]) -> Iterator[list[bytes]]:
-        """The lines of `items` ((block, start offset) pairs), a block at a time."""
-        for item, start in items:
-            blk = item if type(item) is bytes else self._read(item)  # type: ignore[arg-type]
-            yield [ln for ln in blk[start + 1 :].split(b"\n") if ln]
-
-    def _from_head(self) -> list[tuple[bytes | _Spilled, int]]:
-        return [
-            (self.blocks[b], self.head_off if b == self.head_block else 0)
-            for b in range(self.head_block, len(self.blocks))
-        ]
-
-    def _first_lines(self, n: int) -> list[bytes]:
-        out: list[bytes] = []
-        for lines in self._iter_lines(self._from_head()):
-            out.extend(lines)
-            if len(out) >= n:
-                break
-        return out[:n]
-
-    def note_crash(self, isolated: bool) -> bool:
-        """Count a crash; True when the next attempt should run in isolation. A crash of an
-        isolated attempt (batches of one) marks the record it died on for the dead letter."""
-        with self.lock:
-            lines = self._first_lines(1)
-            if not lines:
-                return False
-            if isolated:
-                self.poison_pending = True
-                return False
-            head = id_token(lines[0])
-            self.crashes[head] += 1
-            return self.crashes[head] >= ISOLATE_AFTER
-
-    def restart(self) -> tuple[Replay, tuple[Any, bytes] | None]:
-        """What to feed a restarted process, and the record given up on (if any)."""
-        with self.lock:
-            self.suppress = set(self.head_out)
-            dead = self.dead
-            first = [ln for ln in self._first_lines(2 + len(dead)) if id_token(ln) not in dead]
-            poison = None
-            skip = -1
-            if first and self.poison_pending:
-                self.poison_pending = False
-                # in isolation every record's results leave together: a head with results
-                # is done, and the record after it is the one the stage died on
-                skip = 1 if self.head_out and len(first) > 1 else 0
-                key = id_token(first[skip])
-                poison = (key, first[skip])
-                if skip == 0:
-                    self.suppress = set()
-            replay = Replay(self, self._from_head(), set(dead), skip)
-            if poison is not None:
-                self.dead.add(poison[0])
-            self._pins += 1
-            return replay, poison
-
-    def _unpin(self) -> None:
-        with self.lock:
-            self._pins -= 1
-            if not self._pins:
-                segments, self._unpinned = self._unpinned, []
-                for seg in segments:
-                    self._close(seg)
-
-    def close(self) -> None:
-        """Close the spill files (the run is over)."""
-        with self.lock:
-            segments = {id(i.segment): i.segment for i in self.blocks if type(i) is _Spilled}
-            for seg in [self._segment, *self._unpinned]:
-                if seg is not None:
-                    segments[id(seg)] = seg
-            self.blocks, self.slow, self.counts = [], [], []
-            self.head_block, self.head_off, self.in_memory = 0, 0, 0
-            self._segment, self._unpinned, self._cache = None, [], (None, b"")
-        for seg in segments.values():
-            try:
-                os.close(seg.fd)
-            except OSError:
-                pass
-
-    def __len__(self) -> int:
-        with self.lock:
-            if self.head_block >= len(self.blocks):
-                return 0
-            head = self._data(self.head_block)
-            return head.count(b"\n", self.head_off) + sum(self.counts[self.head_block + 1 :])
-
-
-class Replay:
-    """The records a restarted stage is fed (Flight.restart): read a block at a time, so a
-    replay from spill files never holds them all in memory."""
-
-    def __init__(
-        self,
-        flight: Flight,
-        items: list[tuple[bytes | _Spilled, int]],
-        dead: set[bytes | None],
-        skip: int,
-    ) -> None:
-        self.flight = flight
-        self.items = items
-        self.dead = dead
-        self.skip = skip  # the index (among live lines) of the record given up on, or -1
-        self.records = 0
-        self._open = True
-
-    def chunks(self) -> Iterator[bytes]:
-        """The lines to feed, as `\n`-terminated chunks."""
-        try:
-            k = 0
-            for lines in self.flight._iter_lines(self.items):
-                if self.dead or self.skip >= k:
-                    kept = []
-                    for ln in lines:
-                        if self.dead and id_token(ln) in self.dead:
-                            continue
-                        if k != self.skip:
-                            kept.append(ln)
-                        k += 1
-                    lines = kept
-                else:
-                    k += len(lines)
-                if lines:
-                    self.records += len(lines)
-                    yield b"\n".join(lines) + b"\n"
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self.flight._unpin()
-
-
-# -- stages ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class StageRun:
-    """One stage of the pipeline across its attempts (restarts)."""
-
-    stage: Stage
-    argv: list[str]
-    env: dict[str, str]
-    cond: threading.Condition = field(default_factory=threading.Condition)
-    generation: int = 0
-    final: bool = False
-    status: int | None = None
-    attempts: int = 0
-    pid: int | None = None
-    started: float = 0.0
-    stdin_w: int | None = None  # the relay writes the stage's input here
-    stdout_r: int | None = None  # the relay reads the stage's output here
-    flight: Flight | None = None
-    out_skip: int = 0  # a restarted first stage repeats this many records: drop them
-    drained_gen: int = -1  # the last attempt whose output the relay has read to the end
-    cpu: float = 0.0
-    rss_mb: float = 0.0
-    last_crash: int = 0
-    isolated: bool = False  # this attempt runs batches of one (see Flight.note_crash)
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-    def wait_after(self, generation: int) -> str:
-        """Block until the attempt `generation` is over: 'restarted' or 'final'."""
-        with self.cond:
-            while self.generation == generation and not self.final:
-                self.cond.wait()
-            return "restarted" if self.generation != generation else "final"
-
-
-class Events:
-    """The supervisor's own event stream (events.ndjson), flushed on every event."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.lock = threading.Lock()
-
-    def emit(self, kind: str, **fields: Any) -> None:
-        data = orjson.dumps(
-            {"ev": kind, "t": time.time(), **fields}, option=orjson.OPT_APPEND_NEWLINE, default=str
-        )
-        with self.lock:
-            try:
-                os.write(self.fd, data)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-# -- relays ---------------------------------------------------------------------------------------
-
-
-class Relay(threading.Thread):
-    """Copies one stage's output to the next stage's input (or to the run's output),
-    keeping the books restart and resume need."""
-
-    def __init__(
-        self,
-        sup: Supervisor,
-        up: StageRun,
-        down: StageRun | None,
-        target_fd: int | None = None,
-        ledger_fd: int | None = None,
-        skip_keys: set[Any] | None = None,
-        skip_ids: set[Any] | None = None,
-    ) -> None:
-        super().__init__(name=f"relay-{up.name}", daemon=True)
-        self.sup = sup
-        self.up = up
-        self.down = down
-        self.target_fd = target_fd
-        self.ledger_fd = ledger_fd
-        self.skip_keys = skip_keys  # --resume: input records whose results are all out
-        self.skip_ids = skip_ids  # --resume: results already in the run's output
-        self.records = 0
-        self.taken = 0  # lines taken from the stage upstream (before --resume filters)
-        self.gone = False  # the reader downstream is gone for good
-        self.gen_down = down.generation if down else 0
-        self.wfd = down.stdin_w if down is not None else target_fd
-        self.line_mode = bool(
-            up.flight is not None
-            or (down and down.flight is not None)
-            or skip_keys is not None
-            or skip_ids is not None
-            or sup.retries > 0
-        )
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as exc:  # noqa: BLE001 - a relay must never die silently
-            self.sup.warn(f"relay after {self.up.name} failed: {type(exc).__name__}: {exc}")
-            self.gone = True
-        finally:
-            self._close_down()
-
-    def _run(self) -> None:
-        up = self.up
-        gen_up = up.generation
-        rfd = up.stdout_r
-        partial = b""
-        assert rfd is not None
-        since_trim = 0
-        while True:
-            try:
-                chunk = os.read(rfd, READ_SIZE)
-            except OSError:
-                chunk = b""
-            if chunk:
-                since_trim += len(chunk)
-                if since_trim >= TRIM_BYTES and _malloc_trim is not None:
-                    since_trim = 0
-                    _malloc_trim(0)
-                if not self.line_mode:
-                    self.records += chunk.count(b"\n")
-                    self._deliver(chunk, None)
-                else:
-                    data = partial + chunk if partial else chunk
-                    nl = data.rfind(b"\n")
-                    if nl < 0:
-                        partial = data
-                        continue
-                    partial = data[nl + 1 :]
-                    self._lines(None, data[:nl])
-                if self.gone:
-                    os.close(rfd)  # the stage upstream gets EPIPE and ends
-                    return
-                continue
-            os.close(rfd)
-            with up.cond:
-                up.drained_gen = gen_up
-                up.cond.notify_all()
-            outcome = up.wait_after(gen_up)
-            if outcome == "restarted":
-                if up.flight is None:  # a first stage starts over: drop what it repeats
-                    up.out_skip = self.taken
-                gen_up = up.generation
-                rfd = up.stdout_r
-                partial = b""  # a torn last line of the dead process: its input is replayed
-                assert rfd is not None
-                continue
-            if partial and up.status == 0:
-                self._lines([partial]) if self.line_mode else self._deliver(partial + b"\n", None)
-            return
-
-    def _lines(self, lines: list[bytes] | None, block: bytes | None = None) -> None:
-        """Handle complete lines: `block` (lines joined by `\\n`) or the list `lines`."""
-        up = self.up
-        if (
-            block is None
-            or not block
-            or b"\n\n" in block
-            or block[:1] == b"\n"
-            or (block[-1:] == b"\n")
-        ):
-            if lines is None:
-                assert block is not None
-                lines = block.split(b"\n")
-            block = b"\n".join(ln for ln in lines if ln)
-            if not block:
-                return
-        if up.flight is not None:
-            block = up.flight.finished(block)
-            if not block:
-                return
-        elif up.out_skip:
-            parts = block.split(b"\n")
-            drop = min(up.out_skip, len(parts))
-            up.out_skip -= drop
-            block = b"\n".join(parts[drop:])
-            if not block:
-                return
-        n = block.count(b"\n") + 1
-        self.taken += n
-        if self.skip_keys or self.skip_ids is not None:
-            block = self._resume_filter(block)
-            if not block:
-                return
-            n = block.count(b"\n") + 1
-        self.records += n
-        down = self.down
-        if down is not None and down.flight is not None:
-            down.flight.sent(block)
-        self._deliver(block + b"\n", None)
-
-    def _resume_filter(self, block: bytes) -> bytes:
-        """--resume: drop input records whose results are all out, and results already out."""
-        lines = block.split(b"\n")
-        if self.skip_keys:
-            done = self.skip_keys
-            lines = [ln for ln in lines if record_id(ln) not in done]
-        if self.skip_ids is not None:
-            seen = self.skip_ids
-            kept = []
-            for ln in lines:
-                rid = record_id(ln)
-                if rid not in seen:
-                    kept.append(ln)
-                    if rid is not None:
-                        seen.add(rid)
-            lines = kept
-        return b"\n".join(lines)
-
-    def _deliver(self, data: bytes, keys: list[Any] | None) -> None:
-        if self.ledger_fd is not None:
-            write_all(self.ledger_fd, data)
-        down = self.down
-        while not self.gone:
-            if down is not None and down.generation != self.gen_down:
-                self._switch_down()
-                if down.flight is not None:
-                    return  # the replay carried `data` (it was in flight)
-            try:
-                assert self.wfd is not None
-                write_all(self.wfd, data)
-                return
-            except OSError:
-                if down is None:
-                    self.gone = True  # our stdout was closed (`| head`): end quietly
-                    return
-                if down.wait_after(self.gen_down) == "final":
-                    self.gone = True
-                    return
-
-    def _switch_down(self) -> None:
-        """The stage downstream was restarted: feed the new process what the old one held."""
-        down = self.down
-        assert down is not None
-        if self.wfd is not None:
-            try:
-                os.close(self.wfd)
-            except OSError:
-                pass
-        with down.cond:
-            self.gen_down = down.generation
-            self.wfd = down.stdin_w
-        if down.flight is None:
-            return
-        replay = self.sup.replay_for(down)
-        try:
-            for chunk in replay.chunks():  # a block at a time: it may come from spill files
-                assert self.wfd is not None
-                write_all(self.wfd, chunk)
-        except OSError:
-            pass  # it died again: the next write or close notices
-        finally:
-            replay.close()
-        self.sup.events.emit("replay", stage=down.name, records=replay.records)
-
-    def _close_down(self) -> None:
-        down = self.down
-        if down is None:
-            return  # the run's stdout is closed by the supervisor
-        while True:
-            if self.wfd is not None:
-                try:
-                    os.close(self.wfd)
-                except OSError:
-                    pass
-                self.wfd = None
-            if self.gone:
-                return
-            if down.wait_after(self.gen_down) != "restarted":
-                return
-            self._switch_down()
-
-
 # -- the supervisor -------------------------------------------------------------------------------
 
 
@@ -819,6 +108,7 @@ class Supervisor:
         run: RunDirectory,
         opts: RunOptions,
         script_args: list[str] | None = None,
+        events: Events | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.run_dir = run
@@ -831,7 +121,9 @@ class Supervisor:
         self.signalled: int | None = None
         self.timed_out = False
         self.stderr_lock = threading.Lock()
-        self.events = Events(run.events_path)
+        # the run's stream (sage_cli.run.record.Run), or one of its own
+        self._own_events = events is None
+        self.events = events if events is not None else Events(run.events_path)
         self._stderr_threads: list[threading.Thread] = []
         self._dead_lock = threading.Lock()
         self._kill_timer: threading.Timer | None = None
@@ -996,6 +288,7 @@ class Supervisor:
                 sr.flight = Flight(self.run_dir.path, self.flight_memory)
         stdin_fds: list[int] = []
         stdout_fds: list[int] = []
+        hooks = RelayHooks(self.warn, self.replay_for, self.events.emit, retries=relay_all)
         for i, sr in enumerate(stages):
             if i == 0:
                 stdin_fds.append(
@@ -1025,7 +318,7 @@ class Supervisor:
                 down = None if is_last else stages[i + 1]
                 self.relays.append(
                     Relay(
-                        self,
+                        hooks,
                         sr,
                         down,
                         target_fd=target_fd if is_last else None,
@@ -1260,5 +553,6 @@ class Supervisor:
             self.events.emit("relay", stage=relay.up.name, records_out=relay.records)
             if relay.down is not None:
                 self.events.emit("relay", stage=relay.down.name, records_in=relay.records)
-        self.events.close()
+        if self._own_events:
+            self.events.close()
         return status

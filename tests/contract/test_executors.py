@@ -211,3 +211,16 @@ def test_signals_end_the_stage_with_130_or_143(executor, sig, request):
         proc.kill()
     assert code == (130 if sig == signal.SIGINT else 143), err.decode()[-2000:]
     assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize("executor", ["inline", "ray"])  # head keeps state: no --workers
+def test_head_writes_nothing_after_its_last_record(executor, request):
+    """`_error` records and bad lines after head's last record are not written either, however
+    late the executor says head is done."""
+    data = ndjson(
+        [{"id": i, "_error": {"stage": "x"}} if i % 100 == 7 else {"id": i} for i in range(3000)]
+    )
+    result = run(executor, ["sage", "head", "250", "--batch-size", "16"], request, data)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    ids = [r["id"] for r in parse_ndjson(result.stdout)]
+    assert ids == list(range(253))  # 250 records and the 3 error records among them

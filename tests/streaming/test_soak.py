@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_cli import supervisor
+from sage_cli.run import flight as flights
 from sage_cli.runs import read_events
 from tests.bench.bench_soak import (
     RSS_LIMIT_MB,
@@ -90,10 +90,10 @@ def test_peak_rss_is_bounded_and_flat(soak_runs, name: str) -> None:
 def test_flight_spills_past_its_memory_and_replays_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(supervisor, "SPILL_SEGMENT", 4096)  # many small spill files
+    monkeypatch.setattr(flights, "SPILL_SEGMENT", 4096)  # many small spill files
     fds = len(os.listdir("/proc/self/fd"))
     lines = [b'{"id":"r%d","n":%d,"pad":"%s"}' % (i, i, b"x" * 50) for i in range(1000)]
-    flight = supervisor.Flight(tmp_path, memory=2000)
+    flight = flights.Flight(tmp_path, memory=2000)
     for i in range(0, 1000, 10):
         flight.sent(b"\n".join(lines[i : i + 10]))
     assert flight.in_memory <= 2000 and flight.spilled > 60_000

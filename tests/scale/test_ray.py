@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson
-from tests.fixtures.ray_cluster import ray_cluster
+from tests.fixtures.ray_cluster import SESSIONS, ray_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -123,10 +123,20 @@ def test_fail_mode_stops_with_the_local_message_and_code(cluster):
     assert b"stdin:301" in ray_result.stderr and b"ZeroDivisionError" in ray_result.stderr
 
 
-def _running_actors() -> list[int]:
-    """Actor processes running a batch right now (Ray titles them ray::StageActor.run)."""
-    out = subprocess.run(["pgrep", "-f", "ray::StageActor.run"], capture_output=True, text=True)
+def _pgrep(sessions: list[int], pattern: str, *more: str) -> list[int]:
+    """Processes of this module's cluster (its nodes' sessions) whose command line matches:
+    another checkout's Ray on the machine is never seen, let alone killed."""
+    out = subprocess.run(
+        ["pgrep", "-s", ",".join(map(str, sessions)), *more, "-f", pattern],
+        capture_output=True,
+        text=True,
+    )
     return [int(p) for p in out.stdout.split()]
+
+
+def _running_actors(cluster: str) -> list[int]:
+    """Actor processes running a batch right now (Ray titles them ray::StageActor.run)."""
+    return _pgrep(SESSIONS[cluster], "ray::StageActor.run")
 
 
 def _kill_when(pick, done: threading.Event, killed: list[int], timeout: float = 120) -> None:
@@ -157,7 +167,7 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
     watcher = threading.Thread(
         target=_kill_when,
         daemon=True,
-        args=(lambda: next(iter(_running_actors()), None), done, killed),
+        args=(lambda: next(iter(_running_actors(cluster)), None), done, killed),
     )
     watcher.start()
     try:
@@ -172,26 +182,18 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
     assert b"replaced 1 lost Ray actor" in result.stderr
 
 
-def _raylet_of_node2() -> int | None:
-    pids = subprocess.run(
-        ["pgrep", "-f", "raylet/raylet .*node2,1"], capture_output=True, text=True
-    ).stdout.split()
-    return int(pids[0]) if len(pids) == 1 else None
-
-
 def test_a_lost_node_loses_and_repeats_no_record(cluster):
-    raylet = _raylet_of_node2()
-    assert raylet is not None
+    node2 = SESSIONS[cluster][1]
+    raylets = _pgrep([node2], "raylet/raylet .*node2,1")
+    assert len(raylets) == 1, raylets
+    raylet = raylets[0]
 
     def pick():
         """node 2's raylet, once the run is going and node 2 holds actors (polled: Ray places
         them a while after the first batches run; only a node that holds actors is a loss)."""
-        if not _running_actors():
+        if not _running_actors(cluster):
             return None
-        children = subprocess.run(
-            ["pgrep", "-P", str(raylet), "-f", "ray::StageActor"], capture_output=True, text=True
-        ).stdout.split()
-        return raylet if children else None
+        return raylet if _pgrep([node2], "ray::StageActor", "-P", str(raylet)) else None
 
     done = threading.Event()
     killed: list[int] = []

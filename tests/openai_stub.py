@@ -1,8 +1,9 @@
 """A local OpenAI-compatible chat server for tests: http.server on 127.0.0.1 in a thread.
 
 The first path segment picks a behaviour, so one server covers every case:
-`{url}/ok/v1` answers properly (the answer echoes the last user message), `/hang/v1` never
-answers in time, `/garbage/v1` returns a page that is not JSON, `/flaky/v1` fails with HTTP 500
+`{url}/ok/v1` answers properly (the answer echoes the last user message), `/hang/v1` answers
+only after `hang_seconds` (60 by default, or when the server stops: far beyond any timeout a
+test sets, so a timeout that fires on a loaded machine is still told apart from an answer), `/garbage/v1` returns a page that is not JSON, `/flaky/v1` fails with HTTP 500
 `flaky_failures` times then answers, `/busy/v1` answers 429 with Retry-After, `/denied/v1` 401,
 `/bad/v1` 400, `/empty/v1` a JSON object without choices, anything else 404. Every request is kept in `requests`
 (path, headers, body) so tests can check what was sent.
@@ -13,17 +14,17 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 
 class StubServer:
-    def __init__(self, flaky_failures: int = 1, hang_seconds: float = 3.0) -> None:
+    def __init__(self, flaky_failures: int = 1, hang_seconds: float = 60.0) -> None:
         self.requests: list[dict[str, Any]] = []
         self.flaky_failures = flaky_failures
         self.hang_seconds = hang_seconds
         self._lock = threading.Lock()
+        self._stopped = threading.Event()  # ends every hang when the server stops
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -54,7 +55,7 @@ class StubServer:
         self, h: BaseHTTPRequestHandler, mode: str, body: dict[str, Any], count: int
     ) -> None:
         if mode == "hang":
-            time.sleep(self.hang_seconds)
+            self._stopped.wait(self.hang_seconds)
             return self.reply(h, 200, completion(body))
         if mode == "garbage":
             return self.reply(h, 200, b"<html>this is not JSON</html>", "text/html")
@@ -95,6 +96,7 @@ class StubServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._stopped.set()
         self.server.shutdown()
         self.server.server_close()
 

@@ -53,9 +53,22 @@ def watch_pipeline(
     if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED):
         return status
     paths = watched_paths(script, parse_script(script, args))
-    sys.stderr.write(f"sage run: watching {len(paths)} path(s) for changes (Ctrl-C to stop)\n")
+    # The watcher is armed when the generator first runs; its first step ends after at most
+    # `rust_timeout` ms (an empty set when nothing changed). Only then is the notice true: a
+    # change made after it is seen (tests and scripts wait for this line).
+    armed = False
     try:
-        for changes in watchfiles.watch(*paths, debounce=500, raise_interrupt=True):
+        for changes in watchfiles.watch(
+            *paths, debounce=500, rust_timeout=200, yield_on_timeout=True, raise_interrupt=True
+        ):
+            if not armed:
+                armed = True
+                sys.stderr.write(
+                    f"sage run: watching {len(paths)} path(s) for changes (Ctrl-C to stop)\n"
+                )
+                sys.stderr.flush()
+            if not changes:
+                continue
             names = sorted({os.path.relpath(p) for _, p in changes})
             sys.stderr.write(f"sage run: changed: {', '.join(names[:5])}; running again\n")
             status = run_pipeline(script, args, RunOptions(**vars(opts)), lock=lock)

@@ -57,6 +57,7 @@ def test_update_embeds_only_what_changed(tmp_path):
     summary = _build(index, _chunks(docs), "--update")
     after = _stored(index)
     a_ids = sorted(i for i in before if i.startswith(str(docs / "a.txt")))
+    assert a_ids, sorted(before)  # the loop below compares something
     assert summary["reused"] == len(a_ids)  # a.txt unchanged: not embedded again
     assert summary["embedded"] == len(after) - len(a_ids)  # b changed, d new
     assert summary["removed"] == 1  # c.txt

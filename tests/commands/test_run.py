@@ -15,6 +15,7 @@ import pytest
 from sage_cli.pipeline import ScriptError, parse_script
 from sage_cli.runs import RunDirectory, find_run
 from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
+from tests.readiness import StreamLines
 
 BIN = str(Path(sys.executable).parent)
 
@@ -269,7 +270,6 @@ def _wait_for_stages(cwd: Path, n: int, timeout: float = 20) -> list[int]:
             )
             pids = [e["pid"] for e in events if e["ev"] == "stage_start" and e.get("pid")]
             if len(pids) >= n:
-                time.sleep(0.3)  # let the stages get going
                 return pids
         time.sleep(0.05)
     raise AssertionError("the stages did not start")
@@ -364,15 +364,12 @@ def test_watch_runs_again_when_an_input_changes(data: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    stderr = StreamLines(proc.stderr)
     try:
-        deadline = time.monotonic() + 30
-        while (
-            not (data / "out.ndjson").exists()
-            or len(parse_ndjson((data / "out.ndjson").read_bytes())) != 20
-        ):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-        time.sleep(1.0)  # the watcher is set up after the first run
+        deadline = time.monotonic() + 60
+        # the notice comes once the first run is over and the watcher is armed
+        stderr.wait_for(b"sage run: watching 2 path(s) for changes", timeout=60)
+        assert len(parse_ndjson((data / "out.ndjson").read_bytes())) == 20
         (data / "in.ndjson").write_bytes(ndjson([{"id": "new", "n": 1}]))
         while parse_ndjson((data / "out.ndjson").read_bytes()) != [{"id": "new", "n": 1, "w": 1}]:
             assert time.monotonic() < deadline, "no second run"
@@ -388,6 +385,7 @@ def test_watch_runs_again_when_an_input_changes(data: Path) -> None:
             proc.kill()
             _, err = proc.communicate()
             raise AssertionError(f"--watch did not stop on SIGINT: {err!r}") from None
+    err = stderr.data + err
     assert proc.returncode == 130, err
     assert b"running again" in err
     assert len(list((data / ".sage" / "runs").iterdir())) == 2

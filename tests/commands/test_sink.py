@@ -1,10 +1,10 @@
 import signal
 import subprocess
-import time
 
 import orjson
 
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
+from tests.readiness import pipe_pending, wait_until
 
 RECS = [{"id": "a", "text": "hello"}, {"id": "b", "n": 1}]
 
@@ -72,7 +72,14 @@ def test_sink_interrupted_keeps_the_old_file(tmp_path):
     )
     proc.stdin.write(b'{"a": 1}\n')
     proc.stdin.flush()
-    time.sleep(1.0)
+    # ready: sink has opened its temporary file and read the record (the pipe is empty)
+    wait_until(
+        lambda: (
+            [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+            and pipe_pending(proc.stdin.fileno()) == 0
+        ),
+        "sink to open its temporary file and read the record",
+    )
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
     assert proc.returncode == 130, err

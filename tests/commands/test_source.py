@@ -209,7 +209,12 @@ def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
         r = _read_record(proc, deadline)
         assert (r["id"], r["text"]) == ("inbox/old.txt", "old, edited")
         os.utime(inbox / "old.txt")  # no content change: nothing new
-        time.sleep(0.6)
+        # The watcher reports changes in order (and sorts the paths of one batch): once a file
+        # written after the utime comes out, the utime has been seen. Its name sorts after
+        # old.txt, so a wrong re-read of old.txt would come out first, in either case.
+        (inbox / "zz-after.txt").write_text("after the utime")
+        r = _read_record(proc, deadline)
+        assert (r["id"], r["text"]) == ("inbox/zz-after.txt", "after the utime")
         proc.send_signal(signal.SIGINT)
         rest, err = proc.communicate(timeout=10)
     finally:

@@ -61,18 +61,24 @@ def test_wall_clock_step_neither_flushes_nor_stalls_arrival_windows(tmp_path, st
         stderr=subprocess.PIPE,
         env=_faketime_env(stamp),
     )
+    # Driven by what comes out, not by a stopwatch: feed records until a first window closes
+    # (the stage runs and flushes), step the wall clock, then feed until two more windows have
+    # closed. A stage on the wall clock flushes early on a step forward (an hour-long gap
+    # between starts) or never closes a window again on a step back (the deadline).
     sent, seen = 0, []
-    t0 = time.monotonic()
-    stepped = False
-    while time.monotonic() - t0 < 3.0:
+    stepped_at = None
+    deadline = time.monotonic() + 60
+    while stepped_at is None or len(seen) < stepped_at + 2:
+        assert time.monotonic() < deadline, f"windows stalled after the step: {seen}"
+        assert proc.poll() is None, proc.stderr.read()
         proc.stdin.write(b'{"id": "r%d"}\n' % sent)
         proc.stdin.flush()
         sent += 1
-        if not stepped and time.monotonic() - t0 > 1.2:
-            stamp.write_text(step + "\n")  # the wall clock jumps, mid-window
-            stepped = True
-        while select.select([proc.stdout], [], [], 0.1)[0]:
+        while select.select([proc.stdout], [], [], 0.05)[0]:
             seen.append(parse_ndjson(proc.stdout.readline())[0])
+        if stepped_at is None and seen:
+            stamp.write_text(step + "\n")  # the wall clock jumps, mid-window
+            stepped_at = len(seen)
     before_eof = len(seen)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
@@ -82,12 +88,12 @@ def test_wall_clock_step_neither_flushes_nor_stalls_arrival_windows(tmp_path, st
     starts = [w["start"] for w in windows]
     assert len(set(w["id"] for w in windows)) == len(windows)
     gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
-    # one-second windows, one after the other: no hour-long jump forward or back
-    assert all(1 <= g <= 3 for g in gaps), f"window starts {starts}"
+    # one-second windows, one after the other: no hour-long jump forward or back (a window
+    # with no record is not emitted, so a loaded machine may leave a gap of a few seconds)
+    assert all(1 <= g <= 60 for g in gaps), f"window starts {starts}"
     assert abs(starts[0] - time.time()) < 60
     # every window but the open one came out while the stage ran (none stalled to the end)
-    assert before_eof >= len(windows) - 1, (before_eof, windows)
-    assert before_eof >= 2
+    assert len(windows) - 1 <= before_eof, (before_eof, windows)
 
 
 def test_steady_clock_ignores_a_wall_clock_step(monkeypatch):

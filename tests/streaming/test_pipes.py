@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
 from tests.contract.test_contract import AGGREGATE, OPERATOR, REGISTERED, SPECS, argv, records
+from tests.readiness import wait_pipe_full
 
 #: every registered stdin operator that emits per record and needs no model
 STREAMING = [
@@ -190,7 +191,8 @@ def test_signal_mid_stream_leaves_only_whole_records(sig, code, tmp_path):
             proc = popen("map", "r", stdin=fh)
         reader = LineReader(proc.stdout)
         assert reader.line() is not None
-        time.sleep(0.2)  # sage fills the pipe and blocks in write
+        # sage fills the pipe and blocks in write: wait until the pipe is (all but) full
+        wait_pipe_full(reader.fd, "sage to fill its stdout pipe")
         drained = [reader.buf, os.read(reader.fd, 3000)]  # make room: the next write is partial
         reader.buf = b""
         proc.send_signal(sig)

@@ -29,6 +29,7 @@ from tests.bench.bench_soak import (
     write_records,
 )
 from tests.conftest import clean_env
+from tests.readiness import wait_gone
 
 SMALL = 30_000
 LARGE = 240_000
@@ -205,7 +206,11 @@ def test_resume_from_another_directory_after_kill_9_of_the_supervisor(tmp_path: 
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    time.sleep(0.2)  # the stages die with the supervisor (parent-death signal)
+    events = read_events(work / "run" / "events.ndjson")
+    stages = [e["pid"] for e in events if e["ev"] == "stage_start" and e.get("pid")]
+    assert len(stages) == 5, stages
+    # the stages die with the supervisor (parent-death signal): resume only once they are gone
+    wait_gone(stages, "the stages to die with the supervisor", timeout=10)
     before = sum(1 for _ in out.open("rb"))
     assert 0 < before < expected_out(n)
     result = subprocess.run(  # from the parent directory: work/run, not run

@@ -16,6 +16,7 @@ import pytest
 
 from sage_cli.runs import find_run, read_events
 from tests.conftest import clean_env, sage_argv
+from tests.readiness import wait_gone
 
 N = 100_000
 BIN = str(Path(sys.executable).parent)
@@ -83,14 +84,6 @@ def output_ids(path: Path) -> list[str]:
     return [orjson.loads(line)["id"] for line in path.read_bytes().splitlines() if line]
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_kill_9_of_a_middle_stage_loses_and_repeats_nothing(work: Path) -> None:
     proc = start(work, "--retries", "2", "--backoff", "0.05", "p.sh")
     pids = stage_pids(work)
@@ -123,8 +116,7 @@ def test_sigint_gives_130_and_leaves_no_process(work: Path) -> None:
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
-    time.sleep(0.1)
-    assert not [pid for pid in pids.values() if alive(pid)]
+    wait_gone(pids.values(), "every stage to end after SIGINT", timeout=10)
     run = find_run(None, str(work / ".sage" / "runs"))
     stop = [e for e in run.events() if e["ev"] == "run_stop"]
     assert stop and stop[0]["status"] == 130
@@ -136,10 +128,8 @@ def test_kill_9_of_the_supervisor_then_resume_processes_each_record_once(work: P
     wait_for_output(work / "out.ndjson", 2_000_000, proc)
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 10  # PR_SET_PDEATHSIG takes the stages down with it
-    while [p for p in pids.values() if alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not [p for p in pids.values() if alive(p)]
+    # PR_SET_PDEATHSIG takes the stages down with it
+    wait_gone(pids.values(), "the stages to die with the supervisor", timeout=10)
     before = output_ids(work / "out.ndjson")
     assert 0 < len(before) < N
     run = find_run(None, str(work / ".sage" / "runs"))
@@ -262,11 +252,11 @@ def test_an_opaque_stage_that_crashes_once_is_restarted_too(tmp_path: Path) -> N
 
 def test_resume_with_retries_after_the_supervisor_is_killed(work: Path) -> None:
     proc = start(work, "--retries", "1", "p.sh")
-    stage_pids(work)
+    pids = stage_pids(work)
     wait_for_output(work / "out.ndjson", 1_500_000, proc)
     proc.kill()
     proc.wait()
-    time.sleep(0.3)
+    wait_gone(pids.values(), "the stages to die with the supervisor", timeout=10)
     run = find_run(None, str(work / ".sage" / "runs"))
     result = subprocess.run(
         sage_argv("run", "--retries", "1", "--resume", run.id),

@@ -98,6 +98,7 @@ class BatchedDecoder:
         n_batch: int = 512,
         n_ubatch: int = 512,
         threads: int = 1,
+        shared_prefill: bool = False,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -109,6 +110,7 @@ class BatchedDecoder:
         #: context of each sequence: its prompt and answer must fit
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = max(n_batch, n_seq)
+        self.shared_prefill = shared_prefill
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = n_ctx_seq * n_seq
         params.n_batch = self.n_batch
@@ -214,16 +216,19 @@ class BatchedDecoder:
                         )
                     )
                 self.max_in_flight = max(self.max_in_flight, len(active))
-                self._fill_batch(active)
-                self._decode()
-                for seq in list(active):
-                    if seq.i_batch < 0:
-                        continue
-                    token = seq.sampler.sample(self.ctx, seq.i_batch)
-                    seq.i_batch = -1
-                    reason = self._accept(seq, token)
-                    if reason is not None:
-                        finish(seq, reason)
+                if not self.shared_prefill:
+                    # each new prompt alone, in n_batch chunks, as one-at-a-time decoding does
+                    for seq in [s for s in active if s.next_token is None]:
+                        while seq.i_batch < 0:
+                            self._fill_batch([seq], prompts=True, decoding=False)
+                            self._decode()
+                        self._sample(seq, finish)
+                self._fill_batch(active, prompts=self.shared_prefill, decoding=True)
+                if self.batch.batch.n_tokens:
+                    self._decode()
+                    for seq in list(active):
+                        if seq.i_batch >= 0:
+                            self._sample(seq, finish)
         finally:
             # an exception (or Ctrl-C) mid-run: leave the context empty for the next run
             for seq in active:
@@ -248,12 +253,19 @@ class BatchedDecoder:
                 best, best_n = seq_id, n
         return best, min(best_n, len(prompt) - 1)
 
-    def _fill_batch(self, active: list[_Sequence]) -> None:
+    def _sample(self, seq: _Sequence, finish: Callable[[_Sequence, str], None]) -> None:
+        token = seq.sampler.sample(self.ctx, seq.i_batch)
+        seq.i_batch = -1
+        reason = self._accept(seq, token)
+        if reason is not None:
+            finish(seq, reason)
+
+    def _fill_batch(self, active: list[_Sequence], *, prompts: bool, decoding: bool) -> None:
         """One step's tokens: every decoding sequence's next token, then prompt chunks."""
         b = self.batch.batch
         n = 0
         for seq in active:
-            if seq.next_token is None:
+            if seq.next_token is None or not decoding:
                 continue
             pos = len(seq.request.prompt) + len(seq.tokens) - 1
             b.token[n] = seq.next_token
@@ -264,7 +276,7 @@ class BatchedDecoder:
             seq.i_batch = n
             n += 1
         for seq in active:
-            if n >= self.n_batch:
+            if n >= self.n_batch or not prompts:
                 break
             prompt = seq.request.prompt
             if seq.next_token is not None or seq.prefilled >= len(prompt):

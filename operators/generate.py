@@ -38,7 +38,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,10 +267,14 @@ class LlamaBackend:
         )
 
     def complete_many(
-        self, conversations: list[Messages], params: GenerationParams
+        self,
+        conversations: list[Messages],
+        params: GenerationParams,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[tuple[Completion | Exception, float]]:
         """Answer every conversation with the batched decoder: one (completion or the
-        exception of that conversation, seconds) per conversation, in order."""
+        exception of that conversation, seconds) per conversation, in order.
+        `on_done(completion_tokens)` is called as each one ends."""
         from .batched import Request
 
         assert self.decoder is not None, "complete_many needs --parallel above 1"
@@ -288,6 +292,8 @@ class LlamaBackend:
                 )
             except Exception as exc:  # noqa: BLE001 - this conversation's failure, not the batch's
                 results[i] = (exc, 0.0)
+                if on_done is not None:
+                    on_done(0)
                 continue
             extra = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop]
             stop = [*params.stop, *(s for s in extra if s)]
@@ -302,7 +308,13 @@ class LlamaBackend:
                 )
             )
             placed.append((i, warning))
-        for (i, warning), done in zip(placed, self.decoder.run(requests), strict=True):
+        def finished(_: int, done: Any) -> None:
+            if on_done is not None:
+                on_done(0 if isinstance(done, Exception) else done.completion_tokens)
+
+        for (i, warning), done in zip(
+            placed, self.decoder.run(requests, on_done=finished), strict=True
+        ):
             if isinstance(done, Exception):
                 results[i] = (done, 0.0)
                 continue
@@ -458,10 +470,16 @@ class OpenAIBackend:
         return self.concurrency > 1
 
     def complete_many(
-        self, conversations: list[Messages], params: GenerationParams
+        self,
+        conversations: list[Messages],
+        params: GenerationParams,
+        on_done: Callable[[int], None] | None = None,
     ) -> list[tuple[Completion | Exception, float]]:
         """Up to `concurrency` requests in flight; results in order, each with its own
-        retries (one request's failure is that conversation's, not the batch's)."""
+        retries (one request's failure is that conversation's, not the batch's).
+        `on_done(completion_tokens)` is called in this thread as each one ends."""
+        from concurrent.futures import as_completed
+
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -475,7 +493,12 @@ class OpenAIBackend:
                 result = exc
             return result, time.perf_counter() - t0
 
-        return list(self._pool.map(one, conversations))
+        futures = [self._pool.submit(one, messages) for messages in conversations]
+        if on_done is not None:
+            for future in as_completed(futures):
+                result = future.result()[0]
+                on_done(result.completion_tokens or 0 if isinstance(result, Completion) else 0)
+        return [future.result() for future in futures]
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend({self.shown_url!r}, api_model={self.api_model!r})"
@@ -793,6 +816,11 @@ class Generate(Operator):
         self.cache: ResultCache | None = None
         #: what each record of the last failed batch came to, by id(record)
         self._settled: dict[int, tuple[Record, Record | Exception]] = {}
+        #: called (from the thread that calls process) as each record of a batch is answered,
+        #: so a terminal's progress line moves during a long batch (sage_cli.progress)
+        self.on_progress: Callable[[], None] | None = None
+        #: records answered (or failed) so far, within the current batch too
+        self.completed = 0
         #: counters for traces and benchmarks
         self.generated_tokens = 0
         self.answers = 0
@@ -837,8 +865,6 @@ class Generate(Operator):
         cached: bool,
     ) -> Record:
         """`record` with its answer, usage and warnings; the completion goes into the cache."""
-        if not cached:
-            self.generated_tokens += completion.completion_tokens or 0
         self.answers += 1
         out = dict(record)
         out["answer"] = completion.text.strip()
@@ -871,12 +897,20 @@ class Generate(Operator):
         assert self.backend is not None, "setup() was not called"
         messages, key, cached = self._lookup(record)
         if cached is not None:
+            self._done(0)
             return self._answered(record, cached, 0.0, key, True)
         t0 = time.perf_counter()
         completion = self.backend.complete(messages, self.params)
         seconds = time.perf_counter() - t0
         self.generate_seconds += seconds
+        self._done(completion.completion_tokens or 0)
         return self._answered(record, completion, seconds, key, False)
+
+    def _done(self, tokens: int) -> None:
+        self.completed += 1
+        self.generated_tokens += tokens
+        if self.on_progress is not None:
+            self.on_progress()
 
     def answer_many(self, batch: list[Record]) -> list[Record | Exception]:
         """Every record of `batch` answered together (the local model's batched decoder, or
@@ -889,13 +923,17 @@ class Generate(Operator):
                 messages, key, cached = self._lookup(record)
                 if cached is not None:
                     out[i] = self._answered(record, cached, 0.0, key, True)
+                    self._done(0)
                 else:
                     todo.append((i, messages, key))
             except Exception as exc:  # noqa: BLE001 - that record's error, judged by the driver
                 out[i] = exc
+                self._done(0)
         if todo:
             t0 = time.perf_counter()
-            done = self.backend.complete_many([m for _, m, _ in todo], self.params)
+            done = self.backend.complete_many(
+                [m for _, m, _ in todo], self.params, on_done=self._done
+            )
             self.generate_seconds += time.perf_counter() - t0
             for (i, _, key), (result, seconds) in zip(todo, done, strict=True):
                 if isinstance(result, Exception):

@@ -368,11 +368,13 @@ def run_operator(
     writer = RecordWriter(line_buffered=opts.line_buffered or supervised)
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
-    progress = make_progress(prog, opts)
+    progress = make_progress(prog, opts, op)
     batch_size = opts.batch_size or op.default_batch_size
     if supervised and os.environ.get("SAGE_RUN_BATCH_SIZE"):
         batch_size = int(os.environ["SAGE_RUN_BATCH_SIZE"])
     on_batch = progress.update if progress else None
+    if progress and hasattr(op, "on_progress"):  # a model stage: progress within a batch too
+        op.on_progress = lambda: progress.update(stats)
     driver: Driver
     if opts.workers > 1 and factory is not None:
         from sage_cli.workers import parallel_driver, worker_kwargs
@@ -441,14 +443,16 @@ def run_operator(
     return code
 
 
-def make_progress(prog: str, opts: IOOptions) -> Any:
+def make_progress(prog: str, opts: IOOptions, op: Operator | None = None) -> Any:
     if opts.quiet:
         return None
     if not (opts.progress or sys.stderr.isatty()):
         return None
-    from sage_cli.progress import Progress
+    from sage_cli.progress import Progress, count_records
 
-    return Progress(prog)
+    # the ETA needs the input's size: worth counting lines only for a model stage
+    total = count_records(opts.files or ["-"]) if hasattr(op, "on_progress") else None
+    return Progress(prog, total=total, op=op)
 
 
 def operator_command(

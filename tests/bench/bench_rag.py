@@ -72,9 +72,9 @@ llm = Llama(model_path=model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=
 for line in open(prompts, encoding="utf-8"):
     record = json.loads(line)
     t0 = time.perf_counter()
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
     response = llm.create_chat_completion(
-        messages=[{"role": "user", "content": record["prompt"]}],
-        max_tokens=max_tokens, temperature=0.0, stop=[])
+        messages=messages, max_tokens=max_tokens, temperature=0.0, stop=[])
     seconds = time.perf_counter() - t0
     usage = dict(response["usage"], seconds=seconds)
     answer = response["choices"][0]["message"]["content"] or ""
@@ -234,8 +234,10 @@ def bench_generate(report, work: Path, env: dict[str, str]) -> None:
     script = write(work / "bare_generate.py", BARE_GENERATE)
     model = model_path("smollm2-135m")
     commands = {
-        "sage": f"{sage_bin()} generate --threads {THREADS} --max-tokens {MAX_TOKENS} "
-        f"--temperature 0 --no-cache < {rel(prompts)}",
+        # one record at a time, as the bare loop: what sage adds per record (the batched
+        # decoder's throughput is the generate area's)
+        "sage": f"{sage_bin()} generate --parallel 1 --threads {THREADS} "
+        f"--max-tokens {MAX_TOKENS} --temperature 0 --no-cache < {rel(prompts)}",
         "bare": f"{python_bin()} {rel(script)} {shlex.quote(str(model))} {rel(prompts)} "
         f"{THREADS} {MAX_TOKENS} {GEN_CTX}",
     }

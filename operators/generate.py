@@ -308,6 +308,7 @@ class LlamaBackend:
                 )
             )
             placed.append((i, warning))
+
         def finished(_: int, done: Any) -> None:
             if on_done is not None:
                 on_done(0 if isinstance(done, Exception) else done.completion_tokens)

@@ -242,7 +242,7 @@ class BatchedDecoder:
         many of its cells to keep (never the whole prompt: its last token is decoded again, for
         the logits)."""
         best, best_n = min(free), -1
-        for seq_id in free:
+        for seq_id in sorted(free):  # the lowest id among the best: slots stay packed
             cached = self._cached[seq_id]
             n = 0
             for a, b in zip(cached, prompt, strict=False):
@@ -264,7 +264,9 @@ class BatchedDecoder:
         """One step's tokens: every decoding sequence's next token, then prompt chunks."""
         b = self.batch.batch
         n = 0
-        for seq in active:
+        # by seq_id: with one KV stream per sequence llama.cpp puts only consecutive increasing
+        # seq_ids into one ubatch (split_equal); out of order, every token is a ubatch of its own
+        for seq in sorted(active, key=lambda s: s.seq_id):
             if seq.next_token is None or not decoding:
                 continue
             pos = len(seq.request.prompt) + len(seq.tokens) - 1

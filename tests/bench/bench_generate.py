@@ -49,7 +49,7 @@ TOPICS = [
 PROMPTS = [f"Write one sentence about {t}." for t in TOPICS] + [
     f"Give one fact about {t}." for t in TOPICS
 ]
-RAG_QUESTIONS = 16
+RAG_QUESTIONS = 8
 STUB_DELAY = 0.2
 STUB_RECORDS = 240
 CONCURRENCY = 8

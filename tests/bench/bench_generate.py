@@ -13,13 +13,14 @@ alternating and the fastest run of each counting:
   over the whole process, against tests/openai_stub.py answering after a fixed delay.
   Target >= 6.0.
 
-generate runs with `--no-cache`; SAGE_CACHE_DIR is under the bench's work directory, so the
-demo corpus's embeddings (the index the RAG prompts need) are reused between runs.
+Every process runs with a fresh SAGE_CACHE_DIR (the index build embeds the whole corpus) and
+generate with `--no-cache`.
 """
 
 from __future__ import annotations
 
 import shlex
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -157,7 +158,7 @@ def bench_openai(report, work: Path, env) -> None:
 def run(report) -> None:
     work = report.workdir / "generate"
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "cache"
+    cache = Path(tempfile.mkdtemp(prefix="sage-bench-generate-cache-"))
     env = shell_env() | {"SAGE_CACHE_DIR": str(cache), "OMP_WAIT_POLICY": "PASSIVE"}
     env.pop("SAGE_THREADS", None)
     bench_openai(report, work, env)

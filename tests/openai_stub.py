@@ -5,7 +5,9 @@ The first path segment picks a behaviour, so one server covers every case:
 only after `hang_seconds` (60 by default, or when the server stops: far beyond any timeout a
 test sets, so a timeout that fires on a loaded machine is still told apart from an answer), `/garbage/v1` returns a page that is not JSON, `/flaky/v1` fails with HTTP 500
 `flaky_failures` times then answers, `/busy/v1` answers 429 with Retry-After, `/denied/v1` 401,
-`/bad/v1` 400, `/empty/v1` a JSON object without choices, anything else 404. Every request is kept in `requests`
+`/bad/v1` 400, `/empty/v1` a JSON object without choices, `/slow/v1` answers after `delay`
+seconds (requests in flight are counted: `max_in_flight`), `/limited/v1` answers 429 with
+`Retry-After: 1` to its first `flaky_failures` requests, anything else 404. Every request is kept in `requests`
 (path, headers, body) so tests can check what was sent.
 """
 
@@ -19,10 +21,17 @@ from typing import Any
 
 
 class StubServer:
-    def __init__(self, flaky_failures: int = 1, hang_seconds: float = 60.0) -> None:
+    def __init__(
+        self, flaky_failures: int = 1, hang_seconds: float = 60.0, delay: float = 0.05
+    ) -> None:
         self.requests: list[dict[str, Any]] = []
         self.flaky_failures = flaky_failures
         self.hang_seconds = hang_seconds
+        self.delay = delay
+        self.in_flight = 0
+        self.max_in_flight = 0
+        #: time.monotonic() of each answer sent by /limited/v1 after its 429s
+        self.answered_at: list[float] = []
         self._lock = threading.Lock()
         self._stopped = threading.Event()  # ends every hang when the server stops
         stub = self
@@ -54,6 +63,24 @@ class StubServer:
     def handle(
         self, h: BaseHTTPRequestHandler, mode: str, body: dict[str, Any], count: int
     ) -> None:
+        if mode == "slow":
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            time.sleep(self.delay)
+            with self._lock:
+                self.in_flight -= 1
+            return self.reply(h, 200, completion(body))
+        if mode == "limited":
+            if count <= self.flaky_failures:
+                h.send_response(429)
+                h.send_header("Retry-After", "1")
+                h.send_header("Content-Length", "0")
+                h.end_headers()
+                return None
+            with self._lock:
+                self.answered_at.append(time.monotonic())
+            return self.reply(h, 200, completion(body))
         if mode == "hang":
             self._stopped.wait(self.hang_seconds)
             return self.reply(h, 200, completion(body))

@@ -354,11 +354,13 @@ def run_operator(
     writer = RecordWriter(line_buffered=opts.line_buffered or env.flush_every_batch)
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
-    progress = make_progress(prog, opts)
+    progress = make_progress(prog, opts, op)
     batch_size = opts.batch_size or op.default_batch_size
     if env.flush_every_batch and env.batch_size:
         batch_size = env.batch_size
     on_batch = progress.update if progress else None
+    if progress and hasattr(op, "on_progress"):  # a model stage: progress within a batch too
+        op.on_progress = lambda: progress.update(stats)
     executor = None
     if opts.workers > 1 and factory is not None:
         from sage_cli.execution.pool import ProcessPoolExecutor, worker_kwargs
@@ -427,14 +429,16 @@ def run_operator(
     return code
 
 
-def make_progress(prog: str, opts: IOOptions) -> Any:
+def make_progress(prog: str, opts: IOOptions, op: Operator | None = None) -> Any:
     if opts.quiet:
         return None
     if not (opts.progress or sys.stderr.isatty()):
         return None
-    from sage_cli.observability.progress import Progress
+    from sage_cli.observability.progress import Progress, count_records
 
-    return Progress(prog)
+    # the ETA needs the input's size: worth counting lines only for a model stage
+    total = count_records(opts.files or ["-"]) if hasattr(op, "on_progress") else None
+    return Progress(prog, total=total, op=op)
 
 
 def refuse_opted_out(verb: Verb, opts: IOOptions, copies: int | None = None) -> None:

@@ -173,7 +173,7 @@ def check_cache_dir(path: Path) -> Check:
 
 def check_threads(default: int) -> Check:
     env = os.environ.get("SAGE_THREADS")
-    where = f"SAGE_THREADS={env}" if env else "half the cores"
+    where = f"SAGE_THREADS={env}" if env else "every core; `sage run` divides them"
     return Check(
         "threads",
         "ok",

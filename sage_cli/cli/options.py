@@ -12,7 +12,7 @@ Threads = Annotated[
         min=1,
         metavar="N",
         help="CPU threads for the model (default: SAGE_THREADS, which `sage run` sets to a fair "
-        "share of the cores, else half the cores).",
+        "share of the cores, else every core).",
         show_default=False,
     ),
 ]

@@ -1,9 +1,10 @@
 """Scale-out (issue 5): `sage embed --workers 2` against `--workers 1` (the throughput ratio),
 and the Ray engine against the local engine (shell pipes) on the same 3-stage dataflow pipeline.
 
-- embed: the same file of short sentences, `--no-cache` so every run embeds. With the default
-  thread budget (SAGE_THREADS or half the cores) one process uses one core of two; two workers
-  use both. Target: workers2/workers1 >= 1.3 on 2 cores.
+- embed: the same file of short sentences, `--no-cache` so every run embeds. The default
+  thread budget (SAGE_THREADS, else every core) is divided among the workers: one process with
+  two threads against two processes with one thread each. Target: workers2/workers1 >= 1.3 on
+  2 cores.
 - Ray: `python -m sage_cli.ray_engine` (what `sage run --engine ray` calls) on a private local
   Ray instance, start-up included, against `sage map | sage filter | sage map`. The overhead is
   reported as ray_wall / local_wall (1.0 = no overhead), plus Ray's fixed start-up cost

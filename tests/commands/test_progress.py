@@ -20,3 +20,42 @@ def test_quick_work_shows_no_progress_long_work_does(capsys, monkeypatch):
     bar.update(stats(500))
     err = capsys.readouterr().err
     assert "sage embed: 500 in, 500 out, 0 errors" in err
+
+
+def test_model_stage_shows_tokens_per_second_and_eta(capsys, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    op = SimpleNamespace(completed=0, generated_tokens=0)
+    bar = Progress("sage generate", total=40, op=op)
+    clock[0] += 10.0
+    op.completed, op.generated_tokens = 10, 480  # answered within a batch not yet written
+    bar.update(stats(0))
+    err = capsys.readouterr().err
+    assert "sage generate: 10 done, 0 errors, 1.0 rec/s, 48.0 tok/s" in err
+    assert "25% of 40, ETA 0:30" in err
+
+
+def test_count_records_only_for_files(tmp_path):
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a": 3}')
+    assert progress_mod.count_records([str(path), str(path)]) == 6
+    assert progress_mod.count_records([str(tmp_path / "missing")]) is None
+
+
+def test_generate_progress_moves_within_a_batch(tmp_path):
+    """--progress on a pipe: lines as the records of one batch are answered (a slow server)."""
+    from tests.conftest import clean_env, ndjson, run_sage
+    from tests.openai_stub import StubServer
+
+    data = tmp_path / "in.ndjson"
+    data.write_bytes(ndjson([{"prompt": f"p{i}"} for i in range(8)]))
+    with StubServer(delay=0.8) as stub:
+        result = run_sage(
+            "generate", "--backend", "openai", "--base-url", f"{stub.url}/slow/v1",
+            "--concurrency", "1", "--batch-size", "8", "--progress", str(data),
+            env=clean_env(SAGE_CACHE_DIR=str(tmp_path / "cache")),
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.decode().splitlines() if " done," in line]
+    assert lines, result.stderr  # at least one line while the one batch of 8 was running
+    assert "of 8, ETA" in lines[0] and "tok/s" in lines[0]

@@ -191,8 +191,14 @@ def test_model_truncated_in_place_under_sage_run_retries_loses_nothing(tmp_path,
     records = [{"id": f"q{i}", "prompt": f"Say {i}."} for i in range(30)]
     with open(fifo, "wb", buffering=0) as feed:
         feed.write(ndjson(records[:10]))
-        first = proc.stdout.readline()  # the model is loaded and in use
-        assert first, proc.stderr.read()
+        # the model is loaded and in use once output comes: read the fd itself, not a line
+        # (generate batches records: several answers may come at once, and lines readline()
+        # buffered would be lost to communicate(), which reads the raw fd)
+        first = b""
+        while not first.endswith(b"\n"):
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, proc.stderr.read()
+            first += chunk
         os.truncate(model, 0)
         feed.write(ndjson(records[10:20]))
         crashed = None

@@ -129,3 +129,25 @@ def test_bad_options_and_missing_model(tmp_path):
     (tmp_path / "all-MiniLM-L6-v2.f16.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ResourceUnavailable, match="not a valid GGUF"):
         op.setup()
+
+
+@pytest.mark.model
+def test_packed_passes_give_llama_embed_vectors():
+    """Embedder packs texts sorted by length into ~128-token encoder passes: the vectors are
+    those of `Llama.embed` (its own packing), texts longer than a pass and empty ones too."""
+    from sage_cli.operators.llm import Embedder
+    from sage_cli.operators.models import locate
+    from sage_cli.resources import model_dirs
+
+    texts = ["", "a cat", "The cat sits on the mat", "A kitten is on the rug"]
+    texts += [" ".join(["word"] * n) for n in (30, 90, 140, 300)]  # 300 words: truncated
+    embedder = Embedder(locate("minilm-l6", model_dirs()), n_threads=1)
+    mine = embedder.embed(texts)
+    ref = np.asarray(
+        embedder._llm.embed([t or " " for t in texts], normalize=False, truncate=True),
+        dtype=np.float32,
+    )
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    assert (mine * ref).sum(axis=1).min() > 0.99999
+    assert 0.55 < float(mine[2] @ mine[3]) < 0.65  # MODELS.md: 0.60
+    embedder.close()

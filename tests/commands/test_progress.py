@@ -1,5 +1,7 @@
 """Progress on stderr: only for work that lasts, never for a quick stage in a pipe."""
 
+from types import SimpleNamespace
+
 from sage_cli import progress as progress_mod
 from sage_cli.execution.driver import Stats
 from sage_cli.progress import Progress

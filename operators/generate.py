@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,8 @@ class Completion:
 
 
 Messages = list[dict[str, str]]
+#: receives each piece of an answer as it is generated; returning False stops the answer
+OnText = Callable[[str], object]
 
 
 # -- the local backend ------------------------------------------------------------------------
@@ -208,7 +210,9 @@ class LlamaBackend:
             "--max-tokens)"
         )
 
-    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+    def complete(
+        self, messages: Messages, params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
         fitted, warning = self.fit(messages, params.max_tokens)
         kwargs: dict[str, Any] = {
             "messages": fitted,
@@ -221,6 +225,8 @@ class LlamaBackend:
         if self.grammar is not None:
             kwargs["grammar"] = self.grammar
         try:
+            if on_text is not None:
+                return self._stream(fitted, kwargs, on_text, warning)
             response = self.llm.create_chat_completion(**kwargs)
         except ValueError as exc:  # llama-cpp-python's "Requested tokens exceed context"
             raise RecordError(f"llama.cpp refused the prompt: {exc}") from None
@@ -231,6 +237,37 @@ class LlamaBackend:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             finish_reason=choice.get("finish_reason"),
+            warnings=[warning] if warning else [],
+            truncated=warning is not None,
+        )
+
+    def _stream(
+        self, fitted: Messages, kwargs: dict[str, Any], on_text: OnText, warning: str | None
+    ) -> Completion:
+        """Generate with `stream=True`, handing each piece of text to `on_text` as it is
+        decoded; `on_text` returning False stops the answer (finish_reason "cancelled").
+        llama-cpp-python's stream carries no usage: the tokens are counted here."""
+        pieces: list[str] = []
+        finish: str | None = None
+        stream = self.llm.create_chat_completion(**kwargs, stream=True)
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    pieces.append(piece)
+                    if on_text(piece) is False:
+                        finish = "cancelled"
+                        break
+                finish = choice.get("finish_reason") or finish
+        finally:
+            stream.close()
+        text = "".join(pieces)
+        return Completion(
+            text=text,
+            prompt_tokens=self.count(fitted),
+            completion_tokens=len(self._tokens(text, special=False)) if text else 0,
+            finish_reason=finish,
             warnings=[warning] if warning else [],
             truncated=warning is not None,
         )
@@ -387,7 +424,15 @@ class OpenAIBackend:
             }
         return body
 
-    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+    def complete(
+        self, messages: Messages, params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
+        completion = self._complete(messages, params)
+        if on_text is not None and completion.text:
+            on_text(completion.text)  # the server's answer, whole (no streaming upstream yet)
+        return completion
+
+    def _complete(self, messages: Messages, params: GenerationParams) -> Completion:
         data = json.dumps(self.body(messages, params)).encode("utf-8")
         attempts = self.retries + 1
         reason = ""
@@ -664,7 +709,10 @@ class Generate(Operator):
         if self.cache_dir is not None and self.params.deterministic:
             self.cache = ResultCache(self.cache_dir / "generate.sqlite", table="generations")
 
-    def answer(self, record: Record) -> Record:
+    def answer(self, record: Record, on_text: OnText | None = None) -> Record:
+        """The record with its `answer`. With `on_text`, the answer's text is handed to it
+        piece by piece as it is generated (whole, for a cache hit); on_text returning False
+        stops the answer there, and such a cut answer is not cached."""
         assert self.backend is not None, "setup() was not called"
         messages = record_messages(record, self.system)
         key = None
@@ -675,8 +723,10 @@ class Generate(Operator):
         t0 = time.perf_counter()
         if cached is not None:
             completion = Completion(**cached)
+            if on_text is not None and completion.text:
+                on_text(completion.text)
         else:
-            completion = self.backend.complete(messages, self.params)
+            completion = self.backend.complete(messages, self.params, on_text)
         seconds = time.perf_counter() - t0
         if cached is None:
             self.generated_tokens += completion.completion_tokens or 0
@@ -704,7 +754,8 @@ class Generate(Operator):
             add_warning(out, warning)
         if completion.truncated or "prompt_truncated" in record:
             out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
-        if self.cache is not None and key is not None and cached is None:
+        cut = completion.finish_reason == "cancelled"  # stopped by on_text: not the answer
+        if self.cache is not None and key is not None and cached is None and not cut:
             self.cache.put_json(key, asdict(completion))
         return out
 

@@ -59,6 +59,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "run": ("sage_cli.commands.run", "Run a pipeline script under supervision, with traces."),
     "trace": ("sage_cli.commands.trace", "Show the trace of a run."),
+    # serving
+    "serve": (
+        "sage_cli.commands.serve",
+        "Serve the models, an index and pipelines over an OpenAI-compatible HTTP API.",
+    ),
 }
 
 

@@ -64,6 +64,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sage_cli.commands.serve",
         "Serve the models, an index and pipelines over an OpenAI-compatible HTTP API.",
     ),
+    "chat": ("sage_cli.commands.chat", "Chat with the local model in a REPL (with --index: RAG)."),
 }
 
 

@@ -17,6 +17,7 @@ future was cancelled before its turn (its client went away) is dropped.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 import time
 from collections import deque
@@ -102,6 +103,9 @@ class ModelWorker:
     # -- the thread ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # SIGINT/SIGTERM belong to the main thread (its handlers stop a REPL's answer or drain
+        # the server); so do the model's own threads, which inherit this mask
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         held: deque[Job] = deque()  # taken from the queue while gathering another kind
         stop = False
         while True:

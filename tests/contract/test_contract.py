@@ -99,6 +99,7 @@ SPECS: dict[str, Spec] = {
     "trace": Spec(["{tmp}"], kind=TOOL),
     # serving
     "serve": Spec([], kind=TOOL),
+    "chat": Spec([], kind=TOOL),
 }
 
 

@@ -65,6 +65,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Serve the models, an index and pipelines over an OpenAI-compatible HTTP API.",
     ),
     "chat": ("sage_cli.commands.chat", "Chat with the local model in a REPL (with --index: RAG)."),
+    "mcp": ("sage_cli.commands.mcp", "Serve retrieve and answer as MCP tools over stdio."),
 }
 
 

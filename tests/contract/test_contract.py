@@ -100,6 +100,7 @@ SPECS: dict[str, Spec] = {
     # serving
     "serve": Spec([], kind=TOOL),
     "chat": Spec([], kind=TOOL),
+    "mcp": Spec([], kind=TOOL),
 }
 
 

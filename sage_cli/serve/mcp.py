@@ -145,7 +145,7 @@ class MCPServer:
     def call(self, mid: Any, params: dict[str, Any]) -> dict[str, Any]:
         name = params.get("name")
         args = params.get("arguments") or {}
-        known = {t["name"] for t in self.tools}
+        known = {str(t["name"]) for t in self.tools}
         if name not in known:
             return _error(mid, INVALID_PARAMS, f"unknown tool {name!r}; tools: {sorted(known)}")
         if not isinstance(args, dict):

@@ -66,6 +66,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "chat": ("sage_cli.commands.chat", "Chat with the local model in a REPL (with --index: RAG)."),
     "mcp": ("sage_cli.commands.mcp", "Serve retrieve and answer as MCP tools over stdio."),
+    "studio": ("sage_cli.commands.studio", "Show runs, stages and records live in a browser."),
 }
 
 

@@ -66,6 +66,8 @@ class ServeConfig:
     pipelines: dict[str, Path] = field(default_factory=dict)
     studio: bool = False
     runs_dir: Path = Path(".sage/runs")
+    #: the command, for its lines on stderr
+    prog: str = "sage serve"
 
 
 class ServerState:
@@ -519,7 +521,7 @@ class _Server(uvicorn.Server):
             self.signal = signum
             self.state.draining = True
             sys.stderr.write(
-                f"sage serve: {signal.Signals(signum).name}: draining "
+                f"{self.state.config.prog}: {signal.Signals(signum).name}: draining "
                 f"{self.state.metrics.in_flight} request(s) in flight\n"
             )
             sys.stderr.flush()
@@ -556,7 +558,7 @@ def serve(engine: ChatEngine | None, config: ServeConfig) -> int:
             what.append("pipelines: " + ", ".join(sorted(config.pipelines)))
         if config.studio:
             what.append(f"studio: http://{shown}:{port}/studio")
-        announce = f"sage serve: listening on http://{shown}:{port} ({'; '.join(what)})"
+        announce = f"{config.prog}: listening on http://{shown}:{port} ({'; '.join(what)})"
         uv_config = uvicorn.Config(
             make_app(state),
             log_level="warning",

@@ -101,6 +101,7 @@ SPECS: dict[str, Spec] = {
     "serve": Spec([], kind=TOOL),
     "chat": Spec([], kind=TOOL),
     "mcp": Spec([], kind=TOOL),
+    "studio": Spec([], kind=TOOL),
 }
 
 

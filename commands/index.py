@@ -45,6 +45,23 @@ def build(
         ),
     ] = 32,
     seed: Annotated[int, typer.Option("--seed", help="annoy build seed.")] = 42,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="Input is the full current listing: reuse the vectors DIR already holds for "
+            "chunks whose id and text are unchanged, embed the rest; documents not in the "
+            "input are gone.",
+        ),
+    ] = False,
+    keep_missing: Annotated[
+        bool,
+        typer.Option(
+            "--keep-missing",
+            help="With --update: input holds only changed documents and deletion records "
+            '({"id", "deleted": true}); documents it does not name are kept.',
+        ),
+    ] = False,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -70,11 +87,21 @@ def build(
     record); ids must be unique. Output: one summary record (index, count, dimension, model).
     No input records: nothing is written, no output.
 
+    --update rebuilds DIR from the input, taking the vector of every chunk whose id and text
+    (and model) are unchanged from DIR instead of embedding it again: documents changed are
+    replaced, new ones added, those missing from the input removed. With --keep-missing the
+    input is only what changed: documents (a chunk's `parent_id`, else its `id`) it names are
+    replaced, deletion records `{"id": ID, "deleted": true, "metadata": {"path": P}}` (what
+    `sage source --watch` emits for a removed file) remove the document ID and every chunk
+    from path P, the rest is kept. The summary adds embedded, reused and removed counts.
+
     \b
     Examples:
       sage source docs/ | sage chunk | sage embed | sage index build idx/
       sage chunk docs.ndjson | sage index build idx/ --model minilm-l6
       sage index build idx/ --trees 50 embedded.ndjson
+      sage source docs/ | sage chunk | sage index build idx/ --update
+      sage chunk changes.ndjson | sage index build idx/ --update --keep-missing
     """
     from sage_cli.operators.index import IndexBuilder
     from sage_cli.resources import default_threads, hash_cache_file, model_dirs
@@ -87,6 +114,8 @@ def build(
         trees=trees,
         seed=seed,
         hash_cache=hash_cache_file(),
+        update=update,
+        keep_missing=keep_missing,
     )
 
 

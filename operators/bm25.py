@@ -20,7 +20,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -89,7 +89,7 @@ class BM25:
             )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> BM25:
+    def load(cls, path: str | os.PathLike[str] | BinaryIO) -> BM25:
         """Read what `save` wrote; ValueError for a file that is damaged in any way (a bad
         zip, a truncated array, arrays that disagree: a search must never index outside)."""
         names = ("vocab", "indptr", "doc_ids", "tfs", "doc_len", "params")

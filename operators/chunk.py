@@ -182,6 +182,8 @@ class Chunker(Operator):
         return out
 
     def chunk_record(self, record: Record) -> list[Record]:
+        if record.get("deleted") is True and "text" not in record:
+            return [record]  # a deletion record (source --watch) passes through for the index
         text = record_text(record)
         metadata = record.get("metadata")
         if metadata is None:

@@ -6,10 +6,9 @@ import hashlib
 from collections import OrderedDict
 from typing import Any
 
-import orjson
-
 from .base import Operator, OptionError, Record
 from .fields import lookup
+from .ndjson import dumps_value
 
 
 class Dedupe(Operator):
@@ -38,7 +37,7 @@ class Dedupe(Operator):
 
     def digest(self, record: Record) -> bytes:
         values = [lookup(record, k) for k in self.keys]
-        data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS, default=str)
+        data = dumps_value(values, sort_keys=True)
         return hashlib.blake2b(data, digest_size=16).digest()
 
     def process(self, batch: list[Record]) -> list[Record]:

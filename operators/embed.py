@@ -148,11 +148,17 @@ class Embed(Operator):
         return out
 
     def process(self, batch: list[Record]) -> list[Record]:
-        texts = [record_text(r, self.field) for r in batch]
+        # a deletion record (source --watch) has nothing to embed: it passes through as it is
+        todo = [r for r in batch if not (r.get("deleted") is True and "text" not in r)]
+        texts = [record_text(r, self.field) for r in todo]
         self.texts += len(texts)
-        vecs = self.vectors(texts)
+        vecs = iter(self.vectors(texts))
         out: list[Record] = []
-        for record, vec in zip(batch, vecs, strict=True):
+        for record in batch:
+            if record.get("deleted") is True and "text" not in record:
+                out.append(record)
+                continue
+            vec = next(vecs)
             rec = dict(record)
             if self.fmt == "b64":
                 rec.pop("embedding", None)

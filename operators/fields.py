@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-import orjson
-
 from .base import Record, RecordError
+from .ndjson import dumps_value
 
 _MISSING = object()
 
@@ -42,4 +41,4 @@ def hashable(value: Any) -> Hashable:
     if value is None or isinstance(value, str | int | float | bool):
         # 1 and 1.0 and True are equal in Python but different JSON values: keep them apart
         return (type(value).__name__, value)
-    return ("json", orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
+    return ("json", dumps_value(value, sort_keys=True))

@@ -25,7 +25,7 @@ from typing import Any
 from .base import ResourceUnavailable
 
 #: what to run when a model file is missing or damaged
-FIX = "run `make install` (or `sage models install`) to reinstall the models"
+FIX = "run `sage models install` to reinstall the models"
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)

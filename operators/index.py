@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, Literal
 
 import orjson
 
@@ -51,6 +51,7 @@ from .base import (
     ResourceUnavailable,
     record_text,
 )
+from .ndjson import dump_record, exact_numbers
 
 if TYPE_CHECKING:
     import numpy as np
@@ -263,7 +264,7 @@ def _write_index(
             np.save(_PlainWriter(fh), vectors, allow_pickle=False)
         with open(tmp / FILES["records"], "wb") as fh:
             for record in records:
-                fh.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
+                fh.write(dump_record(record))
         bm25 = BM25.build(record_text(r) for r in records)
         bm25.save(tmp / FILES["bm25"])
         forest = AnnoyIndex(dim, METRIC)
@@ -414,6 +415,15 @@ def _safe_file(directory: Path, role: str, name: Any) -> Path:
 
 def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The validated manifest of the index in `directory`, or ResourceUnavailable saying why."""
+    manifest, fh = _open_manifest(directory)
+    fh.close()
+    return manifest
+
+
+def _open_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], BinaryIO]:
+    """The validated manifest and the manifest file, still open: while it is open its inode
+    cannot be reused, so comparing it with what the path names later tells whether the index
+    was replaced in between (see Index)."""
     path = Path(directory)
     if not path.exists():
         raise ResourceUnavailable(
@@ -423,7 +433,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_dir():
         raise ResourceUnavailable(f"{path} is not an index directory; {REBUILD}")
     try:
-        raw = (path / "manifest.json").read_bytes()
+        fh: BinaryIO = open(path / "manifest.json", "rb")  # noqa: SIM115 - returned open
+        raw = fh.read()
     except FileNotFoundError:
         raise ResourceUnavailable(
             f"{path} is not a sage index (no manifest.json); {REBUILD}"
@@ -455,18 +466,66 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise ResourceUnavailable(f"{path}/manifest.json lists no files {sorted(FILES)}; {REBUILD}")
     for role in FILES:
         _safe_file(path, role, files[role])
-    return manifest
+    return manifest, fh
+
+
+def _same_file(fh: BinaryIO, path: Path) -> bool:
+    """Whether the open file `fh` is still the file at `path`."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return False
+    was = os.fstat(fh.fileno())
+    return (was.st_dev, was.st_ino) == (now.st_dev, now.st_ino)
+
+
+#: how many times Index opens an index that is replaced while it reads it before giving up
+OPEN_ATTEMPTS = 10
 
 
 class Index:
-    """An index opened for search: vectors and annoy memory-mapped, records in memory."""
+    """An index opened for search: vectors and annoy memory-mapped, records in memory.
+
+    Every file comes from one generation of the index: the manifest is held open while the
+    other files are opened (the BM25 file too, read on first use from the open file), and the
+    manifest the path names afterwards must be the same file; if a build replaced the index in
+    between, everything is opened again. A long-running reader keeps the generation it opened.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        for _ in range(OPEN_ATTEMPTS):
+            manifest, fh = _open_manifest(self.directory)
+            try:
+                try:
+                    self._open(manifest)
+                except ResourceUnavailable:
+                    if _same_file(fh, self.directory / "manifest.json"):
+                        raise  # really damaged, not replaced under our feet
+                    continue
+                if _same_file(fh, self.directory / "manifest.json"):
+                    return
+                self._close_files()  # replaced while we read it: open the new one whole
+            finally:
+                fh.close()
+        raise ResourceUnavailable(
+            f"{self.directory}: the index was replaced {OPEN_ATTEMPTS} times while it was "
+            "being opened; try again when `sage index build` is done"
+        )
+
+    def _close_files(self) -> None:
+        self.forest.unload()
+        self._bm25_file.close()
+
+    def close(self) -> None:
+        """Let go of the files (the mapped vectors go when the last reference does)."""
+        self._close_files()
+
+    def _open(self, manifest: dict[str, Any]) -> None:
         import numpy as np
         from annoy import AnnoyIndex
 
-        self.directory = Path(directory)
-        self.manifest = read_manifest(self.directory)
+        self.manifest = manifest
         files = self.manifest["files"]
         self.dimension: int = self.manifest["dimension"]
         self.count: int = self.manifest["count"]
@@ -516,6 +575,10 @@ class Index:
                 f"items, the manifest says {self.count}; {REBUILD}"
             )
         self._bm25: BM25 | None = None
+        # opened now, read on first use: from this generation whatever happens at the path
+        bm25_path = _safe_file(where, "bm25", files["bm25"])
+        self._bm25_name = str(bm25_path)
+        self._bm25_file: BinaryIO = open(bm25_path, "rb")  # noqa: SIM115 - kept open
         self._rows: dict[str, int] | None = None
 
     def _read_records(self, path: Path) -> list[Record]:
@@ -523,7 +586,7 @@ class Index:
         with open(path, "rb") as fh:
             for n, line in enumerate(fh, 1):
                 try:
-                    record = orjson.loads(line)
+                    record = exact_numbers(line, orjson.loads(line))
                 except orjson.JSONDecodeError:
                     raise ResourceUnavailable(
                         f"{path}:{n}: not JSON (corrupt index); {REBUILD}"
@@ -542,9 +605,11 @@ class Index:
         if self._bm25 is None:
             from .bm25 import BM25
 
-            path = _safe_file(self.directory, "bm25", self.manifest["files"]["bm25"])
+            path = self._bm25_name
             try:
-                self._bm25 = BM25.load(path)
+                self._bm25_file.seek(0)
+                self._bm25 = BM25.load(self._bm25_file)
+                self._bm25_file.close()
             except (OSError, ValueError, KeyError) as exc:
                 raise ResourceUnavailable(
                     f"{path}: corrupt BM25 statistics ({exc}); {REBUILD}"
@@ -593,6 +658,13 @@ class Index:
         scores = self.vectors[np.asarray(rows)] @ query
         order = sorted(range(len(rows)), key=lambda i: (-float(scores[i]), rows[i]))
         return [(int(rows[i]), float(scores[i])) for i in order]
+
+
+def document_of(record: Record) -> str:
+    """The document a record belongs to, for `index build --update`: its `parent_id` (a chunk
+    of it) or its own id."""
+    parent = record.get("parent_id")
+    return str(parent if parent is not None else record.get("id"))
 
 
 def search_k_floor(count: int) -> int:
@@ -646,9 +718,20 @@ class IndexBuilder(Operator):
         seed: int = DEFAULT_SEED,
         embedder_factory: Callable[[Path, int | None], Any] | None = None,
         hash_cache: str | os.PathLike[str] | None = None,
+        update: bool = False,
+        keep_missing: bool = False,
     ) -> None:
         if trees < 1:
             raise OptionError(f"--trees must be at least 1, got {trees}")
+        self.update = update or keep_missing
+        self.keep_missing = keep_missing
+        self.old: Index | None = None  # the index being updated
+        self.old_rows: dict[str, int] = {}  # its ids -> rows
+        self.documents: set[str] = set()  # documents named by the input (see document_of)
+        self.deleted_ids: set[str] = set()  # from deletion records
+        self.deleted_paths: set[str] = set()
+        self.reused = 0  # vectors taken from the old index
+        self.embedded = 0  # vectors made here
         self.directory = Path(directory)
         self.model_name = model
         self.model_dirs = list(model_dirs)
@@ -669,6 +752,10 @@ class IndexBuilder(Operator):
     def setup(self) -> None:
         _recover(Path(self.directory))  # what a build killed with SIGKILL left behind
         check_target(self.directory)  # refuse a foreign directory before reading any input
+        if self.update and self.old is None and _is_index(self.directory):
+            self.old = Index(self.directory)  # one generation, held until the new one is in
+            for i, r in enumerate(self.old.records):
+                self.old_rows.setdefault(str(r.get("id")), i)
 
     # -- embedding the records that come without a vector ----------------------------------
 
@@ -717,7 +804,12 @@ class IndexBuilder(Operator):
         ids: set[str] = set()
         kept: list[tuple[Record, np.ndarray | None]] = []
         need_vector: list[int] = []
+        reused = 0
+        deletions: list[Record] = []
         for record in batch:
+            if record.get("deleted") is True:
+                deletions.append(record)  # kept out of the index, and its document with it
+                continue
             text = record_text(record)
             if "id" in record:
                 doc_id = str(record["id"])
@@ -732,7 +824,13 @@ class IndexBuilder(Operator):
             vec = record_vector(record)
             if vec is None:
                 ref: ModelRef | None = self._embedder_for(model)[1]
-                need_vector.append(len(kept))
+                assert ref is not None
+                vec = self._old_vector(doc_id, text, ref)
+                if vec is None:
+                    need_vector.append(len(kept))
+                else:
+                    reused += 1
+                    dim = int(vec.shape[0]) if dim is None else dim
             else:
                 ref = ModelRef.parse(record.get("embedding_model"))
                 if dim is None:
@@ -767,8 +865,68 @@ class IndexBuilder(Operator):
             assert vec is not None
             self.records.append(stored)
             self.vectors.append(vec)
+            self.documents.add(document_of(stored))
         self.ids |= ids
+        self.embedded += len(need_vector)
+        self.reused += reused
+        for record in deletions:
+            self.deleted_ids.add(str(record.get("id")))
+            meta = record.get("metadata")
+            if isinstance(meta, dict) and isinstance(meta.get("path"), str):
+                self.deleted_paths.add(meta["path"])
         return []
+
+    def _old_vector(self, doc_id: str, text: str, ref: ModelRef) -> np.ndarray | None:
+        """The vector the index being updated holds for this very chunk (same id, same text,
+        same model), or None when it must be embedded."""
+        import numpy as np
+
+        if self.old is None or self.old.model is None or not self.old.model.same_as(ref):
+            return None
+        row = self.old_rows.get(doc_id)
+        if row is None or self.old.records[row].get("text") != text:
+            return None
+        return np.array(self.old.vectors[row], dtype=np.float32)
+
+    def _carry_over(self) -> None:
+        """--keep-missing: the old index's documents that the input did not name or delete."""
+        import numpy as np
+
+        old = self.old
+        if old is None:
+            return
+        for i, record in enumerate(old.records):
+            doc = document_of(record)
+            meta = record.get("metadata")
+            path = meta.get("path") if isinstance(meta, dict) else None
+            if (
+                doc in self.documents
+                or doc in self.deleted_ids
+                or str(record.get("id")) in self.deleted_ids
+                or path in self.deleted_paths
+                or str(record.get("id")) in self.ids
+            ):
+                continue
+            if self.model is not None and old.model is not None:
+                if not self.model.same_as(old.model):
+                    raise OptionError(
+                        f"{self.directory} holds vectors from {old.model.label()}, the new "
+                        f"records from {self.model.label()}; an index cannot mix models "
+                        "(rebuild it from the full listing, without --keep-missing)"
+                    )
+            elif self.dimension is not None and self.dimension != old.dimension:
+                raise OptionError(
+                    f"{self.directory} holds {old.dimension}-dimensional vectors, the new "
+                    f"records {self.dimension}-dimensional ones; rebuild it without --keep-missing"
+                )
+            self.records.append(record)
+            self.vectors.append(np.array(old.vectors[i], dtype=np.float32))
+            self.ids.add(str(record.get("id")))
+            self.reused += 1
+        if self.model is None:
+            self.model = old.model
+        if self.dimension is None:
+            self.dimension = old.dimension
 
     def close(self) -> list[Record]:
         import numpy as np
@@ -776,7 +934,17 @@ class IndexBuilder(Operator):
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
+        if self.keep_missing and (self.records or self.deleted_ids or self.deleted_paths):
+            self._carry_over()
         if not self.records:
+            old, self.old = self.old, None
+            if old is not None:
+                old.close()
+            if old is not None and not self.keep_missing:
+                raise OptionError(
+                    f"--update with no records would leave nothing in {self.directory}; "
+                    "give it the full listing (or --keep-missing and the changes)"
+                )
             return []
         vectors = np.vstack(self.vectors)
         model = self.model
@@ -801,5 +969,11 @@ class IndexBuilder(Operator):
             "model_sha256": model.sha256 if model else None,
             "trees": self.trees,
         }
+        if self.update:
+            removed = sum(1 for doc_id in self.old_rows if doc_id not in self.ids)
+            summary.update(embedded=self.embedded, reused=self.reused, removed=removed)
+        if self.old is not None:
+            self.old.close()
+            self.old = None
         self.vectors, self.records = [], []
         return [summary]

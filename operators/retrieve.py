@@ -51,9 +51,10 @@ def rrf(
 
 
 def query_text(record: Record, field: str | None) -> str:
-    """The query of a record: `field`, or `query` falling back to `text`."""
+    """The query of a record: `field`, or `query` falling back to `text`, then `content` (the
+    text field of simonw's `llm`)."""
     if field is None:
-        field = "query" if "query" in record or "text" not in record else "text"
+        field = next((f for f in ("query", "text", "content") if f in record), "query")
     if field not in record:
         raise RecordError(
             f"record has no {field!r} field to search with (fields: "

@@ -8,7 +8,10 @@
 - `fmt`: ndjson (one record a line), json (one array), csv (the union of top-level keys, in order
   of first appearance, as columns; nested values as JSON), md (a markdown table, same columns).
   csv and md need every record before the header can be written: they hold the input and write it
-  at close(). ndjson and json are written as records arrive.
+  at close(). ndjson and json are written as records arrive. llm: one line per record,
+  `{"id", "content"}` only (the id as a string, the text), the shape simonw's `llm embed-multi
+  --format nl` reads (it takes the first value as the id and joins the others as the text, so
+  a `metadata` object or a number would break it).
 - `pretty=True`: records rendered for a person with rich (fields aligned, long text wrapped).
 
 Records with `_error` never reach an operator: the driver passes them through to stdout.
@@ -25,9 +28,18 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
-from .base import Operator, OptionError, OutputFailed, Record, terminal_safe
+from .base import (
+    Operator,
+    OptionError,
+    OutputFailed,
+    Record,
+    RecordError,
+    record_text,
+    terminal_safe,
+)
+from .ndjson import dump_record, dumps_value
 
-FORMATS = ("ndjson", "json", "csv", "md")
+FORMATS = ("ndjson", "json", "csv", "md", "llm")
 WHOLE_INPUT = ("csv", "md")
 
 
@@ -95,6 +107,8 @@ class Sink(Operator):
             self.held.extend(batch)
         elif self.fmt == "ndjson":
             self._write(b"".join([_dump_line(r) for r in batch]))
+        elif self.fmt == "llm":
+            self._write(b"".join([_dump_line(llm_shape(r)) for r in batch]))
         else:  # json: one array, elements separated by ",\n"
             sep = b",\n" if self.count else b"\n"
             self._write(sep + b",\n".join(_dump(r) for r in batch))
@@ -223,14 +237,10 @@ def _mode_for(path: str) -> int:
 
 
 def _dump(record: Record) -> bytes:
-    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+    return dumps_value(record)
 
 
-_LINE = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE
-
-
-def _dump_line(record: Record) -> bytes:
-    return orjson.dumps(record, option=_LINE, default=str)
+_dump_line = dump_record
 
 
 def columns(records: list[Record]) -> list[str]:
@@ -249,6 +259,13 @@ def cell(value: Any) -> str:
     if isinstance(value, str):
         return value
     return _dump(value).decode()
+
+
+def llm_shape(record: Record) -> Record:
+    """`{"id", "content"}`: what `llm embed-multi --format nl` reads."""
+    if "id" not in record:
+        raise RecordError("record has no 'id' (llm embed-multi needs one per record)")
+    return {"id": str(record["id"]), "content": record_text(record)}
 
 
 def to_csv(records: list[Record]) -> bytes:

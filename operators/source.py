@@ -2,9 +2,15 @@
 
 Formats, chosen by extension (or forced with `fmt`):
 
-- text (.txt, .md, .markdown, .rst and any other named file): one record per file,
-  `{"id", "text", "metadata": {"path", "mtime", "bytes"}}`. Invalid UTF-8 is decoded with
-  U+FFFD replacement characters and the record's `_warnings` list says so.
+- text (.txt, .md, .markdown, .rst, files without an extension, and any other named file): one
+  record per file, `{"id", "text", "metadata": {"path", "mtime", "bytes"}}`. Invalid UTF-8 is
+  decoded with U+FFFD replacement characters and the record's `_warnings` list says so. Binary
+  content (a NUL byte in the first 8 KiB) is refused: one file's error (a BadFile).
+- pdf (.pdf): one record per page, id `PATH:N`, metadata `page` (from 1), `pages`, `title`.
+- html (.html, .htm, .xhtml): the main text (operators.documents), metadata `title`.
+- docx (.docx): the text with headings as markdown `#` lines, metadata `title`.
+- any extension given a converter (`convert={".doc": argv}`): the program's stdout, as text.
+- `NAME.gz`: decompressed, then read as NAME would be.
 - ndjson (.ndjson, .jsonl; stdin by default): records as they are. A line that is not a JSON
   object is a BadLine with `FILE:LINE` for the error policy.
 - json (.json): an array of objects (one record each) or one object (a UTF-8 BOM is allowed).
@@ -17,10 +23,14 @@ file, `PATH:LINE` for a line or row, `PATH:N` for the N-th element of a JSON arr
 `id_by="content"`, the first 16 hex digits of the SHA-256 of the text (or of the canonical JSON of
 a record without text). A record with `content` and no `text` gets `text` (the alias is renamed).
 
-Directories are read recursively, in sorted order, skipping hidden entries, symbolic links
-(as `grep -r` does; a link named as an argument is followed) and files whose extension is not
-one of the above. With `watch=True` the source emits every matching file once,
-then each file again whenever it is created or its content changes, until interrupted.
+Directories are read recursively, in sorted order, skipping hidden entries, symbolic links that
+lead out of the walked tree (a link named as an argument is followed; links that stay inside it
+are followed, a directory once) and files whose extension is not one of the above (with a
+forced `fmt`, every file is read). Every skipped entry is recorded in `skipped` (path, reason)
+and `notes()` sums them up for stderr. With `watch=True` the source emits every matching file
+once, then each file again whenever it is created or its content changes, and a deletion
+record `{"id": PATH, "deleted": true, "metadata": {"path": PATH}}` when an emitted file is
+removed, until interrupted.
 """
 
 from __future__ import annotations
@@ -38,10 +48,13 @@ from typing import Any, BinaryIO, ClassVar
 import orjson
 
 from .base import Operator, OptionError, Record, add_warning
+from .documents import READERS, DocumentError, gunzip, looks_binary, run_converter
 from .ndjson import (
     BadLine,
     describe_json_error,
+    exact_numbers,
     line_blocks,
+    may_hold_long_integer,
     numbered_lines,
     parse_or_bad,
 )
@@ -56,13 +69,49 @@ EXTENSIONS: dict[str, str] = {
     ".jsonl": "ndjson",
     ".json": "json",
     ".csv": "csv",
+    ".pdf": "pdf",
+    ".html": "html",
+    ".htm": "html",
+    ".xhtml": "html",
+    ".docx": "docx",
 }
-FORMATS = ("auto", "text", "ndjson", "json", "csv")
+FORMATS = ("auto", "text", "ndjson", "json", "csv", "pdf", "html", "docx")
+#: formats whose files are documents read whole (by operators.documents)
+DOCUMENT_FORMATS = frozenset(READERS)
+#: why a walked entry was skipped -> how the summary line names it
+SKIP_REASONS = {
+    "extension": "unknown extension",
+    "outside": "symlink leading out of the tree",
+    "broken": "broken symlink",
+    "special": "not a regular file",
+    "hidden": "hidden",
+}
 STDIN = "-"
 _loads = orjson.loads
 
 #: what the records iterable yields: a record, a bad line, or None ("idle: flush now")
 Item = Record | BadLine | None
+
+
+class BadFile(BadLine):
+    """A whole file that cannot be read as what it is (binary, a corrupt PDF...): one file's
+    error under the error policy, reported as `PATH: why`."""
+
+    def message(self) -> str:
+        return f"{self.origin}: {self.reason}"
+
+
+def inner_name(path: str) -> tuple[str, bool]:
+    """The name a file is read as (`a.txt.gz` -> `a.txt`) and whether it is gzip-compressed."""
+    if path.lower().endswith(".gz") and path != STDIN:
+        return path[:-3], True
+    return path, False
+
+
+def extension(path: str) -> str:
+    """The extension that decides how a file is read: `.pdf`, `.txt` for `a.txt.gz`, or ''."""
+    name, _ = inner_name(os.path.basename(path))
+    return os.path.splitext(name)[1].lower()
 
 
 def _permission_error(path: str) -> OptionError:
@@ -87,6 +136,9 @@ class Source(Operator):
                 "path": {"type": "string"},
                 "mtime": {"type": "number"},
                 "bytes": {"type": "integer"},
+                "page": {"type": "integer", "description": "PDF: the page, from 1"},
+                "pages": {"type": "integer", "description": "PDF: its number of pages"},
+                "title": {"type": "string", "description": "PDF, HTML, DOCX: the title"},
             },
         },
         "_warnings": {"type": "array", "items": {"type": "string"}},
@@ -102,6 +154,8 @@ class Source(Operator):
         watch: bool = False,
         stdin: BinaryIO | None = None,
         watch_step_ms: int = 50,
+        convert: dict[str, list[str]] | None = None,
+        verbose: bool = False,
     ) -> None:
         if id_by not in ("path", "content"):
             raise OptionError(f"--id-by {id_by!r}: expected path or content")
@@ -117,6 +171,9 @@ class Source(Operator):
         self.stdin = stdin
         self.watch_step_ms = watch_step_ms
         self._seen: dict[str, bytes] = {}  # path -> digest of what was last emitted (watch)
+        self.convert = {k.lower(): v for k, v in (convert or {}).items()}
+        self.verbose = verbose
+        self.skipped: list[tuple[str, str]] = []  # (path, reason) of every entry walked past
 
     def process(self, batch: list[Record]) -> list[Record]:
         return batch
@@ -146,7 +203,7 @@ class Source(Operator):
             if arg == STDIN:
                 add(arg)
             elif os.path.isdir(arg):
-                for path in walk(arg):
+                for path in walk(arg, self.listed, self.skipped):
                     add(path)
             elif os.path.lexists(arg):
                 add(arg)
@@ -155,11 +212,22 @@ class Source(Operator):
                 if not matches:
                     raise OptionError(f"{arg}: no file matches this pattern")
                 for match in matches:
-                    for path in walk(match) if os.path.isdir(match) else [match]:
-                        add(path)
+                    if os.path.isdir(match):
+                        for path in walk(match, self.listed, self.skipped):
+                            add(path)
+                    else:
+                        add(match)
             else:
                 raise _missing(arg)
         return out
+
+    def listed(self, path: str) -> bool:
+        """Whether a file found in a directory is read: a known extension, one with a
+        converter, no extension at all, or any file when a format is forced."""
+        if self.fmt != "auto":
+            return True
+        ext = extension(path)
+        return not ext or ext in EXTENSIONS or ext in self.convert
 
     def format_of(self, path: str) -> str:
         if self.raw:
@@ -168,7 +236,40 @@ class Source(Operator):
             return self.fmt
         if path == STDIN:
             return "ndjson"
-        return EXTENSIONS.get(os.path.splitext(path)[1].lower(), "text")
+        ext = extension(path)
+        if ext in self.convert:
+            return "convert"
+        return EXTENSIONS.get(ext, "text")
+
+    def notes(self) -> list[str]:
+        """Lines for stderr at the end: what was skipped, summed up (and listed if verbose)."""
+        if not self.skipped:
+            return []
+        lines = [f"skipped {path} ({SKIP_REASONS[why]})" for path, why in self.skipped]
+        lines = lines if self.verbose else []
+        by_reason: dict[str, int] = {}
+        by_ext: dict[str, int] = {}
+        for path, why in self.skipped:
+            by_reason[why] = by_reason.get(why, 0) + 1
+            if why == "extension":
+                name, gz = inner_name(os.path.basename(path))
+                ext = os.path.splitext(name)[1].lower() + (".gz" if gz else "")
+                by_ext[ext] = by_ext.get(ext, 0) + 1
+        parts = []
+        for why, label in SKIP_REASONS.items():
+            if why in by_reason:
+                detail = ""
+                if why == "extension":
+                    top = sorted(by_ext.items(), key=lambda kv: (-kv[1], kv[0]))
+                    shown = ", ".join(f"{e} {n}" for e, n in top[:8])
+                    more = f", {len(top) - 8} more" if len(top) > 8 else ""
+                    detail = f" ({shown}{more})"
+                parts.append(f"{label} {by_reason[why]}{detail}")
+        hint = "" if self.verbose else "; --verbose lists them"
+        if "extension" in by_reason:
+            hint += "; read them with --format text or --convert EXT=COMMAND"
+        lines.append(f"skipped {len(self.skipped)} file(s): {', '.join(parts)}{hint}")
+        return lines
 
     def read_path(self, path: str) -> Iterator[Item]:
         """The records of one input."""
@@ -179,16 +280,37 @@ class Source(Operator):
                 raise OptionError("no stdin to read from")
             if fmt in ("raw", "ndjson"):
                 yield from self._lines(stream, "stdin", fmt, live=not _is_regular(stream))
+            elif fmt in DOCUMENT_FORMATS:
+                try:
+                    yield from self._document("stdin", read_all(stream), fmt, None)
+                except DocumentError as exc:
+                    yield BadFile("stdin", 0, str(exc), b"")
             else:
                 yield from self._whole("stdin", read_all(stream), fmt, None)
             return
-        if fmt in ("raw", "ndjson"):
+        gz = inner_name(path)[1]
+        if fmt in ("raw", "ndjson") and not gz:
             with open_file(path) as fh:
                 yield from self._lines(fh, path, fmt, live=False)
             return
         with open_file(path) as fh:
             st = os.fstat(fh.fileno())
-            data = read_all(fh)
+            data = b"" if fmt == "convert" else read_all(fh)
+        try:
+            if gz:
+                data = gunzip(data)
+            if fmt == "convert":
+                data = run_converter(self.convert[extension(path)], path)
+                fmt = "text"
+            elif fmt in DOCUMENT_FORMATS:
+                yield from self._document(path, data, fmt, st)
+                return
+        except DocumentError as exc:
+            yield BadFile(path, 0, str(exc), b"")
+            return
+        if fmt in ("raw", "ndjson"):
+            yield from self._lines(io.BytesIO(data), path, fmt, live=False)
+            return
         yield from self._whole(path, data, fmt, st)
 
     # -- line formats ----------------------------------------------------------------------
@@ -209,6 +331,8 @@ class Source(Operator):
             except orjson.JSONDecodeError:
                 items = []
             if items and all(type(r) is dict for r in items):
+                if may_hold_long_integer(b"".join(lines)):  # integers beyond 64 bits stay exact
+                    items = list(map(exact_numbers, lines, items))
                 for offset, record in enumerate(items):
                     if "id" not in record or "text" not in record:
                         finish(record, f"{origin}:{first + offset}")
@@ -233,6 +357,9 @@ class Source(Operator):
 
     def _whole(self, path: str, data: bytes, fmt: str, st: os.stat_result | None) -> Iterator[Item]:
         if fmt == "text":
+            if looks_binary(data):
+                yield BadFile(path, 0, _BINARY, data[:64])
+                return
             text, warning = decode_text(data)
             meta: Record = {"path": path}
             if st is not None:
@@ -249,12 +376,32 @@ class Source(Operator):
         else:  # ndjson from a whole buffer (not reached from read_path; kept for completeness)
             yield from self._lines(io.BytesIO(data), path, "ndjson", live=False)
 
+    def _document(
+        self, path: str, data: bytes, fmt: str, st: os.stat_result | None
+    ) -> Iterator[Item]:
+        """A PDF (one record per page), HTML or DOCX file (one record)."""
+        doc = READERS[fmt](data)
+        base: Record = {"path": path}
+        if st is not None:
+            base["mtime"] = st.st_mtime
+        base["bytes"] = len(data)
+        paged = fmt == "pdf"
+        for n, text in enumerate(doc.parts, 1):
+            meta = dict(base, page=n) if paged else dict(base)
+            meta.update(doc.metadata)
+            where = f"{path}:{n}" if paged else path
+            record: Record = {"id": self._id(text, where), "text": text, "metadata": meta}
+            for warning in doc.warnings:
+                if not paged or warning.startswith(f"page {n} "):
+                    add_warning(record, warning)
+            yield record
+
     def _json(self, path: str, data: bytes) -> Iterator[Item]:
         if not data.strip():
             return  # an empty file holds no records
         data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as csv reads it
         try:
-            value = orjson.loads(data)
+            value = exact_numbers(data, orjson.loads(data))
         except orjson.JSONDecodeError as exc:
             # quote the line at fault, not the start of the file (one line on stderr)
             lineno = max(int(getattr(exc, "lineno", 1) or 1), 1)
@@ -363,7 +510,7 @@ class Source(Operator):
             for batch in batches:
                 for kind, path in sorted(batch):
                     if kind == watchfiles.Change.deleted:
-                        self._seen.pop(os.path.realpath(path), None)
+                        yield from self._deleted(path)
                 for path in sorted({p for kind, p in batch if kind != watchfiles.Change.deleted}):
                     yield from self._emit_if_changed(self._shown(path))
             batches = []
@@ -380,6 +527,14 @@ class Source(Operator):
             elif os.path.exists(arg) and os.path.realpath(arg) == real:
                 return arg
         return path if any(os.path.isabs(a) for a in self.paths) else os.path.relpath(path)
+
+    def _deleted(self, path: str) -> Iterator[Item]:
+        """A deletion record for a file that was emitted and is gone (not for one that
+        was never read, nor for one that is back already)."""
+        if os.path.exists(path) or self._seen.pop(os.path.realpath(path), None) is None:
+            return
+        shown = self._shown(path)
+        yield {"id": shown, "deleted": True, "metadata": {"path": shown}}
 
     def _emit_if_changed(self, path: str) -> Iterator[Item]:
         """The records of `path`, unless its content is what was last emitted for it."""
@@ -429,7 +584,7 @@ class Source(Operator):
                 rel = os.path.relpath(real, d)
                 if not rel.startswith(".."):
                     parts = rel.split(os.sep)
-                    if not any(_hidden(p) for p in parts) and _listed(path):
+                    if not any(_hidden(p) for p in parts) and self.listed(path):
                         return True
             return False
 
@@ -438,10 +593,6 @@ class Source(Operator):
 
 def _hidden(name: str) -> bool:
     return name.startswith(".")
-
-
-def _listed(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in EXTENSIONS
 
 
 def _glob_match(path: str, pattern: str) -> bool:
@@ -466,30 +617,62 @@ def _glob_base(pattern: str) -> str:
     return os.sep.join(base) or ("/" if pattern.startswith("/") else ".")
 
 
-def walk(root: str) -> list[str]:
-    """Files under `root` with a known extension, recursively, sorted, hidden entries and
-    symbolic links skipped (a link planted in an ingested tree could loop, or pull in a file
-    from elsewhere, e.g. `notes.txt -> ~/.ssh/id_rsa`; name a linked path to read it).
+def walk(
+    root: str,
+    listed: Any = lambda path: extension(path) in EXTENSIONS,
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[str]:
+    """Files under `root` that `listed` accepts, recursively, sorted.
+
+    Skipped, each appended to `skipped` as (path, reason): hidden entries ("hidden"), files
+    `listed` refuses ("extension"), symbolic links that lead out of the tree ("outside": a link
+    planted in an ingested tree could pull in any file, e.g. `notes.txt -> ~/.ssh/id_rsa`; name
+    a linked path to read it) or nowhere ("broken"), and what is not a regular file or a
+    directory ("special"). Links that stay inside the tree are followed; a directory reached
+    twice (a link loop, or a link to a directory walked already) is walked once.
 
     A directory that cannot be listed is an error naming it, not a silent gap.
     """
     out: list[str] = []
+    skip = skipped if skipped is not None else []
+    top = os.path.realpath(root)
+    walked: set[str] = set()
 
-    def visit(directory: str) -> None:
+    def inside(real: str) -> bool:
+        return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+    def visit(directory: str, real_dir: str) -> None:
+        if real_dir in walked:
+            return  # reached again through a link: its files are read once
+        walked.add(real_dir)
         try:
             with os.scandir(directory) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except PermissionError:
             raise _permission_error(directory) from None
         for entry in entries:
-            if _hidden(entry.name) or entry.is_symlink():
-                continue  # like grep -r: a link inside the tree may loop or lead anywhere
+            if _hidden(entry.name):
+                skip.append((entry.path, "hidden"))
+                continue
+            real = entry.path
+            if entry.is_symlink():
+                real = os.path.realpath(entry.path)
+                if not inside(real):
+                    skip.append((entry.path, "outside"))
+                    continue
+                if not os.path.exists(real):
+                    skip.append((entry.path, "broken"))
+                    continue
             if entry.is_dir():
-                visit(entry.path)
-            elif entry.is_file() and _listed(entry.name):
+                visit(entry.path, real if entry.is_symlink() else os.path.realpath(entry.path))
+            elif not entry.is_file():
+                skip.append((entry.path, "special"))
+            elif listed(entry.path):
                 out.append(entry.path)
+            else:
+                skip.append((entry.path, "extension"))
 
-    visit(root)
+    visit(root, top)
     return out
 
 
@@ -517,6 +700,12 @@ def _is_regular(stream: BinaryIO) -> bool:
         return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         return True  # a stream with no fd (a test harness): read it like a file
+
+
+_BINARY = (
+    "binary content (NUL bytes), not text; give its format a converter with "
+    "--convert EXT=COMMAND, or leave it out"
+)
 
 
 def decode_text(data: bytes) -> tuple[str, str | None]:

@@ -429,6 +429,10 @@ def run_operator(
                 progress.close()
         if stats.skipped and not opts.quiet:
             sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
+        notes = getattr(op, "notes", None)  # e.g. source: the files it walked past
+        if notes is not None and not opts.quiet:
+            for line in notes():
+                sys.stderr.write(f"{prog}: {line}\n")
         summary = getattr(op, "summary", None)  # e.g. embed: how many came from the cache
         if summary is not None and not opts.quiet and (opts.progress or sys.stderr.isatty()):
             line = summary()

@@ -19,7 +19,7 @@ from sage_cli.exitcodes import ExitCode
 
 MIN_PYTHON = (3, 11)
 #: distribution name -> module name, where they differ
-IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml"}
+IMPORT_NAMES = {"llama-cpp-python": "llama_cpp", "pyyaml": "yaml", "python-docx": "docx"}
 #: what pyproject.toml declares, used when the installed metadata cannot be read
 FALLBACK_REQUIREMENTS = [
     "typer",
@@ -31,7 +31,9 @@ FALLBACK_REQUIREMENTS = [
     "watchfiles",
     "gguf",
 ]
-INSTALL_FIX = "run `make install` (it reuses .venv and installs what is missing)"
+INSTALL_FIX = (
+    "reinstall sage into this environment (`pip install sage-pipes`, or `make install` in a clone)"
+)
 
 
 @dataclass
@@ -145,7 +147,7 @@ def check_models(model_dirs: list[Path], hash_cache: Path | None) -> list[Check]
             )
         else:
             problem = str(st.problem)
-            fix = "run `sage models install` (or `make install`)"
+            fix = "run `sage models install`"
             if "; run" in problem:
                 problem, _, tail = problem.partition("; run")
                 fix = "run" + tail

@@ -11,9 +11,7 @@ grows past BLOCK_SIZE, when the caller asks, and (via `maybe_flush`) at least ev
 from __future__ import annotations
 
 import itertools
-import math
 import os
-import re
 import select
 import stat
 import sys
@@ -31,6 +29,9 @@ from sage_cli.operators.ndjson import (  # noqa: F401 - re-exported: line parsin
     LineTooLong,
     complete_lines,
     describe_json_error,
+    dump_record,
+    exact_numbers,
+    may_hold_long_integer,
     parse_line,
 )
 
@@ -176,6 +177,8 @@ class RecordReader:
                 pass
             else:
                 if _ONLY_DICTS.issuperset(map(type, items)):
+                    if may_hold_long_integer(data):  # integers beyond 64 bits stay exact
+                        items = list(map(exact_numbers, lines, items))
                     # One dict lookup per record finds an `_error` key however it is spelled
                     # (`"_erro\u0072"` too, found writing the fuzz tests), and costs less than
                     # scanning the block's bytes for it (20 ns a record vs 0.5 ns a byte).
@@ -312,55 +315,6 @@ class RecordWriter:
 
 #: map() stops at the shortest iterable, so one endless repeat serves every block
 _ERROR_KEY = itertools.repeat("_error")
-
-
-def dump_record(record: Record) -> bytes:
-    """Serialise one record; values JSON cannot hold become strings rather than a crash.
-
-    What orjson refuses goes through the standard library instead (found by fuzzing): records
-    nested deeper than orjson writes (255 to 1024 levels: orjson reads them), integers beyond
-    64 bits (written exactly), non-string keys (as strings), lone surrogates (as U+FFFD).
-    """
-    try:
-        return _dumps(record, option=_NL | orjson.OPT_SERIALIZE_NUMPY, default=str)
-    except TypeError:
-        pass
-    import json
-
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 4 * _MAX_DEPTH))
-    try:
-        text = json.dumps(_jsonable(record), ensure_ascii=False, separators=(",", ":"), default=str)
-    finally:
-        sys.setrecursionlimit(limit)
-    return text.encode("utf-8") + b"\n"
-
-
-def _jsonable(value: Any, depth: int = 0) -> Any:
-    """`value` as the standard library's json can write it as valid JSON: keys as strings, lone
-    surrogates as U+FFFD, NaN and infinities as null, and past _MAX_DEPTH (only a record that
-    holds itself gets there: input is at most 1024 deep) `"..."`."""
-    if isinstance(value, str):
-        return _SURROGATE.sub("\ufffd", value)
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, int) and value.bit_length() > 14_000:  # past str()'s 4300 digits
-        return None
-    if not isinstance(value, dict | list | tuple):
-        return value
-    if depth >= _MAX_DEPTH:
-        return "..."
-    if isinstance(value, dict):
-        return {
-            _jsonable(k if isinstance(k, str) else str(k)): _jsonable(v, depth + 1)
-            for k, v in value.items()
-        }
-    return [_jsonable(v, depth + 1) for v in value]
-
-
-#: deeper than any record orjson reads (1024), so only a cycle is cut
-_MAX_DEPTH = 1100
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def loads_record(raw: bytes | str, origin: str = "input", line: int = 1) -> Record:

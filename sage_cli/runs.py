@@ -41,7 +41,14 @@ class RunDirectory:
     @classmethod
     def create(cls, run_dir: str | None = None, base: str = DEFAULT_BASE) -> RunDirectory:
         path = Path(run_dir) if run_dir else Path(base) / new_run_id()
-        (path / "stages").mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # private whatever the umask: a run keeps copies of records and command lines
+        path.mkdir(mode=0o700, exist_ok=True)
+        (path / "stages").mkdir(mode=0o700, exist_ok=True)
+        if not run_dir:  # runs under the default place are capped; a --run-dir is the user's
+            keep = os.environ.get("SAGE_RUN_KEEP", "")
+            if keep != "0":
+                prune_runs(base, int(keep) if keep.isdigit() else DEFAULT_KEEP, spare=path)
         return cls(path)
 
     @property
@@ -110,25 +117,82 @@ def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
                 continue
 
 
+def list_runs(base: str = DEFAULT_BASE) -> list[RunDirectory]:
+    """Every run under `base`, oldest first (by when its run.json was written)."""
+    root = Path(base)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        try:
+            found.append(((p / "run.json").stat().st_mtime, p.name, p))
+        except OSError:
+            continue  # not a run (or one being removed)
+    return [RunDirectory(p) for _, _, p in sorted(found)]
+
+
 def find_run(run: str | None, base: str = DEFAULT_BASE) -> RunDirectory:
-    """A run by id or path; the latest run under `base` when `run` is None."""
-    if run:
+    """A run by id, unique id prefix or path; the latest run under `base` when `run` is None or
+    "latest"."""
+    if run and run != "latest":
         for candidate in (Path(run), Path(base) / run):
             if (candidate / "run.json").exists():
                 return RunDirectory(candidate)
-        raise UsageError(f"{run}: no such run (see `ls {base}`)")
-    root = Path(base)
-    runs = (
-        sorted(
-            (p for p in root.iterdir() if (p / "run.json").exists()),
-            key=lambda p: (p / "run.json").stat().st_mtime,
-        )
-        if root.is_dir()
-        else []
-    )
+        matches = [r for r in list_runs(base) if r.id.startswith(run)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            shown = ", ".join(r.id for r in matches[:5]) + (" ..." if len(matches) > 5 else "")
+            raise UsageError(f"{run}: ambiguous run id prefix, matches {shown}")
+        raise UsageError(f"{run}: no such run (see `sage trace list`)")
+    runs = list_runs(base)
     if not runs:
         raise UsageError(f"no runs in {base}; start one with `sage run SCRIPT`")
-    return RunDirectory(runs[-1])
+    return runs[-1]
+
+
+def is_running(run: RunDirectory) -> bool:
+    """Whether the supervisor of `run` is still alive (it wrote no summary and its pid lives)."""
+    if (run.path / "summary.json").exists():
+        return False
+    pid = run.read_json("run.json").get("pid")
+    if not isinstance(pid, int):
+        starts = [e for e in iter_events(run.events_path, ids=False) if e.get("ev") == "run_start"]
+        pid = starts[-1].get("pid") if starts else None
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+#: finished runs kept under the default run directory when a new run starts (SAGE_RUN_KEEP)
+DEFAULT_KEEP = 100
+
+
+def prune_runs(
+    base: str = DEFAULT_BASE, keep: int = DEFAULT_KEEP, spare: Path | None = None
+) -> list[str]:
+    """Remove the oldest runs under `base` so at most `keep` remain; runs still going and
+    `spare` are never removed. Returns the ids removed."""
+    import shutil
+
+    runs = list_runs(base)
+    removed: list[str] = []
+    excess = len(runs) - keep
+    for run in runs:
+        if excess <= 0:
+            break
+        if (spare is not None and run.path.resolve() == spare.resolve()) or is_running(run):
+            continue
+        shutil.rmtree(run.path, ignore_errors=True)
+        removed.append(run.id)
+        excess -= 1
+    return removed
 
 
 # -- the summary ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from sage_cli.errors import UsageError
 from sage_cli.runs import RunDirectory, read_events, summarise
 
 COLUMNS = [
@@ -36,6 +37,40 @@ def load_summary(run: RunDirectory) -> dict[str, Any]:
     """summary.json, or a fresh summary of a run still going (or killed before writing it)."""
     summary = run.read_json("summary.json")
     return summary if summary else summarise(run)
+
+
+def run_row(run: RunDirectory) -> dict[str, Any]:
+    """One line of `sage trace list`: id, start, seconds, exit status (None while running)."""
+    from sage_cli.runs import is_running
+
+    info = run.read_json("run.json")
+    summary = run.read_json("summary.json")
+    running = not summary and is_running(run)
+    return {
+        "id": run.id,
+        "started": info.get("started"),
+        "seconds": summary.get("seconds"),
+        "status": summary.get("status"),
+        "state": "running" if running else ("finished" if summary else "stopped"),
+        "script": info.get("script"),
+        "path": str(run.path),
+    }
+
+
+def runs_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no runs\n"
+    lines = [f"{'run':<22} {'started':<19} {'seconds':>8} {'status':>6}  script"]
+    for r in rows:
+        started = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"]))
+            if r["started"]
+            else "-"
+        )
+        seconds = f"{r['seconds']:.1f}" if isinstance(r["seconds"], int | float) else "-"
+        status = str(r["status"]) if r["status"] is not None else r["state"]
+        lines.append(f"{r['id']:<22} {started:<19} {seconds:>8} {status:>6}  {r['script']}")
+    return "\n".join(lines) + "\n"
 
 
 def _cell(stage: dict[str, Any], key: str) -> str:
@@ -117,7 +152,12 @@ def follow_record(run: RunDirectory, record: str) -> str:
     if output.exists():
         for line in output.read_bytes().split(b"\n"):
             if record.encode() in line:
-                r = orjson.loads(line)
+                try:  # a script may end in a non-sage stage (`| cut ...`): not every line is JSON
+                    r = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(r, dict):
+                    continue
                 if any(_matches(r.get(k), record) for k in ("id", "parent_id", "query_id")):
                     results.append(r)
                 docs = r.get("docs")
@@ -143,7 +183,9 @@ def follow_record(run: RunDirectory, record: str) -> str:
                 out.append(f"  dead letter: {entry.get('stage')}: {entry.get('error')}")
                 found = True
     if not found and not results and not hits:
-        out.append("  (not found in any stage)")
+        raise UsageError(
+            f"record {record!r} is in no stage of run {run.id} (see `sage trace {run.id}`)"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,41 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: test data carried inside the repo (a clone has nothing beside it)
 DATA = ROOT / "tests" / "data"
+
+_RUN_TMP: str | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make the run independent of its launcher and of the machine's history.
+
+    - A job started in the background (`make check &`, nohup, some CI runners) inherits SIGINT
+      (and sometimes SIGTERM) ignored, and an ignored signal stays ignored across exec, so the
+      children the tests signal would never see it. A Python handler here is reset to the
+      default by exec: every child starts with default dispositions.
+    - One cache directory per run (embeddings, answers, model hashes) in a temp dir removed at
+      the end: nothing is served from, or left in, ~/.cache/sage. Tests that need their own
+      cache still set SAGE_CACHE_DIR themselves.
+    """
+    global _RUN_TMP
+    for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, None)):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            signal.signal(sig, handler or (lambda signum, frame: sys.exit(128 + signum)))
+    if _RUN_TMP is None:
+        _RUN_TMP = tempfile.mkdtemp(prefix="sage-test-run-")
+        os.environ["SAGE_CACHE_DIR"] = os.path.join(_RUN_TMP, "cache")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _RUN_TMP
+    if _RUN_TMP is not None:
+        shutil.rmtree(_RUN_TMP, ignore_errors=True)
+        _RUN_TMP = None
+
+
+def run_tmp() -> Path:
+    """This test run's private temp root (removed when the run ends)."""
+    assert _RUN_TMP is not None
+    return Path(_RUN_TMP)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -50,7 +88,9 @@ def run_sage(
 
 
 def ndjson(records: list[dict[str, Any]]) -> bytes:
-    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+    from sage_cli.operators.ndjson import dump_record  # integers beyond 64 bits too
+
+    return b"".join(dump_record(r) for r in records)
 
 
 def parse_ndjson(data: bytes | str) -> list[dict[str, Any]]:

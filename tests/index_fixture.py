@@ -25,8 +25,9 @@ def tiny_index(dest: str | Path) -> Path:
     if _built is None or not (_built / "manifest.json").exists():
         from sage_cli.operators.index import IndexBuilder
         from sage_cli.resources import hash_cache_file, model_dirs
+        from tests.conftest import run_tmp
 
-        base = Path(tempfile.mkdtemp(prefix="sage-test-index-"))
+        base = Path(tempfile.mkdtemp(prefix="index-", dir=run_tmp()))
         IndexBuilder(
             base / "idx", model_dirs=model_dirs(), threads=1, hash_cache=hash_cache_file()
         ).run([dict(d) for d in DOCS])

@@ -71,6 +71,8 @@ class Report:
         self.workdir = workdir or OUT / "work"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.figures: list[Figure] = []
+        #: what could not be measured (a missing model, jq, a failed helper): the run fails
+        self.unmeasured: list[str] = []
         self.started = time.time()
 
     def __call__(
@@ -97,6 +99,11 @@ class Report:
     def note(self, message: str) -> None:
         print(f"  note: {message}", file=sys.stderr, flush=True)
 
+    def not_measured(self, message: str) -> None:
+        """A figure this run should have produced and cannot: `make bench` exits 1."""
+        self.unmeasured.append(message)
+        print(f"  NOT MEASURED: {message}", file=sys.stderr, flush=True)
+
     def as_json(self) -> dict[str, Any]:
         return {
             "started": self.started,
@@ -106,6 +113,7 @@ class Report:
             "python": sys.version.split()[0],
             "cpus": os.cpu_count(),
             "figures": [asdict(f) for f in self.figures],
+            "unmeasured": self.unmeasured,
         }
 
 

@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if crashed:
         print(f"crashed: {', '.join(crashed)}")
-    return 1 if missed or crashed else 0
+    for message in report.unmeasured:
+        print(f"not measured: {message}")
+    return 1 if missed or crashed or report.unmeasured else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def run(report) -> None:
     if jq:
         commands["jq"] = f"{jq} -c . < {rel(data)} > /dev/null"
     else:
-        report.note("jq not found on PATH: the sage/jq ratio is not measured")
+        report.not_measured("jq not found on PATH (make system-deps installs it): sage vs jq")
     best = best_of(commands, max(report.repeat, 5))
     wall = {name: n / t.wall for name, t in best.items()}
     cpu = {name: n / t.cpu for name, t in best.items()}

@@ -424,8 +424,8 @@ def run(report) -> None:
     try:
         for name in ("smollm2-135m", "minilm-l6"):
             model_path(name)
-    except Exception as exc:  # noqa: BLE001 - a missing model is a note, not a crash
-        report.note(f"models not installed (make install): rag not measured ({exc})")
+    except Exception as exc:  # noqa: BLE001 - one line, then the other areas go on
+        report.not_measured(f"rag: models missing, run `sage models install` ({exc})")
         return
     try:
         bench_generate(report, work, env)

@@ -121,7 +121,9 @@ def run(report: Report, sizes: Sequence[int] = SIZES) -> dict[int, dict[str, flo
         "build_s": "s",
         "search_k": "",
     }
-    targets = {"recall_at_10": ">= 0.95", "speedup": ">= 1"}
+    # annoy pays from a few tens of thousands of vectors: below that exact numpy search is as
+    # fast on a quiet machine (docs/retrieval.md), so the speed-up has a target only at 100k+
+    targets = {"recall_at_10": ">= 0.95"}
     workdir = getattr(report, "workdir", None)
     results = {}
     for n in sizes:
@@ -132,7 +134,7 @@ def run(report: Report, sizes: Sequence[int] = SIZES) -> dict[int, dict[str, flo
                 f"retrieve.{n}.{name}",
                 value,
                 units[name],
-                target=targets.get(name),
+                target=">= 2" if name == "speedup" and n >= 100_000 else targets.get(name),
                 command=f".venv/bin/python -m tests.bench.bench_retrieve {n}",
             )
     return results

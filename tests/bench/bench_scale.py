@@ -62,7 +62,7 @@ def model_installed() -> bool:
 
 def bench_embed(report) -> None:
     if not model_installed():
-        report.note("the embedding model is not installed (make install): embed not measured")
+        report.not_measured("scale: the embedding model is missing (`sage models install`)")
         return
     n = EMBED_RECORDS
     data = sentences_file(n)
@@ -140,7 +140,9 @@ def bench_ray(report) -> None:
         timeout=900,
     )
     if timer.returncode != 0:
-        report.note(f"Ray timer failed: {timer.stderr.decode(errors='replace')[-300:]}")
+        report.not_measured(
+            f"scale: Ray timer failed: {timer.stderr.decode(errors='replace')[-300:]}"
+        )
         return
     times = json.loads(timer.stdout.decode().strip().splitlines()[-1])
     report("scale.ray.actor_startup_s", times["empty"], "s", command="(in-process timer)")

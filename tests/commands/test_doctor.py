@@ -53,7 +53,7 @@ def test_corrupt_model_is_69_with_the_fix(cli, healthy):
     (healthy / MINILM).write_bytes(b"GGUF\x03\x00\x00\x00")
     result = cli("doctor")
     assert result.exit_code == 69
-    assert "fix model minilm-l6: run `make install` (or `sage models install`)" in result.stdout
+    assert "fix model minilm-l6: run `sage models install`" in result.stdout
     assert "1 check(s) failed: model minilm-l6" in result.stderr
     rows = checks(cli("doctor", "--json"))
     assert rows["model minilm-l6"]["status"] == "FAIL"
@@ -82,7 +82,7 @@ def test_missing_dependency_is_reported(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     check = doc.check_dependency("annoy==1.17.3")
-    assert check.failed and "make install" in check.fix
+    assert check.failed and "pip install sage-pipes" in check.fix
     assert doc.exit_code([check]) == 1
 
 

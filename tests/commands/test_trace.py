@@ -82,6 +82,23 @@ def test_follow_a_record_and_its_chunks(run_dir: Path) -> None:
     assert '"id":"doc7#2"' in text and "doc70" not in text
 
 
+def test_follow_a_record_when_the_output_is_not_all_json(tmp_path: Path) -> None:
+    """A script ending in a non-sage stage (`| cut`) leaves lines that are not JSON in the
+    run's output: following a record reads past them (it was exit 1, JSONDecodeError)."""
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": f"doc{i}", "n": i} for i in range(20)]))
+    (tmp_path / "p.sh").write_text("sage map 'r' in.ndjson | cut -c1-12\n")
+    env = clean_env()
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    run = subprocess.run(
+        sage_argv("run", "--run-dir", "run2", "p.sh"), cwd=tmp_path, env=env, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert b'{"id":"doc1"' in run.stdout  # cut left half-records: not JSON
+    result = trace(tmp_path, "run2", "--record", "doc1")
+    assert result.returncode == 0, result.stderr
+    assert "1-map" in result.stdout.decode() and b"Traceback" not in result.stderr
+
+
 def test_unknown_run_is_a_usage_error(run_dir: Path) -> None:
     result = trace(run_dir, "nope")
     assert result.returncode == 2
@@ -216,3 +233,81 @@ def test_follow_a_document_into_retrieval_hits(tmp_path: Path) -> None:
     text = follow_record(run, "doc7")
     assert "hit: doc7#2 for query q1 (rank 2, score 0.5)" in text
     assert "q2" not in text
+
+
+# -- run housekeeping: list, latest, id prefixes, prune ---------------------------------------
+
+
+@pytest.fixture
+def three_runs(tmp_path: Path) -> tuple[Path, list[str]]:
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": "a"}]))
+    (tmp_path / "p.sh").write_text("sage map r in.ndjson\n")
+    env = clean_env()
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    for _ in range(3):
+        done = subprocess.run(
+            sage_argv("run", "--quiet", "p.sh"),
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    runs = tmp_path / ".sage" / "runs"
+    ids = [r["id"] for r in map(orjson.loads, local_trace(tmp_path, "list").stdout.splitlines())]
+    assert sorted(ids) == sorted(p.name for p in runs.iterdir())
+    return tmp_path, ids
+
+
+def local_trace(work: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        sage_argv("trace", *args), cwd=work, env=clean_env(), capture_output=True, timeout=60
+    )
+
+
+def test_list_shows_every_run_oldest_first_with_its_status(three_runs) -> None:
+    work, ids = three_runs
+    rows = [orjson.loads(x) for x in local_trace(work, "list").stdout.splitlines()]
+    assert [r["id"] for r in rows] == ids and len(ids) == 3
+    assert all(r["status"] == 0 and r["state"] == "finished" for r in rows)
+    assert [r["started"] for r in rows] == sorted(r["started"] for r in rows)
+
+
+def test_latest_and_unique_prefixes_name_a_run(three_runs) -> None:
+    work, ids = three_runs
+    latest = local_trace(work, "latest", "--json")
+    assert orjson.loads(latest.stdout)["run_id"] == ids[-1]
+    unique = ids[0][
+        : next(n for n in range(1, 30) if sum(i.startswith(ids[0][:n]) for i in ids) == 1)
+    ]
+    by_prefix = local_trace(work, unique, "--json")
+    assert by_prefix.returncode == 0, by_prefix.stderr
+    assert orjson.loads(by_prefix.stdout)["run_id"] == ids[0]
+    ambiguous = local_trace(work, ids[0][:4])
+    assert ambiguous.returncode == 2 and b"ambiguous run id prefix" in ambiguous.stderr
+
+
+def test_an_unknown_record_is_an_error(three_runs) -> None:
+    work, ids = three_runs
+    found = local_trace(work, "--record", "a")
+    assert found.returncode == 0 and b"output: 1 record(s)" in found.stdout
+    missing = local_trace(work, "--record", "no-such-id")
+    assert missing.returncode == 2
+    assert b"'no-such-id' is in no stage of run " + ids[-1].encode() in missing.stderr
+
+
+def test_prune_keeps_the_newest_and_sage_run_caps_old_runs(three_runs) -> None:
+    work, ids = three_runs
+    assert local_trace(work, "prune").returncode == 2  # --keep is required
+    pruned = local_trace(work, "prune", "--keep", "2")
+    assert pruned.returncode == 0 and b"removed 1 run(s)" in pruned.stderr
+    left = sorted(p.name for p in (work / ".sage" / "runs").iterdir())
+    assert left == sorted(ids[1:])
+    env = clean_env(SAGE_RUN_KEEP="1")
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    again = subprocess.run(
+        sage_argv("run", "--quiet", "p.sh"), cwd=work, env=env, capture_output=True, timeout=60
+    )
+    assert again.returncode == 0, again.stderr
+    left = sorted(p.name for p in (work / ".sage" / "runs").iterdir())
+    assert len(left) == 2 and ids[-1] in left and ids[1] not in left  # 1 earlier + the new one

@@ -226,11 +226,12 @@ def test_error_output_is_valid_ndjson_up_to_the_failure():
 
 
 @pytest.mark.parametrize("args", [["sink", "--to", "{out}"], ["dedupe", "--key", "a"]])
-def test_a_record_nested_past_what_orjson_writes_is_bad_data(tmp_path, args):
-    # JSON allows it and orjson reads 1024 levels, but writes only 254: exit 65, not 1
-    deep = b'{"id": 1, "a": ' + b"[" * 300 + b"]" * 300 + b"}\n"
-    argv = [a.replace("{out}", str(tmp_path / "out.ndjson")) for a in args]
-    proc = run_sage(*argv, input=deep)
-    assert proc.returncode == 65, proc.stderr
-    lines = proc.stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "stdin:1" in lines[0] and "cannot be written as JSON" in lines[0]
+def test_a_record_nested_past_what_orjson_writes_goes_through(tmp_path, args):
+    """JSON allows it and orjson reads 1024 levels but writes only 254: what `sage map r` writes
+    (through the standard library) every operator that serialises takes as well."""
+    deep = b'{"id":1,"a":' + b"[" * 300 + b"]" * 300 + b"}\n"
+    out = tmp_path / "out.ndjson"
+    argv = [a.replace("{out}", str(out)) for a in args]
+    proc = run_sage(*argv, input=run_sage("map", "r", input=deep).stdout)
+    assert proc.returncode == 0, proc.stderr
+    assert (out.read_bytes() if "--to" in args else proc.stdout) == deep

@@ -199,7 +199,7 @@ def test_sage_run_when_the_last_stage_stops_reading(tmp_path, retries):
 
 def test_sage_run_a_non_sage_writer_killed_by_sigpipe_is_141_like_bash(tmp_path):
     script = _script(tmp_path, "yes '{}' | head -1\n")
-    done = run_sage("run", "--quiet", str(script))
+    done = run_sage("run", "--quiet", str(script), cwd=tmp_path)  # its run dir there
     bash = subprocess.run(["bash", "-o", "pipefail", str(script)], capture_output=True)
     assert done.returncode == bash.returncode == 141
     assert done.stdout == bash.stdout == b"{}\n"

@@ -1,7 +1,7 @@
 """The Ray engine (sage_cli/ray_engine.py) on a real two-node Ray cluster on this machine.
 
-One cluster per module: `ray start --head` plus a second `ray start --address` node with its own
-resources, both on 127.0.0.1, stopped with `ray stop` when the module ends. Each pipeline runs
+One cluster per module (tests/fixtures/ray_cluster.py): a head node plus a second node with its
+own resources, both on 127.0.0.1, owned by the module and stopped when it ends (never `ray stop`). Each pipeline runs
 in its own driver process, as `sage run --engine ray --address HOST:PORT` would.
 """
 
@@ -11,20 +11,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson
+from tests.fixtures.ray_cluster import ray_cluster
 
 pytestmark = pytest.mark.slow
 
-RAY = str(Path(sys.executable).with_name("ray"))
 
 #: a driver process: stages as JSON in argv[1], the address in argv[2], replicas after
 DRIVER = """
@@ -53,31 +51,10 @@ def ray_env() -> dict[str, str]:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    env = ray_env()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-
-    def start(*args: str) -> None:
-        result = subprocess.run(
-            [RAY, "start", *args, *common], env=env, capture_output=True, timeout=120
-        )
-        assert result.returncode == 0, result.stderr.decode()[-2000:]
-
-    try:
-        start("--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false")
-        start(f"--address={address}", "--num-cpus=2", '--resources={"node2": 1}')
+    with ray_cluster(ray_env()) as address:
         yield address
-    finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
 def run_on_ray(stages, address, data: bytes, *replicas: str, timeout: float = 300):

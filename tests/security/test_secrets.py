@@ -125,6 +125,56 @@ def test_key_as_a_stage_prefix_in_the_script_is_masked_in_the_run_directory(tmp_
     assert "OPENAI_API_KEY=***" in run_json and "api_key=***" in run_json
 
 
+@pytest.mark.parametrize(
+    "secret",
+    [
+        f"MYKEY={MARKER}",
+        f"ACCESSKEY={MARKER}",
+        f"secretKey={MARKER}",
+        f"DB_PASS={MARKER}",
+        f"GITHUB_PAT={MARKER}",
+    ],
+)
+def test_secret_names_the_docs_promise_are_masked_everywhere_sage_run_writes(tmp_path, secret):
+    """Every `NAME=value` whose name ends in KEY, PASS, PAT, TOKEN, SECRET... (docs/security.md)
+    is masked in run.json, events, the stage traces and the summary: as a stage's prefix, as a
+    word of a non-sage stage, and as a script argument."""
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": "1"}]))
+    result = sage_run(
+        tmp_path,
+        f'{secret} sage source in.ndjson | grep -v "$1" | sage map r\n',
+        secret,
+    )
+    assert result.returncode == 0, result.stderr
+    written = everything_written(tmp_path, result.stdout, result.stderr)
+    assert_no_marker(written)
+    name = secret.partition("=")[0]
+    assert f"{name}=***".encode() in written
+
+
+def test_curl_user_password_is_masked(tmp_path):
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": "1"}]))
+    script = f"sage source in.ndjson | echo -u alice:{MARKER} --user 'bob:{MARKER} x' >/dev/null\n"
+    result = sage_run(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    written = everything_written(tmp_path, result.stdout, result.stderr)
+    assert_no_marker(written)
+    assert b"alice:***" in written and b"bob:***" in written
+
+
+def test_run_directories_are_private_whatever_the_umask(tmp_path):
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": "1"}]))
+    old = os.umask(0o022)
+    try:
+        result = sage_run(tmp_path, "sage source in.ndjson | sage map r\n")
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr
+    (run,) = (tmp_path / ".sage" / "runs").iterdir()
+    assert run.stat().st_mode & 0o777 == 0o700
+    assert (run / "stages").stat().st_mode & 0o777 == 0o700
+
+
 def test_key_in_a_script_argument_is_masked_and_resume_asks_for_it(tmp_path, stub):
     (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": "1", "prompt": "hello"}]))
     url = f"{stub.url}/ok/v1?key={MARKER}"
@@ -188,6 +238,14 @@ def test_key_inside_base_url_under_sage_run_is_masked_in_the_trace(tmp_path):
             ["curl", "-H", "Authorization: Bearer ***"],
         ),
         (["curl", "-H", "X-Api-Key: s3cr3t"], ["curl", "-H", "X-Api-Key: ***"]),
+        (["curl", "-u", "alice:pw", "http://h"], ["curl", "-u", "alice:***", "http://h"]),
+        (["curl", "--user=alice:pw"], ["curl", "--user=alice:***"]),
+        (
+            ["env", "MYKEY=s", "DB_PASS=s", "GITHUB_PAT=s"],
+            ["env", "MYKEY=***", "DB_PASS=***", "GITHUB_PAT=***"],
+        ),
+        (["x", "secretKey=s", "ACCESSKEY=s"], ["x", "secretKey=***", "ACCESSKEY=***"]),
+        (["x", "bypass=1", "--key=id"], ["x", "bypass=1", "--key=id"]),
         # sage's own options that only look like secrets stay as they are
         (["dedupe", "--key", "id"], ["dedupe", "--key", "id"]),
         (["generate", "--max-tokens", "64"], ["generate", "--max-tokens", "64"]),

@@ -126,7 +126,9 @@ def metrics_batches(url: str) -> tuple[float, float]:
 
 
 def run(report) -> None:
-    from tests.index_fixture import tiny_index
+    from sage_cli.operators.index import IndexBuilder
+    from sage_cli.resources import model_dirs
+    from tests.index_fixture import DOCS
 
     work = Path(tempfile.mkdtemp(prefix="sage-bench-serve-"))
     env = shell_env()
@@ -134,7 +136,12 @@ def run(report) -> None:
     env.pop("SAGE_THREADS", None)
     try:
         try:
-            tiny_index(work / "idx")
+            IndexBuilder(
+                work / "idx",
+                model_dirs=model_dirs(),
+                threads=1,
+                hash_cache=work / "cache" / "model-hashes.json",
+            ).run([dict(d) for d in DOCS])
         except Exception as exc:  # noqa: BLE001 - a missing model is a note, not a crash
             report.note(f"models not installed (make install): serve not measured ({exc})")
             return

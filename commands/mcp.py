@@ -2,9 +2,9 @@
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.options import Threads
 from sage_cli.commands.serve import Index, MaxTokens, Model, NCtx, NoCache, Template, TopK
-from sage_cli.options import Threads
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 

@@ -9,7 +9,7 @@ from sage_cli.command import operator_command, single_command_app
 app = single_command_app()
 
 
-@operator_command(app, "merge", reads_stdin=False)
+@operator_command(app, "merge")
 def merge_records(
     inputs: Annotated[
         list[str],

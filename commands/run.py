@@ -187,7 +187,9 @@ def run(
                 from sage_cli.errors import UsageError
 
                 raise UsageError("missing the pipeline script: sage run --check SCRIPT")
-            result = check_pipeline(script, script_args, quiet=quiet)
+            result = check_pipeline(
+                script, script_args, quiet=quiet, engine=engine, replicas=list(replicas or [])
+            )
             return
         if watch:
             from sage_cli.watch import watch_pipeline
@@ -202,8 +204,9 @@ def run(
                 script_args,
                 address=address,
                 replicas=list(replicas or []),
+                opts=opts,
                 run_dir=run_dir,
-                quiet=quiet,
+                lock=lock,
             )
             return
         from sage_cli.runner import run_pipeline

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded
-from sage_cli.options import Threads
+from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.options import Threads
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 

@@ -9,7 +9,7 @@ from sage_cli.command import operator_command, single_command_app
 app = single_command_app()
 
 
-@operator_command(app, "source", reads_stdin=False)
+@operator_command(app, "source")
 def source_records(
     paths: Annotated[
         list[str] | None,

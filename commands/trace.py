@@ -80,10 +80,10 @@ def trace(
     def body() -> None:
         import orjson
 
-        from sage_cli import trace_view
+        from sage_cli.observability import views as trace_view
+        from sage_cli.observability.views import run_row, runs_table
         from sage_cli.operators.base import terminal_safe
-        from sage_cli.runs import find_run, list_runs, prune_runs
-        from sage_cli.trace_view import run_row, runs_table
+        from sage_cli.run.directory import find_run, list_runs, prune_runs
 
         action = args[0] if args and args[0] in ("report", "export", "list", "prune") else None
         rest = args[1:] if action else args

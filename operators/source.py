@@ -42,6 +42,7 @@ import hashlib
 import io
 import os
 import stat
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO, ClassVar
 
@@ -58,6 +59,10 @@ from .ndjson import (
     numbered_lines,
     parse_or_bad,
 )
+
+#: --watch: a line file without its last newline (or JSON that does not parse) that has not
+#: changed for this long is read as it is; before that it is taken to be still being written
+WATCH_SETTLE_SECONDS = 5.0
 
 #: extension -> format, for files found in directories and for `fmt="auto"`
 EXTENSIONS: dict[str, str] = {
@@ -171,6 +176,7 @@ class Source(Operator):
         self.stdin = stdin
         self.watch_step_ms = watch_step_ms
         self._seen: dict[str, bytes] = {}  # path -> digest of what was last emitted (watch)
+        self._unsettled: dict[str, str] = {}  # real path -> path of a file still being written
         self.convert = {k.lower(): v for k, v in (convert or {}).items()}
         self.verbose = verbose
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of every entry walked past
@@ -510,10 +516,13 @@ class Source(Operator):
             for batch in batches:
                 for kind, path in sorted(batch):
                     if kind == watchfiles.Change.deleted:
+                        self._unsettled.pop(os.path.realpath(path), None)
                         yield from self._deleted(path)
                 for path in sorted({p for kind, p in batch if kind != watchfiles.Change.deleted}):
                     yield from self._emit_if_changed(self._shown(path))
             batches = []
+            for path in list(self._unsettled.values()):  # files still being written
+                yield from self._emit_if_changed(path)
             yield None
 
     def _shown(self, path: str) -> str:
@@ -537,20 +546,45 @@ class Source(Operator):
         yield {"id": shown, "deleted": True, "metadata": {"path": shown}}
 
     def _emit_if_changed(self, path: str) -> Iterator[Item]:
-        """The records of `path`, unless its content is what was last emitted for it."""
+        """The records of `path`, unless its content is what was last emitted for it, or it is
+        still being written (see `_still_writing`)."""
         try:
             st = os.stat(path)
             if not stat.S_ISREG(st.st_mode):
                 return
             with open(path, "rb") as fh:
-                digest = hashlib.sha256(fh.read()).digest()
+                data = fh.read()
         except FileNotFoundError:
             return  # gone again before we could read it
         key = os.path.realpath(path)
+        digest = hashlib.sha256(data).digest()
         if self._seen.get(key) == digest:
+            self._unsettled.pop(key, None)
             return
+        if self._still_writing(path, data, st):
+            self._unsettled[key] = path  # looked at again on the watcher's next step
+            return
+        self._unsettled.pop(key, None)
         self._seen[key] = digest
         yield from self.read_path(path)
+
+    def _still_writing(self, path: str, data: bytes, st: os.stat_result) -> bool:
+        """A line file whose last line has no newline yet, or a JSON file that does not parse
+        yet, is a file being written, not bad data: it is read once it is complete, or once it
+        has not changed for WATCH_SETTLE_SECONDS (then what is wrong with it is an error)."""
+        if time.time() - st.st_mtime >= WATCH_SETTLE_SECONDS or not data:
+            return False
+        fmt = self.format_of(path)
+        if inner_name(path)[1]:
+            return False
+        if fmt in ("raw", "ndjson"):
+            return not data.endswith(b"\n")
+        if fmt == "json":
+            try:
+                orjson.loads(data)
+            except orjson.JSONDecodeError:
+                return True
+        return False
 
     def _watch_roots(self) -> tuple[list[str], Any]:
         """The directories to watch and a predicate for the files that count."""

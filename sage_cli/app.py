@@ -12,62 +12,15 @@ import typer
 import typer.core
 
 from sage_cli import __version__
-from sage_cli.command import CONTEXT, fail
+from sage_cli.cli.command import CONTEXT, fail
+from sage_cli.verbs import commands
 
 # typer 0.19 escapes option help (\[default: fail]) whenever rich is installed, even with
 # rich_markup_mode=None; sage never renders help with rich, so tell typer it is not there.
 typer.core.HAS_RICH = False
 
-#: name -> (module in commands/, one-line summary shown by `sage --help`)
-COMMANDS: dict[str, tuple[str, str]] = {
-    # dataflow
-    "source": ("sage_cli.commands.source", "Read files, directories, globs or stdin as records."),
-    "map": ("sage_cli.commands.map", "Transform each record with a Python expression over `r`."),
-    "filter": (
-        "sage_cli.commands.filter",
-        "Keep the records for which a Python expression is true.",
-    ),
-    "flatmap": ("sage_cli.commands.flatmap", "Turn each record into zero or more records."),
-    "keyby": ("sage_cli.commands.keyby", "Tag each record with a partition key from a field."),
-    "window": ("sage_cli.commands.window", "Aggregate records in tumbling or sliding windows."),
-    "join": ("sage_cli.commands.join", "Enrich records from an NDJSON lookup table."),
-    "merge": ("sage_cli.commands.merge", "Interleave several NDJSON inputs as they arrive."),
-    "head": ("sage_cli.commands.head", "Pass the first N records and stop reading."),
-    "dedupe": ("sage_cli.commands.dedupe", "Drop records whose key was already seen."),
-    "sample": ("sage_cli.commands.sample", "Keep a random sample of records."),
-    "sink": (
-        "sage_cli.commands.sink",
-        "Write records to the terminal or a file (ndjson, json, csv, md).",
-    ),
-    # RAG
-    "chunk": ("sage_cli.commands.chunk", "Split `text` into overlapping chunks."),
-    "embed": ("sage_cli.commands.embed", "Add an `embedding` to each record with a local model."),
-    "index": ("sage_cli.commands.index", "Build and inspect vector indexes (annoy)."),
-    "retrieve": ("sage_cli.commands.retrieve", "Attach the documents most relevant to `query`."),
-    "rerank": ("sage_cli.commands.rerank", "Reorder retrieved `docs` (MMR or the local model)."),
-    "prompt": ("sage_cli.commands.prompt", "Render a prompt from a template and the record."),
-    "generate": (
-        "sage_cli.commands.generate",
-        "Generate an `answer` with a local model or an OpenAI API.",
-    ),
-    "eval": ("sage_cli.commands.eval", "Score answers and retrieval against gold labels."),
-    # operations
-    "models": ("sage_cli.commands.models", "List, locate, verify and convert the local models."),
-    "doctor": (
-        "sage_cli.commands.doctor",
-        "Check the installation and say how to fix what is wrong.",
-    ),
-    "run": ("sage_cli.commands.run", "Run a pipeline script under supervision, with traces."),
-    "trace": ("sage_cli.commands.trace", "Show the trace of a run."),
-    # serving
-    "serve": (
-        "sage_cli.commands.serve",
-        "Serve the models, an index and pipelines over an OpenAI-compatible HTTP API.",
-    ),
-    "chat": ("sage_cli.commands.chat", "Chat with the local model in a REPL (with --index: RAG)."),
-    "mcp": ("sage_cli.commands.mcp", "Serve retrieve and answer as MCP tools over stdio."),
-    "studio": ("sage_cli.commands.studio", "Show runs, stages and records live in a browser."),
-}
+#: name -> (module in commands/, one-line summary shown by `sage --help`), from the registry
+COMMANDS: dict[str, tuple[str, str]] = {v.name: (v.module, v.summary) for v in commands()}
 
 
 def available_commands() -> list[str]:

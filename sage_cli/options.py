@@ -1,34 +1,8 @@
-"""Flags that several commands share, declared once so their meaning and help stay the same."""
+"""shim: remove once nothing imports it. Moved to sage_cli.cli.options."""
 
-from typing import Annotated
+import sys
 
-import typer
+from sage_cli.cli import options as _moved
+from sage_cli.cli.options import *  # noqa: F403 - what type checkers see
 
-#: --threads of every command that runs a local model
-Threads = Annotated[
-    int | None,
-    typer.Option(
-        "--threads",
-        min=1,
-        metavar="N",
-        help="CPU threads for the model (default: SAGE_THREADS, which `sage run` sets to a fair "
-        "share of the cores, else half the cores).",
-        show_default=False,
-    ),
-]
-
-#: --fn of the commands that run user code over `r` (map, filter, flatmap)
-UserFunction = Annotated[
-    str | None,
-    typer.Option("--fn", metavar="MODULE:FUNCTION", help="Call a Python function instead of EXPR."),
-]
-
-#: --field of the commands that search with a record's query (retrieve, rerank)
-QueryField = Annotated[
-    str | None,
-    typer.Option(
-        "--field",
-        help="Field holding the query (default: `query`, else `text`).",
-        show_default=False,
-    ),
-]
+sys.modules[__name__] = _moved  # what runs: the moved module itself

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sage_cli.driver import Driver, ErrorMode, ErrorPolicy
+from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy
 from sage_cli.operators.base import Operator, Record, RecordError
 from sage_cli.serve.errors import ContextLengthExceeded
 
@@ -110,6 +110,7 @@ def run_batch(op: Operator, records: list[Record]) -> list[Record | BaseExceptio
     policy = _KeepFailures(op.name)
     driver = Driver(op, writer, policy, batch_size=len(records))  # type: ignore[arg-type]
     driver.feed_block("request", 1, records, None, True)
+    driver.drain()  # the operator is already set up: the executor runs it in this thread
     out: list[Record | BaseException] = []
     for record in writer.records:
         error = record.get("_error")

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from sage_cli.runs import new_run_id
+from sage_cli.run.directory import new_run_id
 from sage_cli.serve.errors import APIError
 
 MAX_BODY = 8 * 1024 * 1024

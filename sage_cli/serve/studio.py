@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from sage_cli.runs import RunDirectory, iter_events, summarise
+from sage_cli.run.directory import RunDirectory, iter_events, summarise
 
 #: seconds of batches the live records/s of a running stage is measured over
 RECENT = 5.0

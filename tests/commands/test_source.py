@@ -167,13 +167,24 @@ def test_source_streams_stdin_lines_before_it_closes():
 
 
 def _read_record(proc, deadline):
+    """The next record on proc's stdout. Reads the fd itself: a readline() on the buffered pipe
+    could pull two records in and leave the second where select() does not see it."""
     import select
 
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+    buf = proc.__dict__.setdefault("_lines", bytearray())
+    fd = proc.stdout.fileno()
+    while b"\n" not in buf:
+        if time.monotonic() > deadline:
+            raise AssertionError("no record within the deadline")
+        ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
-            return orjson.loads(proc.stdout.readline())
-    raise AssertionError("no record within the deadline")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise AssertionError(f"stdout closed after {bytes(buf)!r}")
+            buf += chunk
+    line, _, rest = bytes(buf).partition(b"\n")
+    buf[:] = rest
+    return orjson.loads(line)
 
 
 def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
@@ -206,6 +217,41 @@ def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert rest == b"" and err == b""
+
+
+def test_source_watch_waits_for_a_half_written_line(tmp_path):
+    """A file being written is not bad data yet: a last line without its newline is read once
+    the writer finishes it (the default policy used to end the watch with exit 65)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "first.ndjson").write_bytes(b'{"id": "a", "text": "ready"}\n')
+    proc = subprocess.Popen(
+        sage_argv("source", "--watch", "inbox"),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        assert _read_record(proc, deadline)["id"] == "a"
+        with open(inbox / "events.ndjson", "wb") as fh:
+            fh.write(b'{"id": "b", "text": "whole"}\n{"id": "c", "te')
+            fh.flush()
+            # the watcher has seen the half line (it re-reads the file on every step) once a
+            # second file written after it has come out
+            (inbox / "marker.ndjson").write_bytes(b'{"id": "m", "text": "later"}\n')
+            assert _read_record(proc, deadline)["id"] == "m"
+            assert proc.poll() is None  # still watching: the half line is no error
+            fh.write(b'xt": "finished"}\n')
+        got = [_read_record(proc, deadline) for _ in range(2)]
+        assert [(r["id"], r["text"]) for r in got] == [("b", "whole"), ("c", "finished")]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and err == b"", err
 
 
 def test_source_watch_with_stdin_is_a_usage_error():

@@ -12,8 +12,9 @@ import orjson
 import pytest
 import typer
 
-from sage_cli.command import OperatorFactory, operator_command, single_command_app
+from sage_cli.command import operator_command, single_command_app
 from sage_cli.operators.base import Operator, ResourceUnavailable
+from sage_cli.verbs import OperatorFactory, operator_verb
 from sage_cli.workers import worker_kwargs
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
 
@@ -206,7 +207,11 @@ class NeedsModel(Operator):
         return batch
 
 
-@operator_command(app, "counting")
+@operator_command(
+    app,
+    "counting",
+    verb=operator_verb("counting", "Count.", "counting", stateful=True, module=__name__),
+)
 def counting():
     """Count.
 

@@ -126,9 +126,9 @@ def test_pipeline_parser_sends_only_script_text_to_bash():
     processes are started by the supervisor with an argv list, never a shell string."""
     from tests.conftest import ROOT
 
-    supervisor = (ROOT / "sage_cli" / "supervisor.py").read_text()
+    supervisor = (ROOT / "sage_cli" / "run" / "supervisor.py").read_text()
     assert "shell=True" not in supervisor and "bash" not in supervisor.split("def _spawn")[1][:3000]
-    pipeline = (ROOT / "sage_cli" / "pipeline.py").read_text()
+    pipeline = (ROOT / "sage_cli" / "run" / "script.py").read_text()
     assert pipeline.count("subprocess.run(") == 1
 
 

@@ -25,7 +25,10 @@ SOURCE_DIRS = ("sage_cli", "operators", "commands")
 PICKLE_ALLOWED = {
     # --workers: the parent and the workers it spawned exchange batches over anonymous pipes
     # (multiprocessing); nothing read from a file or a socket is unpickled
-    "sage_cli/workers.py",
+    "sage_cli/execution/pool.py",
+    # portable_error: pickles an exception raised in this process and loads it back at once,
+    # to know whether it can be sent to the Driver as itself
+    "sage_cli/execution/runtime.py",
 }
 #: file -> the only places `eval`/`exec` may be called as builtins
 EVAL_ALLOWED = {"operators/expr.py"}  # compiles the expression given on the command line
@@ -116,9 +119,9 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
 
 
 def test_pickle_is_only_used_between_sage_and_its_own_workers():
-    """workers.py: batches go through multiprocessing pipes to processes it spawned; no
+    """execution/pool.py: batches go through multiprocessing pipes to processes it spawned; no
     path, socket or record ever reaches pickle.loads."""
-    text = (ROOT / "sage_cli" / "workers.py").read_text()
+    text = (ROOT / "sage_cli" / "execution" / "pool.py").read_text()
     assert "ctx.Pipe(" in text and 'get_context("spawn")' in text
     assert "open(" not in text.replace("os.open(", "")  # nothing read from a file there
     assert "socket" not in text and "Listener" not in text

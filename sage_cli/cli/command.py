@@ -1,0 +1,515 @@
+"""What every operator command shares: the I/O flags, `--schema`, running the driver, and
+turning every way a stage can end (error, SIGINT, SIGTERM, closed stdout) into one line on stderr
+and a documented exit code.
+
+A command module writes a function that parses its own flags and returns an Operator;
+`operator_command` adds the common flags and does the rest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+
+from sage_cli.cli.io import RecordReader, RecordWriter
+from sage_cli.errors import SageError, UsageError
+from sage_cli.execution.driver import (
+    Driver,
+    ErrorMode,
+    ErrorPolicy,
+    Stats,
+    convert_operator_error,
+    write_failure,
+)
+from sage_cli.exitcodes import ExitCode
+from sage_cli.operators.base import Operator, Record, terminal_safe
+from sage_cli.verbs import VERBS, OperatorFactory, Verb
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when SIGTERM arrives."""
+
+
+@dataclass
+class IOOptions:
+    """The flags every operator command takes."""
+
+    on_error: ErrorMode = ErrorMode.fail
+    errors: str | None = None
+    batch_size: int | None = None
+    line_buffered: bool = False
+    schema: bool = False
+    quiet: bool = False
+    progress: bool = False
+    workers: int = 1
+    unordered: bool = False
+    files: list[str] | None = None
+
+
+_COMMON: list[tuple[str, Any, Any]] = [
+    (
+        "on_error",
+        Annotated[
+            ErrorMode,
+            typer.Option(
+                "--on-error",
+                help="What to do with a bad line or a record that fails: stop (exit 65), "
+                "skip it, or emit an `_error` record in its place.",
+                case_sensitive=False,
+            ),
+        ],
+        ErrorMode.fail,
+    ),
+    (
+        "errors",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--errors",
+                metavar="FILE",
+                help="Append every bad line or failed record to this NDJSON dead-letter file.",
+            ),
+        ],
+        None,
+    ),
+    (
+        "batch_size",
+        Annotated[
+            int | None,
+            typer.Option("--batch-size", min=1, help="Records per batch handed to the operator."),
+        ],
+        None,
+    ),
+    (
+        "line_buffered",
+        Annotated[bool, typer.Option("--line-buffered", help="Flush stdout after every record.")],
+        False,
+    ),
+    (
+        "schema",
+        Annotated[
+            bool,
+            typer.Option(
+                "--schema",
+                help="Print the fields this operator needs and produces as JSON Schema, and exit.",
+            ),
+        ],
+        False,
+    ),
+    (
+        "workers",
+        Annotated[
+            int,
+            typer.Option(
+                "--workers",
+                min=1,
+                metavar="N",
+                help="Run a stateless operator in N worker processes "
+                "(each loads its model once; --threads is divided among them).",
+            ),
+        ],
+        1,
+    ),
+    (
+        "unordered",
+        Annotated[
+            bool,
+            typer.Option(
+                "--unordered",
+                help="With --workers: write results as they finish, not in input order.",
+            ),
+        ],
+        False,
+    ),
+    (
+        "quiet",
+        Annotated[
+            bool,
+            typer.Option("--quiet", "-q", help="No warnings or progress on stderr; errors only."),
+        ],
+        False,
+    ),
+    (
+        "progress",
+        Annotated[
+            bool,
+            typer.Option(
+                "--progress", help="Show progress on stderr even when it is not a terminal."
+            ),
+        ],
+        False,
+    ),
+]
+_FILES = (
+    "files",
+    Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[FILE]...", help="NDJSON inputs; none or `-` reads stdin.", show_default=False
+        ),
+    ],
+    None,
+)
+
+
+def stage_name(command: str) -> str:
+    return f"sage {command}"
+
+
+def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
+    """Print `sage <op>: error: <message>` and return the exit code."""
+    # record content quoted in a message must not drive the terminal (ESC, CR, BEL) nor split
+    # the one line (a record's value with a newline, quoted by an exception: found by fuzzing)
+    message = terminal_safe(str(err).rstrip("\n")).replace("\n", "\\x0a") + "\n"
+    try:
+        sys.stderr.write(f"{prog}: error: {message}")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    if code is not None:
+        return code
+    return int(err.code) if isinstance(err, SageError) else int(ExitCode.FAILURE)
+
+
+#: the last SIGINT/SIGTERM received: a library that turns any exception from a signal handler
+#: into KeyboardInterrupt (watchfiles does) must still end a SIGTERM with 143
+_last_signal: list[int] = []
+
+
+def signal_handled() -> None:
+    """A command that caught its KeyboardInterrupt and goes on (a REPL whose Ctrl-C stopped
+    one answer): the signal must not end the command when its body returns."""
+    _last_signal.clear()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated; held while stdout is written."""
+    from sage_cli.cli.io import WRITE_GUARD
+
+    _last_signal[:] = [signum]
+
+    exc: type[BaseException] = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+    if not WRITE_GUARD.hold(exc):
+        raise exc()
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """Install `_on_signal` for SIGINT and SIGTERM (unless ignored); return what to restore."""
+    previous: dict[int, Any] = {}
+    _last_signal.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN:
+            continue
+        try:
+            previous[sig] = signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: leave signals to the main thread
+            break
+    return previous
+
+
+def forget_signal() -> None:
+    """A signal this process sent itself (a timeout's SIGINT) was handled: callers up the
+    stack must not take it for the user's."""
+    _last_signal.clear()
+
+
+def reclaim_signals() -> None:
+    """Inside `guarded`: take SIGINT and SIGTERM back after a library replaced their handlers
+    (ray.init installs a SIGTERM handler that exits 15 after dumping a stack)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _on_signal)
+
+
+def silence_stdout() -> None:
+    """After stdout is closed by the reader (`| head`), make later writes to it harmless."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    except OSError:
+        pass
+
+
+def guarded(prog: str, body: Callable[[], None], on_stop: Callable[[], None] | None = None) -> int:
+    """Run `body` and turn every way it can end into an exit code and at most one line on stderr.
+
+    `on_stop` flushes complete output when the run is cut short by an error or a signal.
+    """
+    previous = _install_signal_handlers()
+    try:
+        body()
+        if _last_signal:
+            # The handler's exception can be lost: raised while modules are being imported, it
+            # never reached us (tests/faults: SIGTERM in the first ~0.3 s of `sage index
+            # build` let the whole build run and exit 0). The signal still ends the command.
+            raise Terminated() if _last_signal == [signal.SIGTERM] else KeyboardInterrupt()
+        return int(ExitCode.OK)
+    except BrokenPipeError:
+        silence_stdout()
+        return int(ExitCode.OK)
+    except KeyboardInterrupt:
+        _stop(on_stop)
+        if _last_signal == [signal.SIGTERM]:
+            return int(ExitCode.TERMINATED)
+        return int(ExitCode.INTERRUPTED)
+    except Terminated:
+        _stop(on_stop)
+        return int(ExitCode.TERMINATED)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
+        _stop(on_stop)
+        return report_error(prog, exc)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def report_error(prog: str, exc: Exception) -> int:
+    """Print what ended `prog` as one line on stderr (a traceback too with SAGE_DEBUG=1) and
+    return its exit code: a SageError's own, an operator error's, 75 for a full disk..."""
+    if os.environ.get("SAGE_DEBUG") == "1":
+        import traceback
+
+        traceback.print_exception(exc)
+    if isinstance(exc, SageError):
+        return fail(prog, exc)
+    converted = convert_operator_error(exc)
+    if converted is not None:
+        return fail(prog, converted)
+    if isinstance(exc, MemoryError):
+        return fail(prog, "out of memory; use smaller batches (--batch-size) or inputs")
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        code, hint = write_failure(exc)
+        return fail(prog, f"{where}{exc.strerror}{hint}", code)
+    return fail(prog, f"{type(exc).__name__}: {exc} (set SAGE_DEBUG=1 for a traceback)")
+
+
+def _stop(on_stop: Callable[[], None] | None) -> None:
+    if on_stop is None:
+        return
+    try:
+        on_stop()
+    except BrokenPipeError:
+        silence_stdout()
+    except Exception:  # noqa: BLE001 - flushing on the way out must not hide the real error
+        pass
+
+
+def schema_of(op: Operator, command: str) -> dict[str, Any]:
+    """The JSON Schema of what `op` reads and writes (DESIGN §2)."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": stage_name(command),
+        "description": (type(op).__doc__ or "").strip().split("\n")[0],
+        "x-sage-memory": op.memory,
+        "x-sage-stateless": op.stateless,
+        "$defs": {
+            "input": {
+                "type": "object",
+                "required": sorted(op.requires),
+                "properties": dict(op.requires),
+                "additionalProperties": True,
+            },
+            "output": {
+                "type": "object",
+                "properties": dict(op.produces),
+                "additionalProperties": True,
+            },
+        },
+    }
+
+
+def print_schema(op: Operator, command: str) -> None:
+    import orjson
+
+    sys.stdout.buffer.write(
+        orjson.dumps(schema_of(op, command), option=orjson.OPT_INDENT_2) + b"\n"
+    )
+    sys.stdout.flush()
+
+
+def run_operator(
+    command: str,
+    op: Operator,
+    opts: IOOptions,
+    records: Iterable[Record] | None = None,
+    factory: OperatorFactory | None = None,
+) -> int:
+    """Run `op` over NDJSON inputs (or over `records`, for sources) and return the exit code.
+
+    With `opts.workers` > 1, `factory` rebuilds the operator in each worker process.
+    """
+    prog = stage_name(command)
+    if opts.schema:
+        print_schema(op, command)
+        return 0
+    # `sage run --retries` asks for every batch's output to leave at once (so a crash loses
+    # no finished record) and, to isolate a record that crashes the stage, batches of one
+    supervised = os.environ.get("SAGE_RUN_FLUSH") == "1"
+    writer = RecordWriter(line_buffered=opts.line_buffered or supervised)
+    stats = Stats()
+    policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
+    progress = make_progress(prog, opts)
+    batch_size = opts.batch_size or op.default_batch_size
+    if supervised and os.environ.get("SAGE_RUN_BATCH_SIZE"):
+        batch_size = int(os.environ["SAGE_RUN_BATCH_SIZE"])
+    on_batch = progress.update if progress else None
+    executor = None
+    if opts.workers > 1 and factory is not None:
+        from sage_cli.execution.pool import ProcessPoolExecutor, worker_kwargs
+
+        executor = ProcessPoolExecutor(
+            factory.with_kwargs(worker_kwargs(factory.kwargs, opts.workers)),
+            opts.workers,
+            stop_at_error=policy.mode is ErrorMode.fail,
+        )
+    driver = Driver(
+        op,
+        writer,
+        policy,
+        batch_size,
+        on_batch=on_batch,
+        executor=executor,
+        ordered=not opts.unordered,
+    )
+    tracer = None
+    if "SAGE_TRACE_DIR" in os.environ:  # set by `sage run` for the stages it starts
+        from sage_cli.observability.trace import tracer_from_env
+
+        tracer = tracer_from_env(command)
+    envelope = None
+    if os.environ.get("SAGE_ENVELOPE", "") not in ("", "0"):
+        from sage_cli.observability.envelope import envelope_from_env
+
+        envelope = envelope_from_env(command)
+    driver.observe(tracer, envelope)
+
+    def body() -> None:
+        try:
+            if records is not None:
+                driver.run_records(records, origin=command)
+            else:
+                reader = RecordReader(
+                    opts.files, on_idle=driver.idle, idle_interval=op.tick_interval
+                )
+                driver.run_reader(reader)
+        finally:
+            driver.shutdown()  # --workers: stop the worker processes
+            policy.close()
+            if progress:
+                progress.close()
+        if stats.skipped and not opts.quiet:
+            sys.stderr.write(f"{prog}: warning: skipped {stats.skipped} bad record(s)\n")
+        notes = getattr(op, "notes", None)  # e.g. source: the files it walked past
+        if notes is not None and not opts.quiet:
+            for line in notes():
+                sys.stderr.write(f"{prog}: {line}\n")
+        summary = getattr(op, "summary", None)  # e.g. embed: how many came from the cache
+        if summary is not None and not opts.quiet and (opts.progress or sys.stderr.isatty()):
+            line = summary()
+            if line:
+                sys.stderr.write(f"{prog}: {line}\n")
+
+    def stop() -> None:
+        try:
+            writer.flush()  # what is complete is written
+        finally:
+            driver.abandon()  # what is not (a sink's temporary file) is dropped
+
+    code = guarded(prog, body, on_stop=stop)
+    if tracer is not None:
+        tracer.stop(code)
+    return code
+
+
+def make_progress(prog: str, opts: IOOptions) -> Any:
+    if opts.quiet:
+        return None
+    if not (opts.progress or sys.stderr.isatty()):
+        return None
+    from sage_cli.observability.progress import Progress
+
+    return Progress(prog)
+
+
+def refuse_opted_out(verb: Verb, opts: IOOptions, copies: int | None = None) -> None:
+    """Raise UsageError when `opts` (or `copies`, the replicas an engine would start) use a
+    flag the verb opts out of: the one refusal every executor gives."""
+    n = opts.workers if copies is None else copies
+    if n > 1 and "workers" in verb.opts_out:
+        flag = "--workers" if copies is None else f"--replicas {verb.name}={n}"
+        raise UsageError(
+            f"{flag} needs a stateless operator; {verb.prog} keeps state between records: "
+            "run it as one process (exactly 1 actor on Ray)"
+        )
+
+
+def operator_command(
+    app: typer.Typer, name: str, *, verb: Verb | None = None, **command_kwargs: Any
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register `build` as the command of the registry's verb `name`: it parses the command's
+    own flags and returns an Operator (or `(operator, records)` for a source); the common I/O
+    flags are added here (FILE arguments unless the verb reads its own inputs). `verb`: the
+    entry of a verb that is not in the registry (a test's own operator)."""
+    if verb is None:
+        verb = VERBS[name]
+
+    def decorate(build: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(build, eval_str=True)
+        own = list(sig.parameters.values())
+        extra = [
+            inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+            for n, a, d in _COMMON
+        ]
+        params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
+        if verb.reads == "records":
+            n, a, d = _FILES
+            params.append(
+                inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+            )
+        params.extend(extra)
+        common_names = {n for n, _, _ in _COMMON} | {_FILES[0]}
+
+        def command(**kwargs: Any) -> None:
+            opts = IOOptions(**{k: kwargs.pop(k) for k in list(kwargs) if k in common_names})
+            prog = stage_name(name)
+            built: Any = None
+
+            def construct() -> None:
+                nonlocal built
+                if not opts.schema:
+                    refuse_opted_out(verb, opts)
+                built = build(**kwargs)
+
+            code = guarded(prog, construct)
+            if code:
+                raise typer.Exit(code)
+            op, records = built if isinstance(built, tuple) else (built, None)
+            factory = OperatorFactory(name, build, kwargs)
+            raise typer.Exit(run_operator(name, op, opts, records, factory))
+
+        command.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = build.__doc__
+        command.__name__ = build.__name__
+        app.command(name, **command_kwargs)(command)
+        return build
+
+    return decorate
+
+
+def single_command_app() -> typer.Typer:
+    """The typer app a one-command module registers into."""
+    return typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
+
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

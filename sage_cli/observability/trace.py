@@ -1,0 +1,240 @@
+"""The stage side of `sage run` traces: one NDJSON event stream per stage.
+
+`sage run` sets SAGE_TRACE_DIR and SAGE_TRACE_STAGE for each stage it starts; run_operator then
+builds a Tracer and the driver calls it once per batch. Without those variables nothing here is
+imported and the driver pays one `is None` test per batch.
+
+Events (one JSON object per line, `t` in Unix seconds):
+  {"ev": "start", "t", "pid", "argv"}
+  {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: start, seconds, records in / out,
+      the input ids (one span per record: the records of a batch share its start and duration),
+      and model tokens of its output (`usage`)
+  {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy"}   about once a second
+  {"ev": "stop", "t", "status", ...stats}
+  {"ev": "r", "t", "in": [...], "out": [...]}   the content of the first SAGE_TRACE_SAMPLE (20)
+      records of the stage and what it made of them (long strings and vectors cut), so the
+      studio can show a record before and after each stage; none with SAGE_TRACE_IDS=0
+Writes are buffered and appended to the file at most about once a second, so the cost per record
+is collecting its id; `SAGE_TRACE_IDS=0` drops the ids (counts and latencies only). A stage
+waiting for input still gets its last events onto disk within about a second (a daemon thread
+flushes what a batch left buffered), so a live view (the studio) sees records as they pass.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import orjson
+
+from sage_cli.observability.redact import redact_argv
+
+STATS_SECONDS = 1.0
+#: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
+SAMPLE_RECORDS = 20
+#: longest string and list kept in a sampled record
+SAMPLE_CHARS = 1000
+SAMPLE_ITEMS = 16
+FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 64 * 1024
+
+
+class Tracer:
+    """Appends one stage's trace events to `path`."""
+
+    def __init__(
+        self, path: str, stage: str, with_ids: bool = True, sample: int = SAMPLE_RECORDS
+    ) -> None:
+        self.path = path
+        self.stage = stage
+        self.with_ids = with_ids
+        #: records whose content is still to be sampled (never without ids)
+        self.sample_left = sample if with_ids else 0
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._last_flush = time.monotonic()
+        self._last_stats = 0.0
+        # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
+        self._offset = time.time() - time.perf_counter()
+        self.stats: Any = None
+        #: only a stage that produces `usage` counts tokens (later stages pass it through)
+        self.count_tokens = True
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        with self._lock:
+            self._parts.append(data)
+
+    def _flush_when_idle(self) -> None:
+        """The daemon thread: what waited FLUSH_SECONDS in the buffer goes to disk."""
+        while not self._closed.wait(FLUSH_SECONDS):
+            if self._parts and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+                self.flush()
+
+    def start(self, stats: Any) -> None:
+        self.stats = stats
+        threading.Thread(target=self._flush_when_idle, name="sage-trace", daemon=True).start()
+        self._emit(
+            {"ev": "start", "t": time.time(), "pid": os.getpid(), "argv": redact_argv(sys.argv[1:])}
+        )
+        self.flush()
+
+    def batch(
+        self, batch: list[dict[str, Any]], out: list[dict[str, Any]], t0: float, t1: float
+    ) -> None:
+        event: dict[str, Any] = {
+            "ev": "b",
+            "t": round(t0 + self._offset, 6),
+            "d": round(t1 - t0, 6),
+            "n": len(batch),
+            "o": len(out),
+        }
+        if self.count_tokens and out and "usage" in out[0]:
+            event["tok"] = _tokens(out)
+        if self.with_ids:  # last, so a reader that needs no ids can cut the line short
+            event["ids"] = [r.get("id") for r in batch]
+        data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        if self.sample_left > 0:
+            data += self._sample(batch, out, event["t"])
+        with self._lock:
+            self._parts.append(data)
+            self._size += len(data)
+        if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in
+            self.flush()
+        now = time.monotonic()
+        if now - self._last_stats >= STATS_SECONDS:
+            self._last_stats = now
+            self._emit_stats("stats")
+        if now - self._last_flush >= FLUSH_SECONDS:
+            self.flush()
+
+    def _sample(self, batch: list[dict[str, Any]], out: list[dict[str, Any]], t: float) -> bytes:
+        """An "r" event: the first records of `batch` and the outputs made from them (paired by
+        position when the batch was one-to-one, else by id, parent_id or query_id)."""
+        taken = batch[: self.sample_left]
+        self.sample_left -= len(taken)
+        if len(out) == len(batch):
+            made = out[: len(taken)]
+        else:
+            ids = {r.get("id") for r in taken if isinstance(r.get("id"), str | int)}
+            made = [
+                r for r in out if any(r.get(k) in ids for k in ("id", "parent_id", "query_id"))
+            ][: 4 * len(taken)]
+        event = {"ev": "r", "t": t, "in": [clip(r) for r in taken], "out": [clip(r) for r in made]}
+        try:
+            return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        except (TypeError, orjson.JSONEncodeError):
+            return b""
+
+    def _emit_stats(self, kind: str, **extra: Any) -> None:
+        s = self.stats
+        if s is None:
+            return
+        self._emit(
+            {
+                "ev": kind,
+                "t": time.time(),
+                "in": s.records_in,
+                "out": s.records_out,
+                "errors": s.errors,
+                "skipped": s.skipped,
+                "busy": round(s.busy_seconds, 6),
+                **extra,
+            }
+        )
+
+    def stop(self, status: int) -> None:
+        # the stage's own peak RSS: the supervisor's wait4 figure is at least the RSS of the
+        # process image the stage's exec replaced (the supervisor's, ~22 MB)
+        self._closed.set()
+        self._emit_stats("stop", status=status, hwm_mb=peak_rss_mb())
+        self.flush()
+        with self._lock:  # the flushing thread never writes to a closed (or reused) fd
+            fd, self.fd = self.fd, -1
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        with self._lock:  # one writer at a time: events stay in order
+            self._last_flush = time.monotonic()
+            if not self._parts or self.fd < 0:
+                return
+            data = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass  # a trace must never stop the data
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak RSS in MB (VmHWM: its own image only, unlike ru_maxrss, which on
+    Linux also counts reaped children and the image an exec replaced); None off Linux."""
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return round(int(line.split()[1]) / 1024.0, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def clip(value: Any, depth: int = 0) -> Any:
+    """A record cut down for the trace: long strings and lists shortened, deep nesting cut."""
+    if isinstance(value, str):
+        if len(value) > SAMPLE_CHARS:
+            return value[:SAMPLE_CHARS] + f"... ({len(value)} chars)"
+        return value
+    if depth >= 8:
+        return "..."
+    if isinstance(value, dict):
+        return {str(k): clip(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        head = [clip(v, depth + 1) for v in value[:SAMPLE_ITEMS]]
+        if len(value) > SAMPLE_ITEMS:
+            head.append(f"... ({len(value)} items)")
+        return head
+    return value
+
+
+def _tokens(out: list[dict[str, Any]]) -> int:
+    total = 0
+    for r in out:
+        usage = r.get("usage")
+        if type(usage) is dict:
+            total += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    return total
+
+
+def tracer_from_env(command: str) -> Tracer | None:
+    """The tracer `sage run` asked for through the environment, or None."""
+    directory = os.environ.get("SAGE_TRACE_DIR")
+    if not directory:
+        return None
+    stage = os.environ.get("SAGE_TRACE_STAGE") or command
+    try:
+        return Tracer(
+            os.path.join(directory, f"{stage}.trace.ndjson"),
+            stage,
+            with_ids=os.environ.get("SAGE_TRACE_IDS", "1") != "0",
+            sample=_int_env("SAGE_TRACE_SAMPLE", SAMPLE_RECORDS),
+        )
+    except OSError:
+        return None
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default

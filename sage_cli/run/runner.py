@@ -1,0 +1,443 @@
+"""`sage run` from start to end: parse the script, make (or reopen) the run directory, hold the
+lock, run the supervisor, write summary.json and say in one line how it went."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from sage_cli.errors import SageError, UsageError
+from sage_cli.exitcodes import ExitCode
+from sage_cli.observability.redact import redact_argv, redact_words
+from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run, summarise
+from sage_cli.run.script import (
+    CommandsFailed,
+    Pipeline,
+    Segment,
+    expand_segment,
+    parse_script,
+    read_segments,
+)
+from sage_cli.run.supervisor import RunOptions, Supervisor, lineage_key, record_id
+
+
+def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": s.name,
+            "index": s.index,
+            "label": s.label,
+            "argv": redact_argv(s.argv),
+            "model": s.is_model,
+            "group": s.group,
+            "text": redact_words(s.text),
+        }
+        for s in pipeline.stages
+    ]
+
+
+def stored_args(args: list[str]) -> dict[str, Any]:
+    """The script's arguments as run.json keeps them: with secrets masked (sage_cli.observability.redact),
+    and a flag saying so, since --resume then needs them given again."""
+    shown = redact_argv(args)
+    return {"args": shown, "args_redacted": True} if shown != args else {"args": args}
+
+
+def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
+    """Where the run's output is kept for --resume: the last stage's `> FILE`, or the run
+    directory's copy of what went to stdout."""
+    redirect = pipeline.stages[-1].redirect(">", ">>", "&>", "&>>")
+    if redirect is None:
+        return None
+    target = Path(redirect.target)
+    return target if target.is_absolute() else Path(pipeline.cwd) / target
+
+
+def read_done(path: Path) -> tuple[set[Any], set[Any]]:
+    """From a run's output: the ids of the results in it, and the keys of the input records
+    whose results are all in it (every key but the last one seen, which may be partial).
+    A torn last line (the writer was killed mid-line) is cut off the file. The file is read a
+    line at a time: it can be as large as the run's whole output."""
+    try:
+        fh = open(path, "r+b")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return set(), set()
+    ids: set[Any] = set()
+    seen: set[Any] = set()
+    last_new: Any = None
+    with fh:
+        size = fh.seek(0, os.SEEK_END)
+        end = _after_last_newline(fh, size)
+        if end < size:
+            fh.truncate(end)
+        fh.seek(0)
+        for line in fh:
+            rid = record_id(line)
+            if rid is not None:
+                ids.add(rid)
+            key = lineage_key(line)
+            if key is not None and key not in seen:
+                seen.add(rid if key == rid else key)  # one string for both sets
+                last_new = key
+    seen.discard(last_new)
+    return ids, seen
+
+
+def _after_last_newline(fh: Any, size: int) -> int:
+    """The offset just after the file's last `\n` (0 if it has none), read from the end."""
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        fh.seek(start)
+        chunk = fh.read(pos - start)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        pos = start
+    return 0
+
+
+def lock_path(script: Path, args: list[str]) -> Path:
+    digest = hashlib.sha1(orjson.dumps([str(script.resolve()), args])).hexdigest()[:16]
+    return Path(".sage") / "locks" / f"{script.stem}-{digest}.lock"
+
+
+def acquire_lock(script: Path, args: list[str]) -> Any:
+    """Hold an exclusive lock for this script and arguments, or fail (exit 75) if another
+    `sage run --lock` holds it."""
+    import fcntl
+
+    path = lock_path(script, args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise SageError(
+            f"{script} is already running (pid {holder}); wait for it or drop --lock",
+            ExitCode.TEMPFAIL,
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def run_pipeline(
+    script: str | None,
+    args: list[str],
+    opts: RunOptions,
+    run_dir: str | None = None,
+    resume: str | None = None,
+    lock: bool = False,
+    base: str = DEFAULT_BASE,
+) -> int:
+    """Run a pipeline script (or resume a run) and return the exit status."""
+    if resume:
+        run = find_run(resume, base)
+        info = run.read_json("run.json")
+        script = script or info.get("script")
+        if not args and info.get("args_redacted"):
+            raise UsageError(
+                f"{resume}: run.json keeps the script's arguments with secrets masked; "
+                "give them again: sage run --resume RUN SCRIPT ARGS..."
+            )
+        args = args or info.get("args", [])
+        if not script:
+            raise UsageError(f"{resume}: the run does not name its script; give it")
+        if info.get("cwd") and Path(info["cwd"]) != Path.cwd():
+            # absolute: `--resume work/run` must still name it after the cd
+            run = RunDirectory(run.path.resolve())
+            os.chdir(info["cwd"])
+        opts.resume = True
+    elif script is None:
+        raise UsageError("missing the pipeline script: sage run SCRIPT [ARGS]...")
+    script_path = Path(script)
+    held = acquire_lock(script_path, args) if lock else None
+    try:
+        segments = read_segments(script_path)
+        if len(segments) > 1 or segments[0].pipeline is None:
+            if resume:
+                raise UsageError(f"{script}: --resume works for scripts with one pipeline")
+            return run_segments(script_path, segments, args, opts, run_dir, base)
+        pipeline = parse_script(script_path, args)
+        if not resume:
+            run = RunDirectory.create(run_dir, base)
+        target = output_path(pipeline, run)
+        ledger = None
+        skip_ids = skip_keys = None
+        if resume:
+            done_ids, done_keys = read_done(target or run.output_path)
+            skip_ids, skip_keys = done_ids, done_keys
+        if target is None:
+            ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        run.write_json(
+            "run.json",
+            {
+                "run_id": run.id,
+                "script": str(script_path),
+                **stored_args(args),
+                "cwd": os.getcwd(),
+                "output": str(target) if target else str(run.output_path.resolve()),
+                "started": time.time(),
+                "retries": opts.retries,
+                "stages": describe(pipeline),
+                "resumed": bool(resume),
+            },
+        )
+        sup = Supervisor(pipeline, run, opts, args)
+        started = time.monotonic()
+        dashboard = None
+        if not opts.quiet:
+            from sage_cli.observability.dashboard import start_dashboard
+
+            dashboard = start_dashboard(run, sup, progress=opts.progress)
+        try:
+            status = sup.run(ledger_fd=ledger, skip_keys=skip_keys, skip_ids=skip_ids)
+        finally:
+            if dashboard is not None:
+                dashboard.stop()
+            if ledger is not None:
+                os.close(ledger)
+        summary = summarise(run)
+        run.write_json("summary.json", summary)
+        if not opts.quiet:
+            report_end(run, summary, status, time.monotonic() - started)
+        return status
+    finally:
+        if held is not None:
+            held.close()
+
+
+def run_on_ray(
+    script: str | None,
+    args: list[str],
+    *,
+    address: str | None,
+    replicas: list[str],
+    opts: RunOptions | None = None,
+    run_dir: str | None = None,
+    lock: bool = False,
+    base: str = DEFAULT_BASE,
+) -> int:
+    """Run a one-pipeline script on Ray (`sage run --engine ray`): every stage a pool of actors
+    built from the same operator class; traces in the same run directory format as local runs.
+    `opts` and `lock` mean what they mean for a local run (--trace, --timeout, --progress,
+    --quiet, --lock)."""
+    opts = opts or RunOptions()
+    if script is None:
+        raise UsageError("missing the pipeline script: sage run --engine ray SCRIPT [ARGS]...")
+    script_path = Path(script)
+    held = acquire_lock(script_path, args) if lock else None
+    try:
+        return _run_on_ray(script_path, args, address, replicas, opts, run_dir, base)
+    finally:
+        if held is not None:
+            held.close()
+
+
+def _run_on_ray(
+    script_path: Path,
+    args: list[str],
+    address: str | None,
+    replicas: list[str],
+    opts: RunOptions,
+    run_dir: str | None,
+    base: str,
+) -> int:
+    script = str(script_path)
+    segments = read_segments(script_path)
+    if len(segments) > 1 or segments[0].pipeline is None:
+        raise UsageError(f"{script}: --engine ray runs scripts that hold one pipeline")
+    pipeline = parse_script(script_path, args)
+    source = pipeline.stages[0].redirect("<")
+    target = pipeline.stages[-1].redirect(">", ">>")
+    run = RunDirectory.create(run_dir, base)
+    run.write_json(
+        "run.json",
+        {
+            "run_id": run.id,
+            "script": str(script_path),
+            **stored_args(args),
+            "cwd": os.getcwd(),
+            "engine": "ray",
+            "address": address,
+            "replicas": replicas,
+            "started": time.time(),
+            "stages": describe(pipeline),
+        },
+    )
+    from sage_cli.execution.ray import run_ray_pipeline  # imports ray: only here
+
+    def event(ev: str, **fields: Any) -> None:
+        with open(run.events_path, "ab") as fh:
+            fh.write(orjson.dumps({"ev": ev, "t": time.time(), **fields}) + b"\n")
+
+    names = [stage.name for stage in pipeline.stages]
+    event("run_start", engine="ray", address=address)
+    for name in names:
+        event("stage_start", stage=name, attempt=1)
+    started = time.monotonic()
+    stdin = open(source.target, "rb") if source else None  # noqa: SIM115 - closed below
+    stdout = None
+    # the same live table / progress lines as a local run, read from the same stage traces
+    view = _RayStages(pipeline)
+    dashboard = None
+    if not opts.quiet:
+        from sage_cli.observability.dashboard import start_dashboard
+
+        dashboard = start_dashboard(run, view, progress=opts.progress)
+    status = int(ExitCode.FAILURE)
+    try:
+        if target is not None:
+            stdout = open(target.target, "ab" if target.op == ">>" else "wb")  # noqa: SIM115
+        status = run_ray_pipeline(
+            [stage.argv for stage in pipeline.stages],
+            address=address,
+            replicas=replicas or None,
+            stdin=stdin,
+            stdout=stdout,
+            trace_dir=str(run.stages_dir),
+            trace=opts.trace,
+            timeout=opts.timeout,
+        )
+    finally:
+        view.finish(status)
+        if dashboard is not None:
+            dashboard.stop()
+        for fh in (stdin, stdout):
+            if fh is not None:
+                fh.close()
+    for name in names:  # the engine reports the run's status; per-stage status only when ok
+        event("stage_exit", stage=name, status=0 if status == 0 else None)
+    event("run_stop", status=status)
+    summary = summarise(run)
+    run.write_json("summary.json", summary)
+    if not opts.quiet:
+        report_end(run, summary, status, time.monotonic() - started)
+    return status
+
+
+class _RayStages:
+    """What the dashboard shows of a Ray run: its stages, running in this process."""
+
+    @dataclass
+    class _Stage:
+        name: str
+        stage: Any
+        pid: int | None = None
+        attempts: int = 1
+        final: bool = False
+        status: int | None = None
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.stages = [self._Stage(s.name, s, os.getpid()) for s in pipeline.stages]
+
+    def finish(self, status: int) -> None:
+        for stage in self.stages:
+            stage.final, stage.status = True, status
+
+
+def run_segments(
+    script: Path,
+    segments: list[Segment],
+    args: list[str],
+    opts: RunOptions,
+    run_dir: str | None,
+    base: str,
+) -> int:
+    """A script with several pipelines: each runs supervised in turn, in one run directory
+    (stages named `<pipeline>.<stage>-<op>`), with the commands between them run by bash
+    and the shell's variables, functions, options and directory carried from one to the next.
+    As under bash, a failure stops the script only under `set -e`."""
+    import tempfile
+
+    run = RunDirectory.create(run_dir, base)
+    stages: list[dict[str, Any]] = []
+    info = {
+        "run_id": run.id,
+        "script": str(script),
+        **stored_args(args),
+        "cwd": os.getcwd(),
+        "output": str(run.output_path.resolve()),
+        "started": time.time(),
+        "retries": opts.retries,
+        "stages": stages,
+        "resumed": False,
+    }
+    run.write_json("run.json", info)
+    started = time.monotonic()
+    status = 0
+    number = 0
+    with tempfile.TemporaryDirectory(prefix="sage-state-") as tmp:
+        state_in: str | None = None
+        for k, segment in enumerate(segments):
+            state_out = os.path.join(tmp, f"state{k}.sh")
+            if segment.pipeline is not None:
+                number += 1
+            try:
+                pipeline, errexit, last = expand_segment(
+                    script, segment, args, state_in=state_in, state_out=state_out, group=number
+                )
+            except CommandsFailed as err:
+                status = int(err.code)
+                break
+            state_in = state_out
+            if pipeline is None:
+                status = last  # the script's tail ran: its status is that of its last command
+                continue
+            stages.extend(describe(pipeline))
+            run.write_json("run.json", info)
+            ledger = None
+            if output_path(pipeline, run) is None:
+                ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            sup = Supervisor(pipeline, run, opts, args)
+            dashboard = None
+            if not opts.quiet:
+                from sage_cli.observability.dashboard import start_dashboard
+
+                dashboard = start_dashboard(run, sup, progress=opts.progress)
+            try:
+                status = sup.run(ledger_fd=ledger)
+            finally:
+                if dashboard is not None:
+                    dashboard.stop()
+                if ledger is not None:
+                    os.close(ledger)
+            if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED, 124) or (status and errexit):
+                break
+    summary = summarise(run)
+    summary["status"] = status
+    run.write_json("summary.json", summary)
+    if not opts.quiet:
+        report_end(run, summary, status, time.monotonic() - started)
+    return status
+
+
+def report_end(run: RunDirectory, summary: dict[str, Any], status: int, seconds: float) -> None:
+    """One line on stderr: how the run ended, which stage failed, where the trace is."""
+    failed = [s for s in summary["stages"] if s.get("status")]
+    restarts = sum(s.get("restarts", 0) for s in summary["stages"])
+    parts = [f"sage run: {len(summary['stages'])} stage(s), {seconds:.1f}s, exit {status}"]
+    if restarts:
+        parts.append(f"{restarts} restart(s)")
+    if failed and status:
+        last = failed[-1]
+        parts.append(f"stage {last['index'] + 1} ({last['command']}) exited {last['status']}")
+    parts.append(f"trace: {run.path} (sage trace {run.id})")
+    try:
+        sys.stderr.write("; ".join(parts) + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass

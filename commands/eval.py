@@ -1,4 +1,4 @@
-"""sage eval: score answers against `gold` and retrieved `docs` against `gold_ids`."""
+"""sage eval: score answers against `gold` and the retrieved `docs`, docs against `gold_ids`."""
 
 from typing import Annotated
 
@@ -25,6 +25,8 @@ def eval_records(
 
     With `gold` (a string or a list): exact_match, f1 (token F1) and contains, the best over
     the golds, after SQuAD normalisation (lowercase, no punctuation, no a/an/the). With
+    `answer` and `docs`: groundedness, the share of the answer's content words (no stop
+    words, no [n] citation markers) found in the docs' text; no gold needed. With
     `gold_ids`: recall@k, mrr and ndcg@k of the ids of `docs` (a chunk `doc#2` or a hit with
     `parent_id` "doc" counts for "doc"). The last record is
     {"id": "_summary", "_summary": true, "count": N, "eval": {metric: mean}}; on a terminal a

@@ -23,11 +23,27 @@ def retrieve(
         str,
         typer.Option(
             "--mode",
-            metavar="dense|bm25|hybrid",
-            help="Embeddings (annoy), BM25 over the indexed "
-            "text, or both fused by reciprocal rank.",
+            metavar="hybrid|dense|bm25",
+            help="hybrid: embeddings and BM25 fused (see --fusion; the best "
+            "measured, docs/retrieval.md); dense: embeddings only (annoy); bm25: words only, "
+            "no model.",
         ),
-    ] = "dense",
+    ] = "hybrid",
+    fusion: Annotated[
+        str,
+        typer.Option(
+            "--fusion",
+            metavar="relative|rrf",
+            help="hybrid: fuse min-max normalised scores (alpha * dense + (1 - alpha) * "
+            "bm25), or reciprocal ranks (sum of 1 / (60 + rank)).",
+        ),
+    ] = "relative",
+    alpha: Annotated[
+        float,
+        typer.Option(
+            "--alpha", min=0.0, max=1.0, help="hybrid, relative: the weight of the dense scores."
+        ),
+    ] = 0.5,
     exact: Annotated[
         bool, typer.Option("--exact", help="Exact numpy search over every vector instead of annoy.")
     ] = False,
@@ -45,8 +61,8 @@ def retrieve(
         float | None,
         typer.Option(
             "--min-score",
-            help="Drop hits scoring below this (cosine for dense, BM25 score, or "
-            "fused score for hybrid).",
+            help="Drop hits scoring below this (fused score for hybrid, 0..1; cosine "
+            "for dense; BM25 score).",
             show_default=False,
         ),
     ] = None,
@@ -65,8 +81,11 @@ def retrieve(
 ):
     """Attach `docs`, the indexed documents most relevant to each record's `query`.
 
-    The query is embedded with the index's own model (its sha256 must match the manifest: a
-    different model is exit 69) unless the record already carries an `embedding`. Each hit is
+    By default (--mode hybrid) the embedding and BM25 rankings of the indexed text (top 50
+    each) are fused by relative score: each list's scores scaled to 0..1, then
+    0.5 * dense + 0.5 * bm25. The query is embedded with
+    the index's own model (its sha256 must match the manifest: a different model is exit 69)
+    unless the record already carries an `embedding`; --mode bm25 loads no model. Each hit is
     the indexed record (id, text, metadata, parent_id ...) with `score`, `rank` (from 1) and
     `query_id`. annoy's search_k defaults to max(1000, 16 sqrt(N), 8 k trees), measured to keep
     recall@10 against --exact at or above 0.95. An empty query is that record's error (exit 65);
@@ -75,7 +94,7 @@ def retrieve(
     \b
     Examples:
       sage source questions.txt -R | sage retrieve --index idx/ -k 5
-      echo '{"query": "how do I open a file?"}' | sage retrieve --index idx/ --mode hybrid
+      echo '{"query": "how do I open a file?"}' | sage retrieve --index idx/ --mode dense
       sage retrieve --index idx/ --mode bm25 --min-score 2 queries.ndjson
     """
     from sage_cli.operators.retrieve import Retriever
@@ -85,6 +104,8 @@ def retrieve(
         index,
         k=k,
         mode=mode,
+        fusion=fusion,
+        alpha=alpha,
         exact=exact,
         search_k=search_k,
         min_score=min_score,

@@ -127,8 +127,18 @@ def run(
             "--progress", help="Periodic progress lines even when stderr is not a terminal."
         ),
     ] = False,
+    print_script: Annotated[
+        bool,
+        typer.Option(
+            "--print-script",
+            help="Print the bash form of a YAML pipeline file (or a script as it is) and exit.",
+        ),
+    ] = False,
 ):
     """Run the pipeline in a bash SCRIPT under supervision and trace every stage.
+
+    SCRIPT may also be a YAML pipeline file (.yaml/.yml: stages with verb and options, see
+    docs/python.md): it runs as the bash script `--print-script` shows.
 
     The script stays ordinary bash (comments, continuations, variables, $1): it runs the same
     with `bash SCRIPT`. Each `sage` stage runs in its own process group with a share of the
@@ -142,6 +152,8 @@ def run(
       sage run --retries 3 ingest.sh docs/
       sage run --resume 20261124-031500-ab12
       sage run --check scripts/rag.sh
+      sage run pipeline.yaml
+      sage run --print-script pipeline.yaml
       sage run --lock --timeout 600 nightly.sh    # from cron
       sage run --engine ray --address auto --replicas embed=4 ingest.sh docs/
     """
@@ -179,7 +191,21 @@ def run(
     result = 0
 
     def body() -> None:
-        nonlocal result
+        nonlocal result, script
+        if print_script:
+            result = _print_script(script)
+            return
+        from sage_cli.api.forms import is_yaml
+
+        if is_yaml(script):  # a YAML pipeline runs as its bash form, like any script
+            from sage_cli.api.forms import script_for_run
+
+            assert script is not None
+            pipeline_file, script = script, script_for_run(script)
+            if not quiet:
+                import sys
+
+                sys.stderr.write(f"sage run: {pipeline_file} runs as {script}\n")
         if check:
             from sage_cli.check import check_pipeline
 
@@ -215,3 +241,25 @@ def run(
 
     code = guarded("sage run", body)
     raise typer.Exit(code or result)
+
+
+def _print_script(script: str | None) -> int:
+    """`sage run --print-script SCRIPT`: the bash a YAML pipeline runs as (a script: itself)."""
+    import sys
+
+    from sage_cli.api.forms import is_yaml, yaml_script
+    from sage_cli.errors import UsageError
+
+    if script is None:
+        raise UsageError("missing the pipeline file: sage run --print-script PIPELINE.yaml")
+    if is_yaml(script):
+        text = yaml_script(script)
+    else:
+        try:
+            with open(script, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise UsageError(f"{script}: cannot read: {exc.strerror}") from None
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0

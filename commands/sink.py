@@ -60,5 +60,9 @@ def sink_records(
     if pretty is None:
         pretty = fmt is None and to is None and sys.stdout.isatty()
     return Sink(
-        fmt or "ndjson", to, stream=sys.stdout.buffer, pretty=pretty, console_file=sys.stdout
+        fmt or "ndjson",
+        to,
+        stream=getattr(sys.stdout, "buffer", None),  # None: a notebook's stdout (Python API)
+        pretty=pretty,
+        console_file=sys.stdout,
     )

@@ -5,11 +5,11 @@ has headings, so `sage chunk` puts them in `metadata.heading`) and metadata. A f
 cannot make sense of raises DocumentError (one file's error: the source reports it under the
 error policy and reads on). The libraries are imported only when a file of their kind is read:
 
-- PDF: pypdfium2 (PDFium's own text extraction; Apache-2.0/BSD; imports in ~0.1 s and reads
-  pages at C speed; pypdf is pure Python and several times slower on the same pages).
+- PDF: pypdfium2 (PDFium's own text extraction, in C; Apache-2.0/BSD).
 - HTML: trafilatura (main-content extraction: navigation, scripts, styles, sidebars and footers
-  are left out; headings come out as markdown). It imports in ~0.5 s (lxml, justext), paid
-  only by a source that reads an HTML file.
+  are left out; headings come out as markdown). Its import (lxml, justext) is the heaviest,
+  paid only by a source that reads an HTML file.
+(Import times and speeds: `make bench`, area `documents`; the choice: docs/dataflow.md.)
 - DOCX: python-docx (paragraphs in order; Title and Heading N styles become `#` headings).
 """
 
@@ -85,6 +85,8 @@ def read_pdf(data: bytes) -> Document:
     """One part per page (PDFium's text, line ends as \\n); metadata `pages` and `title`."""
     import pypdfium2 as pdfium
 
+    if not data.strip():
+        raise DocumentError("empty file, not a PDF")
     try:
         pdf = pdfium.PdfDocument(data)
     except pdfium.PdfiumError as exc:
@@ -93,7 +95,10 @@ def read_pdf(data: bytes) -> Document:
         pages: list[str] = []
         empty: list[int] = []
         for i in range(len(pdf)):
-            page = pdf[i]
+            try:
+                page = pdf[i]
+            except pdfium.PdfiumError as exc:
+                raise DocumentError(f"page {i + 1} cannot be read ({exc})") from None
             try:
                 textpage = page.get_textpage()
                 text = textpage.get_text_bounded().replace("\r\n", "\n").replace("\r", "\n")
@@ -130,11 +135,15 @@ def read_html(data: bytes) -> Document:
     """The page's main text (markdown headings), without navigation, scripts, styles, sidebars
     and footers; metadata `title`. A page with no main content falls back to all its text."""
     import trafilatura
-    from trafilatura.metadata import extract_metadata
+    from trafilatura.utils import load_html
 
     try:
+        tree = load_html(data)
+        if tree is None:
+            raise DocumentError("not readable HTML")
+        title = _html_title(tree)  # before extract, which prunes the tree
         text = trafilatura.extract(
-            data,
+            tree,
             output_format="markdown",
             include_comments=False,
             include_tables=True,
@@ -147,14 +156,23 @@ def read_html(data: bytes) -> Document:
             text = trafilatura.html2txt(data)
             if text:
                 warnings.append("no main content found; all the page's text was kept")
-        info = extract_metadata(data)
     except (ValueError, TypeError) as exc:  # lxml refuses what is not markup at all
         raise DocumentError(f"not readable HTML ({exc})") from None
-    meta: dict[str, Any] = {}
-    title = (getattr(info, "title", None) or "").strip() if info is not None else ""
-    if title:
-        meta["title"] = title
-    return Document([text or ""], meta, warnings)
+    return Document([text or ""], {"title": title} if title else {}, warnings)
+
+
+def _html_title(tree: Any) -> str:
+    """The title as trafilatura's metadata step finds it (OpenGraph and meta tags, JSON-LD,
+    then the one <h1> or <title>), without the rest of that step: its date search (htmldate,
+    dateparser) costs more than the text extraction itself."""
+    from trafilatura.metadata import examine_meta, extract_meta_json, extract_title
+
+    meta = examine_meta(tree)
+    try:
+        meta = extract_meta_json(tree, meta)
+    except Exception:  # noqa: BLE001 - trafilatura guards this call the same way (bad JSON-LD)
+        pass
+    return (meta.title or extract_title(tree) or "").strip()
 
 
 # -- DOCX --------------------------------------------------------------------------------------
@@ -242,18 +260,22 @@ def parse_converters(specs: list[str]) -> dict[str, list[str]]:
     return out
 
 
-def run_converter(argv: list[str], path: str, timeout: float = CONVERT_TIMEOUT) -> bytes:
-    """What `argv` writes on stdout when the file at `path` is its stdin (no shell)."""
+def run_converter(
+    argv: list[str], path: str, data: bytes | None = None, timeout: float = CONVERT_TIMEOUT
+) -> bytes:
+    """What `argv` writes on stdout when the file at `path` (or `data`, the content of a
+    compressed one) is its stdin. No shell."""
+    env = {**os.environ, "LC_ALL": os.environ.get("LC_ALL", "C.UTF-8")}
     try:
-        with open(path, "rb") as stdin:
+        if data is not None:
             done = subprocess.run(
-                argv,
-                stdin=stdin,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-                env={**os.environ, "LC_ALL": os.environ.get("LC_ALL", "C.UTF-8")},
+                argv, input=data, capture_output=True, timeout=timeout, check=False, env=env
             )
+        else:
+            with open(path, "rb") as stdin:
+                done = subprocess.run(
+                    argv, stdin=stdin, capture_output=True, timeout=timeout, check=False, env=env
+                )
     except subprocess.TimeoutExpired:
         raise DocumentError(f"converter {argv[0]} took more than {timeout:g}s") from None
     except OSError as exc:

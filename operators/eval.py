@@ -9,6 +9,11 @@ Retrieval metrics, when a record has `gold_ids` (a string or a list of strings):
 matches a gold id when its `id`, its `parent_id`, its `metadata.parent_id` or the part of a
 chunk id `doc#3` before the last `#` equals it; each gold id counts once, at its first hit.
 
+Groundedness, when a record has `answer` and `docs` (no gold needed): `groundedness`, the share
+of the answer's content words (not stop words; citation markers `[n]` left out) found in the
+text of the retrieved docs (operators.citations.groundedness). An answer with no content word
+gets none.
+
 Each record gets an `eval` object with the metrics that apply to it. `close()` returns one
 summary record, `{"id": "_summary", "_summary": true, "count": N, "eval": {metric: mean}}`,
 with every mean taken over the records that carry that metric.
@@ -30,7 +35,7 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)
 
 #: the order metrics appear in tables and summaries
-ANSWER_METRICS = ("exact_match", "f1", "contains")
+ANSWER_METRICS = ("exact_match", "f1", "contains", "groundedness")
 
 
 def normalize_answer(text: str) -> str:
@@ -165,18 +170,22 @@ class Eval(Operator):
 
     def score(self, record: Record) -> dict[str, float]:
         """The metrics that apply to one record."""
+        from .citations import groundedness
+
         has_gold = "gold" in record
         has_ids = "gold_ids" in record
-        if not has_gold and not has_ids:
+        grounded = "answer" in record and isinstance(record.get("docs"), list)
+        if not has_gold and not has_ids and not grounded:
             have = ", ".join(sorted(k for k in record if not k.startswith("_"))) or "none"
             raise RecordError(
-                f"record has neither 'gold' (answers) nor 'gold_ids' (documents) (fields: {have})"
+                f"record has neither 'gold' (answers) nor 'gold_ids' (documents), nor an "
+                f"'answer' with 'docs' (fields: {have})"
             )
         # Score what the record carries: a gold file is often run against retrieval alone
         # (`retrieve | eval`) before any answer exists.
         can_answer = has_gold and "answer" in record
         can_retrieve = has_ids and "docs" in record
-        if not can_answer and not can_retrieve:
+        if not can_answer and not can_retrieve and not grounded:
             missing = "'answer' (run sage generate)" if has_gold else "'docs' (run sage retrieve)"
             raise RecordError(f"nothing to score: the record has no {missing}")
         scores: dict[str, float] = {}
@@ -188,6 +197,13 @@ class Eval(Operator):
             if not isinstance(answer, str):
                 raise RecordError(f"field 'answer' must be str, got {type(answer).__name__}")
             scores.update(answer_scores(answer, golds))
+        if grounded:
+            answer = record["answer"]
+            if not isinstance(answer, str | None):
+                raise RecordError(f"field 'answer' must be str, got {type(answer).__name__}")
+            share = groundedness(answer or "", record["docs"])
+            if share is not None:
+                scores["groundedness"] = share
         if can_retrieve:
             gold_ids = _string_list(record, "gold_ids")
             docs = record["docs"]

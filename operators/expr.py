@@ -84,10 +84,23 @@ def load_function(spec: str) -> Callable[[Record], Any]:
     return func
 
 
-def user_function(expr: str | None, fn: str | None) -> tuple[Callable[[Record], Any], str]:
-    """The callable and a label for messages, from an expression or a --fn spec (exactly one)."""
+#: what `fn` may be: a `module:function` spec (the CLI's --fn) or the function itself (Python)
+UserFn = str | Callable[[Record], Any] | None
+
+
+def callable_name(fn: Callable[..., Any]) -> str:
+    """A function's name for messages: `clean`, `Cleaner.run`, `<lambda>` (no `<locals>`)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return str(name).rsplit("<locals>.", 1)[-1]
+
+
+def user_function(expr: str | None, fn: UserFn) -> tuple[Callable[[Record], Any], str]:
+    """The callable and a label for messages, from an expression, a --fn spec or a Python
+    callable (exactly one)."""
     if (expr is None) == (fn is None):
         raise OptionError("give an expression or --fn module:function (one of them)")
+    if callable(fn):
+        return fn, callable_name(fn)
     if fn is not None:
         return load_function(fn), f"--fn {fn}"
     assert expr is not None
@@ -106,7 +119,7 @@ class Map(Operator):
 
     name = "map"
 
-    def __init__(self, expr: str | None = None, fn: str | None = None) -> None:
+    def __init__(self, expr: str | None = None, fn: UserFn = None) -> None:
         self.func, self.label = user_function(expr, fn)
 
     def process(self, batch: list[Record]) -> list[Record]:
@@ -130,9 +143,7 @@ class Filter(Operator):
 
     name = "filter"
 
-    def __init__(
-        self, expr: str | None = None, fn: str | None = None, invert: bool = False
-    ) -> None:
+    def __init__(self, expr: str | None = None, fn: UserFn = None, invert: bool = False) -> None:
         self.func, self.label = user_function(expr, fn)
         self.invert = invert
 
@@ -154,7 +165,7 @@ class FlatMap(Operator):
 
     name = "flatmap"
 
-    def __init__(self, expr: str | None = None, fn: str | None = None) -> None:
+    def __init__(self, expr: str | None = None, fn: UserFn = None) -> None:
         self.func, self.label = user_function(expr, fn)
 
     def process(self, batch: list[Record]) -> list[Record]:

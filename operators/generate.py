@@ -3,8 +3,9 @@
 
 Input, in order of preference: `messages` (chat messages, as `sage prompt` writes them),
 `prompt` (sent as one user message) or `query`. Output: `answer` (the text, stripped),
-`usage` {prompt_tokens, completion_tokens, seconds} and, with a JSON schema, `answer_json`
-(the answer parsed). `seconds` is the wall time of the model call (0-ish for a cache hit, which
+`usage` {prompt_tokens, completion_tokens, seconds}, `citations` (the ids of the `docs` the
+answer cites as `[n]`: operators.citations; only for records with `docs`) and, with a JSON
+schema, `answer_json` (the answer parsed). `seconds` is the wall time of the model call (0-ish for a cache hit, which
 also sets `usage.cached: true`).
 
 Backends:
@@ -53,6 +54,7 @@ from .base import (
     add_warning,
 )
 from .cache import ResultCache, content_key
+from .citations import add_citations
 
 #: tokens left unused at the end of the context, for tokenizer drift when a cut text is re-read
 SAFETY_TOKENS = 4
@@ -605,6 +607,10 @@ class Generate(Operator):
     produces = {
         "answer": {"type": "string"},
         "answer_json": {"description": "the answer parsed as JSON (with --json-schema)"},
+        "citations": {
+            "type": "array",
+            "description": "ids of the docs the answer cites as [n] (records with docs only)",
+        },
         "usage": {
             "type": "object",
             "properties": {
@@ -734,6 +740,7 @@ class Generate(Operator):
         self.answers += 1
         out = dict(record)
         out["answer"] = completion.text.strip()
+        add_citations(out)
         if self.params.json_schema is not None:
             try:
                 out["answer_json"] = json.loads(completion.text)

@@ -761,11 +761,17 @@ class IndexBuilder(Operator):
 
     def _embedder_for(self, model: ModelRef | None) -> tuple[Any, ModelRef]:
         """The embedder for records that come without a vector: --model, else the model the
-        other records name, else the default embedding model."""
+        other records name, else (--update) the model of the index being updated, else the
+        default embedding model."""
         if self._embedder is None:
             from .models import DEFAULT_EMBED, locate, model_label
 
-            name = self.model_name or (model.name if model and model.name else DEFAULT_EMBED)
+            old = self.old.model if self.old is not None else None  # --update: its model
+            name = (
+                self.model_name
+                or (model.name if model and model.name else None)
+                or (old.name if old and old.name else DEFAULT_EMBED)
+            )
             path = locate(name, self.model_dirs)
             self._embedder = make_embedder(
                 path, self.threads, self.embedder_factory, self.hash_cache

@@ -169,7 +169,7 @@ class Embedder:
     @property
     def model_sha256(self) -> str:
         if self._sha256 is None:
-            from .models import sha256_file
+            from .digest import sha256_file
 
             self._sha256 = sha256_file(self.model_path)
         return self._sha256

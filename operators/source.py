@@ -86,6 +86,7 @@ DOCUMENT_FORMATS = frozenset(READERS)
 #: why a walked entry was skipped -> how the summary line names it
 SKIP_REASONS = {
     "extension": "unknown extension",
+    "binary": "binary content",
     "outside": "symlink leading out of the tree",
     "broken": "broken symlink",
     "special": "not a regular file",
@@ -180,6 +181,9 @@ class Source(Operator):
         self.convert = {k.lower(): v for k, v in (convert or {}).items()}
         self.verbose = verbose
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of every entry walked past
+        # files found in a directory only because they may be text (no extension, or any file
+        # under --format text): binary content skips them (counted), it is not an error
+        self._maybe_text: set[str] = set()
 
     def process(self, batch: list[Record]) -> list[Record]:
         return batch
@@ -199,18 +203,22 @@ class Source(Operator):
         out: list[str] = []
         seen: set[str] = set()
 
-        def add(path: str) -> None:
+        def add(path: str, walked: bool = False) -> None:
             key = path if path == STDIN else os.path.realpath(path)
             if key not in seen:
                 seen.add(key)
-                out.append(path if path == STDIN else os.path.normpath(path))
+                shown = path if path == STDIN else os.path.normpath(path)
+                out.append(shown)
+                if walked and self.format_of(shown) == "text":
+                    if self.fmt == "text" or not extension(shown):
+                        self._maybe_text.add(shown)
 
         for arg in self.paths:
             if arg == STDIN:
                 add(arg)
             elif os.path.isdir(arg):
                 for path in walk(arg, self.listed, self.skipped):
-                    add(path)
+                    add(path, walked=True)
             elif os.path.lexists(arg):
                 add(arg)
             elif glob.has_magic(arg):
@@ -220,7 +228,7 @@ class Source(Operator):
                 for match in matches:
                     if os.path.isdir(match):
                         for path in walk(match, self.listed, self.skipped):
-                            add(path)
+                            add(path, walked=True)
                     else:
                         add(match)
             else:
@@ -301,12 +309,13 @@ class Source(Operator):
             return
         with open_file(path) as fh:
             st = os.fstat(fh.fileno())
-            data = b"" if fmt == "convert" else read_all(fh)
+            data = b"" if fmt == "convert" and not gz else read_all(fh)
         try:
             if gz:
                 data = gunzip(data)
-            if fmt == "convert":
-                data = run_converter(self.convert[extension(path)], path)
+            if fmt == "convert":  # the program reads the file itself, or what gzip gave
+                argv = self.convert[extension(path)]
+                data = run_converter(argv, path, data if gz else None)
                 fmt = "text"
             elif fmt in DOCUMENT_FORMATS:
                 yield from self._document(path, data, fmt, st)
@@ -364,7 +373,10 @@ class Source(Operator):
     def _whole(self, path: str, data: bytes, fmt: str, st: os.stat_result | None) -> Iterator[Item]:
         if fmt == "text":
             if looks_binary(data):
-                yield BadFile(path, 0, _BINARY, data[:64])
+                if path in self._maybe_text or (self.watch and not extension(path)):
+                    self.skipped.append((path, "binary"))  # found, not asked for: a skip
+                else:
+                    yield BadFile(path, 0, _BINARY, data[:64])
                 return
             text, warning = decode_text(data)
             meta: Record = {"path": path}

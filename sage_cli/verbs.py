@@ -217,7 +217,7 @@ REGISTRY: tuple[Verb, ...] = (
     ),
     operator_verb(
         "rerank",
-        "Reorder retrieved `docs` (MMR or the local model).",
+        "Reorder retrieved `docs` (query word pairs, MMR diversity, or the local model).",
         "rerank",
         model=True,
         input_paths=("--index",),
@@ -434,7 +434,8 @@ def build_operator(verb: str, **options: Any) -> Operator:
     by_param = {p.name: p for p in command.params}
     for key, pname in names.items():
         param = by_param[pname]
-        value = options.get(key)
+        # a flag left out takes the CLI's default (process_value alone would give None)
+        value = options[key] if key in options else param.get_default(ctx)
         if isinstance(value, tuple | list) and not param.multiple and param.nargs == 1:
             value = list(value)
         try:

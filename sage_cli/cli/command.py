@@ -354,14 +354,16 @@ def run_operator(
         return 0
     # `sage run --retries` asks for every batch's output to leave at once (so a crash loses
     # no finished record) and, to isolate a record that crashes the stage, batches of one
-    supervised = os.environ.get("SAGE_RUN_FLUSH") == "1"
-    writer = RecordWriter(line_buffered=opts.line_buffered or supervised)
+    from sage_cli.run.env import StageEnv
+
+    env = StageEnv.read()
+    writer = RecordWriter(line_buffered=opts.line_buffered or env.flush_every_batch)
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)
     progress = make_progress(prog, opts)
     batch_size = opts.batch_size or op.default_batch_size
-    if supervised and os.environ.get("SAGE_RUN_BATCH_SIZE"):
-        batch_size = int(os.environ["SAGE_RUN_BATCH_SIZE"])
+    if env.flush_every_batch and env.batch_size:
+        batch_size = env.batch_size
     on_batch = progress.update if progress else None
     executor = None
     if opts.workers > 1 and factory is not None:
@@ -382,15 +384,15 @@ def run_operator(
         ordered=not opts.unordered,
     )
     tracer = None
-    if "SAGE_TRACE_DIR" in os.environ:  # set by `sage run` for the stages it starts
+    if env.trace_dir:  # set by `sage run` for the stages it starts
         from sage_cli.observability.trace import tracer_from_env
 
-        tracer = tracer_from_env(command)
+        tracer = tracer_from_env(command, env)
     envelope = None
-    if os.environ.get("SAGE_ENVELOPE", "") not in ("", "0"):
+    if env.envelope:
         from sage_cli.observability.envelope import envelope_from_env
 
-        envelope = envelope_from_env(command)
+        envelope = envelope_from_env(command, env)
     driver.observe(tracer, envelope)
 
     def body() -> None:

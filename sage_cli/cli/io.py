@@ -240,6 +240,9 @@ class RecordWriter:
     When stdout is not a real file descriptor (a test harness), it writes to `sys.stdout`.
     """
 
+    #: a writer that feeds another stage says when that stage wants no more (Ray); stdout never
+    done = False
+
     def __init__(self, fd: int | None = None, line_buffered: bool = False) -> None:
         self.stream: BinaryIO | None = None
         if fd is None:

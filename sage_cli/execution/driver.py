@@ -53,11 +53,15 @@ class Stats:
     skipped: int = 0
     batches: int = 0
     busy_seconds: float = 0.0
+    tokens: int = 0  # model tokens (`usage`) of the records this stage produced
     started: float = field(default_factory=time.monotonic)
 
 
 class ErrorPolicy:
     """Applies `--on-error` and `--errors FILE` to a bad line or a failed record."""
+
+    #: what a `fail` message adds to say how to go on (the Python API says it in its own words)
+    go_on_hint = " (--on-error skip|emit to go on)"
 
     def __init__(
         self,
@@ -129,7 +133,7 @@ class ErrorPolicy:
         self.stats.errors += 1
         self._record_dead(dead)
         if self.mode is ErrorMode.fail:
-            hint = "" if self.dead_letter else " (--on-error skip|emit to go on)"
+            hint = "" if self.dead_letter else self.go_on_hint
             raise SageError(message + hint, code)
         if self.mode is ErrorMode.skip:
             self.stats.skipped += 1
@@ -177,6 +181,16 @@ class _Slot:
     segments: list[Segment] | None = None
     busy: float = 0.0
     done: bool = False
+
+
+def usage_tokens(records: list[Record]) -> int:
+    """Model tokens (prompt + completion) the records' `usage` reports."""
+    total = 0
+    for r in records:
+        usage = r.get("usage")
+        if type(usage) is dict:
+            total += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    return total
 
 
 def owned_by(exc: BaseException, stage: str) -> BaseException:
@@ -231,6 +245,8 @@ class Driver:
         self._in_flight: dict[int, _Slot] = {}
         self._lines = 0  # records fed by feed_records (the line numbers of a later stage)
         self._started = False
+        #: only a stage that produces `usage` counts tokens (later stages pass it through)
+        self._counts_tokens = "usage" in getattr(op, "produces", {})
 
     # -- the public entry points -------------------------------------------------------------
 
@@ -240,7 +256,6 @@ class Driver:
         self.envelope = envelope
         self.tracer = tracer
         if tracer is not None:
-            tracer.count_tokens = "usage" in getattr(self.op, "produces", {})
             tracer.start(self.stats)
 
     def start(self) -> None:
@@ -410,12 +425,22 @@ class Driver:
         self.stats.batches += 1
         seq = self._seq
         self._seq += 1
+        task = Task(seq, origin, batch, lines)
+        if not self._in_flight and not self._slots:  # nothing ahead of it: maybe run it now
+            try:
+                result = self.executor.run_now(task)
+            except Exception as exc:
+                raise owned_by(exc, self.policy.stage) from None
+            if result is not None:
+                self.stats.busy_seconds += result.busy
+                self._emit(_Slot(batch, entered, result.segments, result.busy, result.done))
+                return
         slot = _Slot(batch, entered)
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
         try:
-            self.executor.submit(Task(seq, origin, batch, lines))
+            self.executor.submit(task)
         except Exception as exc:
             raise owned_by(exc, self.policy.stage) from None
         self._collect(wait=False)
@@ -479,8 +504,10 @@ class Driver:
                 self._write(out)  # what came before the failure is written first
                 raise owned_by(exc, self.policy.stage) from None
         if batch is not None:
+            tokens = usage_tokens(out) if self._counts_tokens and out else 0
+            self.stats.tokens += tokens
             if self.tracer is not None:
-                self.tracer.batch(batch, out, slot.entered, time.perf_counter())
+                self.tracer.batch(batch, out, slot.entered, time.perf_counter(), tokens)
             if self.envelope is not None:
                 self.envelope.stamp(out, slot.busy, len(batch))
         self._write(out)
@@ -496,5 +523,5 @@ class Driver:
         if records:
             self.stats.records_out += len(records)
             self.writer.write(records)
-            if getattr(self.writer, "done", False):  # the next stage wants no more (Ray)
+            if self.writer.done:  # the next stage wants no more (a pipeline of Drivers)
                 self.done = True

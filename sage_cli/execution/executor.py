@@ -57,6 +57,10 @@ class Executor:
     def submit(self, task: Task) -> None:
         raise NotImplementedError
 
+    def run_now(self, task: Task) -> Done | None:
+        """Run `task` here and now if this executor can (inline); None: `submit` it."""
+        return None
+
     def results(self, wait: bool) -> list[Done]:
         """Finished batches; with `wait`, block until at least one is (if any is in flight)."""
         raise NotImplementedError
@@ -92,10 +96,13 @@ class InlineExecutor(Executor):
             self._started = True
             self.op.setup()
 
-    def submit(self, task: Task) -> None:
+    def run_now(self, task: Task) -> Done:
         t0 = time.perf_counter()
         segments = run_batch(self.op, task.origin, task.batch, task.lines, self.stop_at_error)
-        self._done.append(Done(task.seq, segments, time.perf_counter() - t0, self.op.done))
+        return Done(task.seq, segments, time.perf_counter() - t0, self.op.done)
+
+    def submit(self, task: Task) -> None:
+        self._done.append(self.run_now(task))
 
     def results(self, wait: bool) -> list[Done]:
         done, self._done = self._done, []

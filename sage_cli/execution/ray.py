@@ -46,6 +46,7 @@ from sage_cli.execution.pool import worker_kwargs
 from sage_cli.execution.runtime import StageRuntime, portable_error
 from sage_cli.exitcodes import ExitCode
 from sage_cli.operators.base import Record
+from sage_cli.run.env import StageEnv, forwarded
 
 #: times a batch is sent again after the actor holding it died
 MAX_ATTEMPTS = 3
@@ -99,11 +100,6 @@ class StageActor:
         return os.getpid()
 
 
-def sage_env() -> dict[str, str]:
-    """The driver's SAGE_* environment, handed to every actor."""
-    return {k: v for k, v in os.environ.items() if k.startswith("SAGE_") and k != "SAGE_TRACE_DIR"}
-
-
 @dataclass
 class _Actor:
     handle: Any
@@ -145,7 +141,7 @@ class RayExecutor(Executor):
     def _new_actor(self) -> _Actor:
         handle = StageActor.options(  # type: ignore[attr-defined]
             num_cpus=self.actor_cpus, max_restarts=0, max_task_retries=0
-        ).remote(self.factory, self.stop_at_error, os.getcwd(), sage_env())
+        ).remote(self.factory, self.stop_at_error, os.getcwd(), forwarded())
         return _Actor(handle)
 
     def start(self) -> None:
@@ -238,14 +234,14 @@ class RayExecutor(Executor):
                 pass
 
 
-class StageWriter:
+class StageWriter(RecordWriter):
     """A stage's output when another stage follows: the next stage's Driver reads it."""
 
-    def __init__(self, next_driver: Driver) -> None:
+    def __init__(self, next_driver: Driver) -> None:  # no fd: nothing is written here
         self.next = next_driver
 
     @property
-    def done(self) -> bool:
+    def done(self) -> bool:  # type: ignore[override]
         return self.next.done
 
     def write(self, records: list[Record]) -> None:
@@ -500,11 +496,12 @@ def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:
 
 
 def _start_envelopes(pipeline: RayPipeline) -> None:
-    if os.environ.get("SAGE_ENVELOPE", "") in ("", "0"):
+    env = StageEnv.read()
+    if not env.envelope:
         return
     from sage_cli.observability.envelope import Envelope, new_run_id
 
-    run_id = os.environ.get("SAGE_RUN_ID") or new_run_id()
+    run_id = env.run_id or new_run_id()
     for plan, driver in zip(pipeline.plans, pipeline.drivers, strict=True):
         driver.envelope = Envelope(plan.op.name, run_id)
 

@@ -14,7 +14,6 @@ the runtime only reports.
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -43,6 +42,8 @@ class RemoteError(Exception):
 def portable_error(exc: BaseException) -> BaseException:
     """`exc` if it survives pickling, else an exception of the nearest operator error class
     with the same message, so the Driver's policy judges it the same way."""
+    import pickle  # only where a batch runs in another process: not on every stage's start-up
+
     try:
         pickle.loads(pickle.dumps(exc))
         return exc

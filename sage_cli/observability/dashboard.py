@@ -28,8 +28,8 @@ class StageWatch:
         self.offset = 0
         self.partial = b""
         self.stats: dict[str, Any] = {}
-        self.base = {"in": 0, "out": 0, "errors": 0}  # counts of earlier attempts
-        self.tokens = 0
+        #: counts of earlier attempts
+        self.base: dict[str, float] = {"in": 0, "out": 0, "errors": 0, "tok": 0, "busy": 0.0}
 
     def poll(self) -> None:
         try:
@@ -44,9 +44,7 @@ class StageWatch:
         self.partial = data[nl + 1 :]
         for line in data[:nl].split(b"\n"):
             if line.startswith(b'{"ev":"b"'):
-                if b'"tok"' in line:
-                    self.tokens += int(orjson.loads(line).get("tok") or 0)
-                continue
+                continue  # the stage's counters come in its stats events
             if not line:
                 continue
             try:
@@ -62,7 +60,13 @@ class StageWatch:
                 self.stats = ev
 
     def figure(self, key: str) -> int:
-        return self.base[key] + int(self.stats.get(key, 0))
+        return int(self.base[key]) + int(self.stats.get(key, 0))
+
+    def tokens_per_second(self) -> float | None:
+        """Tokens over the seconds the operator was busy: what `sage trace` shows as tok/s."""
+        tokens = self.figure("tok")
+        busy = self.base["busy"] + float(self.stats.get("busy", 0.0))
+        return tokens / busy if tokens and busy > 0 else None
 
 
 class Dashboard:
@@ -95,7 +99,9 @@ class Dashboard:
         self._thread.start()
         return self
 
-    def rows(self) -> list[tuple[str, str, int | None, int | None, int | None, float | None, str]]:
+    def rows(
+        self,
+    ) -> list[tuple[str, str, int | None, int | None, int | None, float | None, float | None, str]]:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         out: list[Any] = []
         for sr in self.sup.stages:
@@ -104,9 +110,11 @@ class Dashboard:
             n_in: int | None
             n_out: int | None
             errors: int | None
+            tok_rate = None
             if sr.stage.is_sage:
                 n_in, n_out, errors = w.figure("in"), w.figure("out"), w.figure("errors")
                 rate = (n_in or n_out) / elapsed
+                tok_rate = w.tokens_per_second()
             else:
                 n_in = n_out = errors = None
                 rate = None
@@ -116,7 +124,7 @@ class Dashboard:
                 state = f"running (attempt {sr.attempts})"
             else:
                 state = "running" if sr.pid else "starting"
-            out.append((sr.name, sr.stage.label, n_in, n_out, errors, rate, state))
+            out.append((sr.name, sr.stage.label, n_in, n_out, errors, rate, tok_rate, state))
         return out
 
     def _table(self) -> Any:
@@ -124,13 +132,12 @@ class Dashboard:
 
         elapsed = time.monotonic() - self.started
         table = Table(title=f"sage run {self.run.id}  {elapsed:.1f}s", title_justify="left")
-        for col in ("stage", "command", "in", "out", "errors", "rec/s", "state"):
-            table.add_column(
-                col, justify="right" if col in ("in", "out", "errors", "rec/s") else "left"
-            )
+        numbers = ("in", "out", "errors", "rec/s", "tok/s")
+        for col in ("stage", "command", *numbers, "state"):
+            table.add_column(col, justify="right" if col in numbers else "left")
         if not hasattr(self, "watches"):
             return table
-        for name, label, n_in, n_out, errors, rate, state in self.rows():
+        for name, label, n_in, n_out, errors, rate, tok_rate, state in self.rows():
             table.add_row(
                 name,
                 label,
@@ -138,6 +145,7 @@ class Dashboard:
                 _n(n_out),
                 _n(errors),
                 f"{rate:,.0f}" if rate is not None else "-",
+                f"{tok_rate:,.1f}" if tok_rate is not None else "-",
                 state,
             )
         return table
@@ -145,11 +153,12 @@ class Dashboard:
     def _plain(self) -> None:
         elapsed = time.monotonic() - self.started
         parts = []
-        for name, _label, n_in, n_out, errors, _rate, state in self.rows():
+        for name, _label, n_in, n_out, errors, _rate, tok_rate, state in self.rows():
             if n_in is None:
                 parts.append(f"{name} {state}")
             else:
-                parts.append(f"{name} {n_in:,} in/{n_out:,} out/{errors:,} err {state}")
+                tokens = f"/{tok_rate:,.1f} tok/s" if tok_rate is not None else ""
+                parts.append(f"{name} {n_in:,} in/{n_out:,} out/{errors:,} err{tokens} {state}")
         try:
             sys.stderr.write(f"sage run: {elapsed:.0f}s: " + "; ".join(parts) + "\n")
             sys.stderr.flush()

@@ -15,19 +15,19 @@ per stage. `_error` records pass through untouched, as always.
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from typing import Any
 
+from sage_cli.run.env import StageEnv
 
-def envelope_from_env(stage: str) -> Envelope | None:
+
+def envelope_from_env(stage: str, env: StageEnv | None = None) -> Envelope | None:
     """The envelope the environment asks for, or None (the default: records stay as they are)."""
-    if os.environ.get("SAGE_ENVELOPE", "") in ("", "0"):
+    env = env or StageEnv.read()
+    if not env.envelope:
         return None
-    stage = os.environ.get("SAGE_TRACE_STAGE") or stage
-    run_id = os.environ.get("SAGE_RUN_ID") or new_run_id()
-    return Envelope(stage, run_id)
+    return Envelope(env.trace_stage or stage, env.run_id or new_run_id())
 
 
 def new_run_id() -> str:

@@ -35,6 +35,8 @@ class Progress:
             f"{self.prog}: {stats.records_in:,} in, {stats.records_out:,} out, "
             f"{stats.errors:,} errors, {rate:,.1f} rec/s, {elapsed:,.1f}s"
         )
+        if stats.tokens and stats.busy_seconds > 0:  # the figure `sage trace` shows as tok/s
+            text += f", {stats.tokens / stats.busy_seconds:,.1f} tok/s"
         if self.tty:
             if self.color:
                 text = f"\x1b[2m{text}\x1b[0m"

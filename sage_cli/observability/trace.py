@@ -6,10 +6,10 @@ imported and the driver pays one `is None` test per batch.
 
 Events (one JSON object per line, `t` in Unix seconds):
   {"ev": "start", "t", "pid", "argv"}
-  {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: start, seconds, records in / out,
-      the input ids (one span per record: the records of a batch share its start and duration),
-      and model tokens of its output (`usage`)
-  {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy"}   about once a second
+  {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: when its records entered the stage,
+      the seconds until its result left it (the records' latency), records in / out, the input
+      ids (one span per record) and model tokens of its output (`usage`)
+  {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy", "tok"}   about once a second
   {"ev": "stop", "t", "status", ...stats}
   {"ev": "r", "t", "in": [...], "out": [...]}   the content of the first SAGE_TRACE_SAMPLE (20)
       records of the stage and what it made of them (long strings and vectors cut), so the
@@ -31,6 +31,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
+from sage_cli.run.env import StageEnv
 
 STATS_SECONDS = 1.0
 #: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
@@ -63,8 +64,6 @@ class Tracer:
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
         self._offset = time.time() - time.perf_counter()
         self.stats: Any = None
-        #: only a stage that produces `usage` counts tokens (later stages pass it through)
-        self.count_tokens = True
 
     def _emit(self, event: dict[str, Any]) -> None:
         data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
@@ -86,8 +85,15 @@ class Tracer:
         self.flush()
 
     def batch(
-        self, batch: list[dict[str, Any]], out: list[dict[str, Any]], t0: float, t1: float
+        self,
+        batch: list[dict[str, Any]],
+        out: list[dict[str, Any]],
+        t0: float,
+        t1: float,
+        tokens: int = 0,
     ) -> None:
+        """One batch: its records entered the stage at `t0` and its result left at `t1`
+        (perf_counter); `tokens`: the model tokens its output reports (the Driver counts)."""
         event: dict[str, Any] = {
             "ev": "b",
             "t": round(t0 + self._offset, 6),
@@ -95,8 +101,8 @@ class Tracer:
             "n": len(batch),
             "o": len(out),
         }
-        if self.count_tokens and out and "usage" in out[0]:
-            event["tok"] = _tokens(out)
+        if tokens:
+            event["tok"] = tokens
         if self.with_ids:  # last, so a reader that needs no ids can cut the line short
             event["ids"] = [r.get("id") for r in batch]
         data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
@@ -145,6 +151,7 @@ class Tracer:
                 "errors": s.errors,
                 "skipped": s.skipped,
                 "busy": round(s.busy_seconds, 6),
+                "tok": s.tokens,
                 **extra,
             }
         )
@@ -207,26 +214,17 @@ def clip(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def _tokens(out: list[dict[str, Any]]) -> int:
-    total = 0
-    for r in out:
-        usage = r.get("usage")
-        if type(usage) is dict:
-            total += int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
-    return total
-
-
-def tracer_from_env(command: str) -> Tracer | None:
-    """The tracer `sage run` asked for through the environment, or None."""
-    directory = os.environ.get("SAGE_TRACE_DIR")
-    if not directory:
+def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
+    """The tracer `sage run` asked for through the stage's environment, or None."""
+    env = env or StageEnv.read()
+    if not env.trace_dir:
         return None
-    stage = os.environ.get("SAGE_TRACE_STAGE") or command
+    stage = env.trace_stage or command
     try:
         return Tracer(
-            os.path.join(directory, f"{stage}.trace.ndjson"),
+            os.path.join(env.trace_dir, f"{stage}.trace.ndjson"),
             stage,
-            with_ids=os.environ.get("SAGE_TRACE_IDS", "1") != "0",
+            with_ids=env.trace_ids,
             sample=_int_env("SAGE_TRACE_SAMPLE", SAMPLE_RECORDS),
         )
     except OSError:

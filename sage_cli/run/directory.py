@@ -241,7 +241,7 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             n = ev.get("n", 0)
             d = float(ev.get("d", 0.0))
             latencies.append((d, n))
-            tokens += int(ev.get("tok") or 0)
+            attempt["b_tok"] = attempt.get("b_tok", 0) + int(ev.get("tok") or 0)
             t = float(ev.get("t", 0.0))
             first = t if first is None else min(first, t)
             last = t + d if last is None else max(last, t + d)
@@ -251,7 +251,8 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             close_attempt()
             attempt["start"] = ev.get("t")
         elif kind in ("stats", "stop"):
-            attempt.update({k: ev.get(k, 0) for k in ("in", "out", "errors", "skipped", "busy")})
+            keys = ("in", "out", "errors", "skipped", "busy", "tok")
+            attempt.update({k: ev[k] for k in keys if k in ev})
             if kind == "stop":
                 attempt["status"] = ev.get("status")
                 attempt["hwm"] = ev.get("hwm_mb")
@@ -262,6 +263,7 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         errors += a.get("errors", 0)
         skipped += a.get("skipped", 0)
         busy += float(a.get("busy", 0.0))
+        tokens += int(a.get("tok", a.get("b_tok", 0)))  # the Driver's counter, as the table shows
     p50, p95, p99 = weighted_percentiles(latencies, (0.5, 0.95, 0.99))
     # the stage's own peak RSS, when every attempt reported it (a crashed one did not)
     hwm = [float(a["hwm"]) for a in attempts if a.get("hwm") is not None]

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import orjson
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
+from sage_cli.run.env import THREADS, StageEnv
 from sage_cli.run.script import Pipeline, Stage
 
 READ_SIZE = 64 * 1024
@@ -843,20 +844,24 @@ class Supervisor:
     def _stage_run(self, stage: Stage) -> StageRun:
         env = dict(self.pipeline.env)
         env.update(stage.env)
+        threads = None
+        if stage.is_model and THREADS not in stage.env:
+            threads = max(1, (os.cpu_count() or 1) // len(self.pipeline.model_stages))
         if stage.is_sage:
             # -P: the pipeline's directory is not put on sys.path (a `typer.py` there would run)
             argv = [sys.executable, "-P", "-m", "sage_cli", *stage.argv[1:]]
-            if self.opts.trace != "off":
-                env["SAGE_TRACE_DIR"] = str(self.run_dir.stages_dir.resolve())
-                env["SAGE_TRACE_STAGE"] = stage.name
-                if self.opts.trace == "batches":
-                    env["SAGE_TRACE_IDS"] = "0"
-            env["SAGE_RUN_ID"] = self.run_dir.id
+            traced = self.opts.trace != "off"
+            StageEnv(
+                trace_dir=str(self.run_dir.stages_dir.resolve()) if traced else None,
+                trace_stage=stage.name if traced else None,
+                trace_ids=self.opts.trace != "batches",
+                run_id=self.run_dir.id,
+                threads=threads,
+            ).apply(env)
         else:
             argv = list(stage.argv)
-        n_model = len(self.pipeline.model_stages)
-        if stage.is_model and "SAGE_THREADS" not in stage.env:
-            env["SAGE_THREADS"] = str(max(1, (os.cpu_count() or 1) // n_model))
+            if threads:
+                env[THREADS] = str(threads)
         return StageRun(stage, argv, env)
 
     def warn(self, message: str) -> None:
@@ -937,7 +942,7 @@ class Supervisor:
             attempt=sr.attempts,
             pid=proc.pid,
             argv=redact_argv(stage.argv),
-            threads=sr.env.get("SAGE_THREADS"),
+            threads=sr.env.get(THREADS),
         )
         if self.signalled is not None:  # a signal came while we were starting it
             self._kill(sr, self.signalled)
@@ -1044,11 +1049,12 @@ class Supervisor:
                 sr.cond.wait(0.1)
         if sr.flight is not None:
             sr.isolated = sr.flight.note_crash(sr.isolated)
-            if sr.isolated and sr.stage.is_sage:  # batches of one, each flushed at once
-                sr.env.update(SAGE_RUN_FLUSH="1", SAGE_RUN_BATCH_SIZE="1")
-            else:
-                sr.env.pop("SAGE_RUN_FLUSH", None)
-                sr.env.pop("SAGE_RUN_BATCH_SIZE", None)
+            isolated = sr.isolated and sr.stage.is_sage  # batches of one, each flushed at once
+            replace(
+                StageEnv.read(sr.env),
+                flush_every_batch=isolated,
+                batch_size=1 if isolated else None,
+            ).apply(sr.env)
         if index == 0:
             in_redirect = sr.stage.redirect("<")
             stdin = (

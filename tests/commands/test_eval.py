@@ -76,3 +76,22 @@ def test_eval_table_on_a_terminal_stderr():
     assert proc.returncode == 0
     assert "exact_match" in table and "1.0000" in table and "(n=1)" in table
     assert parse_ndjson(proc.stdout)[-1]["id"] == "_summary"  # stdout still carries only data
+
+
+def test_eval_groundedness_of_generated_answers_needs_no_gold(cli):
+    docs = [{"id": "pass#0", "text": "The pass statement is a null operation."}]
+    records = [
+        {
+            "id": "1",
+            "answer": "pass is a null operation [1].",
+            "docs": docs,
+            "citations": ["pass#0"],
+        },
+        {"id": "2", "answer": "It raises a ValueError.", "docs": docs},
+    ]
+    result = cli("eval", input=ndjson(records))
+    assert result.exit_code == 0, result.stderr
+    one, two, summary = parse_ndjson(result.stdout)
+    assert one["eval"] == {"groundedness": 1.0} and one["citations"] == ["pass#0"]
+    assert two["eval"] == {"groundedness": 0.0}  # raises, valueerror: in no doc
+    assert summary["eval"] == {"groundedness": 0.5}

@@ -1,13 +1,12 @@
 """Progress on stderr: only for work that lasts, never for a quick stage in a pipe."""
 
-from types import SimpleNamespace
-
 from sage_cli import progress as progress_mod
+from sage_cli.execution.driver import Stats
 from sage_cli.progress import Progress
 
 
-def stats(n: int) -> SimpleNamespace:
-    return SimpleNamespace(records_in=n, records_out=n, errors=0)
+def stats(n: int) -> Stats:
+    return Stats(records_in=n, records_out=n)
 
 
 def test_quick_work_shows_no_progress_long_work_does(capsys, monkeypatch):

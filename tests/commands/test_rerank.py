@@ -14,11 +14,38 @@ def test_rerank_mmr_with_given_embeddings(cli):
             {"id": "c", "text": "C", "score": 0.5, "embedding": [0.7, 0.0, 0.7]},
         ],
     }
-    result = cli("rerank", "--lambda", "0.5", "-k", "2", input=ndjson([rec]))
+    result = cli("rerank", "--method", "mmr", "--lambda", "0.5", "-k", "2", input=ndjson([rec]))
     assert result.exit_code == 0, result.stderr
     [out] = parse_ndjson(result.stdout)
     assert [d["id"] for d in out["docs"]] == ["a", "c"]
     assert [d["retrieval_score"] for d in out["docs"]] == [0.9, 0.5]
+
+
+def test_default_rerank_is_phrase_and_needs_no_model(cli, monkeypatch, tmp_path):
+    monkeypatch.setenv("SAGE_MODEL_DIR", str(tmp_path))  # no model anywhere to load
+    rec = {
+        "query": "Which statement is used for repeated execution?",
+        "docs": [
+            {"id": "compound", "text": "Compound statements hold other statements.", "score": 0.9},
+            {
+                "id": "while",
+                "text": "The while statement is used for repeated execution.",
+                "score": 0.85,
+            },
+            {
+                "id": "if",
+                "text": "The if statement is used for conditional execution.",
+                "score": 0.1,
+            },
+        ],
+    }
+    result = cli("rerank", "-k", "2", input=ndjson([rec]))
+    assert result.exit_code == 0, result.stderr
+    [out] = parse_ndjson(result.stdout)
+    assert [d["id"] for d in out["docs"]] == ["while", "compound"]
+    assert [d["retrieval_score"] for d in out["docs"]] == [0.85, 0.9]
+    # 0.85 scaled over 0.1..0.9 is 0.9375; five query word pairs found add 0.5
+    assert [d["score"] for d in out["docs"]] == [1.4375, 1.0]
 
 
 def test_rerank_without_docs_is_data_error(cli):
@@ -38,7 +65,9 @@ def test_rerank_mmr_with_index_vectors(cli, tmp_path):
         input=ndjson([{"query": "Python programming: files and lists"}]),
     )
     assert got.exit_code == 0, got.stderr
-    result = cli("rerank", "--index", str(idx), "--lambda", "0.7", input=got.stdout)
+    result = cli(
+        "rerank", "--method", "mmr", "--index", str(idx), "--lambda", "0.7", input=got.stdout
+    )
     assert result.exit_code == 0, result.stderr
     [out] = parse_ndjson(result.stdout)
     assert {d["id"] for d in out["docs"][:2]} == {"file", "list"}

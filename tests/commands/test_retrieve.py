@@ -128,6 +128,8 @@ def test_min_score_and_pipeline_through_real_pipes(tmp_path):
         str(tmp_path / "idx"),
         "-k",
         "2",
+        "--mode",
+        "dense",
         "--min-score",
         "0.3",
         input=b'{"query": "how long should pasta cook?"}\n',

@@ -119,6 +119,7 @@ def test_gz_no_extension_binary_and_skips_are_accounted_for(tmp_path):
     (tree / "pkg" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
     (tree / "pkg" / "data.tar.gz").write_bytes(gzip.compress(b"x"))
     (tree / "pkg" / "run").write_bytes(b"\x7fELF\x02\x01\x01\x00\x00\x00binary")
+    (tree / "pkg" / "notes.txt").write_bytes(b"text\x00with a NUL")
     (tree / ".hidden").write_text("hidden")
     outside = tmp_path / "secret.txt"
     outside.write_text("PRIVATE")
@@ -134,19 +135,27 @@ def test_gz_no_extension_binary_and_skips_are_accounted_for(tmp_path):
     assert "version 2: fixed the bug" in texts
     assert "# Notes\n\nsome notes" in texts
     assert "PRIVATE" not in result.stdout.decode()
+    # a .txt file is text by its name: binary content in it is that file's error; a file
+    # without an extension found in the tree is text only if it looks like text: skipped
     errors = [r["_error"] for r in records if "_error" in r]
-    assert [e["origin"] for e in errors] == [str(tree / "pkg" / "run")]
+    assert [e["origin"] for e in errors] == [str(tree / "pkg" / "notes.txt")]
     assert "binary" in errors[0]["error"]
     err = result.stderr.decode().strip().splitlines()
     assert err[-1] == (
-        "sage source: skipped 4 file(s): unknown extension 2 (.png 1, .tar.gz 1), "
-        "symlink leading out of the tree 1, hidden 1; --verbose lists them; read them with "
-        "--format text or --convert EXT=COMMAND"
+        "sage source: skipped 5 file(s): unknown extension 2 (.png 1, .tar.gz 1), "
+        "binary content 1, symlink leading out of the tree 1, hidden 1; --verbose lists them; "
+        "read them with --format text or --convert EXT=COMMAND"
     )
     verbose = run_sage("source", str(tree), "--on-error", "skip", "--verbose")
     listed = verbose.stderr.decode()
     assert f"skipped {tree / 'pkg' / 'leak.txt'} (symlink leading out of the tree)" in listed
     assert f"skipped {tree / 'pkg' / 'logo.png'} (unknown extension)" in listed
+    assert f"skipped {tree / 'pkg' / 'run'} (binary content)" in listed
+    named = run_sage("source", str(tree / "pkg" / "run"))  # named: refused, exit 65
+    assert named.returncode == 65 and b"binary content" in named.stderr
+    # --format text reads every file of the tree; the binary ones are skipped and counted
+    forced = run_sage("source", str(tree), "--format", "text", "--on-error", "skip")
+    assert b"binary content 3" in forced.stderr  # run, logo.png, notes.txt
     quiet = run_sage("source", str(tree), "--on-error", "skip", "-q")
     assert quiet.stderr == b""
 
@@ -168,6 +177,10 @@ def test_convert_runs_a_program_without_a_shell(tmp_path):
     result = run_sage("source", str(tmp_path), "--convert", "rot=tr a-z n-za-m")
     assert result.returncode == 0, result.stderr
     assert [r["text"] for r in parse_ndjson(result.stdout)] == ["hello world", "plain"]
+    (tmp_path / "c.rot.gz").write_bytes(gzip.compress(b"pbzcerffrq"))  # converted once inflated
+    inflated = run_sage("source", str(tmp_path / "c.rot.gz"), "--convert", "rot=tr a-z n-za-m")
+    assert parse_ndjson(inflated.stdout)[0]["text"] == "compressed"
+    (tmp_path / "c.rot.gz").unlink()
     # the command is split like a shell would split it, but never run by one
     injected = run_sage("source", str(tmp_path / "a.rot"), "--convert", f"rot=cat ; touch {marker}")
     assert injected.returncode == 65 and not marker.exists()

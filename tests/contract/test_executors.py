@@ -63,6 +63,18 @@ def run(
     )
 
 
+def start(executor: str, stage: list[str], request: pytest.FixtureRequest) -> subprocess.Popen:
+    """The stage running on `executor`, its stdin and stdout pipes open."""
+    return subprocess.Popen(
+        command(executor, stage, request),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ray_env() if executor == "ray" else clean_env(),
+        cwd=ROOT,
+    )
+
+
 def mixed_input(n: int) -> bytes:
     """Records, with `_error` records and lines that are not JSON objects among them."""
     lines = []
@@ -169,14 +181,7 @@ def test_window_ticks_while_input_waits(executor, request):
         assert result.returncode == 2
         assert b"--workers needs a stateless operator" in result.stderr
         return
-    proc = subprocess.Popen(
-        command(executor, stage, request),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ray_env() if executor == "ray" else clean_env(),
-        cwd=ROOT,
-    )
+    proc = start(executor, stage, request)
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(ndjson([{"id": i} for i in range(3)]))
@@ -193,14 +198,7 @@ def test_window_ticks_while_input_waits(executor, request):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_signals_end_the_stage_with_130_or_143(executor, sig, request):
     stage = ["sage", "map", 'r | {"n": 1}']
-    proc = subprocess.Popen(
-        command(executor, stage, request),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=ray_env() if executor == "ray" else clean_env(),
-        cwd=ROOT,
-    )
+    proc = start(executor, stage, request)
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(b'{"id": 1}\n')

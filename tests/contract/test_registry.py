@@ -73,6 +73,16 @@ def test_build_operator_takes_long_flag_names(tmp_path: Path) -> None:
     assert head.run([{"i": i} for i in range(5)]) == [{"i": 0}, {"i": 1}]
 
 
+def test_build_operator_gives_left_out_flags_the_cli_defaults(tmp_path: Path) -> None:
+    from tests.index_fixture import tiny_index
+
+    tiny_index(tmp_path / "idx")
+    op = build_operator("retrieve", index=str(tmp_path / "idx"))
+    assert (op.k, op.mode, op.fusion, op.alpha) == (5, "hybrid", "relative", 0.5)
+    rerank = build_operator("rerank", top_k=2)
+    assert (rerank.method, rerank.lam, rerank.k) == ("phrase", 0.5, 2)
+
+
 @pytest.mark.parametrize(
     ("verb", "options", "message"),
     [

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_cli.operators.ndjson import BadLine
-from sage_cli.operators.source import Source
+from sage_cli.operators.source import BadFile, Source
 from tests.conftest import parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
 from tests.fuzz.strategies import json_values
@@ -97,7 +97,8 @@ def read_items(path: Path, **options: object) -> list[dict | BadLine]:
     for item in items:
         if isinstance(item, BadLine):
             assert item.origin == str(path)
-            assert item.line >= 1
+            # a line number, or 0 for a whole file refused (binary content, a corrupt PDF)
+            assert item.line >= 1 or (isinstance(item, BadFile) and item.line == 0)
             assert item.reason and "\n" not in item.message(), item.message()
         else:
             assert isinstance(item, dict), item
@@ -132,7 +133,10 @@ def test_any_bytes_in_any_file_type_is_records_or_bad_lines(case: tuple[str, byt
     assert all(isinstance(r, dict) and isinstance(r["text"], str) for r in raw)
     if kind in ("text", "md", "rst"):
         (record,) = items
-        assert isinstance(record, dict) and record["metadata"]["bytes"] == len(data)
+        if b"\x00" in data[:8192]:  # binary content: refused as one file's error, never text
+            assert isinstance(record, BadFile) and "binary" in record.reason
+        else:
+            assert isinstance(record, dict) and record["metadata"]["bytes"] == len(data)
     elif kind in ("ndjson", "jsonl"):
         # no silent loss: every non-blank line is a record or a bad line
         assert len(items) == _non_blank_lines(data)

@@ -126,6 +126,17 @@ def test_openai_proper_completion_and_request(stub):
     ]
 
 
+def test_answers_record_the_docs_they_cite(stub):
+    # the stub echoes the prompt: "[2]" in it is a citation of the second doc
+    docs = [{"id": "a#0", "text": "x"}, {"id": "b#3", "text": "y"}]
+    op = openai(f"{stub.url}/ok/v1")
+    cited, bare = op.process(
+        [{"prompt": "as [2] says", "docs": docs}, {"prompt": "no docs here [1]"}]
+    )
+    assert cited["answer"] == "echo: as [2] says" and cited["citations"] == ["b#3"]
+    assert "citations" not in bare
+
+
 def test_openai_no_key_no_header(stub):
     openai(f"{stub.url}/ok/v1").process([{"prompt": "x"}])
     assert "Authorization" not in stub.requests[0]["headers"]

@@ -381,3 +381,30 @@ def test_retriever_refuses_a_different_model(tmp_path):
 def test_retriever_missing_index_is_unavailable(tmp_path):
     with pytest.raises(ResourceUnavailable, match="no index at"):
         Retriever(tmp_path / "nothing").run([{"query": "x"}])
+
+
+def test_index_replaced_while_it_is_opened_is_opened_again_whole(tmp_path, monkeypatch):
+    """A build that swaps the index in between the reader's opening of the manifest and of
+    the other files: the reader notices (the manifest at the path is another file) and opens
+    the new generation whole, BM25 included."""
+    rng = np.random.default_rng(0)
+    target = tmp_path / "idx"
+    old = [{"id": f"apple{i}", "text": f"apple number{i}"} for i in range(3)]
+    new = [{"id": f"banana{i}", "text": f"banana number{i}"} for i in range(8)]
+    write_index(target, rng.standard_normal((3, DIM)).astype("f4"), old, None)
+    opened = []
+    real_open = Index._open
+
+    def open_then_rebuild(self, manifest):
+        real_open(self, manifest)
+        opened.append(manifest["count"])
+        if len(opened) == 1:  # a build lands right after the first generation was opened
+            write_index(target, rng.standard_normal((8, DIM)).astype("f4"), new, None)
+
+    monkeypatch.setattr(Index, "_open", open_then_rebuild)
+    index = Index(target)
+    assert opened == [3, 8]
+    assert [r["id"] for r in index.records] == [r["id"] for r in new]
+    # once open, a later build changes nothing for this reader (BM25, read on first use, too)
+    write_index(target, rng.standard_normal((3, DIM)).astype("f4"), old, None)
+    assert index.count == 8 and index.bm25.n_docs == 8

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+import sage_cli.operators.digest as digest
 import sage_cli.operators.models as models
 from sage_cli.operators.base import OptionError, ResourceUnavailable
 from sage_cli.operators.models import MODELS, install, is_current, locate, sha256_file, status
@@ -59,8 +60,8 @@ def test_sha256_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     target.write_bytes(b"model bytes")
     cache = tmp_path / "hashes.json"
     calls = []
-    real = models._hash
-    monkeypatch.setattr(models, "_hash", lambda p: calls.append(p) or real(p))
+    real = digest._hash
+    monkeypatch.setattr(digest, "_hash", lambda p: calls.append(p) or real(p))
     expected = hashlib.sha256(b"model bytes").hexdigest()
     assert sha256_file(target, cache) == expected
     assert sha256_file(target, cache) == expected

@@ -5,7 +5,7 @@ import pytest
 
 from sage_cli.operators.base import OptionError, RecordError
 from sage_cli.operators.index import ModelRef, write_index
-from sage_cli.operators.rerank import Reranker, mmr_order
+from sage_cli.operators.rerank import Reranker, mmr_order, word_pairs
 from tests.operators.test_index import FakeEmbedder
 
 
@@ -105,3 +105,34 @@ def test_empty_docs_pass_through_and_bad_records():
 def test_bad_options(kwargs):
     with pytest.raises(OptionError):
         Reranker(**kwargs)
+
+
+def test_phrase_scales_scores_and_adds_query_word_pairs():
+    docs = [
+        {"id": "a", "text": "nothing in common", "score": 2.2},
+        {"id": "b", "text": "a null operation: nothing happens", "score": 2.0},
+        {"id": "c", "text": "null values", "score": 1.0},
+    ]
+    [out] = Reranker().run([{"query": "Which statement is a null operation?", "docs": docs}])
+    # scaled 1, 1/1.2, 0; b holds "a null" and "null operation" (+0.2); "is a" is two stop words
+    assert [d["id"] for d in out["docs"]] == ["b", "a", "c"]
+    assert [d["score"] for d in out["docs"]] == [round(1 / 1.2 + 0.2, 6), 1.0, 0.0]
+    assert [d["retrieval_score"] for d in out["docs"]] == [2.0, 2.2, 1.0]
+    assert [d["rank"] for d in out["docs"]] == [1, 2, 3]
+
+
+def test_phrase_reads_the_title_and_uses_the_order_when_scores_are_missing():
+    docs = [
+        {"id": "x", "text": "first"},
+        {"id": "y", "text": "second", "metadata": {"title": "textwrap.dedent: leading whitespace"}},
+        {"id": "z", "text": "third"},
+    ]
+    [out] = Reranker(k=2).run([{"query": "remove leading whitespace", "docs": docs}])
+    # no scores: 1, 0.5, 0 by position; y's title holds "leading whitespace"
+    assert [(d["id"], d["score"]) for d in out["docs"]] == [("x", 1.0), ("y", 0.6)]
+    assert word_pairs("Is it a cat?") == {("a", "cat")}
+
+
+def test_phrase_needs_doc_text():
+    with pytest.raises(RecordError, match="doc 1 has no `text`"):
+        Reranker().run([{"query": "q", "docs": [{"id": 1}]}])

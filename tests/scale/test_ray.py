@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson
-from tests.fixtures.ray_cluster import ray_cluster
+from tests.fixtures.ray_cluster import own_pids, ray_cluster
 
 pytestmark = pytest.mark.slow
 
@@ -126,10 +126,10 @@ def test_fail_mode_stops_with_the_local_message_and_code(cluster):
 def _kill_when(pattern: str, pick, done: threading.Event, killed: list[int]) -> None:
     """Wait until `pattern` shows in a process title, then SIGKILL what `pick` chooses."""
     while not done.is_set():
-        pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
-        if pids.split():
+        pids = [str(p) for p in own_pids(pattern)]  # this module's cluster only
+        if pids:
             time.sleep(0.5)  # let batches pile up in flight
-            pid = pick(pids.split())
+            pid = pick(pids)
             if pid:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -166,10 +166,8 @@ def test_an_actor_killed_mid_run_loses_and_repeats_no_record(cluster):
 
 
 def _raylet_of_node2() -> int | None:
-    pids = subprocess.run(
-        ["pgrep", "-f", "raylet/raylet .*node2,1"], capture_output=True, text=True
-    ).stdout.split()
-    return int(pids[0]) if len(pids) == 1 else None
+    pids = own_pids("raylet/raylet .*node2,1")
+    return pids[0] if len(pids) == 1 else None
 
 
 def test_a_lost_node_loses_and_repeats_no_record(cluster):

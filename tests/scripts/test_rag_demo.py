@@ -69,12 +69,16 @@ def test_most_answers_hold_the_gold_answer_and_retrieval_finds_the_gold_topic(de
     answers, summary = answered(out)
     share = summary["eval"]["contains"]
     recall = summary["eval"]["recall@5"]
+    grounded = summary["eval"]["groundedness"]
     print(
-        f"demo: {share:.2f} of answers contain the gold answer; recall@5 {recall:.3f}; "
-        f"MRR {summary['eval']['mrr']:.3f}"
+        f"demo: {share:.2f} of answers contain the gold answer; groundedness {grounded:.3f}; "
+        f"recall@5 {recall:.3f}; MRR {summary['eval']['mrr']:.3f}"
     )
-    assert share > 0.5, f"only {share:.2f} of the answers contain the gold answer"
-    assert recall >= 0.85
+    # the README's figures (0.75 contains, 0.89 groundedness, recall@5 0.95), less a tolerance
+    # of two answers (0.10) and one question's retrieval (0.05)
+    assert share >= 0.65, f"only {share:.2f} of the answers contain the gold answer"
+    assert grounded >= 0.79
+    assert recall >= 0.90
     # the same means, recomputed from the per-record scores
     assert share == pytest.approx(sum(a["eval"]["contains"] for a in answers) / len(answers))
 
@@ -99,6 +103,7 @@ def test_the_demo_shows_each_answer_with_its_sources_then_the_scores(demo):
     shown = parse_ndjson(result.stdout)
     *rows, scores = shown
     assert len(rows) == 20
-    assert all(set(r) == {"id", "question", "answer", "sources"} for r in rows)
+    assert all(set(r) == {"id", "question", "answer", "sources", "cited"} for r in rows)
+    assert all(set(r["cited"]) <= set(r["sources"]) for r in rows)
     assert all(len(r["sources"]) == 5 for r in rows)
     assert scores["_summary"] is True and "recall@5" in scores["eval"]

@@ -1,0 +1,76 @@
+"""What `sage run` tells the stages it starts, through their environment: the one place these
+variable names are spelled. The supervisor writes a StageEnv into a stage's environment
+(`apply`); the stage reads it back (`StageEnv.read()`) when it sets up its Driver. A stage run
+by hand reads an empty StageEnv, except for what the user exported (SAGE_ENVELOPE=1 for a
+whole pipe, SAGE_THREADS)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+TRACE_DIR = "SAGE_TRACE_DIR"  # where the stage appends its trace (a run's stages/)
+TRACE_STAGE = "SAGE_TRACE_STAGE"  # its name in the run: 2-embed
+TRACE_IDS = "SAGE_TRACE_IDS"  # "0": batches without record ids (--trace batches)
+RUN_ID = "SAGE_RUN_ID"  # the run's id, for the `_sage` envelope
+ENVELOPE = "SAGE_ENVELOPE"  # "1": stamp `_sage` on every record
+RUN_FLUSH = "SAGE_RUN_FLUSH"  # "1": every batch leaves at once (--retries isolating a crash)
+RUN_BATCH_SIZE = "SAGE_RUN_BATCH_SIZE"  # batches of this size (1 while isolating a crash)
+THREADS = "SAGE_THREADS"  # a model stage's share of the cores
+
+
+@dataclass(frozen=True)
+class StageEnv:
+    trace_dir: str | None = None
+    trace_stage: str | None = None
+    trace_ids: bool = True
+    run_id: str | None = None
+    envelope: bool = False
+    flush_every_batch: bool = False
+    batch_size: int | None = None
+    threads: int | None = None
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None) -> StageEnv:
+        env = os.environ if environ is None else environ
+        size = env.get(RUN_BATCH_SIZE, "")
+        threads = env.get(THREADS, "")
+        return cls(
+            trace_dir=env.get(TRACE_DIR) or None,
+            trace_stage=env.get(TRACE_STAGE) or None,
+            trace_ids=env.get(TRACE_IDS, "1") != "0",
+            run_id=env.get(RUN_ID) or None,
+            envelope=env.get(ENVELOPE, "") not in ("", "0"),
+            flush_every_batch=env.get(RUN_FLUSH) == "1",
+            batch_size=int(size) if size.isdigit() and int(size) > 0 else None,
+            threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
+        )
+
+    def apply(self, env: MutableMapping[str, str]) -> None:
+        """Write this into `env`: a field left at its default removes its variable (except
+        `envelope` and `threads`, which the user may have set for the whole run)."""
+        values = {
+            TRACE_DIR: self.trace_dir,
+            TRACE_STAGE: self.trace_stage,
+            TRACE_IDS: None if self.trace_ids else "0",
+            RUN_ID: self.run_id,
+            RUN_FLUSH: "1" if self.flush_every_batch else None,
+            RUN_BATCH_SIZE: str(self.batch_size) if self.batch_size else None,
+        }
+        if self.envelope:
+            values[ENVELOPE] = "1"
+        if self.threads:
+            values[THREADS] = str(self.threads)
+        for name, value in values.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+
+
+def forwarded(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The SAGE_* settings a stage running elsewhere (a Ray actor) needs: every one but the
+    trace directory (the Driver, not the actor, writes the trace)."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith("SAGE_") and k != TRACE_DIR}

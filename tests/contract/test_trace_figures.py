@@ -1,0 +1,72 @@
+"""Trace figures agree everywhere (issue 11): the Driver counts records and tokens once; the trace
+file, `sage trace`'s summary (stage_figures), the live table (StageWatch) and the progress line
+all show those counts, and tokens/s is tokens over busy seconds in each. A record's latency runs
+from entering the stage to its result leaving it, waiting behind earlier batches included."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sage_cli.execution.driver import Driver, ErrorPolicy, Stats
+from sage_cli.io import RecordWriter
+from sage_cli.observability.dashboard import StageWatch
+from sage_cli.observability.progress import Progress
+from sage_cli.observability.trace import Tracer
+from sage_cli.operators.base import Operator
+from sage_cli.run.directory import read_events, stage_figures
+
+PAUSE = 0.05
+
+
+class SlowAnswers(Operator):
+    name = "answers"
+    produces = {"usage": {"type": "object"}}
+
+    def process(self, batch):
+        time.sleep(PAUSE)
+        return [r | {"usage": {"prompt_tokens": 3, "completion_tokens": r["id"]}} for r in batch]
+
+
+def run_traced(tmp_path: Path, records: list[dict]) -> tuple[Stats, Path]:
+    trace = tmp_path / "1-answers.trace.ndjson"
+    out = (tmp_path / "out.ndjson").open("wb")
+    stats = Stats()
+    driver = Driver(
+        SlowAnswers(), RecordWriter(out.fileno()), ErrorPolicy("sage answers", stats=stats), 1
+    )
+    driver.observe(Tracer(str(trace), "1-answers"))
+    driver.start()
+    driver.feed_block("stdin", 1, records, None, True)  # one block: three batches of one
+    driver.finish()
+    driver.tracer.stop(0)
+    out.close()
+    return stats, trace
+
+
+def test_latency_counts_the_wait_behind_earlier_batches(tmp_path):
+    _, trace = run_traced(tmp_path, [{"id": i} for i in range(1, 4)])
+    batches = [e for e in read_events(trace) if e["ev"] == "b"]
+    assert [e["n"] for e in batches] == [1, 1, 1]
+    starts = {e["t"] for e in batches}
+    assert len(starts) == 1  # the three records entered together
+    latencies = [e["d"] for e in batches]
+    assert latencies == sorted(latencies)
+    assert latencies[2] >= 3 * PAUSE  # its own batch and the two before it
+
+
+def test_tokens_and_counts_agree_in_trace_summary_table_and_progress(tmp_path, capsys):
+    stats, trace = run_traced(tmp_path, [{"id": i} for i in range(1, 4)])
+    assert stats.tokens == 3 * 3 + (1 + 2 + 3)
+    figures = stage_figures(read_events(trace))
+    assert (figures["records_in"], figures["records_out"], figures["tokens"]) == (3, 3, 15)
+    rate = stats.tokens / stats.busy_seconds
+    assert abs(figures["tokens_per_second"] - rate) < 0.01  # rounded to 2 places in the summary
+    watch = StageWatch(str(trace))
+    watch.poll()
+    assert (watch.figure("in"), watch.figure("out"), watch.figure("tok")) == (3, 3, 15)
+    assert abs((watch.tokens_per_second() or 0) - rate) < 0.01
+    Progress("sage answers").update(stats, force=True)
+    line = capsys.readouterr().err
+    assert "3 in, 3 out" in line
+    assert f"{rate:,.1f} tok/s" in line

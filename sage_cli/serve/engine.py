@@ -74,6 +74,9 @@ class ChatAnswer:
 class _Collect:
     """What the Driver writes to: the records, in order."""
 
+    #: a downstream stage that wants no more input (never here)
+    done = False
+
     def __init__(self) -> None:
         self.records: list[Record] = []
 

@@ -108,6 +108,8 @@ class Completion:
 
 
 Messages = list[dict[str, str]]
+#: receives each piece of an answer as it is generated; returning False stops the answer
+OnText = Callable[[str], object]
 
 
 # -- the local backend ------------------------------------------------------------------------
@@ -261,7 +263,9 @@ class LlamaBackend:
             "--max-tokens)"
         )
 
-    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+    def complete(
+        self, messages: Messages, params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
         fitted, warning = self.fit(messages, params.max_tokens)
         kwargs: dict[str, Any] = {
             "messages": fitted,
@@ -274,6 +278,8 @@ class LlamaBackend:
         if self.grammar is not None:
             kwargs["grammar"] = self.grammar
         try:
+            if on_text is not None:
+                return self._stream(fitted, kwargs, on_text, warning)
             response = self.llm.create_chat_completion(**kwargs)
         except ValueError as exc:  # llama-cpp-python's "Requested tokens exceed context"
             raise RecordError(f"llama.cpp refused the prompt: {exc}") from None
@@ -353,6 +359,37 @@ class LlamaBackend:
             )
             results[i] = (completion, done.seconds)
         return [r if r is not None else (OperatorError("not answered"), 0.0) for r in results]
+
+    def _stream(
+        self, fitted: Messages, kwargs: dict[str, Any], on_text: OnText, warning: str | None
+    ) -> Completion:
+        """Generate with `stream=True`, handing each piece of text to `on_text` as it is
+        decoded; `on_text` returning False stops the answer (finish_reason "cancelled").
+        llama-cpp-python's stream carries no usage: the tokens are counted here."""
+        pieces: list[str] = []
+        finish: str | None = None
+        stream = self.llm.create_chat_completion(**kwargs, stream=True)
+        try:
+            for chunk in stream:
+                choice = chunk["choices"][0]
+                piece = choice.get("delta", {}).get("content")
+                if piece:
+                    pieces.append(piece)
+                    if on_text(piece) is False:
+                        finish = "cancelled"
+                        break
+                finish = choice.get("finish_reason") or finish
+        finally:
+            stream.close()
+        text = "".join(pieces)
+        return Completion(
+            text=text,
+            prompt_tokens=self.count(fitted),
+            completion_tokens=len(self._tokens(text, special=False)) if text else 0,
+            finish_reason=finish,
+            warnings=[warning] if warning else [],
+            truncated=warning is not None,
+        )
 
     def close(self) -> None:
         if self.decoder is not None:
@@ -553,7 +590,15 @@ class OpenAIBackend:
             }
         return body
 
-    def complete(self, messages: Messages, params: GenerationParams) -> Completion:
+    def complete(
+        self, messages: Messages, params: GenerationParams, on_text: OnText | None = None
+    ) -> Completion:
+        completion = self._complete(messages, params)
+        if on_text is not None and completion.text:
+            on_text(completion.text)  # the server's answer, whole (no streaming upstream yet)
+        return completion
+
+    def _complete(self, messages: Messages, params: GenerationParams) -> Completion:
         data = json.dumps(self.body(messages, params)).encode("utf-8")
         attempts = self.retries + 1
         reason = ""
@@ -918,19 +963,25 @@ class Generate(Operator):
             add_warning(out, warning)
         if completion.truncated or "prompt_truncated" in record:
             out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
-        if self.cache is not None and key is not None and not cached:
+        cut = completion.finish_reason == "cancelled"  # stopped by on_text: not the answer
+        if self.cache is not None and key is not None and not cached and not cut:
             self.cache.put_json(key, asdict(completion))
         return out
 
-    def answer(self, record: Record) -> Record:
-        """One record answered on its own (one model call, or the cache)."""
+    def answer(self, record: Record, on_text: OnText | None = None) -> Record:
+        """One record answered on its own (one model call, or the cache). With `on_text`, the
+        answer's text is handed to it piece by piece as it is generated (whole, for a cache
+        hit); on_text returning False stops the answer there, and such a cut answer is not
+        cached."""
         assert self.backend is not None, "setup() was not called"
         messages, key, cached = self._lookup(record)
         if cached is not None:
+            if on_text is not None and cached.text:
+                on_text(cached.text)
             self._done(0)
             return self._answered(record, cached, 0.0, key, True)
         t0 = time.perf_counter()
-        completion = self.backend.complete(messages, self.params)
+        completion = self.backend.complete(messages, self.params, on_text)
         seconds = time.perf_counter() - t0
         self.generate_seconds += seconds
         self._done(completion.completion_tokens or 0)

@@ -238,6 +238,15 @@ class Embedder:
         ctx.kv_cache_clear()
         return out
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (each cut at the context, as `embed` does)."""
+        self.load()
+        with _lock:
+            return sum(
+                min(len(self._llm.tokenize(t.encode("utf-8"), add_bos=True)), self.n_ctx)
+                for t in texts
+            )
+
     def close(self) -> None:
         if self._llm is not None:
             try:

@@ -244,6 +244,11 @@ REGISTRY: tuple[Verb, ...] = (
     _tool("doctor", "Check the installation and say how to fix what is wrong."),
     _tool("run", "Run a pipeline script under supervision, with traces."),
     _tool("trace", "Show the trace of a run."),
+    # serving
+    _tool("serve", "Serve the models, an index and pipelines over an OpenAI-compatible HTTP API."),
+    _tool("chat", "Chat with the local model in a REPL (with --index: RAG)."),
+    _tool("mcp", "Serve retrieve and answer as MCP tools over stdio."),
+    _tool("studio", "Show runs, stages and records live in a browser."),
 )
 
 VERBS: dict[str, Verb] = {v.name: v for v in REGISTRY}

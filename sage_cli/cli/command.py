@@ -183,6 +183,12 @@ def fail(prog: str, err: SageError | str, code: int | None = None) -> int:
 _last_signal: list[int] = []
 
 
+def signal_handled() -> None:
+    """A command that caught its KeyboardInterrupt and goes on (a REPL whose Ctrl-C stopped
+    one answer): the signal must not end the command when its body returns."""
+    _last_signal.clear()
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     """SIGINT -> KeyboardInterrupt, SIGTERM -> Terminated; held while stdout is written."""
     from sage_cli.cli.io import WRITE_GUARD

@@ -11,14 +11,20 @@ Events (one JSON object per line, `t` in Unix seconds):
       ids (one span per record) and model tokens of its output (`usage`)
   {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy", "tok"}   about once a second
   {"ev": "stop", "t", "status", ...stats}
+  {"ev": "r", "t", "in": [...], "out": [...]}   the content of the first SAGE_TRACE_SAMPLE (20)
+      records of the stage and what it made of them (long strings and vectors cut), so the
+      studio can show a record before and after each stage; none with SAGE_TRACE_IDS=0
 Writes are buffered and appended to the file at most about once a second, so the cost per record
-is collecting its id; `SAGE_TRACE_IDS=0` drops the ids (counts and latencies only).
+is collecting its id; `SAGE_TRACE_IDS=0` drops the ids (counts and latencies only). A stage
+waiting for input still gets its last events onto disk within about a second (a daemon thread
+flushes what a batch left buffered), so a live view (the studio) sees records as they pass.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -28,6 +34,11 @@ from sage_cli.observability.redact import redact_argv
 from sage_cli.run.env import StageEnv
 
 STATS_SECONDS = 1.0
+#: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
+SAMPLE_RECORDS = 20
+#: longest string and list kept in a sampled record
+SAMPLE_CHARS = 1000
+SAMPLE_ITEMS = 16
 FLUSH_SECONDS = 1.0
 FLUSH_BYTES = 64 * 1024
 
@@ -35,13 +46,19 @@ FLUSH_BYTES = 64 * 1024
 class Tracer:
     """Appends one stage's trace events to `path`."""
 
-    def __init__(self, path: str, stage: str, with_ids: bool = True) -> None:
+    def __init__(
+        self, path: str, stage: str, with_ids: bool = True, sample: int = SAMPLE_RECORDS
+    ) -> None:
         self.path = path
         self.stage = stage
         self.with_ids = with_ids
+        #: records whose content is still to be sampled (never without ids)
+        self.sample_left = sample if with_ids else 0
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._parts: list[bytes] = []
         self._size = 0
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._last_flush = time.monotonic()
         self._last_stats = 0.0
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
@@ -49,10 +66,19 @@ class Tracer:
         self.stats: Any = None
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self._parts.append(orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str))
+        data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        with self._lock:
+            self._parts.append(data)
+
+    def _flush_when_idle(self) -> None:
+        """The daemon thread: what waited FLUSH_SECONDS in the buffer goes to disk."""
+        while not self._closed.wait(FLUSH_SECONDS):
+            if self._parts and time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+                self.flush()
 
     def start(self, stats: Any) -> None:
         self.stats = stats
+        threading.Thread(target=self._flush_when_idle, name="sage-trace", daemon=True).start()
         self._emit(
             {"ev": "start", "t": time.time(), "pid": os.getpid(), "argv": redact_argv(sys.argv[1:])}
         )
@@ -80,8 +106,11 @@ class Tracer:
         if self.with_ids:  # last, so a reader that needs no ids can cut the line short
             event["ids"] = [r.get("id") for r in batch]
         data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
-        self._parts.append(data)
-        self._size += len(data)
+        if self.sample_left > 0:
+            data += self._sample(batch, out, event["t"])
+        with self._lock:
+            self._parts.append(data)
+            self._size += len(data)
         if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in
             self.flush()
         now = time.monotonic()
@@ -90,6 +119,24 @@ class Tracer:
             self._emit_stats("stats")
         if now - self._last_flush >= FLUSH_SECONDS:
             self.flush()
+
+    def _sample(self, batch: list[dict[str, Any]], out: list[dict[str, Any]], t: float) -> bytes:
+        """An "r" event: the first records of `batch` and the outputs made from them (paired by
+        position when the batch was one-to-one, else by id, parent_id or query_id)."""
+        taken = batch[: self.sample_left]
+        self.sample_left -= len(taken)
+        if len(out) == len(batch):
+            made = out[: len(taken)]
+        else:
+            ids = {r.get("id") for r in taken if isinstance(r.get("id"), str | int)}
+            made = [
+                r for r in out if any(r.get(k) in ids for k in ("id", "parent_id", "query_id"))
+            ][: 4 * len(taken)]
+        event = {"ev": "r", "t": t, "in": [clip(r) for r in taken], "out": [clip(r) for r in made]}
+        try:
+            return orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
+        except (TypeError, orjson.JSONEncodeError):
+            return b""
 
     def _emit_stats(self, kind: str, **extra: Any) -> None:
         s = self.stats
@@ -112,24 +159,28 @@ class Tracer:
     def stop(self, status: int) -> None:
         # the stage's own peak RSS: the supervisor's wait4 figure is at least the RSS of the
         # process image the stage's exec replaced (the supervisor's, ~22 MB)
+        self._closed.set()
         self._emit_stats("stop", status=status, hwm_mb=peak_rss_mb())
         self.flush()
+        with self._lock:  # the flushing thread never writes to a closed (or reused) fd
+            fd, self.fd = self.fd, -1
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass
 
     def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self._parts:
-            return
-        data = b"".join(self._parts)
-        self._parts = []
-        self._size = 0
-        try:
-            os.write(self.fd, data)
-        except OSError:
-            pass  # a trace must never stop the data
+        with self._lock:  # one writer at a time: events stay in order
+            self._last_flush = time.monotonic()
+            if not self._parts or self.fd < 0:
+                return
+            data = b"".join(self._parts)
+            self._parts = []
+            self._size = 0
+            try:
+                os.write(self.fd, data)
+            except OSError:
+                pass  # a trace must never stop the data
 
 
 def peak_rss_mb() -> float | None:
@@ -145,6 +196,24 @@ def peak_rss_mb() -> float | None:
     return None
 
 
+def clip(value: Any, depth: int = 0) -> Any:
+    """A record cut down for the trace: long strings and lists shortened, deep nesting cut."""
+    if isinstance(value, str):
+        if len(value) > SAMPLE_CHARS:
+            return value[:SAMPLE_CHARS] + f"... ({len(value)} chars)"
+        return value
+    if depth >= 8:
+        return "..."
+    if isinstance(value, dict):
+        return {str(k): clip(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        head = [clip(v, depth + 1) for v in value[:SAMPLE_ITEMS]]
+        if len(value) > SAMPLE_ITEMS:
+            head.append(f"... ({len(value)} items)")
+        return head
+    return value
+
+
 def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
     """The tracer `sage run` asked for through the stage's environment, or None."""
     env = env or StageEnv.read()
@@ -153,7 +222,17 @@ def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
     stage = env.trace_stage or command
     try:
         return Tracer(
-            os.path.join(env.trace_dir, f"{stage}.trace.ndjson"), stage, with_ids=env.trace_ids
+            os.path.join(env.trace_dir, f"{stage}.trace.ndjson"),
+            stage,
+            with_ids=env.trace_ids,
+            sample=_int_env("SAGE_TRACE_SAMPLE", SAMPLE_RECORDS),
         )
     except OSError:
         return None
+
+
+def _int_env(name: str, default: int) -> int:
+    try:
+        return max(0, int(os.environ.get(name, default)))
+    except ValueError:
+        return default

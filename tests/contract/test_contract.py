@@ -97,6 +97,11 @@ SPECS: dict[str, Spec] = {
     "doctor": Spec([], kind=TOOL),
     "run": Spec(["{tmp}/pipeline.sh"], kind=TOOL),
     "trace": Spec(["{tmp}"], kind=TOOL),
+    # serving
+    "serve": Spec([], kind=TOOL),
+    "chat": Spec([], kind=TOOL),
+    "mcp": Spec([], kind=TOOL),
+    "studio": Spec([], kind=TOOL),
 }
 
 

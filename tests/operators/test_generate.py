@@ -409,3 +409,41 @@ def test_tiny_model_json_cut_short_is_a_record_error(tiny_llama):
 def test_bad_json_schema_is_an_option_error(tiny_llama):
     with pytest.raises(OptionError, match="grammar"):
         tiny(tiny_llama, json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
+
+
+# -- streaming (on_text), as sage serve and sage chat use it ----------------------------------
+
+
+def test_on_text_gets_the_answer_piece_by_piece(tiny_llama, tmp_path):
+    op = Generate(model=str(tiny_llama), max_tokens=12, n_ctx=256, threads=1, cache_dir=tmp_path)
+    op.setup()
+    try:
+        pieces: list[str] = []
+        out = op.answer({"prompt": "hello"}, pieces.append)
+        assert len(pieces) > 1
+        assert "".join(pieces).strip() == out["answer"]
+        assert out["usage"]["completion_tokens"] > 0 and out["usage"]["prompt_tokens"] > 0
+        # the streamed answer was cached: the same request now arrives whole, from the cache
+        again: list[str] = []
+        cached = op.answer({"prompt": "hello"}, again.append)
+        assert cached["usage"].get("cached") and "".join(again).strip() == out["answer"]
+    finally:
+        op.close()
+
+
+def test_on_text_returning_false_stops_the_answer_and_nothing_is_cached(tiny_llama, tmp_path):
+    op = Generate(model=str(tiny_llama), max_tokens=12, n_ctx=256, threads=1, cache_dir=tmp_path)
+    op.setup()
+    try:
+        pieces: list[str] = []
+
+        def two(piece: str) -> bool:
+            pieces.append(piece)
+            return len(pieces) < 2
+
+        cut = op.answer({"prompt": "stop early"}, two)
+        assert len(pieces) == 2 and cut["answer"] == "".join(pieces).strip()
+        full = op.answer({"prompt": "stop early"})
+        assert not full["usage"].get("cached")
+    finally:
+        op.close()

@@ -1,0 +1,62 @@
+"""sage studio: a web page over the runs of `sage run`, live while they go on."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from sage_cli.cli.command import CONTEXT, guarded
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
+
+
+@app.command("studio")
+def studio(
+    runs: Annotated[
+        Path,
+        typer.Option("--runs", metavar="DIR", help="Run directories to show."),
+    ] = Path(".sage/runs"),
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on; beyond loopback needs --api-key."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")
+    ] = 8090,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="SAGE_API_KEY",
+            metavar="KEY",
+            help="Require 'Authorization: Bearer KEY' on every request.",
+            show_default=False,
+        ),
+    ] = None,
+):
+    """Show the runs in a browser: each run's stages with live records in/out, records/s,
+    errors, tokens/s and CPU, the timeline, and one record's content before and after each
+    stage (from the samples `sage run` keeps in its traces).
+
+    The page is served at http://127.0.0.1:8090/studio and refreshes itself every second. It
+    loads no model (`sage serve --studio` serves the same page beside the API).
+
+    \b
+    Examples:
+      sage studio
+      sage studio --runs /var/lib/pipelines/.sage/runs --port 8091
+    """
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        from sage_cli.serve.app import ServeConfig
+        from sage_cli.serve.app import serve as run_server
+
+        config = ServeConfig(
+            host=host, port=port, api_key=api_key, studio=True, runs_dir=runs, prog="sage studio"
+        )
+        code = run_server(None, config)
+
+    result = guarded("sage studio", body)
+    raise typer.Exit(result or code)

@@ -81,8 +81,8 @@ def serve(
         list[str] | None,
         typer.Argument(
             metavar="[PIPELINE]...",
-            help="Pipeline scripts served at POST /v1/pipelines/NAME (NAME=FILE, or FILE named "
-            "after its stem).",
+            help="Pipelines (bash scripts or YAML files, run by `sage run`) served at POST "
+            "/v1/pipelines/NAME (NAME=FILE, or FILE named after its stem).",
             show_default=False,
         ),
     ] = None,
@@ -144,8 +144,8 @@ def serve(
     retrieved against the index, prompted with the template and answered, and the documents
     come back in `sources`; `stream: true` gives server-sent events ending with
     `data: [DONE]`). POST /v1/embeddings embeds text with the embedding model; GET /v1/models
-    lists both. POST /v1/pipelines/NAME runs a pipeline script with the request's NDJSON on
-    stdin and streams its NDJSON back. GET /health and GET /metrics (Prometheus) too; --studio
+    lists both. POST /v1/pipelines/NAME runs a pipeline (script or YAML) with the request's
+    NDJSON on stdin and streams its NDJSON back. GET /health and GET /metrics (Prometheus) too; --studio
     adds the studio at /studio. Models load once; requests waiting together are answered by one
     batch. Bad requests get a 4xx JSON error in OpenAI's shape. SIGTERM drains the requests in
     flight, then exits 143. Listening beyond loopback needs an API key.

@@ -10,9 +10,10 @@ run starts (a line that is not a JSON object is a 400 naming the line); a longer
 is streamed through and a bad line ends the output with an `_error` record. A run that exits
 non-zero ends the output with an `_error` record carrying its exit status and last stderr line.
 
-Where the Python API plugs in: a pipeline written in Python or YAML (`sage_cli.api`) would run
-in-process here, its operators built once per server like the chat engine's, instead of a
-`sage run` subprocess per request; `run_pipeline` is the one place to branch on the file type.
+A YAML pipeline (`sage_cli.api`, first stage `- source: {}`) runs the same way, since `sage run`
+runs it. Where the Python API plugs in next: a Python or YAML pipeline could run in-process here,
+its operators built once per server like the chat engine's, instead of a `sage run` subprocess
+per request; `run_pipeline` is the one place to branch on the file type.
 """
 
 from __future__ import annotations

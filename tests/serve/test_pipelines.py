@@ -17,6 +17,11 @@ from tests.serve.server import Server, serve_env
 TAG = """set -euo pipefail
 sage map 'r | {"tagged": True}' | sage filter 'r.get("drop") is None'
 """
+YAML = """name: tag
+stages:
+  - source: {}
+  - map: {expr: 'r | {"from_yaml": True}'}
+"""
 FAILS = """set -euo pipefail
 sage map 'r["missing"]'
 """
@@ -27,7 +32,8 @@ def pipeline_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     d = tmp_path_factory.mktemp("pipelines")
     (d / "tag.sh").write_text(TAG)
     (d / "fails.sh").write_text(FAILS)
-    srv = Server(["tag.sh", "broken=fails.sh", "--runs", "runs"], d, serve_env(d))
+    (d / "tag.yaml").write_text(YAML)
+    srv = Server(["tag.sh", "broken=fails.sh", "yaml=tag.yaml", "--runs", "runs"], d, serve_env(d))
     yield srv, d
     srv.stop()
 
@@ -115,9 +121,16 @@ def test_unknown_pipeline_is_404_listing_the_known_ones(pipeline_server):
     srv, _ = pipeline_server
     status, body = srv.post("/v1/pipelines/nope", b"{}\n")
     err = orjson.loads(body)["error"]
-    assert status == 404 and "broken, tag" in err["message"]
+    assert status == 404 and "broken, tag, yaml" in err["message"]
     status, body = srv.get("/v1/pipelines")
-    assert [p["name"] for p in orjson.loads(body)["data"]] == ["broken", "tag"]
+    assert [p["name"] for p in orjson.loads(body)["data"]] == ["broken", "tag", "yaml"]
+
+
+def test_a_yaml_pipeline_is_served_too(pipeline_server):
+    srv, _ = pipeline_server
+    status, body = srv.post("/v1/pipelines/yaml", b'{"id": 1}\n{"id": 2}\n')
+    assert status == 200
+    assert parse_ndjson(body) == [{"id": 1, "from_yaml": True}, {"id": 2, "from_yaml": True}]
 
 
 def test_line_numbers_carry_across_streamed_chunks():

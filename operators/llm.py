@@ -227,7 +227,8 @@ class Embedder:
         batch.reset()
         for i in order:
             n = len(tokens[i])
-            if group and (used + n > max(EMBED_PASS_TOKENS, n) or len(group) >= n_seq_max):
+            budget = min(max(EMBED_PASS_TOKENS, n), limit)  # never past the batch's room
+            if group and (used + n > budget or len(group) >= n_seq_max):
                 run(group)
                 group, used = [], 0
             batch.add_sequence(tokens[i], len(group), True)  # every token is an output (pooling)

@@ -251,8 +251,8 @@ class Driver:
     # -- the public entry points -------------------------------------------------------------
 
     def observe(self, tracer: Any = None, envelope: Any = None) -> None:
-        """Trace every batch to `tracer` (sage_cli.observability.trace.Tracer, started here) and stamp every
-        record with `envelope` (sage_cli.observability.envelope.Envelope); None: not this one."""
+        """Trace every batch to `tracer` (observability.trace.Tracer, started here) and stamp
+        every record with `envelope` (observability.envelope.Envelope); None: not this one."""
         self.envelope = envelope
         self.tracer = tracer
         if tracer is not None:

@@ -39,6 +39,14 @@ TOOLS: dict[str, list[str] | None] = {
     "models convert": None,
     "models install": None,
     "doctor": ["doctor"],
+    # servers and REPLs write no NDJSON stream to a pipe: serve logs to stderr and answers
+    # over HTTP (tests/serve/test_serve.py), studio likewise, chat answers a terminal or a
+    # piped question (tests/serve/test_chat.py), mcp speaks JSON-RPC to its client on stdio
+    # (tests/serve/test_mcp.py)
+    "serve": None,
+    "studio": None,
+    "chat": None,
+    "mcp": None,
     "run": ["run", "--quiet", "{tmp}/pipeline.sh"],
     "trace": ["trace", "{tmp}/run"],
 }

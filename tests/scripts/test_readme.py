@@ -256,6 +256,48 @@ def _check_workers(d: Done) -> None:
     assert ids == sorted(ids, key=lambda i: (i.split("#")[0], int(i.split("#")[1])))  # in order
 
 
+def _check_cited_eval(d: Done) -> None:
+    *answers, summary = d.records  # the summary: the mean of each score over the answers
+    assert len(answers) == len(_questions(d))
+    assert all(set(r) == {"answer", "cites", "eval"} and r["answer"].strip() for r in answers)
+    assert all(isinstance(r["cites"], list) for r in answers)  # ids of cited docs, maybe none
+    assert all(0.0 <= r["eval"]["groundedness"] <= 1.0 for r in answers)
+    assert summary["answer"] is None and summary["cites"] is None
+    mean = sum(r["eval"]["groundedness"] for r in answers) / len(answers)
+    assert abs(summary["eval"]["groundedness"] - mean) < 1e-9
+
+
+def _check_quickstart(d: Done) -> None:
+    n = len(_questions(d))
+    answers, counts = d.lines[:n], d.lines[n:]
+    assert "Paris" in answers[0]
+    assert all(line.startswith("{'question': ") and "'answer': " in line for line in answers)
+    stages = [line.split(":")[0] for line in counts]  # one line per stage, sink last
+    assert stages[:4] == ["source", "retrieve", "prompt", "generate"], counts
+    assert all(line.endswith(f": {n} in, {n} out") for line in counts[:4]), counts
+    assert len(counts) == 5 and counts[4].endswith(f"{n} in, 0 out"), counts
+
+
+def _check_print_script(d: Done) -> None:
+    script = d.out.decode()
+    assert script.startswith("#!/usr/bin/env bash") or "set -euo pipefail" in script, script
+    for verb in ("sage source", "sage retrieve", "sage prompt", "sage generate", "sage sink"):
+        assert verb in script, script
+    assert "answers.ndjson" in script
+
+
+def _check_yaml_run(d: Done) -> None:
+    rs = d.records
+    assert len(rs) == len(_questions(d)) and all(set(r) == {"answer"} for r in rs)
+    assert all(r["answer"].strip() for r in rs) and (d.work / "answers.ndjson").is_file()
+
+
+def _check_chat(d: Done) -> None:
+    text = d.out.decode()
+    assert text.strip() and "Traceback" not in d.err
+    assert "Eiffel" in text or "1889" in text or "Gustave" in text, text
+
+
 #: every README tour command (as `tour_commands` spells it) and what its output must show
 CHECKS: dict[str, Callable[[Done], None]] = {
     "sage source docs/ | sage head 2": _check_source_head,
@@ -290,11 +332,20 @@ CHECKS: dict[str, Callable[[Done], None]] = {
     "sage source questions.txt -R | sage retrieve --index idx/ -k 2 | sage prompt --template qa "
     '| sage generate --max-tokens 32 | sage map \'{"question": r["query"], '
     '"answer": r["answer"]}\'': _check_rag,
-    "sage source gold.ndjson | sage retrieve --index idx/ -k 3 --mode hybrid | sage eval -k 3 "
+    "sage source gold.ndjson | sage retrieve --index idx/ -k 3 | sage eval -k 3 "
     "| tail -1": _check_eval,
-    'echo \'{"query": "Who completed the Eiffel Tower?"}\' | sage retrieve --index idx/ -k 3 '
-    '| sage rerank --method mmr -k 2 | sage map \'{"query": r["query"], '
+    'echo \'{"query": "Who completed the Eiffel Tower?"}\' | sage retrieve --index idx/ -k 20 '
+    '| sage rerank -k 2 | sage map \'{"query": r["query"], '
     '"docs": [d["id"] for d in r["docs"]]}\'': _check_rerank,
+    "sage source questions.txt -R | sage retrieve --index idx/ -k 2 | sage prompt --template qa "
+    '| sage generate --max-tokens 32 | sage eval | sage map \'{"answer": r.get("answer"), '
+    '"cites": r.get("citations"), "eval": r["eval"]}\'': _check_cited_eval,
+    "python quickstart.py": _check_quickstart,
+    "sage run --print-script rag.yaml": _check_print_script,
+    'sage run --quiet rag.yaml && sage map \'{"answer": r["answer"]}\' answers.ndjson': (
+        _check_yaml_run
+    ),
+    "echo 'Who completed the Eiffel Tower?' | sage chat --index idx/ --max-tokens 32": _check_chat,
     "sage models list": _check_models_list,
     "sage models path smollm2-135m": _check_models_path,
     "sage doctor": _check_doctor,

@@ -539,10 +539,20 @@ def expand_segment(
     for assigns, argv, redirs in split:
         if not argv:
             raise ScriptError(f"{where}: a stage of the pipeline has no command")
-        program.append(marked(" ".join(argv)))
-        program.append(marked(" ".join(a.partition("=")[2] or "''" for a in assigns)))
         targets = [t for _, t in redirs if t]
-        program.append(marked(" ".join(targets)))
+        # one stage's expansions chained with &&: bash expands a command's redirections only
+        # once its words expanded without error (found by fuzzing: `${}<$(touch X)` ran touch)
+        program.append(
+            " && ".join(
+                marked(words).rstrip("\n")
+                for words in (
+                    " ".join(argv),
+                    " ".join(a.partition("=")[2] or "''" for a in assigns),
+                    " ".join(targets),
+                )
+            )
+            + "\n"
+        )
     if state_out:
         program.append(_SAVE_STATE)
     program.append(marked('"$PWD"') + 'unset __SAGE_WORDS\nenv -0 >> "$__SAGE_WORDS_COPY"\n')

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sage_cli.errors import SageError, UsageError
@@ -169,6 +169,7 @@ def _canaries(directory: str) -> set[str]:
 
 
 @given(canary_scripts())
+@example("${}<$(touch CANARY0)\n\n")  # a redirect expanded after its command's words failed
 @settings(max_examples=examples(60))
 def test_the_parser_runs_nothing_bash_would_not(text: str) -> None:
     with tempfile.TemporaryDirectory(prefix="fuzz-bash-") as under_bash:

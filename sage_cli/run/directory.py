@@ -159,6 +159,11 @@ def is_running(run: RunDirectory) -> bool:
     if not isinstance(pid, int):
         starts = [e for e in iter_events(run.events_path, ids=False) if e.get("ev") == "run_start"]
         pid = starts[-1].get("pid") if starts else None
+    return pid_alive(pid)
+
+
+def pid_alive(pid: Any) -> bool:
+    """Whether a process with this pid exists (one of another user counts)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from sage_cli.run.directory import RunDirectory, iter_events, summarise
+from sage_cli.run.directory import RunDirectory, iter_events, pid_alive, summarise
 
 #: seconds of batches the live records/s of a running stage is measured over
 RECENT = 5.0
@@ -37,18 +37,6 @@ RECENT = 5.0
 BINS = 60
 RUNS_SHOWN = 100
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _cpu_seconds(pid: Any) -> float | None:
@@ -74,7 +62,7 @@ def run_state(run: RunDirectory) -> dict[str, Any]:
     if stop:
         code = stop.get("status")
         status = "ok" if code == 0 else "failed"
-    elif _alive(start.get("pid")):
+    elif pid_alive(start.get("pid")):
         status, code = "running", None
     else:
         status, code = "killed", None

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.cli.command import CONTEXT, guarded
-from sage_cli.cli.options import Threads
+from sage_cli.cli.options import ApiKey, Host, Port, Threads
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 
@@ -87,24 +87,9 @@ def serve(
         ),
     ] = None,
     index: Index = None,
-    host: Annotated[
-        str,
-        typer.Option("--host", help="Address to listen on; beyond loopback needs --api-key."),
-    ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")
-    ] = 8080,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            envvar="SAGE_API_KEY",
-            metavar="KEY",
-            help="Require 'Authorization: Bearer KEY' on every request (prefer the "
-            "SAGE_API_KEY variable: a flag shows in ps).",
-            show_default=False,
-        ),
-    ] = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8080,
+    api_key: ApiKey = None,
     model: Model = "smollm2-135m",
     k: TopK = 4,
     max_tokens: MaxTokens = 256,

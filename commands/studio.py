@@ -6,6 +6,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.options import ApiKey, Host, Port
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 
@@ -16,23 +17,9 @@ def studio(
         Path,
         typer.Option("--runs", metavar="DIR", help="Run directories to show."),
     ] = Path(".sage/runs"),
-    host: Annotated[
-        str,
-        typer.Option("--host", help="Address to listen on; beyond loopback needs --api-key."),
-    ] = "127.0.0.1",
-    port: Annotated[
-        int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")
-    ] = 8090,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            envvar="SAGE_API_KEY",
-            metavar="KEY",
-            help="Require 'Authorization: Bearer KEY' on every request.",
-            show_default=False,
-        ),
-    ] = None,
+    host: Host = "127.0.0.1",
+    port: Port = 8090,
+    api_key: ApiKey = None,
 ):
     """Show the runs in a browser: each run's stages with live records in/out, records/s,
     errors, tokens/s and CPU, the timeline, and one record's content before and after each

@@ -32,3 +32,23 @@ QueryField = Annotated[
         show_default=False,
     ),
 ]
+
+#: --host, --port and --api-key of the commands that listen (serve, studio)
+Host = Annotated[
+    str,
+    typer.Option("--host", help="Address to listen on; beyond loopback needs --api-key."),
+]
+Port = Annotated[
+    int, typer.Option("--port", "-p", min=0, max=65535, help="Port (0: any free one).")
+]
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="SAGE_API_KEY",
+        metavar="KEY",
+        help="Require 'Authorization: Bearer KEY' on every request (prefer the SAGE_API_KEY "
+        "variable: a flag shows in ps).",
+        show_default=False,
+    ),
+]

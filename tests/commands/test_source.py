@@ -187,17 +187,22 @@ def _read_record(proc, deadline):
     return orjson.loads(line)
 
 
-def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
-    inbox = tmp_path / "inbox"
-    inbox.mkdir()
-    (inbox / "old.txt").write_text("old")
-    proc = subprocess.Popen(
-        sage_argv("source", "--watch", "inbox"),
-        cwd=tmp_path,
+def _watch(cwd, *args):
+    """`sage source --watch ARGS` started in `cwd`, its output read with `_read_record`."""
+    return subprocess.Popen(
+        sage_argv("source", "--watch", *args),
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=clean_env(),
     )
+
+
+def test_source_watch_emits_existing_new_and_changed_files_once(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "old.txt").write_text("old")
+    proc = _watch(tmp_path, "inbox")
     try:
         deadline = time.monotonic() + 20
         assert _read_record(proc, deadline)["id"] == "inbox/old.txt"
@@ -230,13 +235,7 @@ def test_source_watch_waits_for_a_half_written_line(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "first.ndjson").write_bytes(b'{"id": "a", "text": "ready"}\n')
-    proc = subprocess.Popen(
-        sage_argv("source", "--watch", "inbox"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    proc = _watch(tmp_path, "inbox")
     try:
         deadline = time.monotonic() + 30
         assert _read_record(proc, deadline)["id"] == "a"

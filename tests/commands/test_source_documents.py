@@ -9,7 +9,7 @@ import time
 
 import orjson
 
-from tests.commands.test_source import _read_record
+from tests.commands.test_source import _read_record, _watch
 from tests.conftest import DATA, clean_env, parse_ndjson, run_sage, sage_argv
 from tests.fixtures.documents import make_docx, make_pdf
 
@@ -198,13 +198,7 @@ def test_watch_emits_a_deletion_record_when_an_emitted_file_is_removed(tmp_path)
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     (inbox / "a.txt").write_text("alpha")
-    proc = subprocess.Popen(
-        sage_argv("source", "--watch", "inbox"),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=clean_env(),
-    )
+    proc = _watch(tmp_path, "inbox")
     try:
         deadline = time.monotonic() + 20
         assert _read_record(proc, deadline)["id"] == "inbox/a.txt"

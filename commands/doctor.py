@@ -5,7 +5,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import guarded, single_command_app
+from sage_cli.cli.command import guarded, single_command_app
 
 app = single_command_app()
 
@@ -34,7 +34,7 @@ def doctor(
 
     def body() -> None:
         nonlocal code
-        from sage_cli.doctor import exit_code, run_checks
+        from sage_cli.cli.doctor import exit_code, run_checks
 
         checks = run_checks()
         if json_out:
@@ -43,7 +43,7 @@ def doctor(
             sys.stdout.buffer.write(b"".join(orjson.dumps(c.to_json()) + b"\n" for c in checks))
             sys.stdout.flush()
         else:
-            from sage_cli.tables import print_table
+            from sage_cli.cli.tables import print_table
 
             print_table(
                 ["check", "status", "detail"],

@@ -5,8 +5,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import operator_command, single_command_app
-from sage_cli.options import Threads
+from sage_cli.cli.command import operator_command, single_command_app
+from sage_cli.cli.options import Threads
 
 app = single_command_app()
 

@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import operator_command, single_command_app
+from sage_cli.cli.command import operator_command, single_command_app
 
 app = single_command_app()
 

@@ -4,8 +4,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import operator_command, single_command_app
-from sage_cli.options import UserFunction
+from sage_cli.cli.command import operator_command, single_command_app
+from sage_cli.cli.options import UserFunction
 
 app = single_command_app()
 

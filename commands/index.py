@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded, operator_command
+from sage_cli.cli.command import CONTEXT, guarded, operator_command
 
 app = typer.Typer(
     add_completion=False,

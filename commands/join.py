@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import operator_command, single_command_app
+from sage_cli.cli.command import operator_command, single_command_app
 
 app = single_command_app()
 
@@ -51,8 +51,8 @@ def join_records(
       sage join authors.ndjson --on author_id < posts.ndjson
       sage join labels.ndjson --on id --how left --prefix gold_ < answers.ndjson
     """
+    from sage_cli.cli.io import read_table
     from sage_cli.errors import SageError, UnavailableError
-    from sage_cli.io import read_table
     from sage_cli.operators.join import Join
 
     try:

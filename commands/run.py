@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT, guarded
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 
@@ -157,15 +157,15 @@ def run(
       sage run --lock --timeout 600 nightly.sh    # from cron
       sage run --engine ray --address auto --replicas embed=4 ingest.sh docs/
     """
-    from sage_cli.supervisor import RunOptions
+    from sage_cli.run.supervisor import RunOptions
 
     script_args = list(args or [])
     if engine not in ("local", "ray"):
-        from sage_cli.command import fail
+        from sage_cli.cli.command import fail
 
         raise typer.Exit(fail("sage run", f"--engine {engine}: choose local or ray", 2))
     if engine == "ray" and (retries or resume or watch):
-        from sage_cli.command import fail
+        from sage_cli.cli.command import fail
 
         # Ray replaces dead actors and re-sends their batches itself
         raise typer.Exit(
@@ -177,7 +177,7 @@ def run(
             )
         )
     if trace not in ("full", "batches", "off"):
-        from sage_cli.command import fail
+        from sage_cli.cli.command import fail
 
         raise typer.Exit(fail("sage run", f"--trace {trace}: choose full, batches or off", 2))
     opts = RunOptions(
@@ -207,7 +207,7 @@ def run(
 
                 sys.stderr.write(f"sage run: {pipeline_file} runs as {script}\n")
         if check:
-            from sage_cli.check import check_pipeline
+            from sage_cli.run.check import check_pipeline
 
             if script is None:
                 from sage_cli.errors import UsageError
@@ -218,12 +218,12 @@ def run(
             )
             return
         if watch:
-            from sage_cli.watch import watch_pipeline
+            from sage_cli.run.watch import watch_pipeline
 
             result = watch_pipeline(script, script_args, opts, run_dir, lock)
             return
         if engine == "ray":
-            from sage_cli.runner import run_on_ray
+            from sage_cli.run.runner import run_on_ray
 
             result = run_on_ray(
                 script,
@@ -235,7 +235,7 @@ def run(
                 lock=lock,
             )
             return
-        from sage_cli.runner import run_pipeline
+        from sage_cli.run.runner import run_pipeline
 
         result = run_pipeline(script, script_args, opts, run_dir=run_dir, resume=resume, lock=lock)
 

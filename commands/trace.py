@@ -4,7 +4,7 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT, guarded
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 

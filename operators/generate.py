@@ -891,7 +891,7 @@ class Generate(Operator):
         #: what each record of the last failed batch came to, by id(record)
         self._settled: dict[int, tuple[Record, Record | Exception]] = {}
         #: called (from the thread that calls process) as each record of a batch is answered,
-        #: so a terminal's progress line moves during a long batch (sage_cli.progress)
+        #: so a terminal's progress line moves during a long batch (sage_cli.observability.progress)
         self.on_progress: Callable[[], None] | None = None
         #: records answered (or failed) so far, within the current batch too
         self.completed = 0

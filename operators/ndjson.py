@@ -1,4 +1,4 @@
-"""Parsing one NDJSON line, shared by the NDJSON reader in sage_cli.io and by the operators
+"""Parsing one NDJSON line, shared by the NDJSON reader in sage_cli.cli.io and by the operators
 that read files themselves (source, merge).
 
 A line that is not a JSON object becomes a BadLine: where it was, why, and its raw bytes. The

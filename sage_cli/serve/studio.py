@@ -16,7 +16,7 @@ The page (`studio.html`, one file, no external assets) polls three JSON routes o
                                      `X#n` and hits for X count as X's)
 
 Everything shown is data: the page builds its DOM with textContent, never HTML from a run.
-The functions here read run directories (sage_cli.runs) and know nothing of HTTP but
+The functions here read run directories (sage_cli.run.directory) and know nothing of HTTP but
 `studio_routes`.
 """
 

@@ -5,7 +5,7 @@ and the Ray engine against the local engine (shell pipes) on the same 3-stage da
   thread budget (SAGE_THREADS, else every core) is divided among the workers: one process with
   two threads against two processes with one thread each. Target: workers2/workers1 >= 1.3 on
   2 cores.
-- Ray: `python -m sage_cli.ray_engine` (what `sage run --engine ray` calls) on a private local
+- Ray: `python -m sage_cli.execution.ray` (what `sage run --engine ray` calls) on a private local
   Ray instance, start-up included, against `sage map | sage filter | sage map`. The overhead is
   reported as ray_wall / local_wall (1.0 = no overhead), plus Ray's fixed start-up cost
   (the same pipeline on empty input) and the ratio with that cost taken out.
@@ -92,7 +92,7 @@ def bench_embed(report) -> None:
 #: (actor start-up and teardown) and on the data; prints both as JSON
 RAY_TIMER = """
 import json, shlex, sys, time
-from sage_cli import ray_engine
+from sage_cli.execution import ray as ray_engine
 stages = [shlex.split(s) for s in sys.argv[2:]]
 ray_engine.connect(None)
 times = {}
@@ -116,7 +116,7 @@ def bench_ray(report) -> None:
     data = small_records_file(n)
     sage = " ".join(sage_command())
     local = f"< {rel(data)} " + " | ".join(s.replace("sage", sage, 1) for s in STAGES)
-    engine = f"{shlex.quote(sys.executable)} -m sage_cli.ray_engine"
+    engine = f"{shlex.quote(sys.executable)} -m sage_cli.execution.ray"
     ray = engine + " " + " ".join(shlex.quote(s) for s in STAGES)
     commands = {
         "local": f"{local} > /dev/null",

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from sage_cli import doctor as doc
+from sage_cli.cli import doctor as doc
 from tests.conftest import parse_ndjson
 
 MINILM = "all-MiniLM-L6-v2.f16.gguf"

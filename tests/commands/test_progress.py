@@ -2,9 +2,9 @@
 
 from types import SimpleNamespace
 
-from sage_cli import progress as progress_mod
 from sage_cli.execution.driver import Stats
-from sage_cli.progress import Progress
+from sage_cli.observability import progress as progress_mod
+from sage_cli.observability.progress import Progress
 
 
 def stats(n: int) -> Stats:

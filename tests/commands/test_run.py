@@ -12,8 +12,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sage_cli.pipeline import ScriptError, parse_script
-from sage_cli.runs import RunDirectory, find_run
+from sage_cli.run.directory import RunDirectory, find_run
+from sage_cli.run.script import ScriptError, parse_script
 from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
 from tests.readiness import StreamLines
 
@@ -127,7 +127,7 @@ def test_parse_refuses_what_it_does_not_run(tmp_path: Path, text: str, message: 
 
 
 def test_model_stages_share_the_cores(tmp_path: Path) -> None:
-    from sage_cli.supervisor import RunOptions, Supervisor
+    from sage_cli.run.supervisor import RunOptions, Supervisor
 
     script = write(
         tmp_path / "p.sh",
@@ -217,7 +217,7 @@ def test_opaque_command_not_found_is_127(data: Path) -> None:
 def test_lock_refuses_a_second_run(data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
-    from sage_cli.runner import lock_path
+    from sage_cli.run.runner import lock_path
 
     write(data / "p.sh", "cat in.ndjson | cat\n")
     monkeypatch.chdir(data)

@@ -221,8 +221,8 @@ def test_html_report_renders_in_headless_chromium(run_dir: Path) -> None:
 
 def test_follow_a_document_into_retrieval_hits(tmp_path: Path) -> None:
     """`--record DOC` lists the queries whose hits include DOC's chunks (from the output)."""
-    from sage_cli.runs import RunDirectory
-    from sage_cli.trace_view import follow_record
+    from sage_cli.observability.views import follow_record
+    from sage_cli.run.directory import RunDirectory
 
     run = RunDirectory.create(str(tmp_path / "r"))
     run.write_json("run.json", {"script": "ask.sh", "stages": [], "output": str(run.output_path)})

@@ -8,8 +8,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from sage_cli.cli.io import RecordWriter
 from sage_cli.execution.driver import Driver, ErrorPolicy, Stats
-from sage_cli.io import RecordWriter
 from sage_cli.observability.dashboard import StageWatch
 from sage_cli.observability.progress import Progress
 from sage_cli.observability.trace import Tracer

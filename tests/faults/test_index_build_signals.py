@@ -3,7 +3,7 @@
 SIGTERM at any point: exit 143, nothing on stderr but what the stage had to say (no traceback),
 the old index exactly as it was, no temporary directory left, and a retry builds. The signal is
 sent, each time deterministically: while sage starts (its handler is in place, modules are
-still being imported: this once let the whole build run and exit 0, see sage_cli.command.
+still being imported: this once let the whole build run and exit 0, see sage_cli.cli.command.
 guarded), while it waits for the second half of its input, and once the write phase has begun
 (the temporary `.idx.building-*` directory exists). SIGKILL cannot be handled: the old index must
 still be whole, and the next build removes what the killed one left.

@@ -1,4 +1,4 @@
-"""Fuzzing the NDJSON reader (sage_cli.io.RecordReader, operators.ndjson.complete_lines): any
+"""Fuzzing the NDJSON reader (sage_cli.cli.io.RecordReader, operators.ndjson.complete_lines): any
 bytes in give records or a clean data error (exit 65, one line, `stdin:LINE`), never a
 traceback or a hang. The atheris harness tests/fuzz/harness/fuzz_ndjson.py checks the same
 invariants coverage-guided; here hypothesis drives them, plus the whole `sage map r` command.

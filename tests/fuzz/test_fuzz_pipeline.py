@@ -1,4 +1,4 @@
-"""Fuzzing the pipeline-script parser of `sage run` (sage_cli/pipeline.py): any script text
+"""Fuzzing the pipeline-script parser of `sage run` (sage_cli/run/script.py): any script text
 gives a parsed pipeline or a clean one-line ScriptError/UsageError naming the script (and the
 line, where the tokenizer stopped), never another exception; and the parser never makes bash
 run anything bash itself would not run for that script: text that bash reads as a string,
@@ -20,7 +20,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sage_cli.errors import SageError, UsageError
-from sage_cli.pipeline import Pipeline, ScriptError, logical_lines, parse_script, read_segments
+from sage_cli.run.script import Pipeline, ScriptError, logical_lines, parse_script, read_segments
 from tests.conftest import clean_env, run_sage
 from tests.fuzz.conftest import examples
 

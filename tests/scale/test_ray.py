@@ -1,4 +1,4 @@
-"""The Ray engine (sage_cli/ray_engine.py) on a real two-node Ray cluster on this machine.
+"""The Ray engine (sage_cli/execution/ray.py) on a real two-node Ray cluster on this machine.
 
 One cluster per module (tests/fixtures/ray_cluster.py): a head node plus a second node with its
 own resources, both on 127.0.0.1, owned by the module and stopped when it ends (never `ray stop`). Each pipeline runs
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 #: a driver process: stages as JSON in argv[1], the address in argv[2], replicas after
 DRIVER = """
 import json, sys
-from sage_cli.ray_engine import run_ray_pipeline
+from sage_cli.execution.ray import run_ray_pipeline
 sys.exit(run_ray_pipeline(json.loads(sys.argv[1]), address=sys.argv[2] or None,
                           replicas=sys.argv[3:] or None))
 """
@@ -282,13 +282,13 @@ def test_rag_pipeline_on_ray_matches_local(cluster, tmp_path):
 
 TRACER = """
 import json, sys
-from sage_cli.ray_engine import run_ray_pipeline
+from sage_cli.execution.ray import run_ray_pipeline
 sys.exit(run_ray_pipeline(json.loads(sys.argv[1]), address=sys.argv[2], trace_dir=sys.argv[3]))
 """
 
 
 def test_ray_run_writes_stage_traces_sage_trace_reads(cluster, tmp_path):
-    from sage_cli.runs import read_events, stage_figures
+    from sage_cli.run.directory import read_events, stage_figures
 
     stages = [["sage", "map", 'r | {"n": 1}'], ["sage", "filter", 'r["id"] % 4 == 0']]
     result = subprocess.run(

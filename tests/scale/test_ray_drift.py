@@ -74,7 +74,7 @@ def test_timeout_stops_a_ray_run_with_124(address, script):
 
 
 def test_lock_refuses_a_second_ray_run(address, script):
-    from sage_cli.runner import acquire_lock
+    from sage_cli.run.runner import acquire_lock
 
     cwd = os.getcwd()
     os.chdir(script)

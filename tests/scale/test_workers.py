@@ -1,4 +1,4 @@
-"""`--workers N` (sage_cli/workers.py): order, --unordered, error policy, crashes, streaming."""
+"""`--workers N` (sage_cli/execution/pool.py): order, --unordered, error policy, crashes, streaming."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import orjson
 import pytest
 import typer
 
-from sage_cli.command import operator_command, single_command_app
+from sage_cli.cli.command import operator_command, single_command_app
+from sage_cli.execution.pool import worker_kwargs
 from sage_cli.operators.base import Operator, ResourceUnavailable
 from sage_cli.verbs import OperatorFactory, operator_verb
-from sage_cli.workers import worker_kwargs
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
 
 USER_CODE = """
@@ -235,7 +235,7 @@ def build_needs_model(path: Annotated[str, typer.Option("--path")] = "/nonexiste
 
 
 def test_a_worker_that_cannot_load_its_model_exits_69_with_the_reason():
-    from sage_cli.command import IOOptions, run_operator
+    from sage_cli.cli.command import IOOptions, run_operator
 
     factory = OperatorFactory("needs-model", build_needs_model, {"path": "/nonexistent/m.gguf"})
     code = run_operator(

@@ -7,7 +7,7 @@ marker, make the call fail in every way (connection refused, 401, garbage, 500),
 --progress, then look for the marker in stdout, stderr, the dead letters and every file of the
 run directory, and in `sage trace` and its HTML report. Keys written on a command line (a URL's
 `user:key@`, a `?api_key=` parameter, a `TOKEN=... sage ...` prefix) are masked in the run
-directory (sage_cli.redact); a key inside --base-url is refused outright.
+directory (sage_cli.observability.redact); a key inside --base-url is refused outright.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from sage_cli.redact import redact_argv, redact_words
+from sage_cli.observability.redact import redact_argv, redact_words
 from tests.conftest import clean_env, ndjson, parse_ndjson, run_sage, sage_argv
 from tests.openai_stub import StubServer, closed_port_url
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from sage_cli.envelope import Envelope
+from sage_cli.observability.envelope import Envelope
 from tests.conftest import clean_env, ndjson, parse_ndjson, sage_argv
 
 RECORDS = [{"id": f"r{i}", "x": i} for i in range(10)]

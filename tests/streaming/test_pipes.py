@@ -256,7 +256,7 @@ def test_line_buffered_flushes_every_record(tmp_path):
 
 
 def test_line_buffered_writer_unit():
-    from sage_cli.io import RecordWriter
+    from sage_cli.cli.io import RecordWriter
 
     r, w = os.pipe()
     try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sage_cli.run import flight as flights
-from sage_cli.runs import read_events
+from sage_cli.run.directory import read_events
 from tests.bench.bench_soak import (
     RSS_LIMIT_MB,
     SCRIPT,

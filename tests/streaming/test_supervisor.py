@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sage_cli.runs import find_run, read_events
+from sage_cli.run.directory import find_run, read_events
 from tests.conftest import clean_env, sage_argv
 from tests.readiness import wait_gone
 

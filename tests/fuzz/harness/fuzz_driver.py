@@ -1,4 +1,4 @@
-"""The driver (sage_cli/driver.py) under map/filter/flatmap: batching must not change results.
+"""The driver (sage_cli/execution/driver.py) under map/filter/flatmap: batching must not change results.
 
 The input picks an error mode (fail/skip/emit), a batch size (1-8), an operator and an
 expression from the grammar of tests/fuzz/expressions.py; the rest is the NDJSON stream. The
@@ -18,9 +18,9 @@ import warnings
 
 import orjson
 
-from sage_cli.driver import Driver, ErrorMode, ErrorPolicy
+from sage_cli.cli.io import RecordReader, RecordWriter, dump_record
 from sage_cli.errors import SageError
-from sage_cli.io import RecordReader, RecordWriter, dump_record
+from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy
 from sage_cli.operators.expr import Filter, FlatMap, Map
 from sage_cli.operators.ndjson import parse_line
 from tests.fuzz.expressions import build

@@ -17,8 +17,8 @@ import io
 
 import orjson
 
+from sage_cli.cli.io import RecordReader, loads_record
 from sage_cli.errors import DataError
-from sage_cli.io import RecordReader, loads_record
 from sage_cli.operators.ndjson import BadLine, complete_lines, numbered_lines, parse_line, printable
 from tests.fuzz.seeds import jsontestsuite_seeds
 

@@ -1,4 +1,4 @@
-"""The pipeline-script tokenizer of `sage run` (sage_cli/pipeline.py `logical_lines`): any
+"""The pipeline-script tokenizer of `sage run` (sage_cli/run/script.py `logical_lines`): any
 text gives logical lines or a ScriptError naming the script and a line that exists, never
 another exception. (Pure Python: the bash expansion step is fuzzed by
 tests/fuzz/test_fuzz_pipeline.py, differentially against bash.)
@@ -6,7 +6,7 @@ tests/fuzz/test_fuzz_pipeline.py, differentially against bash.)
 
 from __future__ import annotations
 
-from sage_cli.pipeline import ScriptError, logical_lines
+from sage_cli.run.script import ScriptError, logical_lines
 
 
 def TestOneInput(data: bytes) -> None:

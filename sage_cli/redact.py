@@ -1,8 +1,0 @@
-"""shim: remove once nothing imports it. Moved to sage_cli.observability.redact."""
-
-import sys
-
-from sage_cli.observability import redact as _moved
-from sage_cli.observability.redact import *  # noqa: F403 - what type checkers see
-
-sys.modules[__name__] = _moved  # what runs: the moved module itself

@@ -6,7 +6,7 @@ pypdfium2 (PDF), trafilatura (HTML) and python-docx (DOCX).
   --repeat runs), the cost a `sage source` pays once, and only when it reads such a file.
 - documents.pdf_pages_per_s: pages per second of operators.documents.read_pdf over a 200-page
   PDF written by PDFium (12 lines of text a page); html_pages_per_s: read_html over the 2 KB
-  test page (tests/data/documents/garden.html); docx_files_per_s: read_docx over a 60-paragraph
+  test page (scripts/examples/web/garden.html); docx_files_per_s: read_docx over a 60-paragraph
   DOCX written by python-docx. In one process, after a warm-up call.
 - documents.html_startup_ratio: wall time of `sage source garden.html` over `sage source
   garden.txt` (the same text): what reading one web page adds to a stage's start-up.
@@ -21,7 +21,7 @@ import time
 from tests.bench import OUT, ROOT, Report, sage_command, shell_env
 
 REPRODUCE = "python -m tests.bench --only documents"
-PAGE = ROOT / "tests" / "data" / "documents" / "garden.html"
+PAGE = ROOT / "scripts" / "examples" / "web" / "garden.html"
 
 
 def _import_s(module: str, repeat: int) -> float:

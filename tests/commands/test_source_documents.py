@@ -10,10 +10,11 @@ import time
 import orjson
 
 from tests.commands.test_source import _read_record, _watch
-from tests.conftest import DATA, clean_env, parse_ndjson, run_sage, sage_argv
+from tests.conftest import ROOT, clean_env, parse_ndjson, run_sage, sage_argv
 from tests.fixtures.documents import make_docx, make_pdf
 
-GARDEN = DATA / "documents" / "garden.html"
+# the README tour's web page, also what these tests read
+GARDEN = ROOT / "scripts" / "examples" / "web" / "garden.html"
 
 
 def test_pdf_is_one_record_per_page_with_page_pages_and_title(tmp_path):

@@ -1069,7 +1069,7 @@ class Generate(Operator):
         cached = self.cache.hits if self.cache is not None else 0
         return (
             f"{self.answers} answer(s), {self.generated_tokens} tokens generated in "
-            f"{self.generate_seconds:.1f} s ({rate:.1f} tokens/s), {cached} from the cache"
+            f"{self.generate_seconds:.1f} s ({rate:.1f} generated tokens/s while decoding), {cached} from the cache"
         )
 
     def close(self) -> list[Record]:

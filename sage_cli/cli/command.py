@@ -368,7 +368,13 @@ def run_operator(
     if progress and hasattr(op, "on_progress"):  # a model stage: progress within a batch too
         op.on_progress = lambda: progress.update(stats)
     executor = None
-    if opts.workers > 1 and factory is not None:
+    if env.ray_address and factory is not None and records is None:  # --engine ray, any script
+        from sage_cli.execution.ray import stage_executor
+
+        executor = stage_executor(
+            factory, env, workers=opts.workers, stop_at_error=policy.mode is ErrorMode.fail
+        )
+    elif opts.workers > 1 and factory is not None:
         from sage_cli.execution.pool import ProcessPoolExecutor, worker_kwargs
 
         executor = ProcessPoolExecutor(

@@ -557,3 +557,39 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- one stage of a script that bash runs (`sage run --engine ray SCRIPT`) --------------------
+
+
+def stage_executor(factory: Any, env: StageEnv, *, workers: int, stop_at_error: bool) -> Executor:
+    """The executor of one `sage` stage that a script started under `sage run --engine ray`:
+    the stage process stays where bash started it (its Driver reads, orders, judges, traces and
+    writes as always) and its batches run on Ray actors of the run's cluster (SAGE_RAY_ADDRESS).
+    The actors are this process's: they end when it does."""
+    from sage_cli.verbs import VERBS
+
+    connect(env.ray_address)
+    verb = VERBS[factory.command]
+    replicas = (
+        parse_replicas((env.ray_replicas or "").replace(" ", "").split(","))
+        if env.ray_replicas
+        else {}
+    )
+    keys = [k for k in (env.trace_stage, verb.name, verb.command) if k and k in replicas]
+    n = replicas[keys[0]] if keys else (workers if workers > 1 else 2 if verb.replicable else 1)
+    if not verb.replicable:
+        n = 1  # its state lives in one copy (run_operator refused --workers already)
+    return RayExecutor(
+        factory.with_kwargs(worker_kwargs(factory.kwargs, n)),
+        n,
+        replayable=verb.replicable,
+        stop_at_error=stop_at_error,
+    )
+
+
+def start_local_cluster(num_cpus: int | None = None) -> str:
+    """Start a private Ray on this machine for a run (ended with `ray.shutdown()`) and return
+    the address its stages join."""
+    connect(None, num_cpus)
+    return str(ray.get_runtime_context().gcs_address)

@@ -18,6 +18,9 @@ ENVELOPE = "SAGE_ENVELOPE"  # "1": stamp `_sage` on every record
 RUN_FLUSH = "SAGE_RUN_FLUSH"  # "1": every batch leaves at once (--retries isolating a crash)
 RUN_BATCH_SIZE = "SAGE_RUN_BATCH_SIZE"  # batches of this size (1 while isolating a crash)
 THREADS = "SAGE_THREADS"  # a model stage's share of the cores
+#: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
+RAY_ADDRESS = "SAGE_RAY_ADDRESS"
+RAY_REPLICAS = "SAGE_RAY_REPLICAS"  # "embed=2,map=3"
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,8 @@ class StageEnv:
     flush_every_batch: bool = False
     batch_size: int | None = None
     threads: int | None = None
+    ray_address: str | None = None
+    ray_replicas: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> StageEnv:
@@ -45,6 +50,8 @@ class StageEnv:
             flush_every_batch=env.get(RUN_FLUSH) == "1",
             batch_size=int(size) if size.isdigit() and int(size) > 0 else None,
             threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
+            ray_address=env.get(RAY_ADDRESS) or None,
+            ray_replicas=env.get(RAY_REPLICAS) or None,
         )
 
     def apply(self, env: MutableMapping[str, str]) -> None:
@@ -62,6 +69,9 @@ class StageEnv:
             values[ENVELOPE] = "1"
         if self.threads:
             values[THREADS] = str(self.threads)
+        if self.ray_address:
+            values[RAY_ADDRESS] = self.ray_address
+            values[RAY_REPLICAS] = self.ray_replicas
         for name, value in values.items():
             if value is None:
                 env.pop(name, None)

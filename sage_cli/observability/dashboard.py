@@ -1,5 +1,8 @@
 """What `sage run` shows while it runs: a live rich table on stderr when stderr is a terminal,
 plain periodic lines otherwise (every PLAIN_SECONDS, or PROGRESS_SECONDS with --progress).
+When stdout is a terminal too, the run's records are written there by its stages while it runs,
+and a live table redraws by moving the cursor over what is on the screen: then nothing is shown
+until the run ends, and the table is printed once, after the last record.
 
 The figures come from the stages' own trace files (their `stats` events), read incrementally."""
 
@@ -74,6 +77,8 @@ class Dashboard:
         self.run = run
         self.sup = sup
         self.tty = sys.stderr.isatty()
+        #: records reach the same screen: show the table only once, at the end
+        self.hold = self.tty and sys.stdout.isatty()
         self.every = LIVE_SECONDS if self.tty else (PROGRESS_SECONDS if progress else PLAIN_SECONDS)
         self.watches = {sr.name: StageWatch(str(run.trace_path(sr.name))) for sr in sup.stages}
         self.started = time.monotonic()
@@ -82,6 +87,8 @@ class Dashboard:
         self._live: Any = None
 
     def start(self) -> Dashboard:
+        if self.hold:
+            return self
         if self.tty:
             from rich.console import Console
             from rich.live import Live
@@ -176,6 +183,14 @@ class Dashboard:
                 pass
 
     def stop(self) -> None:
+        if self.hold:
+            try:
+                from rich.console import Console
+
+                Console(file=sys.stderr, no_color="NO_COLOR" in os.environ).print(self._table())
+            except Exception:  # noqa: BLE001 - the display must never stop the run
+                pass
+            return
         self._stop.set()
         self._thread.join(timeout=2)
         if self._live is not None:

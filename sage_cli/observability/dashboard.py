@@ -112,7 +112,9 @@ class Dashboard:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         out: list[Any] = []
         for sr in self.sup.stages:
-            w = self.watches[sr.name]
+            w = self.watches.get(sr.name)
+            if w is None:  # a stage bash started after the table did (sage_cli.run.session)
+                w = self.watches[sr.name] = StageWatch(str(self.run.trace_path(sr.name)))
             w.poll()
             n_in: int | None
             n_out: int | None

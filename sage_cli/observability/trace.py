@@ -23,6 +23,7 @@ flushes what a batch left buffered), so a live view (the studio) sees records as
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import threading
 import time
@@ -161,7 +162,9 @@ class Tracer:
         # the stage's own peak RSS: the supervisor's wait4 figure is at least the RSS of the
         # process image the stage's exec replaced (the supervisor's, ~22 MB)
         self._closed.set()
-        self._emit_stats("stop", status=status, hwm_mb=peak_rss_mb())
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = round(usage.ru_utime + usage.ru_stime, 3)  # a run bash runs has no wait4 of its own
+        self._emit_stats("stop", status=status, hwm_mb=peak_rss_mb(), cpu=cpu)
         self.flush()
         with self._lock:  # the flushing thread never writes to a closed (or reused) fd
             fd, self.fd = self.fd, -1
@@ -221,6 +224,13 @@ def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
     if not env.trace_dir:
         return None
     stage = env.trace_stage or command
+    if env.trace_stage is None and env.run_dir:  # started by bash inside `sage run`
+        from sage_cli.run.registry import register
+
+        try:
+            stage = register(env.trace_dir, command, redact_argv(sys.argv[1:]))
+        except OSError:
+            return None
     try:
         return Tracer(
             os.path.join(env.trace_dir, f"{stage}.trace.ndjson"),

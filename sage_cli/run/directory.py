@@ -261,6 +261,8 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             if kind == "stop":
                 attempt["status"] = ev.get("status")
                 attempt["hwm"] = ev.get("hwm_mb")
+                attempt["cpu"] = ev.get("cpu")
+                attempt["stop"] = ev.get("t")
     close_attempt()
     for a in attempts:
         records_in += a.get("in", a.get("b_in", 0))
@@ -288,6 +290,16 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "first_batch": first,
         "last_batch": last,
         "own_peak_rss_mb": own_rss,
+        # what a stage says of itself (a run bash runs has no supervisor's wait4): None where
+        # an attempt ended without its stop event (killed)
+        "own_status": attempts[-1].get("status") if attempts else None,
+        "own_cpu_seconds": (
+            round(sum(float(a["cpu"]) for a in attempts), 3)
+            if attempts and all(a.get("cpu") is not None for a in attempts)
+            else None
+        ),
+        "own_started": attempts[0].get("start") if attempts else None,
+        "own_ended": attempts[-1].get("stop") if attempts else None,
     }
 
 
@@ -362,6 +374,14 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         figures = stage_figures(_counted(iter_events(run.trace_path(name), ids=False), seen))
         st["traced"] = bool(seen[0])
         if seen[0]:
+            if st["attempts"] == 0:  # started by bash (no supervisor events): its own account
+                st.update(
+                    attempts=1,
+                    status=figures["own_status"],
+                    started=figures["own_started"],
+                    ended=figures["own_ended"],
+                    cpu_seconds=figures["own_cpu_seconds"] or 0.0,
+                )
             st.update(figures)
             if figures["own_peak_rss_mb"] is not None:  # wait4's figure is kept beside it
                 st["wait4_rss_mb"] = st["peak_rss_mb"]

@@ -18,6 +18,9 @@ ENVELOPE = "SAGE_ENVELOPE"  # "1": stamp `_sage` on every record
 RUN_FLUSH = "SAGE_RUN_FLUSH"  # "1": every batch leaves at once (--retries isolating a crash)
 RUN_BATCH_SIZE = "SAGE_RUN_BATCH_SIZE"  # batches of this size (1 while isolating a crash)
 THREADS = "SAGE_THREADS"  # a model stage's share of the cores
+#: a run bash runs (any script): the run directory; a stage names itself (sage_cli.run.registry)
+RUN_DIR = "SAGE_RUN_DIR"
+RUN_PID = "SAGE_RUN_PID"  # ... and `sage run`'s pid, above which no stage looks
 #: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
 RAY_ADDRESS = "SAGE_RAY_ADDRESS"
 RAY_REPLICAS = "SAGE_RAY_REPLICAS"  # "embed=2,map=3"
@@ -35,6 +38,7 @@ class StageEnv:
     threads: int | None = None
     ray_address: str | None = None
     ray_replicas: str | None = None
+    run_dir: str | None = None
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None) -> StageEnv:
@@ -52,6 +56,7 @@ class StageEnv:
             threads=int(threads) if threads.isdigit() and int(threads) > 0 else None,
             ray_address=env.get(RAY_ADDRESS) or None,
             ray_replicas=env.get(RAY_REPLICAS) or None,
+            run_dir=env.get(RUN_DIR) or None,
         )
 
     def apply(self, env: MutableMapping[str, str]) -> None:
@@ -69,6 +74,8 @@ class StageEnv:
             values[ENVELOPE] = "1"
         if self.threads:
             values[THREADS] = str(self.threads)
+        if self.run_dir:
+            values[RUN_DIR] = self.run_dir
         if self.ray_address:
             values[RAY_ADDRESS] = self.ray_address
             values[RAY_REPLICAS] = self.ray_replicas

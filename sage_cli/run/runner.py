@@ -22,6 +22,7 @@ from sage_cli.run.script import (
     CommandsFailed,
     Pipeline,
     Segment,
+    Unsupported,
     expand_segment,
     parse_script,
     read_segments,
@@ -167,7 +168,10 @@ def run_pipeline(
     script_path = Path(script)
     held = acquire_lock(script_path, args) if lock else None
     try:
-        segments = read_segments(script_path)
+        try:
+            segments = read_segments(script_path)
+        except Unsupported as why:
+            return _run_under_bash(script_path, args, opts, run_dir, base, resume, why)
         if len(segments) > 1 or segments[0].pipeline is None:
             if resume:
                 raise UsageError(f"{script}: --resume works for scripts with one pipeline")
@@ -214,6 +218,36 @@ def run_pipeline(
             held.close()
 
 
+def _run_under_bash(
+    script: Path,
+    args: list[str],
+    opts: RunOptions,
+    run_dir: str | None,
+    base: str,
+    resume: str | None,
+    why: Unsupported | None,
+    *,
+    ray: bool = False,
+    address: str | None = None,
+    replicas: list[str] | None = None,
+) -> int:
+    """A script the pipeline parser does not take apart: bash runs it whole
+    (sage_cli.run.session), after bash itself found no syntax error in it."""
+    from sage_cli.run.script import check_syntax
+    from sage_cli.run.session import run_bash_script
+
+    check_syntax(script, str(script))
+    if resume:
+        raise UsageError(f"--resume works for scripts of simple commands and pipelines ({why})")
+    if opts.retries:
+        raise UsageError(
+            f"--retries works for scripts of simple commands and pipelines for now ({why})"
+        )
+    return run_bash_script(
+        script, args, opts, run_dir, base, ray=ray, address=address, replicas=replicas
+    )
+
+
 def run_on_ray(
     script: str | None,
     args: list[str],
@@ -250,10 +284,35 @@ def _run_on_ray(
     run_dir: str | None,
     base: str,
 ) -> int:
-    script = str(script_path)
-    segments = read_segments(script_path)
+    try:
+        segments = read_segments(script_path)
+    except Unsupported as why:
+        return _run_under_bash(
+            script_path,
+            args,
+            opts,
+            run_dir,
+            base,
+            None,
+            why,
+            ray=True,
+            address=address,
+            replicas=replicas,
+        )
     if len(segments) > 1 or segments[0].pipeline is None:
-        raise UsageError(f"{script}: --engine ray runs scripts that hold one pipeline")
+        # several pipelines: bash runs the script, each stage runs its batches on Ray
+        return _run_under_bash(
+            script_path,
+            args,
+            opts,
+            run_dir,
+            base,
+            None,
+            None,
+            ray=True,
+            address=address,
+            replicas=replicas,
+        )
     pipeline = parse_script(script_path, args)
     source = pipeline.stages[0].redirect("<")
     target = pipeline.stages[-1].redirect(">", ">>")

@@ -129,6 +129,12 @@ class ScriptError(UsageError):
     """The script has a shape `sage run` does not run."""
 
 
+class Unsupported(ScriptError):
+    """A construct this parser does not take apart (`&&`, loops, functions, here-documents,
+    subshells, background jobs, a script without a pipeline): `sage run` hands such a script to
+    bash whole (sage_cli.run.session)."""
+
+
 class _Incomplete(ScriptError):
     """A quote or substitution goes on past the end of the line."""
 
@@ -243,7 +249,7 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
                 and text[end] not in " \t|&;<>()"
             ):
                 # bash reads `2>&1touch` as a redirection to the file `1touch`: refuse it
-                raise ScriptError(
+                raise Unsupported(
                     f"{where()}: `{text[i : end + 1]}...`: put a space after the descriptor copy"
                 )
             if dup is not None and (not word or c in "<>"):
@@ -260,7 +266,7 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             end_word()
             two = text[i : i + 2]
             if two in ("||", "&&", ";;", "|&"):
-                raise ScriptError(
+                raise Unsupported(
                     f"{where()}: `{two}` is not supported in a pipeline script; "
                     "write one pipeline per script (see `sage run --help`)"
                 )
@@ -273,9 +279,9 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
                 commands.append([])
                 i += 1
             elif c == "&":
-                raise ScriptError(f"{where()}: background jobs (`&`) are not supported")
+                raise Unsupported(f"{where()}: background jobs (`&`) are not supported")
             else:
-                raise ScriptError(
+                raise Unsupported(
                     f"{where()}: `{c}` (subshells, process substitution) is not "
                     "supported; put that part in a separate script"
                 )
@@ -312,7 +318,7 @@ def logical_lines(source: str, script: str) -> list[_Line]:
             buf += " "  # `a |` continued on the next line
             continue
         if "<<" in buf and any(w.startswith("<<") or w == "<" for c in commands for w in c):
-            raise ScriptError(f"{script}:{start}: here-documents are not supported")
+            raise Unsupported(f"{script}:{start}: here-documents are not supported")
         for cmd, sep in zip(commands, seps, strict=False):
             if not cmd:  # `; a`, `a ; ; b`, `| b`: bash refuses the line and runs none of it
                 raise ScriptError(f"{script}:{start}: syntax error near `{sep}`")
@@ -378,7 +384,7 @@ def _bash(bash: str, args: list[str], **kwargs: Any) -> subprocess.CompletedProc
     return subprocess.run([bash, *args], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, **kwargs)
 
 
-def _check_syntax(script: Path, name: str) -> None:
+def check_syntax(script: Path, name: str) -> None:
     """Refuse a script bash itself cannot parse (`bash -n`), before any of it runs: bash runs
     nothing of a line with a syntax error, and sage run must not run more than bash would
     (found by fuzzing: `"a\\" ; touch X ; "` then `$(b"` ran `touch X`)."""
@@ -407,8 +413,8 @@ def read_segments(path: str | Path) -> list[Segment]:
     name = str(path)
     lines = logical_lines(source, name)
     if not lines:
-        raise ScriptError(f"{name}: the script has no pipeline to run")
-    _check_syntax(script, name)
+        raise Unsupported(f"{name}: the script has no pipeline to run")
+    check_syntax(script, name)
     # split `a; b` lines into one entry per command, remembering which have pipes
     entries: list[tuple[int, list[list[str]], bool]] = []
     for line in lines:
@@ -425,7 +431,7 @@ def read_segments(path: str | Path) -> list[Segment]:
     for number, group, _ in entries:
         for cmd in group:
             if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
-                raise ScriptError(
+                raise Unsupported(
                     f"{name}:{number}: `{cmd[0]}` blocks are not supported by "
                     "sage run; keep the script to simple commands and pipelines"
                 )

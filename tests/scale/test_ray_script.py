@@ -76,8 +76,10 @@ def test_a_script_with_a_loop_and_a_function_runs_its_batches_on_ray(cluster, tm
     assert on_ray.returncode == 0, on_ray.stderr.decode()
     assert on_ray.stdout == local.stdout
     out = parse_ndjson(on_ray.stdout)
-    assert len(out) == len({r["id"] for r in out}) == sum(
-        1 for part, k in (("a", 0), ("b", 1)) for i in range(3000) if ((i + k) * 2) % 3 != 0
+    assert (
+        len(out)
+        == len({r["id"] for r in out})
+        == sum(1 for part, k in (("a", 0), ("b", 1)) for i in range(3000) if ((i + k) * 2) % 3 != 0)
     )
     # 2 iterations x (map, double's map: 2 actors each; filter: 3) + dedupe (state: 1 actor)
     assert len(seen) >= 5, f"actors seen: {sorted(seen)}"

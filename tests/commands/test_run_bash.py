@@ -1,0 +1,212 @@
+"""`sage run` on any script bash runs: the same output and exit status as `bash -o pipefail`,
+every sage stage in the trace by pipeline and position, the whole script under --timeout and
+signals, and no process left behind (sage_cli/run/session.py, sage_cli/run/registry.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sage_cli.run.directory import find_run
+from sage_cli.run.registry import read_registry
+from tests.conftest import clean_env, sage_argv
+from tests.readiness import StreamLines
+
+BIN = str(Path(sys.executable).parent)
+
+RECORDS = "".join(f'{{"id": "r{i}", "n": {i}, "tag": "{"ab"[i % 2]}"}}\n' for i in range(40))
+
+#: scripts the pipeline parser refuses and bash runs: each compared with bash itself
+SCRIPTS = {
+    "set_e_if_for": """
+set -euo pipefail
+for f in part*.ndjson; do
+  if [ -s "$f" ]; then
+    sage filter 'r["n"] % 3 == 0' < "$f" | sage map '{"id": r["id"], "file": "'"$f"'"}'
+  fi
+done
+""",
+    "while_read": """
+while read -r tag; do
+  sage filter "r['tag'] == '$tag'" < in.ndjson | sage head 2
+done < tags.txt
+""",
+    "and_or": """
+sage head 3 < in.ndjson && echo '{"after": "and"}'
+sage map 'r["missing"]' < in.ndjson 2>/dev/null || echo '{"after": "or"}'
+""",
+    "function_and_heredoc": """
+double() { sage map '{"id": r["id"], "n": r["n"] * 2}'; }
+double <<'EOF' | sage filter 'r["n"] > 2'
+{"id": "h1", "n": 1}
+{"id": "h2", "n": 2}
+EOF
+""",
+    "command_substitution_subshell": """
+count=$(sage filter 'r["tag"] == "a"' < in.ndjson | wc -l)
+echo "{\\"a\\": $count}"
+( cd sub && sage head 1 < ../in.ndjson )
+""",
+    "background_and_wait": """
+sage map '{"id": r["id"]}' < in.ndjson > bg.ndjson &
+sage head 2 < in.ndjson
+wait
+sage head 1 < bg.ndjson
+""",
+    "non_sage_between": """
+sage map 'r' < in.ndjson | jq -c 'select(.n > 30)' | grep -v r35 | sage map '{"id": r["id"]}' \\
+  | sort
+""",
+    "fails_under_set_e": """
+set -e
+sage head 1 < in.ndjson
+sage map 'r["missing"]' < in.ndjson
+echo '{"never": true}'
+""",
+    "pipefail_status": """
+sage head 2 < in.ndjson | false
+""",
+}
+
+
+def _workdir(tmp_path: Path) -> Path:
+    (tmp_path / "in.ndjson").write_text(RECORDS)
+    lines = RECORDS.splitlines(keepends=True)
+    (tmp_path / "part1.ndjson").write_text("".join(lines[:20]))
+    (tmp_path / "part2.ndjson").write_text("".join(lines[20:]))
+    (tmp_path / "part3.ndjson").write_text("")
+    (tmp_path / "tags.txt").write_text("a\nb\n")
+    (tmp_path / "sub").mkdir()
+    return tmp_path
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = clean_env(**extra)
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    return env
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_sage_run_gives_what_bash_gives(tmp_path: Path, name: str) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(SCRIPTS[name])
+    bash = subprocess.run(
+        ["bash", "-o", "pipefail", "s.sh"], cwd=work, env=_env(), capture_output=True, timeout=120
+    )
+    for leftover in ("bg.ndjson",):
+        (work / leftover).unlink(missing_ok=True)
+    run = subprocess.run(
+        sage_argv("run", "-q", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=120
+    )
+    assert (run.returncode, run.stdout) == (bash.returncode, bash.stdout), run.stderr.decode()
+    assert run.stdout or bash.returncode  # the comparison compared something
+
+
+def test_every_sage_stage_is_in_the_trace_by_pipeline_and_position(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(
+        "for t in a b; do\n"
+        "  sage filter \"r['tag'] == '$t'\" < in.ndjson | jq -c . | sage map 'r' | sage head 3\n"
+        "done\n"
+    )
+    result = subprocess.run(
+        sage_argv("run", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(result.stdout.splitlines()) == 6
+    run = find_run(None, str(work / ".sage" / "runs"))
+    names = sorted(e["name"] for e in read_registry(run.stages_dir))
+    # two pipelines (one per iteration), the stages at positions 1, 3 and 4 (jq is 2)
+    assert names == ["1.1-filter", "1.3-map", "1.4-head", "2.1-filter", "2.3-map", "2.4-head"]
+    summary = orjson.loads((run.path / "summary.json").read_bytes())
+    by_name = {s["name"]: s for s in summary["stages"]}
+    assert set(by_name) == set(names)
+    assert by_name["1.1-filter"]["records_in"] == 40 and by_name["1.1-filter"]["status"] == 0
+    assert all(run.trace_path(n).stat().st_size > 0 for n in names)
+    assert b"6 stage(s)" in result.stderr
+
+
+def test_timeout_ends_the_whole_script_wherever_it_is(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text("sleep 30\nfor i in 1 2 3; do sleep 30; done\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        sage_argv("run", "--timeout", "1", "s.sh"),
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 124, result.stderr.decode()
+    assert time.monotonic() - started < 20
+    assert b"timed out after 1s" in result.stderr
+
+
+def _alive(marker: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def test_sigint_leaves_no_process_behind_background_jobs_included(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    marker = f"sage-run-marker-{os.getpid()}-{time.monotonic_ns()}"
+    (work / "s.sh").write_text(
+        f"( exec -a {marker}-bg sleep 300 ) &\n"
+        f"sage map r < in.ndjson > /dev/null\n"
+        f"echo ready\n"
+        f"( exec -a {marker}-fg sleep 300 )\n"
+    )
+    proc = subprocess.Popen(
+        sage_argv("run", "-q", "s.sh"),
+        cwd=work,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    lines = StreamLines(proc.stdout)
+    lines.wait_for(b"ready", timeout=60)
+    deadline = time.monotonic() + 30
+    while len(_alive(marker)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_alive(marker)) == 2
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    deadline = time.monotonic() + 10
+    while _alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _alive(marker) == []
+
+
+def test_a_background_job_nobody_waited_for_is_stopped_and_said(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    marker = f"sage-run-left-{os.getpid()}-{time.monotonic_ns()}"
+    (work / "s.sh").write_text(f"( exec -a {marker} sleep 300 ) &\nsage head 1 < in.ndjson\n")
+    result = subprocess.run(
+        sage_argv("run", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"stopping 1 process(es) the script left running" in result.stderr
+    assert _alive(marker) == []
+
+
+def test_retries_and_resume_say_what_they_need(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text("for i in 1; do sage head 1 < in.ndjson; done\n")
+    result = subprocess.run(
+        sage_argv("run", "--retries", "2", "s.sh"),
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert b"--retries works for scripts of simple commands and pipelines" in result.stderr
+    assert b"`for` blocks" in result.stderr

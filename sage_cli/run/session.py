@@ -60,8 +60,9 @@ def _become_subreaper() -> None:
         pass
 
 
-def descendants(root: int) -> list[int]:
-    """Every live process below `root` (from /proc: parent links), deepest last."""
+def descendants(root: int, exclude: frozenset[int] = frozenset()) -> list[int]:
+    """Every live process below `root` (from /proc: parent links), deepest last, leaving out
+    the subtrees of `exclude` (processes `sage run` started for itself: a private Ray)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -79,6 +80,8 @@ def descendants(root: int) -> list[int]:
     todo = [root]
     while todo:
         for child in children.get(todo.pop(), []):
+            if child in exclude:
+                continue
             out.append(child)
             todo.append(child)
     return out
@@ -159,6 +162,7 @@ class BashSession:
         self.signalled: int | None = None
         self.timed_out = False
         self._sweeper: threading.Thread | None = None
+        self.own: frozenset[int] = frozenset()
         self._ended = threading.Event()  # bash and everything it left are gone
 
     def _env(self) -> dict[str, str]:
@@ -175,7 +179,7 @@ class BashSession:
         return env
 
     def _signal_all(self, signo: int, skip: set[int] | None = None) -> None:
-        for pid in descendants(os.getpid()):
+        for pid in descendants(os.getpid(), self.own):
             if skip is not None:
                 if pid in skip:
                     continue
@@ -242,6 +246,8 @@ class BashSession:
         if bash is None:
             raise UsageError("bash is not on PATH: sage run runs scripts with bash")
         _become_subreaper()
+        # what runs below us already is ours, not the script's (a private Ray's processes)
+        self.own = frozenset(descendants(os.getpid()))
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         read_end, write_end = os.pipe()
         copier = threading.Thread(target=self._copy_stderr, args=(read_end,), daemon=True)
@@ -263,7 +269,7 @@ class BashSession:
                 timer.daemon = True
                 timer.start()
             status = self._wait_for_bash()
-            left = descendants(os.getpid())
+            left = descendants(os.getpid(), self.own)
             if left and self.signalled is None:
                 _warn(f"stopping {len(left)} process(es) the script left running")
             if left:
@@ -309,7 +315,7 @@ class BashSession:
             except ChildProcessError:
                 return
             if pid == 0:
-                if not descendants(os.getpid()):
+                if not descendants(os.getpid(), self.own):
                     return
                 time.sleep(0.05)
 

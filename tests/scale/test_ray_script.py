@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from tests.conftest import parse_ndjson
@@ -83,3 +84,41 @@ def test_a_script_with_a_loop_and_a_function_runs_its_batches_on_ray(cluster, tm
     )
     # 2 iterations x (map, double's map: 2 actors each; filter: 3) + dedupe (state: 1 actor)
     assert len(seen) >= 5, f"actors seen: {sorted(seen)}"
+
+
+def test_sage_run_engine_ray_runs_a_script_with_a_loop(cluster, tmp_path):  # noqa: F811
+    """`sage run --engine ray` on a script its one-process engine cannot take (a loop): bash
+    runs the script, every sage stage in it runs its batches on the cluster."""
+    _inputs(tmp_path)
+    local = _run(tmp_path)
+    assert local.returncode == 0, local.stderr.decode()
+    env = ray_env()
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    on_ray = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sage_cli",
+            "run",
+            "--engine",
+            "ray",
+            "--address",
+            cluster,
+            "--replicas",
+            "filter=3",
+            "script.sh",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=600,
+    )
+    assert on_ray.returncode == 0, on_ray.stderr.decode()
+    assert on_ray.stdout == local.stdout
+    from sage_cli.run.directory import find_run
+    from sage_cli.run.registry import read_registry
+
+    run = find_run(None, str(tmp_path / ".sage" / "runs"))
+    assert orjson.loads((run.path / "run.json").read_bytes())["engine"] == "ray"
+    names = {e["name"].split("-", 1)[1] for e in read_registry(run.stages_dir)}
+    assert names == {"map", "filter", "dedupe"}

@@ -17,7 +17,7 @@ def run(
     script: Annotated[
         str | None,
         typer.Argument(
-            metavar="SCRIPT", help="A bash script holding one pipeline.", show_default=False
+            metavar="SCRIPT", help="A bash script (any: loops, functions, several pipelines).", show_default=False
         ),
     ] = None,
     args: Annotated[
@@ -135,21 +135,24 @@ def run(
         ),
     ] = False,
 ):
-    """Run the pipeline in a bash SCRIPT under supervision and trace every stage.
+    """Run a bash SCRIPT under supervision and trace every sage stage in it.
 
     SCRIPT may also be a YAML pipeline file (.yaml/.yml: stages with verb and options, see
     docs/python.md): it runs as the bash script `--print-script` shows.
 
-    The script stays ordinary bash (comments, continuations, variables, $1): it runs the same
-    with `bash SCRIPT`. Each `sage` stage runs in its own process group with a share of the
-    cores if it loads a model; SIGINT/SIGTERM reach every stage; the exit status is what
-    `set -o pipefail` gives. The trace, each stage's stderr and summary.json go to the run
-    directory; `sage trace` shows them.
+    The script stays ordinary bash: it runs the same with `bash SCRIPT`, and gives the output
+    and exit status `bash -o pipefail SCRIPT` gives. A script of simple commands and pipelines
+    is run stage by stage by the supervisor (what --retries and --resume need); any other
+    (loops, if, functions, &&, here-documents, subshells) is run whole by bash, every sage
+    stage in it tracing itself as <pipeline>.<position>-<command>. SIGINT/SIGTERM and
+    --timeout reach every process of the run; none outlives it. The trace and summary.json
+    go to the run directory; `sage trace` shows them.
 
     \b
     Examples:
       sage run scripts/rag.sh demo/out
       sage run --retries 3 ingest.sh docs/
+      sage run nightly.sh        # any script: for f in in/*; do sage ... | sage ...; done
       sage run --resume 20261124-031500-ab12
       sage run --check scripts/rag.sh
       sage run pipeline.yaml

@@ -299,8 +299,16 @@ def _check_chat(d: Done) -> None:
 
 
 #: every README tour command (as `tour_commands` spells it) and what its output must show
+def _check_per_doc(d: Done) -> None:
+    """A loop under `sage run`: one record per document, each sage stage of each turn traced."""
+    assert sorted(r["id"] for r in d.records) == sorted(_docs(d))
+    assert all(r["words"] > 0 for r in d.records)
+    assert f"{2 * len(_docs(d))} stage(s)" in d.err
+
+
 CHECKS: dict[str, Callable[[Done], None]] = {
     "sage source docs/ | sage head 2": _check_source_head,
+    "sage run per_doc.sh": _check_per_doc,
     "sage source questions.txt -R": _check_raw_lines,
     'sage source docs/ | sage map \'{"id": r["id"], "chars": len(r["text"])}\' '
     "| sage sink --format csv": _check_csv,

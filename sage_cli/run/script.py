@@ -266,10 +266,7 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
             end_word()
             two = text[i : i + 2]
             if two in ("||", "&&", ";;", "|&"):
-                raise Unsupported(
-                    f"{where()}: `{two}` is not supported in a pipeline script; "
-                    "write one pipeline per script (see `sage run --help`)"
-                )
+                raise Unsupported(f"{where()}: `{two}` between commands")
             if c == "|":
                 separators.append("|")
                 commands.append([])
@@ -279,12 +276,9 @@ def _tokenize(text: str, number: int, script: str) -> tuple[list[list[str]], lis
                 commands.append([])
                 i += 1
             elif c == "&":
-                raise Unsupported(f"{where()}: background jobs (`&`) are not supported")
+                raise Unsupported(f"{where()}: a background job (`&`)")
             else:
-                raise Unsupported(
-                    f"{where()}: `{c}` (subshells, process substitution) is not "
-                    "supported; put that part in a separate script"
-                )
+                raise Unsupported(f"{where()}: `{c}` (a subshell or process substitution)")
         else:
             word.append(c)
             i += 1
@@ -318,7 +312,7 @@ def logical_lines(source: str, script: str) -> list[_Line]:
             buf += " "  # `a |` continued on the next line
             continue
         if "<<" in buf and any(w.startswith("<<") or w == "<" for c in commands for w in c):
-            raise Unsupported(f"{script}:{start}: here-documents are not supported")
+            raise Unsupported(f"{script}:{start}: a here-document")
         for cmd, sep in zip(commands, seps, strict=False):
             if not cmd:  # `; a`, `a ; ; b`, `| b`: bash refuses the line and runs none of it
                 raise ScriptError(f"{script}:{start}: syntax error near `{sep}`")
@@ -413,7 +407,7 @@ def read_segments(path: str | Path) -> list[Segment]:
     name = str(path)
     lines = logical_lines(source, name)
     if not lines:
-        raise Unsupported(f"{name}: the script has no pipeline to run")
+        raise Unsupported(f"{name}: no pipeline (a script of simple commands)")
     check_syntax(script, name)
     # split `a; b` lines into one entry per command, remembering which have pipes
     entries: list[tuple[int, list[list[str]], bool]] = []
@@ -431,10 +425,7 @@ def read_segments(path: str | Path) -> list[Segment]:
     for number, group, _ in entries:
         for cmd in group:
             if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
-                raise Unsupported(
-                    f"{name}:{number}: `{cmd[0]}` blocks are not supported by "
-                    "sage run; keep the script to simple commands and pipelines"
-                )
+                raise Unsupported(f"{name}:{number}: a `{cmd[0]}` block or function")
     if not any(p for _, _, p in entries):  # no `|` at all: the last command is the pipeline
         entries[-1] = (entries[-1][0], entries[-1][1], True)
     segments: list[Segment] = []

@@ -109,9 +109,9 @@ sage map r in.ndjson 2>&1 |
     ("text", "message"),
     [
         ("sage map r a | cat\nsage map r b | cat\n", "one pipeline per script"),
-        ("sage map r a && sage map r b\n", "`&&` is not supported"),
-        ("for f in a b; do sage map r $f; done\n", "blocks are not supported"),
-        ("sage map r a | cat &\n", "background jobs"),
+        ("sage map r a && sage map r b\n", "`&&` between commands"),
+        ("for f in a b; do sage map r $f; done\n", "a `for` block or function"),
+        ("sage map r a | cat &\n", "a background job"),
         ("sage map r a | cat\necho done\n", "must be the last command"),
         ("sage map 'r\n", "unterminated single quote"),
         ('set -u\nsage map r "$1" | cat\n', "1: unbound variable"),

@@ -209,4 +209,30 @@ def test_retries_and_resume_say_what_they_need(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert b"--retries works for scripts of simple commands and pipelines" in result.stderr
-    assert b"`for` blocks" in result.stderr
+    assert b"a `for` block or function" in result.stderr
+
+
+def test_check_reads_what_it_can_and_says_what_it_skipped(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(
+        "set -euo pipefail\n"
+        "for f in part*.ndjson; do\n"
+        '  sage map r < "$f" | sage head 1\n'
+        "done\n"
+        "if true; then sage map r < in.ndjson | sage head 2; fi\n"
+        "sage head 1 < in.ndjson && echo done\n"
+    )
+    ok = subprocess.run(
+        sage_argv("run", "--check", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=60
+    )
+    assert ok.returncode == 0, ok.stderr.decode()
+    err = ok.stderr.decode()
+    assert "1 pipeline(s), 2 stage(s) OK, 2 line(s) with sage stages not checked" in err
+    assert 'not checked: line 3: `"$f"` is expanded by bash at run time' in err
+    assert "not checked: line 6: `&&` between commands" in err
+    # a problem in a line it can read is found, as in any script
+    (work / "s.sh").write_text("if true; then sage map r < in.ndjson | sage head --bogus 2; fi\n")
+    bad = subprocess.run(
+        sage_argv("run", "--check", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=60
+    )
+    assert bad.returncode == 2 and b"No such option '--bogus'" in bad.stderr

@@ -82,6 +82,12 @@ def _root(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sage` script: usage errors become one line and exit 2."""
     args = sys.argv[1:] if argv is None else argv
+    if argv is None:
+        from sage_cli.run.keeper import keep, retries_asked
+
+        retries = retries_asked()
+        if retries is not None:  # SAGE_RUN_RETRIES=N: this process keeps a worker running
+            return keep(args, retries)
     prog = "sage" if not args or args[0].startswith("-") else f"sage {args[0]}"
     try:
         result = app(args=args, prog_name="sage", standalone_mode=False)

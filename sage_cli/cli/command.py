@@ -382,6 +382,14 @@ def run_operator(
             opts.workers,
             stop_at_error=policy.mode is ErrorMode.fail,
         )
+    keeper_worker = is_keeper_worker()
+    commits = keeper_worker and records is None and (opts.files or ["-"]) == ["-"]
+    if keeper_worker:
+        from sage_cli.run.keeper import worker_refusal
+
+        refusal = worker_refusal(prog, op)
+        if refusal is not None:
+            return fail(prog, refusal, int(ExitCode.USAGE))
     driver = Driver(
         op,
         writer,
@@ -389,8 +397,17 @@ def run_operator(
         batch_size,
         on_batch=on_batch,
         executor=executor,
-        ordered=not opts.unordered,
+        # a keeper's worker commits in input order: a restart replays from one line on
+        ordered=not opts.unordered or keeper_worker,
     )
+    if commits:
+        from sage_cli.run.keeper import commit_marker
+
+        driver.committer = lambda line: writer.write_raw(commit_marker(line))
+    elif keeper_worker:
+        from sage_cli.run.keeper import PASS_MARKER
+
+        writer.write_raw(PASS_MARKER)
     tracer = None
     if env.trace_dir:  # set by `sage run` for the stages it starts
         from sage_cli.observability.trace import tracer_from_env
@@ -439,6 +456,12 @@ def run_operator(
     if tracer is not None:
         tracer.stop(code)
     return code
+
+
+def is_keeper_worker() -> bool:
+    from sage_cli.run.env import RUN_WORKER
+
+    return os.environ.get(RUN_WORKER) == "1"
 
 
 def make_progress(prog: str, opts: IOOptions, op: Operator | None = None) -> Any:

@@ -276,6 +276,11 @@ class RecordWriter:
         if self.line_buffered or self._size >= BLOCK_SIZE:
             self.flush()
 
+    def write_raw(self, data: bytes) -> None:
+        """Append bytes that are not a record (a keeper's commit marker) in their place."""
+        self._parts.append(data)
+        self._size += len(data)
+
     def maybe_flush(self) -> None:
         """Flush if output has waited FLUSH_SECONDS or more."""
         if self._parts and time.monotonic() - self._last_flush >= FLUSH_SECONDS:

@@ -181,6 +181,7 @@ class _Slot:
     segments: list[Segment] | None = None
     busy: float = 0.0
     done: bool = False
+    last_line: int = 0  # the last input line whose effects this slot completes (0: none)
 
 
 def usage_tokens(records: list[Record]) -> int:
@@ -238,6 +239,9 @@ class Driver:
         self.tracer: Any = None
         #: set with SAGE_ENVELOPE=1 (sage_cli.observability.envelope.Envelope): `_sage` per record
         self.envelope: Any = None
+        #: set in a keeper's worker (sage_cli.run.keeper): called with the last input line whose
+        #: effects are complete, right after that line's outputs are written (ordered only)
+        self.committer: Callable[[int], None] | None = None
         #: the operator wants no more input (`head`), or the stage after this one does
         self.done = False
         self._seq = 0
@@ -411,10 +415,10 @@ class Driver:
                 if self.done:
                     return
             if isinstance(item, BadLine):
-                self._local([("bad", item)], entered)
+                self._local([("bad", item)], entered, line)
             else:
                 self.stats.records_in += 1
-                self._local([("out", [item])], entered)  # an _error record passes untouched
+                self._local([("out", [item])], entered, line)  # an _error record: untouched
         if batch:
             self._submit(origin, batch, batch_lines, entered)
 
@@ -433,9 +437,12 @@ class Driver:
                 raise owned_by(exc, self.policy.stage) from None
             if result is not None:
                 self.stats.busy_seconds += result.busy
-                self._emit(_Slot(batch, entered, result.segments, result.busy, result.done))
+                slot = _Slot(batch, entered, result.segments, result.busy, result.done)
+                slot.last_line = lines[-1]
+                self._emit(slot)
                 return
         slot = _Slot(batch, entered)
+        slot.last_line = lines[-1]
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
@@ -447,9 +454,10 @@ class Driver:
         while (len(self._slots) if self.ordered else len(self._in_flight)) >= self.max_pending:
             self._collect(wait=True)
 
-    def _local(self, segments: list[Segment], entered: float) -> None:
+    def _local(self, segments: list[Segment], entered: float, line: int = 0) -> None:
         """Records the Driver makes itself: in their place behind batches not written yet."""
         slot = _Slot(None, entered, segments)
+        slot.last_line = line
         if self.ordered and self._slots:
             self._slots.append(slot)
             return
@@ -511,6 +519,8 @@ class Driver:
             if self.envelope is not None:
                 self.envelope.stamp(out, slot.busy, len(batch))
         self._write(out)
+        if self.committer is not None and slot.last_line:
+            self.committer(slot.last_line)
         if slot.done:
             self.done = True
         if batch is not None:

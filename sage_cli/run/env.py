@@ -24,6 +24,11 @@ RUN_PID = "SAGE_RUN_PID"  # ... and `sage run`'s pid, above which no stage looks
 #: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
 RAY_ADDRESS = "SAGE_RAY_ADDRESS"
 RAY_REPLICAS = "SAGE_RAY_REPLICAS"  # "embed=2,map=3"
+#: restart a stage that dies, up to N times (sage_cli.run.keeper): the stage becomes a keeper
+RUN_RETRIES = "SAGE_RUN_RETRIES"
+RUN_BACKOFF = "SAGE_RUN_BACKOFF"  # seconds before the first restart (doubles each time)
+#: "1": this process is a keeper's worker: it writes commit markers (sage_cli.run.keeper)
+RUN_WORKER = "SAGE_RUN_WORKER"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,215 @@
+"""The keeper (SAGE_RUN_RETRIES=N on a stage): real processes, real kill -9 of the worker, every
+record exactly once whatever the ids look like (sage_cli.run.keeper)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SAGE = [sys.executable, "-m", "sage_cli"]
+
+#: writes N records in paced parts, with json.dumps spacing (`{"id": "r0", ...}`)
+PRODUCER = """
+import json, sys, time
+n, parts = int(sys.argv[1]), int(sys.argv[2])
+step = n // parts
+for p in range(parts):
+    sys.stdout.write("".join(json.dumps({"id": f"r{i}", "n": i}) + "\\n"
+                             for i in range(p * step, (p + 1) * step)))
+    sys.stdout.flush()
+    time.sleep(0.03)
+"""
+
+
+def keeper_env(tmp_path: Path, retries: int = 5) -> dict[str, str]:
+    env = dict(os.environ, SAGE_RUN_RETRIES=str(retries), SAGE_RUN_BACKOFF="0.05")
+    env["SAGE_CACHE_DIR"] = str(tmp_path / "cache")
+    env.pop("SAGE_RUN_WORKER", None)
+    return env
+
+
+def worker_of(pid: int, old: int | None = None, timeout: float = 30.0) -> int:
+    """The keeper's worker child (a new one when `old` is given)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids: list[int] = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            except OSError:
+                continue
+            kids += [int(k) for k in text.split()]
+        kids = [k for k in kids if k != old]
+        if kids:
+            return kids[0]
+        time.sleep(0.01)
+    raise AssertionError("no worker started")
+
+
+def lines_in(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except OSError:
+        return 0
+
+
+def run_with_kills(
+    tmp_path: Path,
+    argv: list[str],
+    n: int,
+    kills: int,
+    stdin_file: Path | None = None,
+    retries: int = 5,
+) -> tuple[int, list[dict], str]:
+    """Run `sage argv` as a keeper over n records (paced through a pipe, or a file), SIGKILL
+    its worker `kills` times as output grows; return (exit, records out, stderr)."""
+    out = tmp_path / "out.ndjson"
+    err = tmp_path / "err.txt"
+    producer = None
+    if stdin_file is None:
+        producer = subprocess.Popen(
+            [sys.executable, "-c", PRODUCER, str(n), "100"], stdout=subprocess.PIPE
+        )
+        stdin = producer.stdout
+    else:
+        stdin = stdin_file.open("rb")
+    with out.open("wb") as fo, err.open("wb") as fe:
+        keeper = subprocess.Popen(
+            SAGE + argv, stdin=stdin, stdout=fo, stderr=fe, env=keeper_env(tmp_path, retries)
+        )
+    stdin.close()
+    worker = None
+    for k in range(kills):
+        worker = worker_of(keeper.pid, worker)
+        goal = lines_in(out) + 1 + k * 10
+        deadline = time.monotonic() + 30
+        while lines_in(out) < goal and keeper.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if keeper.poll() is not None:
+            break
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    code = keeper.wait(timeout=120)
+    if producer is not None:
+        producer.wait(timeout=30)
+    records = [json.loads(line) for line in out.read_bytes().splitlines()]
+    return code, records, err.read_text()
+
+
+def test_map_changing_the_id_under_kills_gives_every_record_once(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path, ["map", "{'id': 'x-' + r['id'], 'n': r['n']}"], 30_000, kills=3
+    )
+    assert code == 0, err
+    assert [r["n"] for r in records] == list(range(30_000))
+    assert records[5]["id"] == "x-r5"
+    assert err.count("restart") >= 1  # the kills landed while it ran
+
+
+def test_flatmap_outputs_sharing_their_input_id_under_kills(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path,
+        ["flatmap", "[{'id': r['id'], 'k': k} for k in range(3)]"],
+        20_000,
+        kills=3,
+    )
+    assert code == 0, err
+    assert len(records) == 60_000
+    assert "restart" in err
+    assert [(r["id"], r["k"]) for r in records] == [
+        (f"r{i}", k) for i in range(20_000) for k in range(3)
+    ]
+
+
+def test_stdin_a_file_with_blank_lines_and_no_final_newline(tmp_path: Path) -> None:
+    src = tmp_path / "in.ndjson"
+    rows = [json.dumps({"id": f"r{i}", "n": i}) for i in range(200_000)]
+    rows[1000] = ""  # blank lines count as lines, as the Driver's reader numbers them
+    rows[150_000] = ""
+    src.write_text("\n".join(rows))  # the last line has no newline
+    code, records, err = run_with_kills(
+        tmp_path, ["map", "{'n': r['n'] * 2}"], 0, kills=3, stdin_file=src
+    )
+    assert code == 0, err
+    assert "restart" in err
+    want = [2 * i for i in range(200_000) if i not in (1000, 150_000)]
+    assert [r["n"] for r in records] == want
+
+
+def test_workers_unordered_under_kills_is_exact(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path,
+        ["map", "--workers", "2", "--unordered", "{'id': r['id'], 'n': r['n']}"],
+        20_000,
+        kills=2,
+    )
+    assert code == 0, err
+    assert sorted(r["n"] for r in records) == list(range(20_000))
+
+
+def test_data_error_under_fail_is_not_retried(tmp_path: Path) -> None:
+    src = tmp_path / "in.ndjson"
+    src.write_text('{"n": 1}\n{"n": 2}\nnot json\n{"n": 4}\n')
+    proc = subprocess.run(
+        SAGE + ["map", "{'n': r['n']}"],
+        stdin=src.open("rb"),
+        capture_output=True,
+        env=keeper_env(tmp_path, 3),
+        timeout=60,
+    )
+    assert proc.returncode == 65
+    assert proc.stdout.splitlines() == [b'{"n":1}', b'{"n":2}']
+    assert b"restart" not in proc.stderr
+    assert proc.stderr.count(b"error:") == 1
+
+
+def test_three_outside_kills_with_three_retries_still_finish(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path, ["map", "{'n': r['n']}"], 30_000, kills=3, retries=3
+    )
+    assert code == 0, err
+    assert [r["n"] for r in records] == list(range(30_000))
+    assert not list(tmp_path.glob("**/dead.ndjson"))
+
+
+def test_more_deaths_than_retries_ends_with_the_failure(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path, ["map", "{'n': r['n']}"], 30_000, kills=2, retries=1
+    )
+    assert code == 137, err
+    assert "gave up" in err
+    ns = [r["n"] for r in records]
+    assert ns == list(range(len(ns)))  # what was forwarded is a prefix, each record once
+
+
+def test_stateful_operator_without_checkpoint_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        SAGE + ["dedupe", "--key", "id"],
+        input=b'{"id": 1}\n',
+        capture_output=True,
+        env=keeper_env(tmp_path, 3),
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.decode().startswith("sage dedupe: error: --retries cannot restart")
+    assert proc.stdout == b""
+
+
+def test_a_source_is_passed_through_live(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello\n")
+    proc = subprocess.run(
+        SAGE + ["source", str(tmp_path / "a.txt")],
+        capture_output=True,
+        env=keeper_env(tmp_path, 3),
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert b"\x1e" not in proc.stdout
+    assert json.loads(proc.stdout.splitlines()[0])["text"].startswith("hello")

@@ -401,9 +401,12 @@ def run_operator(
         ordered=not opts.unordered or keeper_worker,
     )
     if commits:
-        from sage_cli.run.keeper import commit_marker
+        from sage_cli.run.keeper import REPLAY_MARKER, commit_marker, replay_lines
 
         driver.committer = lambda line: writer.write_raw(commit_marker(line))
+        if not op.stateless:  # its state is rebuilt by replaying its input from the start
+            writer.write_raw(REPLAY_MARKER)
+            driver.silent_through = replay_lines()
     elif keeper_worker:
         from sage_cli.run.keeper import PASS_MARKER
 

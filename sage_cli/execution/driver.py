@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from sage_cli.cli.io import BadLine, RecordReader, RecordWriter, dump_record
+from sage_cli.cli.io import BadLine, Block, RecordReader, RecordWriter, dump_record
 from sage_cli.errors import DataError, SageError, TempFailError, UnavailableError, UsageError
 from sage_cli.execution.executor import Executor, InlineExecutor, Task
 from sage_cli.execution.runtime import Segment
@@ -205,6 +205,26 @@ def owned_by(exc: BaseException, stage: str) -> BaseException:
     return exc
 
 
+def split_blocks(blocks: Iterable[Block], line: int) -> Iterable[Block]:
+    """`blocks` with the one that holds both `line` and the line after it cut in two there, so
+    no batch mixes lines up to `line` with later ones."""
+    for block in blocks:
+        lines: Sequence[int] = (
+            block.lines
+            if block.lines is not None
+            else range(block.first_line, block.first_line + len(block.items))
+        )
+        if not lines or lines[0] > line or lines[-1] <= line:
+            yield block
+            continue
+        cut = next(i for i, n in enumerate(lines) if n > line)
+        head = list(lines[:cut]) if block.lines is not None else None
+        tail = list(lines[cut:]) if block.lines is not None else None
+        items = block.items
+        yield Block(block.origin, block.first_line, items[:cut], head, block.clean)
+        yield Block(block.origin, lines[cut], items[cut:], tail, block.clean)
+
+
 class Driver:
     """Feeds records through one operator in batches and writes what comes back.
 
@@ -242,6 +262,9 @@ class Driver:
         #: set in a keeper's worker (sage_cli.run.keeper): called with the last input line whose
         #: effects are complete, right after that line's outputs are written (ordered only)
         self.committer: Callable[[int], None] | None = None
+        #: a restarted worker of a stateful operator replays input lines 1..silent_through to
+        #: rebuild its state, writing none of their outputs (its keeper forwarded them already)
+        self.silent_through = 0
         #: the operator wants no more input (`head`), or the stage after this one does
         self.done = False
         self._seq = 0
@@ -271,7 +294,10 @@ class Driver:
     def run_reader(self, reader: RecordReader) -> None:
         """Run the operator over everything `reader` yields, then close it."""
         self.start()
-        for block in reader.blocks():
+        blocks: Iterable[Block] = reader.blocks()
+        if self.silent_through:
+            blocks = split_blocks(blocks, self.silent_through)
+        for block in blocks:
             self.feed_block(block.origin, block.first_line, block.items, block.lines, block.clean)
             if self.done:
                 break
@@ -518,7 +544,8 @@ class Driver:
                 self.tracer.batch(batch, out, slot.entered, time.perf_counter(), tokens)
             if self.envelope is not None:
                 self.envelope.stamp(out, slot.busy, len(batch))
-        self._write(out)
+        if not self.silent_through or slot.last_line > self.silent_through:
+            self._write(out)
         if self.committer is not None and slot.last_line:
             self.committer(slot.last_line)
         if slot.done:

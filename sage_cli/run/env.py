@@ -29,6 +29,8 @@ RUN_RETRIES = "SAGE_RUN_RETRIES"
 RUN_BACKOFF = "SAGE_RUN_BACKOFF"  # seconds before the first restart (doubles each time)
 #: "1": this process is a keeper's worker: it writes commit markers (sage_cli.run.keeper)
 RUN_WORKER = "SAGE_RUN_WORKER"
+#: a restarted worker of a stateful operator: replay input lines 1..N without writing outputs
+RUN_REPLAY = "SAGE_RUN_REPLAY"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,12 @@ status, after the worker's complete output lines. A worker that does not read st
 files named on the command line) writes PASS_MARKER first: its output is forwarded live and it
 is not restarted (nothing to replay from).
 
+A stateful operator (dedupe, window by count or event time, head...) writes REPLAY_MARKER
+first: the keeper keeps all its input, and a restarted worker is fed it from line 1 with
+SAGE_RUN_REPLAY=L, so its Driver rebuilds the state from lines 1..L writing none of their
+outputs (its reader's blocks are cut at L so no batch mixes the two), then goes on exactly. A
+window by arrival time would not replay the same: it refuses (exit 2).
+
 The relay loop is byte-level: big os.read/os.write blocks, bytes.find/count, no record objects.
 """
 
@@ -35,10 +41,12 @@ import time
 from collections import deque
 from typing import Any
 
-from sage_cli.run.env import RUN_BACKOFF, RUN_RETRIES, RUN_WORKER
+from sage_cli.run.env import RUN_BACKOFF, RUN_REPLAY, RUN_RETRIES, RUN_WORKER
 
 MARK = 0x1E  # the first byte of every marker
 PASS_MARKER = b"\x1e-\n"
+#: first from a worker of a stateful operator: keep all input; a restart replays it all
+REPLAY_MARKER = b"\x1e=\n"
 #: exit statuses a restart cannot change: usage, data error under fail, unavailable, stopped
 FINAL = frozenset({2, 65, 69, 130, 143})
 READ_SIZE = 1 << 20
@@ -50,12 +58,19 @@ def commit_marker(line: int) -> bytes:
 
 def worker_refusal(prog: str, op: Any) -> str | None:
     """Why a keeper's worker cannot run `op` (a restart could not resume it exactly), or None."""
-    if not getattr(op, "stateless", True) and not hasattr(op, "get_state"):
+    if not getattr(op, "stateless", True) and getattr(op, "tick_interval", None):
         return (
-            f"--retries cannot restart {prog} exactly: it keeps state between records and "
-            "cannot checkpoint it; run it without --retries (SAGE_RUN_RETRIES)"
+            f"--retries cannot restart {prog} exactly: its output depends on when records "
+            "arrive (windows by arrival time), so a replay would differ; use --time-field or "
+            "--size, or run it without --retries (SAGE_RUN_RETRIES)"
         )
     return None
+
+
+def replay_lines() -> int:
+    """In a restarted worker of a stateful operator: the input lines to replay silently."""
+    value = os.environ.get(RUN_REPLAY, "")
+    return int(value) if value.isdigit() else 0
 
 
 def retries_asked() -> int | None:
@@ -165,6 +180,7 @@ def keep(argv: list[str], retries: int) -> int:
     inp = _Input()
     threading.Thread(target=inp.read_all, args=(0,), daemon=True).start()
     committed = 0  # input lines whose outputs are forwarded
+    replay_all = False  # a stateful operator: a restart replays the input from line 1
     attempts = 0
     stopping: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
@@ -180,18 +196,25 @@ def keep(argv: list[str], retries: int) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while True:
+        if replay_all:
+            env[RUN_REPLAY] = str(committed)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         child[:] = [proc]
         assert proc.stdin is not None and proc.stdout is not None
         stop = threading.Event()
         feeder = threading.Thread(
             target=_feed,
-            args=(inp, inp.start_of(committed), os.dup(proc.stdin.fileno()), stop),
+            args=(
+                inp,
+                inp.start_of(0 if replay_all else committed),
+                os.dup(proc.stdin.fileno()),
+                stop,
+            ),
             daemon=True,
         )
         proc.stdin.close()
         feeder.start()
-        base = committed
+        base = 0 if replay_all else committed
         held = bytearray()  # output not committed yet (and a marker's start)
         live = False  # PASS_MARKER seen: forward as it comes, never restart
         out_fd = proc.stdout.fileno()
@@ -232,8 +255,12 @@ def keep(argv: list[str], retries: int) -> int:
                     _write_all(1, held)
                     held.clear()
                     break
-                committed = base + int(marker)
-                inp.commit(committed)
+                if marker == b"=":
+                    replay_all = True
+                    continue
+                committed = max(committed, base + int(marker))
+                if not replay_all:
+                    inp.commit(committed)
             if broken:
                 break
         if broken:  # the next stage wants no more: like any stage, end quietly

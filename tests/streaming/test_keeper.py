@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 SAGE = [sys.executable, "-m", "sage_cli"]
 
@@ -65,16 +66,19 @@ def run_with_kills(
     kills: int,
     stdin_file: Path | None = None,
     retries: int = 5,
+    source: str = PRODUCER,
 ) -> tuple[int, list[dict], str]:
     """Run `sage argv` as a keeper over n records (paced through a pipe, or a file), SIGKILL
     its worker `kills` times as output grows; return (exit, records out, stderr)."""
     out = tmp_path / "out.ndjson"
     err = tmp_path / "err.txt"
     producer = None
+    stdin: IO[bytes]
     if stdin_file is None:
         producer = subprocess.Popen(
-            [sys.executable, "-c", PRODUCER, str(n), "100"], stdout=subprocess.PIPE
+            [sys.executable, "-c", source, str(n), "100"], stdout=subprocess.PIPE
         )
+        assert producer.stdout is not None
         stdin = producer.stdout
     else:
         stdin = stdin_file.open("rb")
@@ -189,16 +193,50 @@ def test_more_deaths_than_retries_ends_with_the_failure(tmp_path: Path) -> None:
     assert ns == list(range(len(ns)))  # what was forwarded is a prefix, each record once
 
 
-def test_stateful_operator_without_checkpoint_is_refused(tmp_path: Path) -> None:
+#: N records whose ids repeat: r0..r{N/3}, each three times, spread out
+DUPES = """
+import json, sys, time
+n = int(sys.argv[1])
+for p in range(100):
+    sys.stdout.write("".join(json.dumps({"id": f"r{(i * 7) % (n // 3)}", "n": i}) + "\\n"
+                             for i in range(p * n // 100, (p + 1) * n // 100)))
+    sys.stdout.flush()
+    time.sleep(0.03)
+"""
+
+
+def test_dedupe_under_kills_keeps_each_key_once(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(tmp_path, ["dedupe"], 30_000, kills=3, source=DUPES)
+    assert code == 0, err
+    assert "restart" in err
+    plain = subprocess.run(
+        [sys.executable, "-c", DUPES, "30000"], capture_output=True, check=True
+    ).stdout
+    want = subprocess.run(SAGE + ["dedupe"], input=plain, capture_output=True, check=True)
+    assert [r["n"] for r in records] == [json.loads(x)["n"] for x in want.stdout.splitlines()]
+    assert len(records) == 10_000
+
+
+def test_window_under_kills_gives_the_same_windows(tmp_path: Path) -> None:
+    code, records, err = run_with_kills(
+        tmp_path, ["window", "--size", "150", "--agg", "count", "--agg", "sum:n"], 30_000, kills=3
+    )
+    assert code == 0, err
+    assert "restart" in err
+    assert len(records) == 200
+    assert [r["sum_n"] for r in records] == [sum(range(k * 150, (k + 1) * 150)) for k in range(200)]
+
+
+def test_window_by_arrival_time_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
-        SAGE + ["dedupe", "--key", "id"],
+        SAGE + ["window", "--seconds", "1"],
         input=b'{"id": 1}\n',
         capture_output=True,
         env=keeper_env(tmp_path, 3),
         timeout=60,
     )
     assert proc.returncode == 2
-    assert proc.stderr.decode().startswith("sage dedupe: error: --retries cannot restart")
+    assert proc.stderr.decode().startswith("sage window: error: --retries cannot restart")
     assert proc.stdout == b""
 
 

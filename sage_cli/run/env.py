@@ -21,6 +21,7 @@ THREADS = "SAGE_THREADS"  # a model stage's share of the cores
 #: a run bash runs (any script): the run directory; a stage names itself (sage_cli.run.registry)
 RUN_DIR = "SAGE_RUN_DIR"
 RUN_PID = "SAGE_RUN_PID"  # ... and `sage run`'s pid, above which no stage looks
+RUN_PLACE = "SAGE_RUN_PLACE"  # a keeper's worker: its keeper's place "position,pipe"
 #: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
 RAY_ADDRESS = "SAGE_RAY_ADDRESS"
 RAY_REPLICAS = "SAGE_RAY_REPLICAS"  # "embed=2,map=3"

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from typing import Any
 
-from sage_cli.run.env import RUN_BACKOFF, RUN_REPLAY, RUN_RETRIES, RUN_WORKER
+from sage_cli.run.env import RUN_BACKOFF, RUN_PLACE, RUN_REPLAY, RUN_RETRIES, RUN_WORKER
 
 MARK = 0x1E  # the first byte of every marker
 PASS_MARKER = b"\x1e-\n"
@@ -176,6 +176,12 @@ def keep(argv: list[str], retries: int) -> int:
     backoff = float(os.environ.get(RUN_BACKOFF) or 0.5)
     env = dict(os.environ)
     env[RUN_WORKER] = "1"
+    if RUN_PLACE not in env and sys.modules.get("sage_cli.run.registry") is not None:
+        from sage_cli.run.registry import noted_place
+
+        place = noted_place()  # the worker's pipes lead to this keeper: it takes our place
+        if place is not None:
+            env[RUN_PLACE] = f"{place[0]},{place[1]}"
     cmd = [sys.executable, "-m", "sage_cli", *argv]
     inp = _Input()
     threading.Thread(target=inp.read_all, args=(0,), daemon=True).start()

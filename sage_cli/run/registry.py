@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from sage_cli.run.env import RUN_PID
+from sage_cli.run.env import RUN_PID, RUN_PLACE
 
 REGISTRY = "registry.ndjson"
 
@@ -119,10 +119,20 @@ def note_place() -> None:
     """Work out this process's place now, at start-up (sage_cli/__init__.py): before Python has
     loaded the rest, while a quick neighbour (`echo`, `jq` over a few records) is still there."""
     global _PLACE
+    given = os.environ.get(RUN_PLACE, "")  # a keeper's worker: the keeper's place
+    if given:
+        position, _, key = given.partition(",")
+        _PLACE = (int(position), int(key))
+        return
     try:
         _PLACE = place_in_pipeline(top=_top())
     except (OSError, ValueError):
         _PLACE = None
+
+
+def noted_place() -> tuple[int, int] | None:
+    """The place note_place found (None: not under `sage run`, or not worked out)."""
+    return _PLACE
 
 
 def register(trace_dir: str, command: str, argv: list[str]) -> str:
@@ -139,6 +149,8 @@ def register(trace_dir: str, command: str, argv: list[str]) -> str:
         pipeline = numbers.get(key, max(numbers.values(), default=0) + 1)
         name = f"{pipeline}.{position}-{verb}"
         taken = {e["name"] for e in entries}
+        if name in taken and os.environ.get(RUN_PLACE):  # a keeper's restarted worker
+            return name  # goes on with the same stage's trace
         if name in taken:  # two stages of a pipeline we could not tell apart: keep both traces
             name = f"{name}-{os.getpid()}"
         entry = {

@@ -239,10 +239,6 @@ def _run_under_bash(
     check_syntax(script, str(script))
     if resume:
         raise UsageError(f"--resume works for scripts of simple commands and pipelines ({why})")
-    if opts.retries:
-        raise UsageError(
-            f"--retries works for scripts of simple commands and pipelines for now ({why})"
-        )
     return run_bash_script(
         script, args, opts, run_dir, base, ray=ray, address=address, replicas=replicas
     )

@@ -38,9 +38,11 @@ from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import (
     RAY_ADDRESS,
     RAY_REPLICAS,
+    RUN_BACKOFF,
     RUN_DIR,
     RUN_ID,
     RUN_PID,
+    RUN_RETRIES,
     TRACE_DIR,
     TRACE_IDS,
     TRACE_STAGE,
@@ -171,6 +173,9 @@ class BashSession:
         env[RUN_ID] = self.run.id
         env[RUN_PID] = str(os.getpid())
         env.update(self.extra_env)
+        if self.opts.retries:  # every sage stage keeps its own worker (sage_cli.run.keeper)
+            env[RUN_RETRIES] = str(self.opts.retries)
+            env[RUN_BACKOFF] = f"{self.opts.backoff:g}"
         if self.opts.trace != "off":
             env[RUN_DIR] = str(self.run.path.resolve())
             env[TRACE_DIR] = str(self.run.stages_dir.resolve())

@@ -197,18 +197,23 @@ def test_a_background_job_nobody_waited_for_is_stopped_and_said(tmp_path: Path) 
     assert _alive(marker) == []
 
 
-def test_retries_and_resume_say_what_they_need(tmp_path: Path) -> None:
+def test_resume_says_what_it_needs(tmp_path: Path) -> None:
     work = _workdir(tmp_path)
     (work / "s.sh").write_text("for i in 1; do sage head 1 < in.ndjson; done\n")
+    first = subprocess.run(
+        sage_argv("run", "--retries", "2", "s.sh"), cwd=work, env=_env(), capture_output=True
+    )
+    assert first.returncode == 0, first.stderr  # --retries: every stage keeps its worker
+    assert first.stdout.count(b"\n") == 1
     result = subprocess.run(
-        sage_argv("run", "--retries", "2", "s.sh"),
+        sage_argv("run", "--resume", "latest", "s.sh"),
         cwd=work,
         env=_env(),
         capture_output=True,
         timeout=60,
     )
     assert result.returncode == 2
-    assert b"--retries works for scripts of simple commands and pipelines" in result.stderr
+    assert b"--resume works for scripts of simple commands and pipelines" in result.stderr
     assert b"a `for` block or function" in result.stderr
 
 

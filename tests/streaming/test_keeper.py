@@ -251,3 +251,74 @@ def test_a_source_is_passed_through_live(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert b"\x1e" not in proc.stdout
     assert json.loads(proc.stdout.splitlines()[0])["text"].startswith("hello")
+
+
+def workers_under(root: int) -> list[int]:
+    """Keeper workers (SAGE_RUN_WORKER=1 in their environment) among `root`'s descendants."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{entry}/environ").read_bytes()
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        if b"SAGE_RUN_WORKER=1\0" not in env:
+            continue
+        pid = int(entry)
+        while pid > 1:  # under root?
+            if pid == root:
+                found.append(int(entry))
+                break
+            try:
+                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        del stat
+    return found
+
+
+def test_sage_run_retries_restarts_stages_inside_a_loop(tmp_path: Path) -> None:
+    (tmp_path / "produce.py").write_text(PRODUCER)
+    (tmp_path / "s.sh").write_text(
+        "set -euo pipefail\n"
+        "for k in 1 2; do\n"
+        f"  {sys.executable} produce.py 20000 100 \\\n"
+        "    | sage map \"{'id': 'x-' + r['id'], 'n': r['n'], 'k': $k}\" | sage filter 'True'\n"
+        "done\n"
+    )
+    env = keeper_env(tmp_path)
+    del env["SAGE_RUN_RETRIES"]
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    out = tmp_path / "out.ndjson"
+    with out.open("wb") as fo:
+        run = subprocess.Popen(
+            SAGE + ["run", "--retries", "3", "--backoff", "0.05", "--run-dir", "rd", "s.sh"],
+            cwd=tmp_path,
+            stdout=fo,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+    killed: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(killed) < 3 and run.poll() is None and time.monotonic() < deadline:
+        if lines_in(out) > 1000 * (len(killed) + 1) * 8:
+            workers = [w for w in workers_under(run.pid) if w not in killed]
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.add(workers[0])
+        time.sleep(0.01)
+    assert run.stderr is not None
+    err = run.stderr.read().decode()
+    assert run.wait(timeout=120) == 0, err
+    assert len(killed) >= 1
+    records = [json.loads(x) for x in out.read_bytes().splitlines()]
+    assert [(r["k"], r["n"]) for r in records] == [(k, i) for k in (1, 2) for i in range(20_000)]
+    stages = sorted(p.name for p in (tmp_path / "rd" / "stages").glob("*.trace.ndjson"))
+    assert stages == [
+        "1.2-map.trace.ndjson",
+        "1.3-filter.trace.ndjson",
+        "2.2-map.trace.ndjson",
+        "2.3-filter.trace.ndjson",
+    ]

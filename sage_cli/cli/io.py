@@ -280,6 +280,8 @@ class RecordWriter:
         """Append bytes that are not a record (a keeper's commit marker) in their place."""
         self._parts.append(data)
         self._size += len(data)
+        if self.line_buffered:
+            self.flush()
 
     def maybe_flush(self) -> None:
         """Flush if output has waited FLUSH_SECONDS or more."""

@@ -41,7 +41,16 @@ import time
 from collections import deque
 from typing import Any
 
-from sage_cli.run.env import RUN_BACKOFF, RUN_PLACE, RUN_REPLAY, RUN_RETRIES, RUN_WORKER
+from sage_cli.run.env import (
+    RUN_BACKOFF,
+    RUN_BATCH_SIZE,
+    RUN_DIR,
+    RUN_FLUSH,
+    RUN_PLACE,
+    RUN_REPLAY,
+    RUN_RETRIES,
+    RUN_WORKER,
+)
 
 MARK = 0x1E  # the first byte of every marker
 PASS_MARKER = b"\x1e-\n"
@@ -170,6 +179,40 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _dead_letter(inp: _Input, committed: int, prog: str, code: int, run_dir: str) -> int:
+    """Put the first record after line `committed` in the run's dead.ndjson; return its line."""
+    index, offset = inp.start_of(committed)
+    with inp.cond:
+        data = b"".join(c[0] for c in list(inp.chunks)[index - inp.first :])[offset:]
+    line = committed
+    for raw in data.split(b"\n"):
+        line += 1
+        if raw.strip():
+            break
+    else:
+        return committed
+    import orjson
+
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        record = raw.decode("utf-8", "replace")
+    why = f"signal {-code}" if code < 0 else f"exit status {code}"
+    entry = {
+        "stage": prog,
+        "line": line,
+        "error": f"the stage crashes on this record ({why})",
+        "raw": record,
+    }
+    with open(os.path.join(run_dir, "dead.ndjson"), "ab") as fh:
+        fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
+    sys.stderr.write(
+        f"{prog}: warning: input line {line} crashes the stage when run alone; it went to "
+        f"{os.path.join(run_dir, 'dead.ndjson')}\n"
+    )
+    return line
+
+
 def keep(argv: list[str], retries: int) -> int:
     """Run `sage <argv>` as a worker child, restarting it up to `retries` times."""
     prog = f"sage {argv[0]}" if argv else "sage"
@@ -187,6 +230,8 @@ def keep(argv: list[str], retries: int) -> int:
     threading.Thread(target=inp.read_all, args=(0,), daemon=True).start()
     committed = 0  # input lines whose outputs are forwarded
     replay_all = False  # a stateful operator: a restart replays the input from line 1
+    stuck = 0  # deaths in a row with no input line committed in between
+    isolating = False  # the worker runs batches of one, each flushed and committed at once
     attempts = 0
     stopping: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
@@ -204,6 +249,11 @@ def keep(argv: list[str], retries: int) -> int:
     while True:
         if replay_all:
             env[RUN_REPLAY] = str(committed)
+        if isolating:
+            env[RUN_FLUSH], env[RUN_BATCH_SIZE] = "1", "1"
+        else:
+            env.pop(RUN_FLUSH, None)
+            env.pop(RUN_BATCH_SIZE, None)
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         child[:] = [proc]
         assert proc.stdin is not None and proc.stdout is not None
@@ -221,6 +271,7 @@ def keep(argv: list[str], retries: int) -> int:
         proc.stdin.close()
         feeder.start()
         base = 0 if replay_all else committed
+        started_at = committed
         held = bytearray()  # output not committed yet (and a marker's start)
         live = False  # PASS_MARKER seen: forward as it comes, never restart
         out_fd = proc.stdout.fileno()
@@ -288,6 +339,16 @@ def keep(argv: list[str], retries: int) -> int:
             if stopping and code < 0:
                 return 143 if stopping[-1] == signal.SIGTERM else 130
             return code if code >= 0 else 128 - code
+        stuck = stuck + 1 if committed == started_at else 0
+        if isolating and stuck and not replay_all and os.environ.get(RUN_DIR):
+            # it died running one record alone, again: that record goes to the dead letter
+            committed = _dead_letter(inp, committed, prog, code, os.environ[RUN_DIR])
+            inp.commit(committed)
+            isolating = False
+            stuck = 0
+            attempts -= 1  # the record is out: going on past it is not another try
+        elif stuck >= 2:
+            isolating = True  # twice on the same input: find the record, one at a time
         if attempts >= retries:
             why = f"signal {-code}" if code < 0 else f"exit {code}"
             sys.stderr.write(f"{prog}: error: worker died ({why}) {attempts + 1} times; gave up\n")

@@ -315,6 +315,7 @@ def test_sage_run_retries_restarts_stages_inside_a_loop(tmp_path: Path) -> None:
     assert len(killed) >= 1
     records = [json.loads(x) for x in out.read_bytes().splitlines()]
     assert [(r["k"], r["n"]) for r in records] == [(k, i) for k in (1, 2) for i in range(20_000)]
+    assert not (tmp_path / "rd" / "dead.ndjson").exists()  # outside kills blame no record
     stages = sorted(p.name for p in (tmp_path / "rd" / "stages").glob("*.trace.ndjson"))
     assert stages == [
         "1.2-map.trace.ndjson",
@@ -322,3 +323,30 @@ def test_sage_run_retries_restarts_stages_inside_a_loop(tmp_path: Path) -> None:
         "2.2-map.trace.ndjson",
         "2.3-filter.trace.ndjson",
     ]
+
+
+def test_a_record_that_crashes_the_stage_alone_goes_to_the_dead_letter(tmp_path: Path) -> None:
+    rows = [json.dumps({"id": f"r{i}", "n": i}) for i in range(2000)]
+    (tmp_path / "in.ndjson").write_text("\n".join(rows) + "\n")
+    (tmp_path / "s.sh").write_text(
+        "set -o pipefail\n"
+        'kill9=\'__import__("os").kill(__import__("os").getpid(), 9)\'\n'
+        "sage map \"$kill9 if r['n'] == 500 else r\" < in.ndjson | sage filter 'True'\n"
+        "for x in 1; do true; done\n"
+    )
+    env = keeper_env(tmp_path)
+    del env["SAGE_RUN_RETRIES"]
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(
+        SAGE + ["run", "--retries", "3", "--backoff", "0.05", "--run-dir", "rd", "s.sh"],
+        cwd=tmp_path,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(x)["n"] for x in proc.stdout.splitlines()] == [
+        i for i in range(2000) if i != 500
+    ]
+    dead = [json.loads(x) for x in (tmp_path / "rd" / "dead.ndjson").read_bytes().splitlines()]
+    assert [(d["line"], d["raw"]["n"]) for d in dead] == [(501, 500)]

@@ -381,10 +381,21 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         "log_to_driver": debug,
         "configure_logging": True,
     }
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    # Ray puts the driver's current directory first on its workers' sys.path: an `orjson.py`
+    # lying in the data directory would run in every actor (issue 17). So Ray is joined from
+    # "/", which holds no modules; the actors still chdir to the stage's directory (StageActor)
+    # and a --fn module there is still found (load_function adds its directory itself). A
+    # private local Ray's processes also start in "/", not in the data directory.
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(os.sep)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def run_ray_pipeline(

@@ -59,3 +59,11 @@ def test_cluster_actors_do_not_import_from_the_working_directory(poisoned, clust
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == data
     assert_nothing_imported(poisoned)
+
+
+def test_fn_module_is_still_found_on_ray(poisoned, cluster):  # noqa: F811
+    (poisoned / "mine.py").write_text("def f(r):\n    return r | {'y': 2}\n")
+    data = ndjson([{"x": 1}])
+    result = _sage(poisoned, "map", "--fn", "mine:f", data=data, SAGE_RAY_ADDRESS=cluster)
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout == ndjson([{"x": 1, "y": 2}])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -468,6 +469,7 @@ def run_ray_pipeline(
     # them to stderr, since stdout carries data only (the writer holds the real fd 1).
     real_stdout = sys.stdout
     sys.stdout = sys.stderr
+    ignored = _unignore_signals()
     code: int = ExitCode.OK
     try:
         code = _guarded_run(prog, body, writer)
@@ -498,7 +500,22 @@ def run_ray_pipeline(
             if shutdown:
                 ray.shutdown()
         sys.stdout = real_stdout
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
     return int(code)
+
+
+def _unignore_signals() -> list[int]:
+    """A run owns its stages: started with SIGINT (or SIGTERM) ignored (`nohup`, `trap "" INT`,
+    a background job), it must still stop on them (issue 17), like the local supervisor. Their
+    default dispositions come back before Ray starts its threads and processes, so `guarded`
+    installs its handlers; return the signals to ignore again afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    ignored = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN]
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_DFL)
+    return ignored
 
 
 def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:

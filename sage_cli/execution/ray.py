@@ -505,7 +505,7 @@ def run_ray_pipeline(
     return int(code)
 
 
-def _unignore_signals() -> list[int]:
+def _unignore_signals() -> list[signal.Signals]:
     """A run owns its stages: started with SIGINT (or SIGTERM) ignored (`nohup`, `trap "" INT`,
     a background job), it must still stop on them (issue 17), like the local supervisor. Their
     default dispositions come back before Ray starts its threads and processes, so `guarded`

@@ -41,7 +41,16 @@ def _watch_parent(parent: int) -> None:
 
 
 def _worker_main(conn: Any, factory: Any, stop_at_error: bool, parent: int) -> None:
-    """A worker process: build and set up the operator once, then answer batches."""
+    """A worker process: build and set up the operator once, then answer batches. A parent
+    killed with SIGKILL breaks the pipe: the worker then ends quietly (issue 17), never with a
+    BrokenPipeError traceback on the stderr it shares with the pipeline."""
+    try:
+        _serve(conn, factory, stop_at_error, parent)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        os._exit(1)  # the parent's end of the pipe is closed: nobody is left to answer
+
+
+def _serve(conn: Any, factory: Any, stop_at_error: bool, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C for everyone
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -381,10 +382,21 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
         "log_to_driver": debug,
         "configure_logging": True,
     }
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    # Ray puts the driver's current directory first on its workers' sys.path: an `orjson.py`
+    # lying in the data directory would run in every actor (issue 17). So Ray is joined from
+    # "/", which holds no modules; the actors still chdir to the stage's directory (StageActor)
+    # and a --fn module there is still found (load_function adds its directory itself). A
+    # private local Ray's processes also start in "/", not in the data directory.
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chdir(os.sep)
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=False, **common)
+    finally:
+        os.fchdir(here)
+        os.close(here)
 
 
 def run_ray_pipeline(
@@ -457,6 +469,7 @@ def run_ray_pipeline(
     # them to stderr, since stdout carries data only (the writer holds the real fd 1).
     real_stdout = sys.stdout
     sys.stdout = sys.stderr
+    ignored = _unignore_signals()
     code: int = ExitCode.OK
     try:
         code = _guarded_run(prog, body, writer)
@@ -487,7 +500,22 @@ def run_ray_pipeline(
             if shutdown:
                 ray.shutdown()
         sys.stdout = real_stdout
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
     return int(code)
+
+
+def _unignore_signals() -> list[signal.Signals]:
+    """A run owns its stages: started with SIGINT (or SIGTERM) ignored (`nohup`, `trap "" INT`,
+    a background job), it must still stop on them (issue 17), like the local supervisor. Their
+    default dispositions come back before Ray starts its threads and processes, so `guarded`
+    installs its handlers; return the signals to ignore again afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    ignored = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is signal.SIG_IGN]
+    for sig in ignored:
+        signal.signal(sig, signal.SIG_DFL)
+    return ignored
 
 
 def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:

@@ -1,0 +1,56 @@
+"""`--workers` workers whose parent stage is killed with SIGKILL exit quietly (issue 17).
+
+The parent (a `sage map --workers 2` stage) is killed while its workers hold batches; a worker
+that finishes its batch then finds the pipe back to the parent broken. It must end without a
+traceback, and soon: none of them may outlive the parent for long.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.conftest import clean_env, sage_argv
+
+USER_CODE = """
+import os, time
+
+def hold(r):
+    open(os.path.join(os.environ["MARKS"], "%d-%d" % (os.getpid(), r["id"])), "w").close()
+    time.sleep(0.3)
+    return r
+"""
+
+
+def test_orphaned_workers_exit_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "usermod.py").write_text(USER_CODE)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        sage_argv("map", "--fn", "usermod:hold", "--workers", "2", "--batch-size", "1"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=clean_env(MARKS=str(marks)),
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(b"".join(b'{"id": %d}\n' % i for i in range(40)))
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    # both workers are inside a batch, with more batches queued to them
+    while len({p.name.split("-")[0] for p in marks.iterdir()}) < 2:
+        assert time.monotonic() < deadline, "the workers never started"
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    proc.stdin.close()
+    # the workers inherited the stage's stderr: it ends when the last of them is gone, so
+    # this read also shows that none of them outlives its parent
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err, err
+    assert "BrokenPipe" not in err, err

@@ -1,7 +1,7 @@
 """Retrieval quality on the real MiniLM model (issue 14): what docs/retrieval.md and the README
 quote, measured with the commands a user runs.
 
-Three question sets over two corpora, each corpus chunked, embedded and indexed as the demo
+Four question sets over two corpora, each corpus chunked, embedded and indexed as the demo
 does it (`sage chunk --size 400 --overlap 60 | sage embed | sage index build`):
 
 - demo: scripts/rag_questions.ndjson (20) over CPython's help topics (scripts/pydoc_corpus.py);

@@ -8,8 +8,9 @@ explicitly, with no fallback). Modes:
   missing from a list scores 0 there, and the fused score is `alpha * dense + (1 - alpha) *
   bm25` (alpha 0.5). `fusion="rrf"` fuses by reciprocal rank instead: sum of 1 / (60 + rank).
   Measured (docs/retrieval.md, `make bench`): relative-score fusion beats dense by 55 points
-  of recall@1 on the demo questions and ties it on two held-out sets, never with a lower
-  recall@5; RRF loses recall@5 on the paraphrased held-out set.
+  of recall@1 on the demo questions, ties it on the stdlib and paraphrased sets, and loses
+  to it on a later held-out set in a user's words (recall@1 0.475 -> 0.35, recall@5 0.775 ->
+  0.725), where BM25 is weak; RRF loses recall@5 on the paraphrased set.
 - `dense`: the query is embedded with the index's own model (found through the
   registry by the name in the manifest, its sha256 checked against the manifest: a different
   model is `ResourceUnavailable`, exit 69) and searched in the annoy forest with a `search_k`

@@ -1,0 +1,104 @@
+"""Retrieval changes tried for issue 14 (second round) and not adopted, measured in process on
+the tuning sets (demo, stdlib, stdlib_paraphrased) against the same index `sage retrieve`
+searches, so docs/retrieval.md's "tried and not adopted" figures come from `make bench`.
+
+Every variant starts from the default's two lists (dense cosine and BM25, top 50 each, exact
+dense search here where `sage retrieve` uses annoy: `default_exact` is the default under exact
+search, the baseline of the variants) and changes one thing:
+
+- prf_dense / prf_hybrid: pseudo-relevance feedback in embedding space,
+  q' = normalize(q + b * mean of the top-k doc vectors) (of the dense or the fused list), the
+  dense list searched again with q', then fused as the default does.
+- rm3_bm25: the 10 most frequent non-query terms of the fused top 3 added to the BM25 query.
+- title_vectors: multi-vector documents, the dense score 0.7 * cos(q, chunk) + 0.3 * cos(q,
+  the chunk's title) over every chunk.
+- doc_aggregation: a chunk's fused score + 0.1 * the fused scores of its document's other
+  chunks in the list.
+- dense_rescore_bm25: the dense list = the cosine of every row in the BM25 or dense top 50.
+- clean_query: question words ("how do I", "which function") stripped before searching.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+DEPTH = 50
+QUESTION_WORDS = re.compile(
+    r"^\s*(how (do|can|could|should) (i|you|we)|what (is|are|does|gives|returns)|"
+    r"which( \w+)? (function|class|tool|type|decorator|iterator|clock)?|i (want|need) to|"
+    r"i have)\b",
+    re.I,
+)
+
+
+def _prf(index: Any, vector: Any, rows: list[int], b: float) -> list[tuple[int, float]]:
+    import numpy as np
+
+    moved = vector + b * index.vectors[rows].mean(0)
+    return index.dense(moved / np.linalg.norm(moved), DEPTH, exact=True)
+
+
+def variant_hits(
+    index: Any, query: str, vector: Any, clean_vector: Any, titles: Any, parents: list[Any]
+) -> dict[str, list[tuple[int, float]]]:
+    """(row, score) lists, best first: the default (exact dense) and every variant."""
+    from sage_cli.operators.bm25 import top_k
+    from sage_cli.operators.retrieve import relative_fusion
+    from sage_cli.operators.tokenize import terms
+
+    def fuse(dense: list[tuple[int, float]], sparse: list[tuple[int, float]]) -> Any:
+        return relative_fusion([dense, sparse], [0.5, 0.5], DEPTH)
+
+    cosines = index.vectors @ vector
+    dense, sparse = top_k(cosines, DEPTH), index.bm25.search(query, DEPTH)
+    default = fuse(dense, sparse)
+    out = {"default_exact": default}
+    out["prf_dense_k5_b0.5"] = fuse(_prf(index, vector, [r for r, _ in dense[:5]], 0.5), sparse)
+    out["prf_hybrid_k3_b1.0"] = fuse(_prf(index, vector, [r for r, _ in default[:3]], 1.0), sparse)
+    own = set(terms(query))
+    counts = Counter(t for r, _ in default[:3] for t in terms(index.records[r]["text"]))
+    extra = [t for t, _ in counts.most_common() if t not in own][:10]
+    out["rm3_bm25_10_terms"] = fuse(dense, index.bm25.search(f"{query} {' '.join(extra)}", DEPTH))
+    out["title_vectors_0.3"] = fuse(top_k(0.7 * cosines + 0.3 * (titles @ vector), DEPTH), sparse)
+    per_doc: dict[Any, float] = {}
+    for row, score in default:
+        per_doc[parents[row]] = per_doc.get(parents[row], 0.0) + score
+    aggregated = [(r, s + 0.1 * (per_doc[parents[r]] - s)) for r, s in default]
+    out["doc_aggregation_0.1"] = sorted(aggregated, key=lambda item: (-item[1], item[0]))
+    rows = {r for r, _ in sparse} | {r for r, _ in dense}
+    rescored = sorted(((r, float(cosines[r])) for r in rows), key=lambda item: -item[1])
+    out["dense_rescore_bm25"] = fuse(rescored, sparse)
+    cleaned = QUESTION_WORDS.sub("", query).strip() or query
+    out["clean_query"] = fuse(
+        top_k(index.vectors @ clean_vector, DEPTH), index.bm25.search(cleaned, DEPTH)
+    )
+    return out
+
+
+def measure(retriever: Any, questions: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per variant, one {gold_ids, docs} record per question (docs: the top 20)."""
+    import numpy as np
+
+    retriever.setup()
+    index = retriever.index
+    titles_text = [
+        str((r.get("metadata") or {}).get("title") or r.get("parent_id") or r["id"])
+        for r in index.records
+    ]
+    embedder = retriever.embedder.get()
+    titles = np.asarray(embedder.embed(titles_text))
+    parents = [r.get("parent_id") or r["id"] for r in index.records]
+    queries = [q["query"] for q in questions]
+    cleaned = [QUESTION_WORDS.sub("", q).strip() or q for q in queries]
+    vectors, clean_vectors = embedder.embed(queries), embedder.embed(cleaned)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for question, query, vector, clean in zip(
+        questions, queries, vectors, clean_vectors, strict=True
+    ):
+        hits = variant_hits(index, query, vector, clean, titles, parents)
+        for name, rows in hits.items():
+            docs = retriever._docs(rows[:20], None)
+            out.setdefault(name, []).append({"gold_ids": question["gold_ids"], "docs": docs})
+    return out

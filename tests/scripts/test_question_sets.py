@@ -1,0 +1,39 @@
+"""The retrieval bench's stdlib question sets (tests/bench/bench_quality.py) are answerable:
+every gold id is a record of scripts/stdlib_corpus.py's corpus, ids are unique, and the sets
+ask about different functions (a held-out set that repeats a tuning set's gold is not held out)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parents[2]
+SETS = (
+    "stdlib_questions.ndjson",
+    "stdlib_questions_paraphrased.ndjson",
+    "stdlib_questions_heldout2.ndjson",
+)
+
+
+def load(name: str) -> list[dict]:
+    return [orjson.loads(line) for line in (ROOT / "scripts" / name).read_bytes().splitlines()]
+
+
+def test_every_gold_id_is_in_the_corpus_and_no_set_repeats_another_sets_gold():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "stdlib_corpus.py")],
+        capture_output=True,
+        check=True,
+    ).stdout
+    corpus = {orjson.loads(line)["id"] for line in out.splitlines()}
+    golds: dict[str, set[str]] = {}
+    for name in SETS:
+        questions = load(name)
+        assert len(questions) == 40, name
+        assert len({q["id"] for q in questions}) == 40, name
+        golds[name] = {g for q in questions for g in q["gold_ids"]}
+        missing = golds[name] - corpus
+        assert not missing, f"{name}: gold ids not in the corpus: {sorted(missing)}"
+        assert all(q["query"].strip() for q in questions), name
+    assert not golds[SETS[2]] & (golds[SETS[0]] | golds[SETS[1]])

@@ -17,7 +17,9 @@ def run(
     script: Annotated[
         str | None,
         typer.Argument(
-            metavar="SCRIPT", help="A bash script (any: loops, functions, several pipelines).", show_default=False
+            metavar="SCRIPT",
+            help="A bash script (any: loops, functions, several pipelines).",
+            show_default=False,
         ),
     ] = None,
     args: Annotated[
@@ -142,9 +144,10 @@ def run(
 
     The script stays ordinary bash: it runs the same with `bash SCRIPT`, and gives the output
     and exit status `bash -o pipefail SCRIPT` gives. A script of simple commands and pipelines
-    is run stage by stage by the supervisor (what --retries and --resume need); any other
-    (loops, if, functions, &&, here-documents, subshells) is run whole by bash, every sage
-    stage in it tracing itself as <pipeline>.<position>-<command>. SIGINT/SIGTERM and
+    is run stage by stage by the supervisor (what --resume needs); any other (loops, if,
+    functions, &&, here-documents, subshells) is run whole by bash, every sage stage in it
+    tracing itself as <pipeline>.<position>-<command> and, with --retries, restarting its own
+    worker without losing or repeating a record. SIGINT/SIGTERM and
     --timeout reach every process of the run; none outlives it. The trace and summary.json
     go to the run directory; `sage trace` shows them.
 

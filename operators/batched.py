@@ -13,7 +13,8 @@ own server does:
   (one `seq_id` per sequence, its own positions), sorted by `seq_id`;
 - after `llama_decode`, each sequence whose logits were asked for samples its next token with its
   own sampler chain (its own grammar state for a JSON schema, its own seed);
-- a sequence that ends (end-of-generation token, a stop string, `max_tokens`) frees its KV cells
+- a sequence that ends (end-of-generation token, a stop string, `max_tokens`, or its request's
+  `cancelled()` turning True: a server's client went away) frees its KV cells
   (`llama_memory_seq_rm`) and its slot; the next waiting request takes the slot at once
   (continuous batching: the batch never drains while requests wait).
 
@@ -52,6 +53,9 @@ class Request:
     stop: Sequence[bytes] = ()
     #: a `llama_cpp.LlamaGrammar` (each request gets its own grammar state)
     grammar: Any = None
+    #: returns True once the request's reader went away: the sequence stops at the next step
+    #: (finish_reason "cancelled") and its slot goes to the next request waiting
+    cancelled: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -79,6 +83,10 @@ class _Sequence:
     next_token: int | None = None
     #: position of this sequence's logits in the current batch, -1 when none
     i_batch: int = -1
+
+
+def _gone(request: Request) -> bool:
+    return request.cancelled is not None and bool(request.cancelled())
 
 
 class BatchedDecoder:
@@ -136,6 +144,8 @@ class BatchedDecoder:
         #: the prompt tokens whose cells each slot holds
         self._cached: list[list[int]] = [[] for _ in range(n_seq)]
         self.max_in_flight = 0
+        #: requests stopped because their `cancelled()` turned True
+        self.cancelled = 0
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -186,10 +196,18 @@ class BatchedDecoder:
 
         try:
             while waiting or active:
+                # a sequence whose reader went away stops here: its slot is free for the next
+                for seq in [s for s in active if _gone(s.request)]:
+                    self.cancelled += 1
+                    finish(seq, "cancelled")
                 # admit waiting requests while a slot is free (continuous batching)
                 while waiting and free:
                     request = requests[waiting[0]]
                     index = waiting.popleft()
+                    if _gone(request):
+                        self.cancelled += 1
+                        settle(index, Generated("", len(request.prompt), 0, "cancelled", 0.0))
+                        continue
                     need = len(request.prompt) + request.max_tokens
                     if not request.prompt or need > self.n_ctx_seq:
                         settle(

@@ -981,6 +981,8 @@ class Generate(Operator):
         if completion.truncated or "prompt_truncated" in record:
             out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
         cut = completion.finish_reason == "cancelled"  # stopped by on_text: not the answer
+        if cut:
+            usage["cancelled"] = True
         if self.cache is not None and key is not None and not cached and not cut:
             self.cache.put_json(key, asdict(completion))
         return out

@@ -446,7 +446,7 @@ def _to_answer(out: Record, req: ChatRequest, sources: list[Record], seconds: fl
     completion = int(usage.get("completion_tokens") or 0)
     if completion >= req.max_tokens:
         finish = "length"
-    elif req.cancel is not None and req.cancel.is_set() and not usage.get("cached"):
+    elif usage.get("cancelled"):
         finish = "cancelled"
     else:
         finish = "stop"

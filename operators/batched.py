@@ -56,6 +56,9 @@ class Request:
     #: returns True once the request's reader went away: the sequence stops at the next step
     #: (finish_reason "cancelled") and its slot goes to the next request waiting
     cancelled: Callable[[], bool] | None = None
+    #: score the prompt instead of answering it: nothing is sampled, the next-token logits of
+    #: the prompt's last token come back in `Generated.logits` (a reranker's yes/no judgement)
+    logits: bool = False
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Generated:
     finish_reason: str
     #: wall time from the request taking a slot to its last token
     seconds: float
+    #: with `Request.logits`: the prompt's next-token logits (a numpy float32 array)
+    logits: Any = None
 
 
 @dataclass
@@ -83,6 +88,7 @@ class _Sequence:
     next_token: int | None = None
     #: position of this sequence's logits in the current batch, -1 when none
     i_batch: int = -1
+    logits: Any = None
 
 
 def _gone(request: Request) -> bool:
@@ -108,6 +114,7 @@ class BatchedDecoder:
         n_ubatch: int = 512,
         threads: int = 1,
         shared_prefill: bool = False,
+        reuse_prefix: bool = True,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -120,6 +127,11 @@ class BatchedDecoder:
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = max(n_batch, n_seq)
         self.shared_prefill = shared_prefill
+        #: a new prompt keeps the cells of the prefix it shares with its slot's last prompt
+        #: (False: every prompt is prefilled whole, as one-at-a-time decoding does; a prefix
+        #: computed in an earlier pass gives slightly different logits, which a reranker's
+        #: continuous scores show and greedy sampling mostly does not)
+        self.reuse_prefix = reuse_prefix
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = n_ctx_seq * n_seq
         params.n_batch = self.n_batch
@@ -270,9 +282,17 @@ class BatchedDecoder:
                 n += 1
             if n > best_n:
                 best, best_n = seq_id, n
-        return best, min(best_n, len(prompt) - 1)
+        return best, min(best_n, len(prompt) - 1) if self.reuse_prefix else 0
 
     def _sample(self, seq: _Sequence, finish: Callable[[_Sequence, str], None]) -> None:
+        if seq.request.logits:
+            import numpy as np
+
+            row = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, seq.i_batch)
+            seq.logits = np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
+            seq.i_batch = -1
+            finish(seq, "logits")
+            return
         token = seq.sampler.sample(self.ctx, seq.i_batch)
         seq.i_batch = -1
         reason = self._accept(seq, token)
@@ -350,6 +370,7 @@ class BatchedDecoder:
             completion_tokens=len(seq.tokens),
             finish_reason=reason,
             seconds=time.perf_counter() - seq.started,
+            logits=seq.logits,
         )
 
     def close(self) -> None:

@@ -13,7 +13,8 @@ own server does:
   (one `seq_id` per sequence, its own positions), sorted by `seq_id`;
 - after `llama_decode`, each sequence whose logits were asked for samples its next token with its
   own sampler chain (its own grammar state for a JSON schema, its own seed);
-- a sequence that ends (end-of-generation token, a stop string, `max_tokens`) frees its KV cells
+- a sequence that ends (end-of-generation token, a stop string, `max_tokens`, or its request's
+  `cancelled()` turning True: a server's client went away) frees its KV cells
   (`llama_memory_seq_rm`) and its slot; the next waiting request takes the slot at once
   (continuous batching: the batch never drains while requests wait).
 
@@ -52,6 +53,12 @@ class Request:
     stop: Sequence[bytes] = ()
     #: a `llama_cpp.LlamaGrammar` (each request gets its own grammar state)
     grammar: Any = None
+    #: returns True once the request's reader went away: the sequence stops at the next step
+    #: (finish_reason "cancelled") and its slot goes to the next request waiting
+    cancelled: Callable[[], bool] | None = None
+    #: score the prompt instead of answering it: nothing is sampled, the next-token logits of
+    #: the prompt's last token come back in `Generated.logits` (a reranker's yes/no judgement)
+    logits: bool = False
 
 
 @dataclass
@@ -64,6 +71,8 @@ class Generated:
     finish_reason: str
     #: wall time from the request taking a slot to its last token
     seconds: float
+    #: with `Request.logits`: the prompt's next-token logits (a numpy float32 array)
+    logits: Any = None
 
 
 @dataclass
@@ -79,6 +88,11 @@ class _Sequence:
     next_token: int | None = None
     #: position of this sequence's logits in the current batch, -1 when none
     i_batch: int = -1
+    logits: Any = None
+
+
+def _gone(request: Request) -> bool:
+    return request.cancelled is not None and bool(request.cancelled())
 
 
 class BatchedDecoder:
@@ -100,6 +114,7 @@ class BatchedDecoder:
         n_ubatch: int = 512,
         threads: int = 1,
         shared_prefill: bool = False,
+        reuse_prefix: bool = True,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -112,6 +127,11 @@ class BatchedDecoder:
         self.n_ctx_seq = n_ctx_seq
         self.n_batch = max(n_batch, n_seq)
         self.shared_prefill = shared_prefill
+        #: a new prompt keeps the cells of the prefix it shares with its slot's last prompt
+        #: (False: every prompt is prefilled whole, as one-at-a-time decoding does; a prefix
+        #: computed in an earlier pass gives slightly different logits, which a reranker's
+        #: continuous scores show and greedy sampling mostly does not)
+        self.reuse_prefix = reuse_prefix
         params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
         params.n_ctx = n_ctx_seq * n_seq
         params.n_batch = self.n_batch
@@ -136,6 +156,8 @@ class BatchedDecoder:
         #: the prompt tokens whose cells each slot holds
         self._cached: list[list[int]] = [[] for _ in range(n_seq)]
         self.max_in_flight = 0
+        #: requests stopped because their `cancelled()` turned True
+        self.cancelled = 0
 
     # -- sampling ----------------------------------------------------------------------------
 
@@ -186,10 +208,18 @@ class BatchedDecoder:
 
         try:
             while waiting or active:
+                # a sequence whose reader went away stops here: its slot is free for the next
+                for seq in [s for s in active if _gone(s.request)]:
+                    self.cancelled += 1
+                    finish(seq, "cancelled")
                 # admit waiting requests while a slot is free (continuous batching)
                 while waiting and free:
                     request = requests[waiting[0]]
                     index = waiting.popleft()
+                    if _gone(request):
+                        self.cancelled += 1
+                        settle(index, Generated("", len(request.prompt), 0, "cancelled", 0.0))
+                        continue
                     need = len(request.prompt) + request.max_tokens
                     if not request.prompt or need > self.n_ctx_seq:
                         settle(
@@ -252,9 +282,17 @@ class BatchedDecoder:
                 n += 1
             if n > best_n:
                 best, best_n = seq_id, n
-        return best, min(best_n, len(prompt) - 1)
+        return best, min(best_n, len(prompt) - 1) if self.reuse_prefix else 0
 
     def _sample(self, seq: _Sequence, finish: Callable[[_Sequence, str], None]) -> None:
+        if seq.request.logits:
+            import numpy as np
+
+            row = self._llama_cpp.llama_get_logits_ith(self.ctx.ctx, seq.i_batch)
+            seq.logits = np.ctypeslib.as_array(row, shape=(self.llm.n_vocab(),)).copy()
+            seq.i_batch = -1
+            finish(seq, "logits")
+            return
         token = seq.sampler.sample(self.ctx, seq.i_batch)
         seq.i_batch = -1
         reason = self._accept(seq, token)
@@ -332,6 +370,7 @@ class BatchedDecoder:
             completion_tokens=len(seq.tokens),
             finish_reason=reason,
             seconds=time.perf_counter() - seq.started,
+            logits=seq.logits,
         )
 
     def close(self) -> None:

@@ -299,10 +299,12 @@ class LlamaBackend:
         conversations: list[Messages],
         params: GenerationParams,
         on_done: Callable[[int], None] | None = None,
+        cancelled: Sequence[Callable[[], bool] | None] = (),
     ) -> list[tuple[Completion | Exception, float]]:
         """Answer every conversation with the batched decoder: one (completion or the
         exception of that conversation, seconds) per conversation, in order.
-        `on_done(completion_tokens)` is called as each one ends."""
+        `on_done(completion_tokens)` is called as each one ends; `cancelled[i]()` turning True
+        stops conversation i at the next decode step (finish_reason "cancelled")."""
         from .batched import Request
 
         assert self.batched, "complete_many needs --parallel above 1 and a chat template"
@@ -333,6 +335,7 @@ class LlamaBackend:
                     seed=params.seed,
                     stop=[s.encode("utf-8") for s in stop],
                     grammar=self.grammar,
+                    cancelled=cancelled[i] if i < len(cancelled) else None,
                 )
             )
             placed.append((i, warning))
@@ -401,6 +404,15 @@ class LlamaBackend:
             except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
                 pass
             self.llm = None
+
+
+def _until(gone: Callable[[], bool]) -> OnText:
+    """An `on_text` that stops the answer once `gone()` is True."""
+
+    def on_text(piece: str) -> bool:
+        return not gone()
+
+    return on_text
 
 
 def cut_middle(text: str, keep: int) -> str:
@@ -536,10 +548,12 @@ class OpenAIBackend:
         conversations: list[Messages],
         params: GenerationParams,
         on_done: Callable[[int], None] | None = None,
+        cancelled: Sequence[Callable[[], bool] | None] = (),
     ) -> list[tuple[Completion | Exception, float]]:
         """Up to `concurrency` requests in flight; results in order, each with its own
         retries (one request's failure is that conversation's, not the batch's).
-        `on_done(completion_tokens)` is called in this thread as each one ends."""
+        `on_done(completion_tokens)` is called in this thread as each one ends. `cancelled` is
+        accepted for the local backend's sake: a request sent upstream runs to its end."""
         from concurrent.futures import as_completed
 
         if self._pool is None:
@@ -890,6 +904,9 @@ class Generate(Operator):
         self.cache: ResultCache | None = None
         #: what each record of the last failed batch came to, by id(record)
         self._settled: dict[int, tuple[Record, Record | Exception]] = {}
+        #: id(record) -> True once that record's reader went away (a server's client closed its
+        #: connection): its answer stops early, finish_reason "cancelled", and is not cached
+        self.cancel_checks: dict[int, Callable[[], bool]] = {}
         #: called (from the thread that calls process) as each record of a batch is answered,
         #: so a terminal's progress line moves during a long batch (sage_cli.observability.progress)
         self.on_progress: Callable[[], None] | None = None
@@ -964,6 +981,8 @@ class Generate(Operator):
         if completion.truncated or "prompt_truncated" in record:
             out["prompt_truncated"] = completion.truncated or bool(record.get("prompt_truncated"))
         cut = completion.finish_reason == "cancelled"  # stopped by on_text: not the answer
+        if cut:
+            usage["cancelled"] = True
         if self.cache is not None and key is not None and not cached and not cut:
             self.cache.put_json(key, asdict(completion))
         return out
@@ -975,6 +994,9 @@ class Generate(Operator):
         cached."""
         assert self.backend is not None, "setup() was not called"
         messages, key, cached = self._lookup(record)
+        gone = self.cancel_checks.get(id(record))
+        if on_text is None and gone is not None:
+            on_text = _until(gone)  # streamed, so that it can stop when its reader goes away
         if cached is not None:
             if on_text is not None and cached.text:
                 on_text(cached.text)
@@ -1013,7 +1035,10 @@ class Generate(Operator):
         if todo:
             t0 = time.perf_counter()
             done = self.backend.complete_many(
-                [m for _, m, _ in todo], self.params, on_done=self._done
+                [m for _, m, _ in todo],
+                self.params,
+                on_done=self._done,
+                cancelled=[self.cancel_checks.get(id(batch[i])) for i, _, _ in todo],
             )
             self.generate_seconds += time.perf_counter() - t0
             for (i, _, key), (result, seconds) in zip(todo, done, strict=True):

@@ -53,6 +53,8 @@ DEFAULT_METHOD = "phrase"
 PHRASE_WEIGHT = 0.1
 #: characters of a document shown to the judging model
 LLM_DOC_CHARS = 1500
+#: (query, document) pairs the llm method judges together (sequences of the batched decoder)
+LLM_PARALLEL = 8
 LLM_SYSTEM = "You judge whether a document helps answer a question. Answer yes or no."
 LLM_PROMPT = (
     "Question: {query}\nDocument: {doc}\n"
@@ -83,6 +85,8 @@ class LLMJudge:
         self.yes = self._first_tokens(("yes", "Yes", " yes", " Yes", "YES"))
         self.no = self._first_tokens(("no", "No", " no", " No", "NO"))
         self._np = np
+        #: the batched decoder of `score_many`, made on first use
+        self.decoder: Any = None
 
     def _first_tokens(self, words: Sequence[str]) -> list[int]:
         ids = {self.llm.tokenize(w.encode(), add_bos=False, special=False)[0] for w in words}
@@ -98,18 +102,46 @@ class LLMJudge:
         ]
         return str(self.formatter(messages=messages).prompt)
 
+    def _tokens(self, query: str, doc: str) -> list[int]:
+        tokens = self.llm.tokenize(
+            self.prompt(query, doc).encode("utf-8"), add_bos=False, special=True
+        )
+        return tokens[-(self.llm.n_ctx() - 1) :]  # the end (the question) matters most
+
     def score(self, query: str, doc: str) -> float:
+        """One document judged with one model call."""
         import llama_cpp
 
-        np = self._np
         llm = self.llm
-        tokens = llm.tokenize(self.prompt(query, doc).encode("utf-8"), add_bos=False, special=True)
-        tokens = tokens[-(llm.n_ctx() - 1) :]  # the end of the prompt (the question) matters most
         llm.reset()
-        llm.eval(tokens)
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits(llm.ctx), shape=(llm.n_vocab(),)
-        ).astype(np.float64)
+        llm.eval(self._tokens(query, doc))
+        row = llama_cpp.llama_get_logits(llm.ctx)
+        return self._rating(self._np.ctypeslib.as_array(row, shape=(llm.n_vocab(),)))
+
+    def score_many(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Many (query, document) pairs judged by the batched decoder (`operators/batched.py`,
+        the one generate uses): up to LLM_PARALLEL prompts in flight, each prefilled whole."""
+        from .batched import BatchedDecoder, Request
+
+        if self.decoder is None:
+            self.decoder = BatchedDecoder(
+                self.llm,
+                n_seq=LLM_PARALLEL,
+                n_ctx_seq=self.llm.n_ctx(),
+                threads=self.llm.context_params.n_threads,
+                reuse_prefix=False,  # the scores of one-at-a-time calls, not close to them
+            )
+        requests = [Request(self._tokens(q, d), max_tokens=1, logits=True) for q, d in pairs]
+        scores = []
+        for done in self.decoder.run(requests):
+            if isinstance(done, Exception):
+                raise done
+            scores.append(self._rating(done.logits))
+        return scores
+
+    def _rating(self, row: Any) -> float:
+        np = self._np
+        logits = np.asarray(row, dtype=np.float64)
         top = logits.max()
         p_yes = float(np.exp(logits[self.yes] - top).sum())
         p_no = float(np.exp(logits[self.no] - top).sum())
@@ -212,6 +244,7 @@ class Reranker(Operator):
         hash_cache: str | os.PathLike[str] | None = None,
         embedder_factory: Callable[[Path, int | None], Any] | None = None,
         judge_factory: Callable[[Path, int | None], Any] | None = None,
+        batched: bool = True,
     ) -> None:
         if method not in METHODS:
             raise OptionError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -220,6 +253,9 @@ class Reranker(Operator):
         if k is not None and k < 1:
             raise OptionError(f"-k must be at least 1, got {k}")
         self.method = method
+        #: llm: a record's documents judged together by the batched decoder (False: one model
+        #: call per document, the path it replaced, kept for the bench's baseline)
+        self.batched = batched
         self.lam = lam
         self.k = k
         self.index_dir = Path(index) if index is not None else None
@@ -352,12 +388,16 @@ class Reranker(Operator):
 
     def _llm_order(self, query: str, docs: list[Record]) -> list[tuple[int, float]]:
         judge = self.judge()
-        scores = []
+        texts = []
         for i, doc in enumerate(docs):
             text = doc.get("text")
             if not isinstance(text, str):
                 raise RecordError(f"doc {i + 1} has no `text` to judge")
-            scores.append(float(judge.score(query, text)))
+            texts.append(text)
+        if self.batched and hasattr(judge, "score_many"):
+            scores = [float(s) for s in judge.score_many([(query, t) for t in texts])]
+        else:
+            scores = [float(judge.score(query, t)) for t in texts]
         order = sorted(range(len(docs)), key=lambda i: (-round(scores[i], 6), i))
         return [(i, scores[i]) for i in order][: self.k or len(docs)]
 
@@ -369,6 +409,8 @@ class Reranker(Operator):
             self._embedder = None
         if self._llm is not None:
             try:
+                if self._judge is not None and self._judge.decoder is not None:
+                    self._judge.decoder.close()
                 self._llm.close()
             except Exception:  # noqa: BLE001 - releasing native memory must not fail a run
                 pass

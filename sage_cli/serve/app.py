@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,49 @@ async def _await(future: Any) -> Any:
         raise
 
 
+def _count_cancelled(state: ServerState, future: Any) -> None:
+    """When a chat job ends: an answer its client stopped goes into /metrics."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    answer = future.result()
+    if isinstance(answer, ChatAnswer) and answer.finish_reason == "cancelled":
+        state.metrics.cancel(answer.completion_tokens)
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return when the client closes its connection (the request body was read already)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _answer_or_disconnect(
+    state: ServerState, worker: ModelWorker, chat: Any, request: Request
+) -> ChatAnswer | None:
+    """The answer, or None when the client went away first: then its generation stops at the
+    next token (the batched decoder frees its slot) and nothing is sent."""
+    cancel = threading.Event()
+    future = worker.submit("chat", replace(chat, cancel=cancel))
+    future.add_done_callback(lambda f: _count_cancelled(state, f))
+    answer = asyncio.ensure_future(asyncio.wrap_future(future))
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        cancel.set()
+        future.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if answer.done():
+        return answer.result()
+    cancel.set()
+    future.cancel()  # not started yet: dropped; running: stops at the next token
+    answer.cancel()
+    return None
+
+
 def make_app(state: ServerState) -> Any:
     config = state.config
 
@@ -247,11 +290,13 @@ def make_app(state: ServerState) -> Any:
         if stream:
             return await _stream_chat(state, worker, chat, model, with_sources, include_usage)
         try:
-            answer: ChatAnswer = await _await(worker.submit("chat", chat))
+            answer = await _answer_or_disconnect(state, worker, chat, request)
         except APIError:
             raise
         except Exception as exc:  # noqa: BLE001 - this request's error, in OpenAI's shape
             raise from_exception(exc) from None
+        if answer is None:  # the client went away: 499, as nginx logs it; nobody reads it
+            return Response(status_code=499)
         state.metrics.add_tokens(answer.prompt_tokens, answer.completion_tokens)
         return _json(protocol.chat_response(answer, model, with_sources))
 
@@ -285,9 +330,14 @@ def make_app(state: ServerState) -> Any:
         return _json(body, 503 if state.draining else 200)
 
     async def metrics(request: Request) -> Response:
-        return Response(
-            state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
+        text = state.metrics.render()
+        if state.worker is not None:
+            text += (
+                "# HELP sage_model_jobs_running Requests the model thread is answering now.\n"
+                "# TYPE sage_model_jobs_running gauge\n"
+                f"sage_model_jobs_running {state.worker.running}\n"
+            )
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def pipelines_list(request: Request) -> Response:
         data = [{"name": n, "path": str(p)} for n, p in sorted(config.pipelines.items())]
@@ -383,8 +433,10 @@ async def _stream_chat(
         put("text", piece)
         return True
 
+    chat = replace(chat, cancel=stop)
     future = worker.submit("stream", (chat, on_text, lambda docs: put("sources", docs)))
     future.add_done_callback(lambda f: put("done", None))
+    future.add_done_callback(lambda f: _count_cancelled(state, f))
     try:
         kind, value = await events.get()
     except asyncio.CancelledError:

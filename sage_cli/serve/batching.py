@@ -68,6 +68,8 @@ class ModelWorker:
         #: batches run so far, by kind (for tests and /health)
         self.batches: dict[str, int] = {}
         self.jobs_done = 0
+        #: jobs in the batch the thread is running now
+        self.running = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -158,6 +160,7 @@ class ModelWorker:
         if not live:
             return
         t0 = time.perf_counter()
+        self.running = len(live)
         try:
             results = list(self.handlers[kind]([j.payload for j in live]))
             if len(results) != len(live):
@@ -167,6 +170,7 @@ class ModelWorker:
         except BaseException as exc:  # noqa: BLE001 - the whole batch failed: each job says so
             results = [exc] * len(live)
         seconds = time.perf_counter() - t0
+        self.running = 0
         self.batches[kind] = self.batches.get(kind, 0) + 1
         self.jobs_done += len(live)
         if self.on_batch is not None:

@@ -18,6 +18,7 @@ replace the fixed retrieve-prompt-generate chain.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,8 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     #: documents to retrieve (None: the engine's default); only with an index
     k: int | None = None
+    #: set when the client went away: the answer stops at the next token, its slot freed
+    cancel: threading.Event | None = field(default=None, compare=False)
 
     @classmethod
     def of(cls, messages: Sequence[dict[str, str]], **kwargs: Any) -> ChatRequest:
@@ -253,8 +256,17 @@ class ChatEngine:
                 groups.setdefault(self._params(requests[i]), []).append(i)
         for params, idx in groups.items():
             self.generate.params = params
+            batch: list[Record] = [records[i] for i in idx]  # type: ignore[misc]
+            self.generate.cancel_checks = {
+                id(record): event.is_set
+                for record, event in zip(batch, (requests[i].cancel for i in idx), strict=True)
+                if event is not None
+            }
             t0 = time.perf_counter()
-            outs = run_batch(self.generate, [records[i] for i in idx])  # type: ignore[misc]
+            try:
+                outs = run_batch(self.generate, batch)
+            finally:
+                self.generate.cancel_checks = {}
             seconds = time.perf_counter() - t0
             for i, out in zip(idx, outs, strict=True):
                 results[i] = (
@@ -432,11 +444,17 @@ def _source(doc: Record) -> Record:
 def _to_answer(out: Record, req: ChatRequest, sources: list[Record], seconds: float) -> ChatAnswer:
     usage = out.get("usage") or {}
     completion = int(usage.get("completion_tokens") or 0)
+    if completion >= req.max_tokens:
+        finish = "length"
+    elif usage.get("cancelled"):
+        finish = "cancelled"
+    else:
+        finish = "stop"
     return ChatAnswer(
         text=out.get("answer", ""),
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=completion,
-        finish_reason="length" if completion >= req.max_tokens else "stop",
+        finish_reason=finish,
         sources=sources,
         warnings=[w for w in out.get("_warnings") or [] if isinstance(w, str)],
         seconds=float(usage.get("seconds") or seconds),

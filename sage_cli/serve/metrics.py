@@ -59,6 +59,9 @@ class Metrics:
         self.tokens: dict[Labels, int] = defaultdict(int)
         self.batches = Histogram(BATCH_BUCKETS)
         self.in_flight = 0
+        #: answers stopped because their client went away, and the tokens they had generated
+        self.cancelled = 0
+        self.cancelled_tokens = 0
 
     def started(self) -> None:
         with self._lock:
@@ -82,6 +85,11 @@ class Metrics:
         with self._lock:
             self.tokens[(("kind", "prompt"),)] += prompt
             self.tokens[(("kind", "completion"),)] += completion
+
+    def cancel(self, completion: int) -> None:
+        with self._lock:
+            self.cancelled += 1
+            self.cancelled_tokens += completion
 
     def batch(self, size: int) -> None:
         with self._lock:
@@ -115,6 +123,14 @@ class Metrics:
             for kind in ("prompt", "completion"):
                 key = (("kind", kind),)
                 out.append(f"sage_tokens_total{_labels(key)} {self.tokens.get(key, 0)}")
+            out += [
+                "# HELP sage_cancelled_total Answers stopped because their client went away.",
+                "# TYPE sage_cancelled_total counter",
+                f"sage_cancelled_total {self.cancelled}",
+                "# HELP sage_cancelled_tokens_total Tokens those answers had generated.",
+                "# TYPE sage_cancelled_tokens_total counter",
+                f"sage_cancelled_tokens_total {self.cancelled_tokens}",
+            ]
             out += [
                 "# HELP sage_batch_size Requests answered together by one model call.",
                 "# TYPE sage_batch_size histogram",

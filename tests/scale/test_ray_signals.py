@@ -27,15 +27,25 @@ def _left(sid: int) -> list[str]:
     return [line for line in out.stdout.decode().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_run_on_ray_stops_when_the_launcher_ignored_sigint(tmp_path: Path, sig, status) -> None:
+@pytest.mark.parametrize(
+    ("sig", "status", "script"),
+    [
+        (signal.SIGINT, 130, "p.sh"),
+        (signal.SIGTERM, 143, "p.sh"),
+        (signal.SIGINT, 130, "two.sh"),  # bash runs it; its stages join the private Ray
+    ],
+)
+def test_run_on_ray_stops_when_the_launcher_ignored_sigint(
+    tmp_path: Path, sig, status, script
+) -> None:
     (tmp_path / "slow.py").write_text(SLOW)
     (tmp_path / "in.ndjson").write_text("".join(f'{{"x": {i}}}\n' for i in range(5000)))
     (tmp_path / "p.sh").write_text("sage source in.ndjson | sage map --fn slow:f\n")
+    (tmp_path / "two.sh").write_text("true\nsage source in.ndjson | sage map --fn slow:f\n")
     env = ray_env()
     env["PATH"] = str(BIN) + os.pathsep + env["PATH"]
     proc = subprocess.Popen(
-        ["bash", "-c", 'trap "" INT; exec sage run --engine ray --quiet p.sh'],
+        ["bash", "-c", 'trap "" INT; exec sage run --engine ray --quiet "$0"', script],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

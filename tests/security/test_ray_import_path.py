@@ -46,8 +46,13 @@ def _sage(cwd: Path, *args: str, data: bytes = b"", **extra: str) -> subprocess.
     )
 
 
-def test_private_local_ray_does_not_import_from_the_working_directory(poisoned):
-    result = _sage(poisoned, "run", "--engine", "ray", "--quiet", "p.sh")
+@pytest.mark.parametrize("script", ["p.sh", "two.sh"])
+def test_private_local_ray_does_not_import_from_the_working_directory(poisoned, script):
+    # p.sh: one pipeline, run in process; two.sh: bash runs it, each stage joins the local Ray
+    (poisoned / "two.sh").write_text(
+        "sage source in.ndjson > mid.ndjson\nsage map r < mid.ndjson\n"
+    )
+    result = _sage(poisoned, "run", "--engine", "ray", "--quiet", script)
     assert result.returncode == 0, result.stderr.decode()
     assert [r["x"] for r in parse_ndjson(result.stdout)] == list(range(20))
     assert_nothing_imported(poisoned)

@@ -203,7 +203,7 @@ def _start_ray(stages: list[BuiltStage], address: str | None) -> tuple[float | N
 
     started = not ray.is_initialized()
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    connect(address)
+    connect(address, from_here=True)  # the program's own modules, as it imports them
     for sig, handler in handlers.items():
         if handler is not None:
             signal.signal(sig, handler)

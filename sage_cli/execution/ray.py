@@ -370,9 +370,11 @@ def _writer_for(stdout: Any) -> RecordWriter:
         return writer
 
 
-def connect(address: str | None, num_cpus: int | None = None) -> None:
+def connect(address: str | None, num_cpus: int | None = None, from_here: bool = False) -> None:
     """Join the cluster at `address` ("auto", "HOST:PORT", "ray://HOST:PORT") or, with None,
-    start a private local one with `num_cpus` CPUs (default: this machine's)."""
+    start a private local one with `num_cpus` CPUs (default: this machine's). `from_here`: a
+    Python program's own pipeline (sage_cli.api), whose functions live in modules of its
+    working directory, which its actors must import as the program itself does."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -389,7 +391,8 @@ def connect(address: str | None, num_cpus: int | None = None) -> None:
     # private local Ray's processes also start in "/", not in the data directory.
     here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.chdir(os.sep)
+        if not from_here:
+            os.chdir(os.sep)
         if address:
             ray.init(address=address, **common)
         else:

@@ -22,12 +22,20 @@ BIN = Path(sys.executable).parent
 SHADOWED = ["multiprocessing", "typer", "orjson", "numpy", "json", "sage_cli", "operators"]
 
 
+def plant(directory: Path, names: list[str]) -> None:
+    """A module per name in `directory` that, once imported, leaves PWNED-name beside itself
+    (by its own path: the importing process may run in another directory) and fails."""
+    for name in names:
+        (directory / f"{name}.py").write_text(
+            "import os\n"
+            f"open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'PWNED-{name}'), 'w')"
+            ".close()\nraise ImportError('shadowed')\n"
+        )
+
+
 @pytest.fixture
 def poisoned(tmp_path: Path) -> Path:
-    for name in SHADOWED:
-        (tmp_path / f"{name}.py").write_text(
-            f"open('PWNED-{name}', 'w').close()\nraise ImportError('shadowed')\n"
-        )
+    plant(tmp_path, SHADOWED)
     return tmp_path
 
 

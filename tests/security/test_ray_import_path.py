@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import ndjson, parse_ndjson
 from tests.scale.test_ray import cluster, ray_env  # noqa: F401 - the module's cluster
-from tests.security.test_import_path import SHADOWED, assert_nothing_imported
+from tests.security.test_import_path import SHADOWED, assert_nothing_imported, plant
 
 pytestmark = pytest.mark.slow
 
@@ -26,10 +26,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture
 def poisoned(tmp_path: Path) -> Path:
-    for name in [*SHADOWED, "ray"]:
-        (tmp_path / f"{name}.py").write_text(
-            f"open('PWNED-{name}', 'w').close()\nraise ImportError('shadowed')\n"
-        )
+    plant(tmp_path, [*SHADOWED, "ray"])
     (tmp_path / "in.ndjson").write_bytes(ndjson([{"x": i} for i in range(20)]))
     (tmp_path / "p.sh").write_text("sage source in.ndjson | sage map r | sage filter 'True'\n")
     return tmp_path

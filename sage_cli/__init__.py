@@ -10,3 +10,9 @@ if _os.environ.get("SAGE_RUN_DIR") and not _os.environ.get("SAGE_TRACE_STAGE"):
     from sage_cli.run.registry import note_place
 
     note_place()
+
+# ... and ends when the `sage run` it belongs to is killed outright (sage_cli.run.lifeline)
+if _os.environ.get("SAGE_RUN_LIFELINE"):
+    from sage_cli.run.lifeline import hold
+
+    hold(_os.environ["SAGE_RUN_LIFELINE"])

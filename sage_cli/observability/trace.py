@@ -5,7 +5,8 @@ builds a Tracer and the driver calls it once per batch. Without those variables 
 imported and the driver pays one `is None` test per batch.
 
 Events (one JSON object per line, `t` in Unix seconds):
-  {"ev": "start", "t", "pid", "argv"}
+  {"ev": "start", "t", "pid", "argv", "keeper"?}   `keeper` in a worker of `--retries` (its
+      attempt, the status the one before died with, the input and output lines committed before)
   {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: when its records entered the stage,
       the seconds until its result left it (the records' latency), records in / out, the input
       ids (one span per record) and model tokens of its output (`usage`)
@@ -82,9 +83,26 @@ class Tracer:
     def start(self, stats: Any) -> None:
         self.stats = stats
         threading.Thread(target=self._flush_when_idle, name="sage-trace", daemon=True).start()
-        self._emit(
-            {"ev": "start", "t": time.time(), "pid": os.getpid(), "argv": redact_argv(sys.argv[1:])}
-        )
+        event = {
+            "ev": "start",
+            "t": time.time(),
+            "pid": os.getpid(),
+            "argv": redact_argv(sys.argv[1:]),
+        }
+        kept = os.environ.get("SAGE_RUN_ATTEMPT")  # a keeper's worker (sage_cli.run.keeper)
+        if kept:
+            try:
+                attempt, after, first, forwarded = (int(x) for x in kept.split(","))
+            except ValueError:
+                pass
+            else:
+                event["keeper"] = {
+                    "attempt": attempt,
+                    "after": after,
+                    "from_line": first,
+                    "forwarded": forwarded,
+                }
+        self._emit(event)
         self.flush()
 
     def batch(

@@ -255,6 +255,8 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         elif kind == "start":
             close_attempt()
             attempt["start"] = ev.get("t")
+            if ev.get("keeper"):
+                attempt["keeper"] = ev["keeper"]
         elif kind in ("stats", "stop"):
             keys = ("in", "out", "errors", "skipped", "busy", "tok")
             attempt.update({k: ev[k] for k in keys if k in ev})
@@ -264,9 +266,16 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 attempt["cpu"] = ev.get("cpu")
                 attempt["stop"] = ev.get("t")
     close_attempt()
-    for a in attempts:
-        records_in += a.get("in", a.get("b_in", 0))
-        records_out += a.get("out", a.get("b_out", 0))
+    for a, after in zip(attempts, [*attempts[1:], None]):  # noqa: B905 - one longer
+        kept, next_kept = a.get("keeper"), after and after.get("keeper")
+        if kept and next_kept:
+            # a keeper's worker that died: what counts is what the keeper committed of it
+            # (the one after it starts there), not what it read or wrote past its last commit
+            records_in += max(0, next_kept["from_line"] - kept["from_line"])
+            records_out += max(0, next_kept["forwarded"] - kept["forwarded"])
+        else:
+            records_in += a.get("in", a.get("b_in", 0))
+            records_out += a.get("out", a.get("b_out", 0))
         errors += a.get("errors", 0)
         skipped += a.get("skipped", 0)
         busy += float(a.get("busy", 0.0))
@@ -298,6 +307,7 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             if attempts and all(a.get("cpu") is not None for a in attempts)
             else None
         ),
+        "own_attempts": len(attempts),
         "own_started": attempts[0].get("start") if attempts else None,
         "own_ended": attempts[-1].get("stop") if attempts else None,
     }
@@ -376,7 +386,8 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         if seen[0]:
             if st["attempts"] == 0:  # started by bash (no supervisor events): its own account
                 st.update(
-                    attempts=1,
+                    attempts=max(1, figures["own_attempts"]),
+                    restarts=max(0, figures["own_attempts"] - 1),
                     status=figures["own_status"],
                     started=figures["own_started"],
                     ended=figures["own_ended"],

@@ -21,6 +21,7 @@ THREADS = "SAGE_THREADS"  # a model stage's share of the cores
 #: a run bash runs (any script): the run directory; a stage names itself (sage_cli.run.registry)
 RUN_DIR = "SAGE_RUN_DIR"
 RUN_PID = "SAGE_RUN_PID"  # ... and `sage run`'s pid, above which no stage looks
+RUN_LIFELINE = "SAGE_RUN_LIFELINE"  # "FD:INODE": the pipe that closes when `sage run` dies
 RUN_PLACE = "SAGE_RUN_PLACE"  # a keeper's worker: its keeper's place "position,pipe"
 #: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
 RAY_ADDRESS = "SAGE_RAY_ADDRESS"
@@ -32,6 +33,10 @@ RUN_BACKOFF = "SAGE_RUN_BACKOFF"  # seconds before the first restart (doubles ea
 RUN_WORKER = "SAGE_RUN_WORKER"
 #: a restarted worker of a stateful operator: replay input lines 1..N without writing outputs
 RUN_REPLAY = "SAGE_RUN_REPLAY"
+#: a keeper's worker: "ATTEMPT,AFTER,FROM,FORWARDED": its attempt (1 first), the status the one
+#: before it died with, the input lines and output lines the keeper had committed when it started;
+#: written in its trace's start event, so the run's summary counts a stage's restarts exactly
+RUN_ATTEMPT = "SAGE_RUN_ATTEMPT"
 
 
 @dataclass(frozen=True)

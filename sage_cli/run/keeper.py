@@ -42,6 +42,7 @@ from collections import deque
 from typing import Any
 
 from sage_cli.run.env import (
+    RUN_ATTEMPT,
     RUN_BACKOFF,
     RUN_BATCH_SIZE,
     RUN_DIR,
@@ -59,6 +60,9 @@ REPLAY_MARKER = b"\x1e=\n"
 #: exit statuses a restart cannot change: usage, data error under fail, unavailable, stopped
 FINAL = frozenset({2, 65, 69, 130, 143})
 READ_SIZE = 1 << 20
+#: input a keeper holds in memory (SAGE_RUN_FLIGHT_MB overrides): past it, backpressure for a
+#: stateless worker, a spill file for a stateful one
+KEEP_MEMORY = 32 * 1024 * 1024
 
 
 def commit_marker(line: int) -> bytes:
@@ -92,20 +96,60 @@ def retries_asked() -> int | None:
 
 class _Input:
     """The input not committed yet: chunks as read from stdin, with the count of newlines
-    before each, so a restart finds where line L+1 starts without counting per record."""
+    before each, so a restart finds where line L+1 starts without counting per record.
 
-    def __init__(self) -> None:
+    Memory stays bounded: past `memory` bytes held, a stateless worker's keeper stops reading
+    (backpressure, as a pipe gives) until commits free some; a stateful one's keeper, which
+    must keep everything for a replay, writes further chunks to an unlinked spill file."""
+
+    def __init__(self, memory: int = KEEP_MEMORY, spill_dir: str | None = None) -> None:
         self.cond = threading.Condition()
-        self.chunks: deque[tuple[bytes, int, int]] = deque()  # (data, newlines before, in it)
+        #: (data, or None when spilled, newlines before, in it, spill offset, length)
+        self.chunks: deque[tuple[bytes | None, int, int, int, int]] = deque()
         self.first = 0  # absolute index of chunks[0]
         self.newlines = 0  # newlines read so far
         self.eof = False
         self.last_byte = b"\n"
         self.error: str | None = None
+        self.memory = memory
+        self.held = 0  # bytes of chunks in memory
+        self.committed = 0  # input lines done
+        self.keep_all = False  # a stateful worker: nothing is ever dropped, spill instead
+        self.spill_dir = spill_dir
+        self._spill: Any = None
+        self._spilled = 0
+
+    def data(self, index: int) -> bytes:
+        """The bytes of chunks[index] (read back from the spill file if they were spilled)."""
+        data, _, _, offset, length = self.chunks[index]
+        if data is not None:
+            return data
+        return os.pread(self._spill.fileno(), length, offset)
+
+    def _keep(self, data: bytes, n: int) -> None:
+        if self.keep_all and self.held + len(data) > self.memory:
+            if self._spill is None:
+                import tempfile
+
+                self._spill = tempfile.TemporaryFile(prefix="sage-keep-", dir=self.spill_dir)
+            os.pwrite(self._spill.fileno(), data, self._spilled)
+            self.chunks.append((None, self.newlines, n, self._spilled, len(data)))
+            self._spilled += len(data)
+        else:
+            self.chunks.append((data, self.newlines, n, 0, len(data)))
+            self.held += len(data)
 
     def read_all(self, fd: int) -> None:
         try:
             while True:
+                with self.cond:  # backpressure: wait for commits to free memory, as long as
+                    # whole lines wait for the worker (one longer line is read on: no deadlock)
+                    while (
+                        self.held >= self.memory
+                        and not self.keep_all
+                        and self.newlines > self.committed
+                    ):
+                        self.cond.wait(0.5)
                 data = os.read(fd, READ_SIZE)
                 with self.cond:
                     if not data:
@@ -113,7 +157,7 @@ class _Input:
                         self.cond.notify_all()
                         return
                     n = data.count(b"\n")
-                    self.chunks.append((data, self.newlines, n))
+                    self._keep(data, n)
                     self.newlines += n
                     self.last_byte = data[-1:]
                     self.cond.notify_all()
@@ -123,26 +167,43 @@ class _Input:
                 self.eof = True
                 self.cond.notify_all()
 
-    def commit(self, lines: int) -> None:
-        """Input lines 1..`lines` are done: drop the chunks that hold only those."""
+    def keep_everything(self) -> None:
+        """The worker is stateful: a restart replays from line 1, so keep all (spilling)."""
         with self.cond:
+            self.keep_all = True
+            self.cond.notify_all()
+
+    def commit(self, lines: int) -> None:
+        """Input lines 1..`lines` are done: drop the chunks that hold nothing after them. A
+        chunk whose last newline ends line `lines` still holds the start of the next line
+        unless that newline is its last byte (a pipe cuts chunks anywhere)."""
+        with self.cond:
+            self.committed = max(self.committed, lines)
             chunks = self.chunks
-            while chunks and chunks[0][1] + chunks[0][2] <= lines:
-                if not self.eof and len(chunks) == 1:
-                    break  # keep the newest: the next chunk's first line may start in it
+            while chunks:
+                data, before, n, _, _ = chunks[0]
+                if before + n > lines or (before + n == lines and not self.data(0).endswith(b"\n")):
+                    break
                 chunks.popleft()
+                if data is not None:
+                    self.held -= len(data)
                 self.first += 1
+            self.cond.notify_all()
 
     def start_of(self, lines: int) -> tuple[int, int]:
         """(absolute chunk index, offset) where input line `lines`+1 starts."""
         with self.cond:
-            for i, (data, before, n) in enumerate(self.chunks):
-                if before + n >= lines and (before + n > lines or i == len(self.chunks) - 1):
+            if lines > self.newlines:  # the last line, without a newline, is done too
+                return self.first + len(self.chunks), 0
+            for i, (_, before, n, _, _) in enumerate(self.chunks):
+                if before < lines <= before + n:  # the chunk with the newline ending `lines`
+                    data = self.data(i)
                     offset = 0
                     for _ in range(lines - before):
                         offset = data.index(b"\n", offset) + 1
                     return self.first + i, offset
-            return self.first + len(self.chunks), 0
+            # that newline was the last byte of a chunk already dropped: the next one starts it
+            return self.first, 0
 
 
 def _feed(inp: _Input, start: tuple[int, int], fd: int, stop: threading.Event) -> None:
@@ -158,7 +219,7 @@ def _feed(inp: _Input, start: tuple[int, int], fd: int, stop: threading.Event) -
                 at = index - inp.first
                 if at >= len(inp.chunks):
                     return  # end of input
-                data = inp.chunks[max(at, 0)][0]
+                data = inp.data(max(at, 0))
             view = memoryview(data)[offset:]
             while view:
                 view = view[os.write(fd, view) :]
@@ -183,7 +244,7 @@ def _dead_letter(inp: _Input, committed: int, prog: str, code: int, run_dir: str
     """Put the first record after line `committed` in the run's dead.ndjson; return its line."""
     index, offset = inp.start_of(committed)
     with inp.cond:
-        data = b"".join(c[0] for c in list(inp.chunks)[index - inp.first :])[offset:]
+        data = b"".join(inp.data(i) for i in range(index - inp.first, len(inp.chunks)))[offset:]
     line = committed
     for raw in data.split(b"\n"):
         line += 1
@@ -226,13 +287,19 @@ def keep(argv: list[str], retries: int) -> int:
         if place is not None:
             env[RUN_PLACE] = f"{place[0]},{place[1]}"
     cmd = [sys.executable, "-m", "sage_cli", *argv]
-    inp = _Input()
+    mb = os.environ.get("SAGE_RUN_FLIGHT_MB", "").strip()
+    inp = _Input(
+        int(float(mb) * 1024 * 1024) if mb else KEEP_MEMORY, os.environ.get(RUN_DIR) or None
+    )
     threading.Thread(target=inp.read_all, args=(0,), daemon=True).start()
     committed = 0  # input lines whose outputs are forwarded
     replay_all = False  # a stateful operator: a restart replays the input from line 1
     stuck = 0  # deaths in a row with no input line committed in between
     isolating = False  # the worker runs batches of one, each flushed and committed at once
     attempts = 0
+    launches = 0  # workers started (attempts, less the one a dead-lettered record gives back)
+    forwarded = 0  # output lines passed on (committed), for the workers' traces
+    died_with = 0  # the status the last worker died with
     stopping: list[int] = []
     child: list[subprocess.Popen[bytes]] = []
 
@@ -254,6 +321,8 @@ def keep(argv: list[str], retries: int) -> int:
         else:
             env.pop(RUN_FLUSH, None)
             env.pop(RUN_BATCH_SIZE, None)
+        launches += 1
+        env[RUN_ATTEMPT] = f"{launches},{died_with},{0 if replay_all else committed},{forwarded}"
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         child[:] = [proc]
         assert proc.stdin is not None and proc.stdout is not None
@@ -273,6 +342,7 @@ def keep(argv: list[str], retries: int) -> int:
         base = 0 if replay_all else committed
         started_at = committed
         held = bytearray()  # output not committed yet (and a marker's start)
+        scan = 0  # where in `held` the next marker may start
         live = False  # PASS_MARKER seen: forward as it comes, never restart
         out_fd = proc.stdout.fileno()
         broken = False
@@ -290,16 +360,18 @@ def keep(argv: list[str], retries: int) -> int:
                     broken = True
                     break
                 continue
-            scan = len(held)
             held += data
             while True:
                 at = held.find(b"\x1e", scan)
                 if at < 0:
+                    scan = len(held)
                     break
                 end = held.find(b"\n", at)
                 if end < 0:
-                    break  # the marker's end comes with the next read
+                    scan = at  # the marker's end comes with a later read: look here again
+                    break
                 marker = bytes(held[at + 1 : end])
+                forwarded += held.count(b"\n", 0, at)
                 try:
                     _write_all(1, memoryview(held)[:at])
                 except BrokenPipeError:
@@ -314,6 +386,7 @@ def keep(argv: list[str], retries: int) -> int:
                     break
                 if marker == b"=":
                     replay_all = True
+                    inp.keep_everything()
                     continue
                 committed = max(committed, base + int(marker))
                 if not replay_all:
@@ -339,6 +412,7 @@ def keep(argv: list[str], retries: int) -> int:
             if stopping and code < 0:
                 return 143 if stopping[-1] == signal.SIGTERM else 130
             return code if code >= 0 else 128 - code
+        died_with = 128 - code if code < 0 else code
         stuck = stuck + 1 if committed == started_at else 0
         if isolating and stuck and not replay_all and os.environ.get(RUN_DIR):
             # it died running one record alone, again: that record goes to the dead letter

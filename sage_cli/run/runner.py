@@ -168,6 +168,10 @@ def run_pipeline(
     script_path = Path(script)
     held = acquire_lock(script_path, args) if lock else None
     try:
+        if opts.retries and not resume:
+            # restarts are exact only where each stage keeps its own input (the keeper,
+            # sage_cli.run.keeper): bash runs the script, every sage stage restarts itself
+            return _run_under_bash(script_path, args, opts, run_dir, base, None, None)
         try:
             segments = read_segments(script_path)
         except Unsupported as why:

@@ -41,12 +41,14 @@ from sage_cli.run.env import (
     RUN_BACKOFF,
     RUN_DIR,
     RUN_ID,
+    RUN_LIFELINE,
     RUN_PID,
     RUN_RETRIES,
     TRACE_DIR,
     TRACE_IDS,
     TRACE_STAGE,
 )
+from sage_cli.run.lifeline import die_with_parent, open_lifeline
 from sage_cli.run.record import Run
 from sage_cli.run.registry import read_registry
 from sage_cli.run.supervisor import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
@@ -166,6 +168,7 @@ class BashSession:
         self._sweeper: threading.Thread | None = None
         self.own: frozenset[int] = frozenset()
         self._ended = threading.Event()  # bash and everything it left are gone
+        self._lifeline = -1  # the write end of the lifeline, held for the process's life
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -173,6 +176,11 @@ class BashSession:
         env[RUN_ID] = self.run.id
         env[RUN_PID] = str(os.getpid())
         env.update(self.extra_env)
+        # the script's `sage` is the one running it (as the parsed path's stages are), even
+        # when `sage run` was started as `python -m sage_cli` or by its full path
+        here = os.path.dirname(sys.executable)
+        if os.path.exists(os.path.join(here, "sage")):
+            env["PATH"] = here + os.pathsep + env.get("PATH", "")
         if self.opts.retries:  # every sage stage keeps its own worker (sage_cli.run.keeper)
             env[RUN_RETRIES] = str(self.opts.retries)
             env[RUN_BACKOFF] = f"{self.opts.backoff:g}"
@@ -257,15 +265,22 @@ class BashSession:
         read_end, write_end = os.pipe()
         copier = threading.Thread(target=self._copy_stderr, args=(read_end,), daemon=True)
         timer = None
+        # held until this process ends, however it ends (sage_cli.run.lifeline)
+        line_fd, self._lifeline, line = open_lifeline()
+        env = self._env()
+        env[RUN_LIFELINE] = line
         try:
             self.bash = subprocess.Popen(
                 [bash, "-o", "pipefail", str(self.script), *self.args],
-                env=self._env(),
+                env=env,
                 stderr=write_end,
+                pass_fds=(line_fd,),
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl, before exec
                 # its own process group: a Ctrl-C at the terminal reaches `sage run`, which
                 # passes it on once to every process of the run
                 process_group=0,
             )
+            os.close(line_fd)
             os.close(write_end)
             write_end = -1
             copier.start()

@@ -244,8 +244,8 @@ def _check_trace(d: Done) -> None:
     text = d.out.decode()
     assert re.search(r"^run \S+ +ingest.sh docs/ idx/$", text, re.M), text
     assert "exit 0" in text
-    stages = [line.split()[0] for line in d.lines if re.match(r"\d-\w+ ", line)]
-    assert stages == ["1-source", "2-chunk", "3-embed", "4-index"], text
+    stages = [line.split()[0] for line in d.lines if re.match(r"\d\.\d-\w+", line)]
+    assert stages == ["1.1-source", "1.2-chunk", "1.3-embed", "1.4-index-build"], text
 
 
 def _check_workers(d: Done) -> None:

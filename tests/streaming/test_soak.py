@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 
 from sage_cli.run import flight as flights
 from sage_cli.run.directory import read_events
+from sage_cli.run.session import descendants
 from tests.bench.bench_soak import (
     RSS_LIMIT_MB,
     SCRIPT,
@@ -120,9 +122,8 @@ def test_flight_spills_past_its_memory_and_replays_exactly(
 def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
     tmp_path: Path,
 ) -> None:
-    """`sink --to` passes nothing on, so every record it took in stays in flight (its temporary
-    file goes with the crashed process): with 0.1 MB of memory, nearly all of them are in
-    spill files when it is killed, and the new sink is fed them all again."""
+    """`sink --to` is stateful (its file is written whole at the end): its keeper keeps all its
+    input, past 0.1 MB in a spill file, and a killed sink's successor is fed all of it again."""
     n = 80_000
     data, out = tmp_path / "in.ndjson", tmp_path / "out.ndjson"
     write_records(data, n, TEXT_BYTES)
@@ -135,49 +136,67 @@ def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
         env=env() | {"SAGE_RUN_FLIGHT_MB": "0.1"},
         stderr=subprocess.PIPE,
     )
-    trace = run_dir / "stages" / "5-sink.trace.ndjson"
+    trace = run_dir / "stages" / "1.5-sink.trace.ndjson"
     deadline = time.monotonic() + 60
     while not (trace.exists() and trace.stat().st_size > 100_000):  # ~10% of its input
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
-    pid = next(
-        e["pid"]
-        for e in read_events(run_dir / "events.ndjson")
-        if e["ev"] == "stage_start" and e["stage"] == "5-sink"
-    )
+    pid = next(e["pid"] for e in read_events(trace) if e["ev"] == "start")
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert check_output(out, n) == expected_out(n)  # each kept record once, in order
-    events = read_events(run_dir / "events.ndjson")
-    assert [e["stage"] for e in events if e["ev"] == "restart"] == ["5-sink"]
-    replay = [e for e in events if e["ev"] == "replay"]
-    assert replay and replay[0]["records"] > 5_000  # what it had taken in came back
-    assert not [p for p in run_dir.iterdir() if p.name.startswith(".flight")]
+    assert b"worker died (signal 9); restart 1/1" in err
+    starts = [e for e in read_events(trace) if e["ev"] == "start"]
+    assert len(starts) == 2 and starts[1]["keeper"]["from_line"] == 0  # replayed from line 1
 
 
-def test_retries_keep_the_supervisor_flat(tmp_path: Path) -> None:
-    """With --retries every record goes through the supervisor, and `sink --to` finishes
-    none of them: before the spill files, the supervisor held the whole input (55 MB at 200k
-    records, 282 MB at 2M); now its peak RSS does not grow with the input."""
-    peaks = {}
+def _tree_peaks(root: int, peaks: dict[int, tuple[str, float]], stop: threading.Event) -> None:
+    """VmHWM of every process under `root` (keepers included), polled until `stop`."""
+    while not stop.is_set():
+        for pid in descendants(root):
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue
+            hwm = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+            if hwm is None:
+                continue
+            role = "worker" if b"SAGE_RUN_WORKER=1" in environ else "other"
+            peaks[pid] = (role, max(float(hwm.split()[1]) / 1024, peaks.get(pid, ("", 0.0))[1]))
+        time.sleep(0.05)
+
+
+def test_retries_keep_every_process_flat(tmp_path: Path) -> None:
+    """With --retries every sage stage is a keeper holding its worker's uncommitted input (all
+    of it for dedupe and `sink --to`, which replay from line 1): past SAGE_RUN_FLIGHT_MB a
+    stateless stage's keeper stops reading and a stateful one's spills to a file, so no
+    process of the run (keepers, workers, sage run) grows with the input."""
+    peaks: dict[int, float] = {}
     for n in (SMALL, LARGE):
         data, out = tmp_path / f"in-{n}.ndjson", tmp_path / f"out-{n}.ndjson"
         write_records(data, n, TEXT_BYTES)
-        soak = run_soak(
-            tmp_path,
-            data,
-            out,
+        (tmp_path / "soak.sh").write_text(SCRIPT.replace("{KEYS}", "2000"))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sage_cli", "run", "-q", "--retries", "1"]
+            + ["--run-dir", str(tmp_path / f"run-{n}"), "soak.sh", str(data), str(out)],
+            cwd=tmp_path,
             env=env() | {"SAGE_RUN_FLIGHT_MB": "1"},
-            sage=[sys.executable, "-m", "sage_cli"],
-            keys=2_000,
-            sample=False,
-            timeout=300,
-            run_args=("--retries", "1"),
+            stderr=subprocess.PIPE,
         )
-        assert soak.status == 0, soak.stderr
+        seen: dict[int, tuple[str, float]] = {}
+        stop = threading.Event()
+        sampler = threading.Thread(target=_tree_peaks, args=(proc.pid, seen, stop), daemon=True)
+        sampler.start()
+        _, err = proc.communicate(timeout=300)
+        stop.set()
+        sampler.join(timeout=5)
+        assert proc.returncode == 0, err
         assert check_output(out, n) == expected_out(n)
-        peaks[n] = soak.peak_mb[SUPERVISOR]
+        keepers = [mb for role, mb in seen.values() if role == "other"]
+        assert len(keepers) >= 5, seen  # the five keepers (and bash) were sampled
+        peaks[n] = max(keepers)
     assert peaks[LARGE] < RSS_LIMIT_MB
     assert peaks[LARGE] <= peaks[SMALL] * 1.25 + 5, peaks
 

@@ -33,8 +33,8 @@ def run(
         typer.Option(
             "--retries",
             min=0,
-            help="Restart a stage that crashes up to N times; the records it "
-            "held are fed to the new process.",
+            help="Restart a sage stage that crashes up to N times; it is fed again "
+            "exactly the input lines whose outputs it had not committed.",
         ),
     ] = 0,
     backoff: Annotated[
@@ -63,8 +63,8 @@ def run(
         typer.Option(
             "--resume",
             metavar="RUN",
-            help="Continue a run that was killed: records whose results "
-            "are already in its output are not processed again.",
+            help="Continue a run that was killed: the script runs again and only "
+            "what the run had not delivered on stdout is passed on (checked first).",
         ),
     ] = None,
     lock: Annotated[
@@ -144,10 +144,11 @@ def run(
 
     The script stays ordinary bash: it runs the same with `bash SCRIPT`, and gives the output
     and exit status `bash -o pipefail SCRIPT` gives. A script of simple commands and pipelines
-    is run stage by stage by the supervisor (what --resume needs); any other (loops, if,
-    functions, &&, here-documents, subshells) is run whole by bash, every sage stage in it
-    tracing itself as <pipeline>.<position>-<command> and, with --retries, restarting its own
-    worker without losing or repeating a record. SIGINT/SIGTERM and
+    is run stage by stage by the supervisor; any other (loops, if, functions, &&,
+    here-documents, subshells), and any under --retries or --resume, is run whole by bash,
+    every sage stage in it tracing itself as <pipeline>.<position>-<command> and, with
+    --retries, restarting its own worker without losing or repeating a record. --resume runs
+    the script again and skips what the run had delivered. SIGINT/SIGTERM and
     --timeout reach every process of the run; none outlives it. The trace and summary.json
     go to the run directory; `sage trace` shows them.
 
@@ -156,7 +157,7 @@ def run(
       sage run scripts/rag.sh demo/out
       sage run --retries 3 ingest.sh docs/
       sage run nightly.sh        # any script: for f in in/*; do sage ... | sage ...; done
-      sage run --resume 20261124-031500-ab12
+      sage run --resume latest >> out.ndjson
       sage run --check scripts/rag.sh
       sage run pipeline.yaml
       sage run --print-script pipeline.yaml

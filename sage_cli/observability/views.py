@@ -146,7 +146,9 @@ def follow_record(run: RunDirectory, record: str) -> str:
                 f"  {stage['name']:<14} {clock}  {d * 1000:9.2f} ms  batch of {n:<5} {shown}"
             )
     info = run.read_json("run.json")
-    output = Path(info.get("output") or run.output_path)
+    stdout = info.get("stdout") or {}
+    kept = stdout.get("path") if stdout.get("kind") in ("file", "copy") else None
+    output = Path(info.get("output") or kept or run.output_path)
     results = []
     hits = []  # the record (or its chunks) retrieved for a query
     if output.exists():

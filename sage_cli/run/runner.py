@@ -16,7 +16,7 @@ from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv, redact_words
 from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run
-from sage_cli.run.ids import lineage_key, record_id
+from sage_cli.run.output import describe_stdout
 from sage_cli.run.record import Run
 from sage_cli.run.script import (
     CommandsFailed,
@@ -60,50 +60,6 @@ def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
         return None
     target = Path(redirect.target)
     return target if target.is_absolute() else Path(pipeline.cwd) / target
-
-
-def read_done(path: Path) -> tuple[set[Any], set[Any]]:
-    """From a run's output: the ids of the results in it, and the keys of the input records
-    whose results are all in it (every key but the last one seen, which may be partial).
-    A torn last line (the writer was killed mid-line) is cut off the file. The file is read a
-    line at a time: it can be as large as the run's whole output."""
-    try:
-        fh = open(path, "r+b")  # noqa: SIM115 - closed below
-    except FileNotFoundError:
-        return set(), set()
-    ids: set[Any] = set()
-    seen: set[Any] = set()
-    last_new: Any = None
-    with fh:
-        size = fh.seek(0, os.SEEK_END)
-        end = _after_last_newline(fh, size)
-        if end < size:
-            fh.truncate(end)
-        fh.seek(0)
-        for line in fh:
-            rid = record_id(line)
-            if rid is not None:
-                ids.add(rid)
-            key = lineage_key(line)
-            if key is not None and key not in seen:
-                seen.add(rid if key == rid else key)  # one string for both sets
-                last_new = key
-    seen.discard(last_new)
-    return ids, seen
-
-
-def _after_last_newline(fh: Any, size: int) -> int:
-    """The offset just after the file's last `\n` (0 if it has none), read from the end."""
-    pos = size
-    while pos > 0:
-        start = max(0, pos - 65536)
-        fh.seek(start)
-        chunk = fh.read(pos - start)
-        at = chunk.rfind(b"\n")
-        if at >= 0:
-            return start + at + 1
-        pos = start
-    return 0
 
 
 def lock_path(script: Path, args: list[str]) -> Path:
@@ -168,39 +124,37 @@ def run_pipeline(
     script_path = Path(script)
     held = acquire_lock(script_path, args) if lock else None
     try:
-        if opts.retries and not resume:
+        if resume:
+            return _resume_under_bash(script_path, args, opts, run)
+        if opts.retries:
             # restarts are exact only where each stage keeps its own input (the keeper,
             # sage_cli.run.keeper): bash runs the script, every sage stage restarts itself
             return _run_under_bash(script_path, args, opts, run_dir, base, None, None)
         try:
             segments = read_segments(script_path)
         except Unsupported as why:
-            return _run_under_bash(script_path, args, opts, run_dir, base, resume, why)
+            return _run_under_bash(script_path, args, opts, run_dir, base, None, why)
         if len(segments) > 1 or segments[0].pipeline is None:
-            if resume:
-                raise UsageError(f"{script}: --resume works for scripts with one pipeline")
             return run_segments(script_path, segments, args, opts, run_dir, base)
         pipeline = parse_script(script_path, args)
-        if not resume:
-            run = RunDirectory.create(run_dir, base)
+        run = RunDirectory.create(run_dir, base)
         target = output_path(pipeline, run)
+        # what --resume needs to know of the run's stdout: a copy only of a pipe or terminal
+        stdout = describe_stdout(1, run.output_path.resolve()) if target is None else None
         ledger = None
-        skip_ids = skip_keys = None
-        if resume:
-            done_ids, done_keys = read_done(target or run.output_path)
-            skip_ids, skip_keys = done_ids, done_keys
-        if target is None:
-            ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if stdout is not None and stdout["kind"] == "copy":
+            ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         record = Run(
             run,
             script=str(script_path),
             **stored_args(args),
             cwd=os.getcwd(),
-            output=str(target) if target else str(run.output_path.resolve()),
+            output=str(target) if target else None,
+            stdout=stdout or {"kind": "none"},
             started=time.time(),
             retries=opts.retries,
             stages=describe(pipeline),
-            resumed=bool(resume),
+            resumed=False,
         )
         sup = Supervisor(pipeline, run, opts, args, events=record.events)
         dashboard = None
@@ -209,7 +163,7 @@ def run_pipeline(
 
             dashboard = start_dashboard(run, sup, progress=opts.progress)
         try:
-            status = sup.run(ledger_fd=ledger, skip_keys=skip_keys, skip_ids=skip_ids)
+            status = sup.run(ledger_fd=ledger)
         finally:
             if dashboard is not None:
                 dashboard.stop()
@@ -220,6 +174,32 @@ def run_pipeline(
     finally:
         if held is not None:
             held.close()
+
+
+def _resume_under_bash(script: Path, args: list[str], opts: RunOptions, run: RunDirectory) -> int:
+    """`--resume`: bash runs the whole script again in the run's directory; what the run had
+    delivered on stdout is checked and skipped (sage_cli.run.output), what the script writes to
+    its own files (`> FILE`, `sage sink --to`) is written again whole. Refused, before anything
+    runs, for a script that appends to a file (the replay would append twice)."""
+    from sage_cli.run.output import appends_in
+    from sage_cli.run.script import check_syntax
+    from sage_cli.run.session import run_bash_script
+
+    check_syntax(script, str(script))
+    appends = appends_in(script.read_text(errors="replace"))
+    if appends:
+        number, text = appends[0]
+        raise UsageError(
+            f"{script}:{number}: --resume cannot be exact for a script that appends to a file "
+            f"({text!r}): the replay would append its output again; write it with `>` (or "
+            "`sage sink --to`) or run the script again from the start"
+        )
+    info = run.read_json("run.json")
+    if "stdout" not in info:  # a run of the parsed-pipeline supervisor
+        kept = info.get("output") and Path(info["output"]) == run.output_path.resolve()
+        stdout = {"kind": "copy", "path": str(run.output_path)} if kept else {"kind": "none"}
+        run.write_json("run.json", info | {"stdout": stdout})
+    return run_bash_script(script, args, opts, None, DEFAULT_BASE, resume=run)
 
 
 def _run_under_bash(
@@ -412,7 +392,7 @@ def run_segments(
         script=str(script),
         **stored_args(args),
         cwd=os.getcwd(),
-        output=str(run.output_path.resolve()),
+        stdout=(stdout := describe_stdout(1, run.output_path.resolve())),
         started=time.time(),
         retries=opts.retries,
         stages=stages,
@@ -440,8 +420,8 @@ def run_segments(
             stages.extend(describe(pipeline))
             record.update(stages=stages)
             ledger = None
-            if output_path(pipeline, run) is None:
-                ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            if output_path(pipeline, run) is None and stdout["kind"] == "copy":
+                ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             sup = Supervisor(pipeline, run, opts, args, events=record.events)
             dashboard = None
             if not opts.quiet:

@@ -49,6 +49,7 @@ from sage_cli.run.env import (
     TRACE_STAGE,
 )
 from sage_cli.run.lifeline import die_with_parent, open_lifeline
+from sage_cli.run.output import Delivered, Tap, delivered, describe_stdout
 from sage_cli.run.record import Run
 from sage_cli.run.registry import read_registry
 from sage_cli.run.supervisor import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
@@ -156,8 +157,10 @@ class BashSession:
         opts: RunOptions,
         run: RunDirectory,
         extra_env: dict[str, str] | None = None,
+        stdout_fd: int | None = None,
     ) -> None:
         self.extra_env = extra_env or {}
+        self.stdout_fd = stdout_fd  # what bash writes to (the tap's pipe), else our stdout
         self.script = script
         self.args = args
         self.opts = opts
@@ -169,6 +172,7 @@ class BashSession:
         self.own: frozenset[int] = frozenset()
         self._ended = threading.Event()  # bash and everything it left are gone
         self._lifeline = -1  # the write end of the lifeline, held for the process's life
+        self.replay_differs = False
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -228,6 +232,13 @@ class BashSession:
         else:  # a second Ctrl-C: now
             self._signal_all(signal.SIGKILL)
 
+    def stop_replay(self) -> None:
+        """--resume: the replay differs from what the run delivered; end the script."""
+        if self.signalled is None:
+            self.signalled = signal.SIGTERM
+            self.replay_differs = True
+            self._stop(signal.SIGTERM)
+
     def _on_timeout(self) -> None:
         if self.signalled is None:
             self.timed_out = True
@@ -273,6 +284,7 @@ class BashSession:
             self.bash = subprocess.Popen(
                 [bash, "-o", "pipefail", str(self.script), *self.args],
                 env=env,
+                stdout=self.stdout_fd,
                 stderr=write_end,
                 pass_fds=(line_fd,),
                 preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl, before exec
@@ -281,6 +293,9 @@ class BashSession:
                 process_group=0,
             )
             os.close(line_fd)
+            if self.stdout_fd is not None:
+                os.close(self.stdout_fd)  # bash and its children hold it now
+                self.stdout_fd = None
             os.close(write_end)
             write_end = -1
             copier.start()
@@ -299,11 +314,16 @@ class BashSession:
             self._ended.set()
             if write_end >= 0:
                 os.close(write_end)
+            if self.stdout_fd is not None:
+                os.close(self.stdout_fd)
+                self.stdout_fd = None
             if timer is not None:
                 timer.cancel()
             for s, h in handlers.items():
                 signal.signal(s, h)
         copier.join(timeout=5)
+        if self.replay_differs:
+            return int(ExitCode.FAILURE)
         if self.timed_out:
             return TIMEOUT_STATUS
         if self.signalled == signal.SIGINT:
@@ -340,6 +360,51 @@ class BashSession:
                 time.sleep(0.05)
 
 
+def _set_aside(run: RunDirectory) -> None:
+    """--resume: the earlier attempt's stage traces move to `stages.N`; the replay's start anew."""
+    n = 1
+    while (run.path / f"stages.{n}").exists():
+        n += 1
+    if run.stages_dir.exists():
+        os.rename(run.stages_dir, run.path / f"stages.{n}")
+
+
+def _stdout_for(
+    run: RunDirectory, before: dict[str, Any] | None, skip: Delivered
+) -> tuple[dict[str, Any], Tap | None]:
+    """Where this run's stdout goes (run.json's `stdout`) and the tap bash writes through, if
+    one is needed: to keep a copy (a pipe, a terminal), or to skip what a resumed run delivered."""
+    now = describe_stdout(1, run.output_path.resolve())
+    if before and before.get("kind") == "file" and now.get("kind") == "file":
+        if (now["dev"], now["ino"]) == (before["dev"], before["ino"]):
+            now = before  # the same file: what was delivered is counted from the same place
+    elif before and before.get("kind") == "file" and now.get("kind") == "copy" and skip.size:
+        _copy_region(before, skip, run.output_path)  # the copy starts with what was delivered
+    copy_fd = None
+    if now.get("kind") == "copy":
+        copy_fd = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if not (before and before.get("kind") in ("copy", "file")):
+            os.ftruncate(copy_fd, 0)
+    if copy_fd is None and not skip.size:
+        return now, None
+    read_fd, write_fd = os.pipe()
+    tap = Tap(read_fd, 1, copy_fd, skip)
+    tap.write_fd = write_fd
+    return now, tap
+
+
+def _copy_region(before: dict[str, Any], skip: Delivered, to: Path) -> None:
+    with open(before["path"], "rb") as src, open(to, "wb") as dst:
+        src.seek(int(before.get("offset", 0)))
+        left = skip.size
+        while left > 0:
+            chunk = src.read(min(1 << 20, left))
+            if not chunk:
+                break
+            dst.write(chunk)
+            left -= len(chunk)
+
+
 def _warn(message: str) -> None:
     try:
         sys.stderr.write(f"sage run: {message}\n")
@@ -358,10 +423,12 @@ def run_bash_script(
     ray: bool = False,
     address: str | None = None,
     replicas: list[str] | None = None,
+    resume: RunDirectory | None = None,
 ) -> int:
     """Run `script` under bash in a run directory and return its exit status. `ray`: every
     sage stage runs its batches on Ray actors (of the cluster at `address`, or of a private
-    one started here for the run)."""
+    one started here for the run). `resume`: run it again in that run's directory, passing on
+    only what the run had not delivered (sage_cli.run.output)."""
     from sage_cli.run.runner import stored_args
 
     ray_env: dict[str, str] = {}
@@ -377,8 +444,17 @@ def run_bash_script(
             parse_replicas(replicas)  # a malformed one is a usage error before anything runs
             ray_env[RAY_REPLICAS] = ",".join(replicas)
 
-    run = RunDirectory.create(run_dir, base)
+    skip = Delivered()
+    if resume is not None:
+        run = resume
+        earlier = run.read_json("run.json")
+        skip = delivered(earlier.get("stdout") or {})
+        _set_aside(run)
+    else:
+        run = RunDirectory.create(run_dir, base)
+        earlier = {}
     run.stages_dir.mkdir(parents=True, exist_ok=True)
+    stdout, tap = _stdout_for(run, earlier.get("stdout"), skip)
     record = Run(
         run,
         script=str(script),
@@ -387,21 +463,28 @@ def run_bash_script(
         mode="bash",
         engine="ray" if ray else "local",
         address=address,
-        started=time.time(),
+        started=earlier.get("started") or time.time(),
         retries=opts.retries,
         stages=[],
-        resumed=False,
+        resumed=resume is not None,
+        stdout=stdout,
     )
     record.emit(
         "run_start",
         pid=os.getpid(),
         script=str(script),
         args=redact_argv(args),
-        resume=False,
+        resume=resume is not None,
+        skipped_lines=skip.lines,
         retries=opts.retries,
         mode="bash",
     )
-    session = BashSession(script, args, opts, run, ray_env)
+    session = BashSession(
+        script, args, opts, run, ray_env, stdout_fd=tap.write_fd if tap is not None else None
+    )
+    if tap is not None:
+        tap.on_mismatch = session.stop_replay
+        tap.start()
     dashboard = None
     shown = BashStages(run)
     if not opts.quiet:
@@ -410,6 +493,17 @@ def run_bash_script(
         dashboard = start_dashboard(run, shown, progress=opts.progress)
     try:
         status = session.run_script()
+        if tap is not None:
+            tap.join()
+            if tap.copy_fd is not None:
+                os.close(tap.copy_fd)
+        if session.replay_differs:
+            _warn(
+                f"error: the replay's first {skip.lines} line(s) differ from what run {run.id} "
+                "delivered: its output is not a function of its input (sampling with "
+                "--no-cache, the time, a changed input file), so --resume cannot be exact; "
+                "nothing more was written. Run the script again from the start"
+            )
     finally:
         shown.ended = True
         if dashboard is not None:

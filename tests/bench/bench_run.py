@@ -1,6 +1,6 @@
 """`sage run` overhead (issue 4): a 4-stage pipeline script under `sage run` against the same
-script under plain bash (target: the supervisor costs <= 5%), the same with `--retries 1` (every
-record relayed through the supervisor, which keeps the books restart needs), and the cost of
+script under plain bash (target: the supervisor costs <= 5%), the same with `--retries 1` (bash
+runs it, every sage stage a keeper relaying its worker's committed output), and the cost of
 full per-record tracing of one `sage map` stage (SAGE_TRACE_DIR set vs not).
 
 Every command reads the same file and writes to /dev/null; each runs `report.repeat` times
@@ -104,7 +104,7 @@ def run(report) -> None:
         wall["run_retries"] / wall["bash"] - 1,
         "x",
         command=commands["run_retries"],
-        note="--retries 1: every record relayed and its id tracked by the supervisor",
+        note="--retries 1: bash runs the script, every sage stage a keeper (commit markers)",
     )
     report(
         "run.retries_cpu_overhead",

@@ -4,6 +4,7 @@ signals, and no process left behind (sage_cli/run/session.py, sage_cli/run/regis
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -197,24 +198,85 @@ def test_a_background_job_nobody_waited_for_is_stopped_and_said(tmp_path: Path) 
     assert _alive(marker) == []
 
 
-def test_resume_says_what_it_needs(tmp_path: Path) -> None:
+LOOP_N = 3000
+#: two pipelines in a loop, one to its own file, one to stdout; the map is slow now and then so
+#: that the kill lands mid-run; dedupe is stateful (a restart from the middle would re-emit)
+LOOP = """set -euo pipefail
+for part in a b; do
+  sage source in-$part.ndjson | sage map "(__import__('time').sleep(0.03) if r['n'] % 100 == 0 else 0) or r | {'part': '$part'}" > out-$part.ndjson
+  sage dedupe --key n < out-$part.ndjson | sage map 'r | {"k": r["n"] * 2}'
+done
+"""
+
+
+def test_resume_of_a_killed_loop_gives_every_record_once(tmp_path: Path) -> None:
+    for part in "ab":
+        (tmp_path / f"in-{part}.ndjson").write_bytes(
+            b"".join(b'{"n": %d}\n' % i for i in range(LOOP_N))
+        )
+    (tmp_path / "s.sh").write_text(LOOP)
+    out = tmp_path / "stdout.ndjson"
+    with out.open("wb") as fh:
+        first = subprocess.Popen(
+            sage_argv("run", "-q", "s.sh"), cwd=tmp_path, env=_env(), stdout=fh
+        )
+        deadline = time.monotonic() + 60
+        while out.stat().st_size < 1000:  # part a is out; part b is under way
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        first.kill()
+        first.wait()
+    delivered = out.read_bytes().count(b"\n")
+    assert 0 < delivered < 2 * LOOP_N
+    with out.open("ab") as fh:
+        again = subprocess.run(
+            sage_argv("run", "-q", "--resume", "latest"),
+            cwd=tmp_path,
+            env=_env(),
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            timeout=120,
+        )
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in out.read_bytes().splitlines()]
+    assert [(r["part"], r["n"]) for r in records] == [
+        (p, i) for p in "ab" for i in range(LOOP_N)
+    ]  # each once, in order, though the run was killed half-way through
+    for part in "ab":  # the script's own files are whole again
+        assert (tmp_path / f"out-{part}.ndjson").read_bytes().count(b"\n") == LOOP_N
+
+
+def test_resume_refuses_a_script_that_appends_before_running_it(tmp_path: Path) -> None:
     work = _workdir(tmp_path)
-    (work / "s.sh").write_text("for i in 1; do sage head 1 < in.ndjson; done\n")
-    first = subprocess.run(
-        sage_argv("run", "--retries", "2", "s.sh"), cwd=work, env=_env(), capture_output=True
-    )
-    assert first.returncode == 0, first.stderr  # --retries: every stage keeps its worker
-    assert first.stdout.count(b"\n") == 1
+    (work / "s.sh").write_text("sage head 1 < in.ndjson\nsage head 2 < in.ndjson >> log.ndjson\n")
+    first = subprocess.run(sage_argv("run", "-q", "s.sh"), cwd=work, env=_env())
+    assert first.returncode == 0
+    (work / "log.ndjson").unlink()
     result = subprocess.run(
-        sage_argv("run", "--resume", "latest", "s.sh"),
-        cwd=work,
-        env=_env(),
-        capture_output=True,
-        timeout=60,
+        sage_argv("run", "--resume", "latest"), cwd=work, env=_env(), capture_output=True
     )
     assert result.returncode == 2
-    assert b"--resume works for scripts of simple commands and pipelines" in result.stderr
-    assert b"a `for` block or function" in result.stderr
+    assert b"s.sh:2: --resume cannot be exact for a script that appends to a file" in (
+        result.stderr
+    )
+    assert not (work / "log.ndjson").exists()  # nothing ran
+
+
+def test_resume_says_when_the_replay_differs(tmp_path: Path) -> None:
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(
+        'if true; then sage map \'r | {"x": __import__("random").random()}\' < in.ndjson; fi\n'
+    )
+    first = subprocess.run(
+        sage_argv("run", "-q", "s.sh"), cwd=work, env=_env(), capture_output=True
+    )
+    assert first.returncode == 0
+    result = subprocess.run(
+        sage_argv("run", "--resume", "latest"), cwd=work, env=_env(), capture_output=True
+    )
+    assert result.returncode == 1
+    assert result.stdout == b""  # nothing past what was delivered, which differs
+    assert b"differ from what run" in result.stderr
 
 
 def test_check_reads_what_it_can_and_says_what_it_skipped(tmp_path: Path) -> None:

@@ -281,13 +281,17 @@ class BashSession:
         env = self._env()
         env[RUN_LIFELINE] = line
         try:
+            argv = [bash, "-o", "pipefail", str(self.script), *self.args]
+            setpriv = shutil.which("setpriv")
+            if setpriv:  # exec'd, it lets Popen use vfork (sage_cli.run.supervisor says why)
+                argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
             self.bash = subprocess.Popen(
-                [bash, "-o", "pipefail", str(self.script), *self.args],
+                argv,
                 env=env,
                 stdout=self.stdout_fd,
                 stderr=write_end,
                 pass_fds=(line_fd,),
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - one prctl, before exec
+                preexec_fn=None if setpriv else die_with_parent,  # noqa: PLW1509
                 # its own process group: a Ctrl-C at the terminal reaches `sage run`, which
                 # passes it on once to every process of the run
                 process_group=0,

@@ -1,20 +1,14 @@
-"""The supervisor behind `sage run` (DESIGN §5): it starts, signals, times out, restarts and
-reaps the stages of one pipeline. Its other jobs live beside it: the records in flight and
-their replay (flight.py), the relays between stages (relay.py), record ids in a stream
-(ids.py), a stage across its attempts (stage.py), the run's record (record.py).
+"""The supervisor behind `sage run` for a script of simple commands and pipelines (DESIGN §5):
+it starts, signals, times out and reaps the stages of one pipeline. Beside it: the relay of the
+last stage's output (relay.py), a stage's process (stage.py), the run's record (record.py).
 
 It starts every stage of a parsed pipeline itself (`sage` stages as `python -m sage_cli` in this
 interpreter, others as they are), each in its own process group and killed with the supervisor
-(PR_SET_PDEATHSIG), connects them with pipes, forwards SIGINT/SIGTERM to every group, reaps every
-process, records each stage's exit status, CPU time and peak memory, and exits as bash's
-`set -o pipefail` would: the status of the last (rightmost) stage that failed, 0 if none did.
-
-Between two stages the pipe is either direct (the default: no cost) or relayed through the
-supervisor (`--retries`, `--resume`, and the run's output when it goes to stdout). A relay knows
-which records each stage has taken in and not finished, by `id` and lineage (`parent_id`,
-`query_id`), so a stage that crashes can be restarted and fed them again, and it drops the
-results the new process repeats. That holds for operators whose output keeps input order
-(every streaming sage operator).
+(PR_SET_PDEATHSIG), connects them with direct pipes, forwards SIGINT/SIGTERM to every group,
+reaps every process, records each stage's exit status, CPU time and peak memory, and exits as
+bash's `set -o pipefail` would: the status of the last (rightmost) stage that failed, 0 if none.
+`--retries` and `--resume` do not come here: bash runs those scripts (sage_cli.run.session), every
+stage a keeper (keeper.py), a resume a replay (output.py).
 """
 
 from __future__ import annotations
@@ -27,30 +21,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
-
-import orjson
 
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import THREADS, StageEnv
-from sage_cli.run.flight import FLIGHT_MEMORY, Flight, Replay
 from sage_cli.run.record import Events
-from sage_cli.run.relay import READ_SIZE, Relay, RelayHooks
+from sage_cli.run.relay import READ_SIZE, Relay
 from sage_cli.run.script import Pipeline, Stage
 from sage_cli.run.stage import StageRun
 
 TIMEOUT_STATUS = 124  # like timeout(1)
 KILL_GRACE_SECONDS = 5.0
-#: exit statuses a restart cannot fix
-NO_RETRY = {
-    int(ExitCode.USAGE),
-    int(ExitCode.UNAVAILABLE),
-    int(ExitCode.INTERRUPTED),
-    int(ExitCode.TERMINATED),
-}
 
 _PR_SET_PDEATHSIG = 1
 try:
@@ -113,7 +97,6 @@ class Supervisor:
         self.pipeline = pipeline
         self.run_dir = run
         self.opts = opts
-        self.retries = opts.retries
         self.script_args = script_args or []
         self.stages = [self._stage_run(s) for s in pipeline.stages]
         self.by_pid: dict[int, StageRun] = {}
@@ -125,11 +108,8 @@ class Supervisor:
         self._own_events = events is None
         self.events = events if events is not None else Events(run.events_path)
         self._stderr_threads: list[threading.Thread] = []
-        self._dead_lock = threading.Lock()
         self._kill_timer: threading.Timer | None = None
         self.output_desc = "stdout"
-        mb = os.environ.get("SAGE_RUN_FLIGHT_MB", "")
-        self.flight_memory = int(float(mb) * 1024 * 1024) if mb.strip() else FLIGHT_MEMORY
 
     # -- building the processes -----------------------------------------------------------
 
@@ -170,7 +150,7 @@ class Supervisor:
         path = target if os.path.isabs(target) else os.path.join(self.pipeline.cwd, target)
         if op == "<":
             return os.open(path, os.O_RDONLY)
-        append = op.endswith(">>") or (self.opts.resume and stage is self.pipeline.stages[-1])
+        append = op.endswith(">>")
         flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
         return os.open(path, flags, 0o644)
 
@@ -267,12 +247,9 @@ class Supervisor:
             os.close(fd)
             os.close(out)
 
-    def _start_all(
-        self, ledger_fd: int | None, skip_keys: set[Any] | None, skip_ids: set[Any] | None
-    ) -> None:
+    def _start_all(self, ledger_fd: int | None) -> None:
         stages = self.stages
         last = self.pipeline.stages[-1]
-        relay_all = self.retries > 0
         # where the last stage's output goes
         out_redirect = last.redirect(">", ">>", "&>", "&>>")
         if out_redirect is not None:
@@ -280,114 +257,30 @@ class Supervisor:
             self.output_desc = out_redirect.target
         else:
             target_fd = os.dup(1)
-        relay_out = relay_all or skip_ids is not None or ledger_fd is not None
-        # the first stage's input
         in_redirect = stages[0].stage.redirect("<")
-        if relay_all:
-            for sr in stages[1:]:
-                sr.flight = Flight(self.run_dir.path, self.flight_memory)
-        stdin_fds: list[int] = []
+        stdin_fds = [
+            self._open_redirect(stages[0].stage, "<", in_redirect.target)
+            if in_redirect
+            else os.dup(0)
+        ]
         stdout_fds: list[int] = []
-        hooks = RelayHooks(self.warn, self.replay_for, self.events.emit, retries=relay_all)
-        for i, sr in enumerate(stages):
-            if i == 0:
-                stdin_fds.append(
-                    self._open_redirect(sr.stage, "<", in_redirect.target)
-                    if in_redirect
-                    else os.dup(0)
-                )
-            is_last = i == len(stages) - 1
-            relayed = relay_out if is_last else (relay_all or (i == 0 and skip_keys is not None))
-            if is_last and not relayed:
-                stdout_fds.append(target_fd)
-                target_fd = -1
-                continue
+        for _ in stages[:-1]:
             r, w = os.pipe()
             stdout_fds.append(w)
-            if relayed:
-                sr.stdout_r = r
-                if not is_last:
-                    r2, w2 = os.pipe()
-                    stages[i + 1].stdin_w = w2
-                    stdin_fds.append(r2)
-            else:
-                stdin_fds.append(r)
-        for i, sr in enumerate(stages):
-            if sr.stdout_r is not None:
-                is_last = i == len(stages) - 1
-                down = None if is_last else stages[i + 1]
-                self.relays.append(
-                    Relay(
-                        hooks,
-                        sr,
-                        down,
-                        target_fd=target_fd if is_last else None,
-                        ledger_fd=ledger_fd if is_last else None,
-                        skip_keys=skip_keys if i == 0 else None,
-                        skip_ids=skip_ids if is_last else None,
-                    )
-                )
+            stdin_fds.append(r)
+        if ledger_fd is None:  # the last stage writes where the run's output goes
+            stdout_fds.append(target_fd)
+            target_fd = -1
+        else:  # ... or through the relay that keeps the run's copy of it
+            r, w = os.pipe()
+            stdout_fds.append(w)
+            stages[-1].stdout_r = r
+            self.relays.append(Relay(self.warn, stages[-1], target_fd, ledger_fd))
         self._target_fd = target_fd
         for i, sr in enumerate(stages):
             self._spawn(sr, stdin_fds[i], stdout_fds[i])
         for relay in self.relays:
             relay.start()
-
-    def _restart(self, sr: StageRun) -> None:
-        """Start a new attempt of a crashed stage with fresh pipes to its relays."""
-        index = sr.stage.index
-        with sr.cond:  # the relay must have read all the dead process wrote first
-            deadline = time.monotonic() + 10
-            while sr.drained_gen < sr.generation and time.monotonic() < deadline:
-                sr.cond.wait(0.1)
-        if sr.flight is not None:
-            sr.isolated = sr.flight.note_crash(sr.isolated)
-            isolated = sr.isolated and sr.stage.is_sage  # batches of one, each flushed at once
-            replace(
-                StageEnv.read(sr.env),
-                flush_every_batch=isolated,
-                batch_size=1 if isolated else None,
-            ).apply(sr.env)
-        if index == 0:
-            in_redirect = sr.stage.redirect("<")
-            stdin = (
-                self._open_redirect(sr.stage, "<", in_redirect.target) if in_redirect else os.dup(0)
-            )
-            new_w = None
-        else:
-            stdin, new_w = os.pipe()
-        out_r, out_w = os.pipe()
-        with sr.cond:
-            sr.stdin_w = new_w
-            sr.stdout_r = out_r
-            self._spawn(sr, stdin, out_w)
-            sr.generation += 1
-            sr.cond.notify_all()
-
-    def replay_for(self, sr: StageRun) -> Replay:
-        """The records to feed a restarted stage; a record it crashed on twice is dead."""
-        assert sr.flight is not None
-        replay, poison = sr.flight.restart()
-        if poison is not None:
-            key, line = poison
-            try:
-                raw: Any = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                raw = line.decode("utf-8", "replace")
-            entry = {
-                "stage": sr.name,
-                "error": f"the stage crashes on this record (exit status {sr.last_crash})",
-                "raw": raw,
-            }
-            with self._dead_lock:
-                with open(self.run_dir.dead_path, "ab") as fh:
-                    fh.write(orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
-            self.events.emit("dead_letter", stage=sr.name, id=key)
-            self.warn(
-                f"stage {sr.stage.index + 1} ({sr.stage.label}) crashes on record "
-                f"{key!r}; it went to {self.run_dir.dead_path}"
-            )
-        return replay
 
     # -- signals and the end ----------------------------------------------------------------
 
@@ -430,10 +323,8 @@ class Supervisor:
             self._kill_timer.start()
 
     def _finalize(self, sr: StageRun, status: int, cpu: float, rss_mb: float) -> None:
-        with sr.cond:
-            sr.status = status
-            sr.final = True
-            sr.cond.notify_all()
+        sr.status = status
+        sr.final = True
         self._emit_exit(sr, status, cpu, rss_mb, final=True)
 
     def _emit_exit(self, sr: StageRun, status: int, cpu: float, rss_mb: float, final: bool) -> None:
@@ -446,13 +337,6 @@ class Supervisor:
             rss_mb=round(rss_mb, 1),
             final=final,
         )
-
-    def _should_restart(self, sr: StageRun, status: int) -> bool:
-        if status == 0 or self.signalled is not None or sr.attempts > self.retries:
-            return False
-        if status in NO_RETRY or status == 128 + signal.SIGPIPE:
-            return False
-        return sr.stdout_r is not None and (sr.stage.index == 0 or sr.flight is not None)
 
     def _reap(self) -> None:
         while self.by_pid:
@@ -468,50 +352,21 @@ class Supervisor:
             rss_mb = usage.ru_maxrss / 1024.0
             sr.cpu += cpu
             sr.rss_mb = max(sr.rss_mb, rss_mb)
-            if self._should_restart(sr, status):
-                sr.last_crash = status
-                delay = self.opts.backoff * (2 ** (sr.attempts - 1))
-                in_flight = len(sr.flight) if sr.flight is not None else sr.stage.index
-                self._emit_exit(sr, status, cpu, rss_mb, final=False)
-                self.events.emit(
-                    "restart",
-                    stage=sr.name,
-                    attempt=sr.attempts + 1,
-                    after_status=status,
-                    backoff=delay,
-                    in_flight=in_flight,
-                )
-                self.warn(
-                    f"stage {sr.stage.index + 1} ({sr.stage.label}) exited with status "
-                    f"{status}; restarting it in {delay:g}s "
-                    f"(attempt {sr.attempts + 1} of {self.retries + 1})"
-                )
-                end = time.monotonic() + delay
-                while time.monotonic() < end and self.signalled is None:
-                    time.sleep(min(0.05, max(0.0, end - time.monotonic())))
-                if self.signalled is None:
-                    self._restart(sr)
-                    continue
             self._finalize(sr, status, cpu, rss_mb)
 
-    def run(
-        self,
-        ledger_fd: int | None = None,
-        skip_keys: set[Any] | None = None,
-        skip_ids: set[Any] | None = None,
-    ) -> int:
+    def run(self, ledger_fd: int | None = None) -> int:
         self.events.emit(
             "run_start",
             pid=os.getpid(),
             script=str(self.pipeline.script),
             args=redact_argv(self.script_args),
-            resume=self.opts.resume,
-            retries=self.retries,
+            resume=False,
+            retries=0,
         )
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         timer = None
         try:
-            self._start_all(ledger_fd, skip_keys, skip_ids)
+            self._start_all(ledger_fd)
             if self.opts.timeout:
                 timer = threading.Timer(self.opts.timeout, self._on_timeout)
                 timer.daemon = True
@@ -525,9 +380,6 @@ class Supervisor:
                 timer.cancel()
             for relay in self.relays:
                 relay.join(timeout=10)
-            for sr in self.stages:
-                if sr.flight is not None:
-                    sr.flight.close()
             for t in self._stderr_threads:
                 t.join(timeout=5)
             if self._kill_timer is not None:
@@ -551,8 +403,6 @@ class Supervisor:
         )
         for relay in self.relays:
             self.events.emit("relay", stage=relay.up.name, records_out=relay.records)
-            if relay.down is not None:
-                self.events.emit("relay", stage=relay.down.name, records_in=relay.records)
         if self._own_events:
             self.events.close()
         return status

@@ -123,7 +123,10 @@ def from_yaml(text_or_path: str | PathLike[str]) -> LocalEnvironment:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{where}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # a ReaderError's
+        raise UsageError(f"{where}{at}: not valid YAML: {why}") from None  # has 2 lines
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UsageError(f"{where}: not valid YAML: nested too deeply") from None
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: expected a mapping with `stages:` (see docs/python.md)")
     unknown = sorted(set(doc) - {"name", "stages", "pipelines"})

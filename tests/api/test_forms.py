@@ -138,6 +138,8 @@ def test_a_stage_with_no_command_line_is_named_in_the_error() -> None:
         ("name: x\nsteps: []\n", "unknown key 'steps'"),
         # found by tests/fuzz/harness/fuzz_yaml.py: PyYAML's RecursionError escaped
         ("stages: " + "[" * 1000 + "\n", "not valid YAML: nested too deeply"),
+        ("stages: [2020-00-01]\n", "not valid YAML: month must be in 1..12"),
+        ("stages:\n?\n", "unknown key None"),  # keys None and 'stages' were sorted
         (
             "name: \x04\n",
             "not valid YAML: unacceptable character #x0004: special characters "

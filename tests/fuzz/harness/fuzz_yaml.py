@@ -1,8 +1,8 @@
 """YAML pipelines (sage_cli/api/forms.py `from_yaml`): any text gives a LocalEnvironment or a
 UsageError with a one-line message, never another exception; an environment it accepts has a
 YAML form that reads back as the same pipelines (`from_yaml(env.to_yaml())`: the same name, the
-same `sage VERB ...` argv per stage) and a bash form (`to_script`; tests/fuzz/test_fuzz_yaml.py
-checks that bash accepts it).
+same `sage VERB ...` argv per stage) and a bash form (`to_script`: no NUL byte, the name on its
+comment line; tests/fuzz/test_fuzz_yaml.py runs it under bash).
 
 The input is the YAML text (UTF-8, undecodable bytes replaced), with a newline added so that
 from_yaml reads it as text rather than as a path.
@@ -39,6 +39,8 @@ def check(text: str) -> LocalEnvironment | None:
     assert argvs(again) == argvs(env), (argvs(env), argvs(again))
     script = to_script(env)
     assert script.startswith("#!/usr/bin/env bash\n") and script.endswith("\n")
+    assert "\x00" not in script, script  # bash cannot take it
+    assert script.splitlines()[1].startswith("# "), script  # the name stays a comment
     return env
 
 

@@ -149,7 +149,7 @@ def check_chain(chain: list) -> str:
 
 
 @given(st.lists(steps, max_size=3))
-@settings(max_examples=examples(10))
+@settings(max_examples=examples(6))
 def test_a_random_chain_runs_as_its_bash_form_does_or_fails_in_one_line(chain: list) -> None:
     event(check_chain(chain))
 

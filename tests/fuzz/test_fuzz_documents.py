@@ -61,7 +61,7 @@ def expected_records(suffix: str, data: bytes) -> int | None:
 
 
 @given(documents)
-@settings(max_examples=examples(6))
+@settings(max_examples=examples(4))
 def test_sage_source_on_a_damaged_document_exits_0_or_65_in_one_line(
     case: tuple[str, bytes],
 ) -> None:

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,51 @@ def test_any_raw_request_gets_a_valid_answer_below_500_or_a_clean_close(
     if not end:  # a complete request: answered
         assert status is not None, request[:300]
     assert soak_server.proc.poll() is None, soak_server.stderr_text()
+
+
+def _in_flight(server: Server) -> int:
+    status, body = server.get("/metrics")
+    assert status == 200
+    (line,) = [x for x in body.decode().splitlines() if x.startswith("sage_requests_in_flight ")]
+    return int(line.split()[1])
+
+
+def _wait_for(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/embeddings"])
+def test_a_client_gone_before_its_whole_body_is_not_a_crash(
+    tmp_path: Path, tiny_llama: Path, path: str
+) -> None:
+    """Found by the soak (deep profile): a body shorter than its Content-Length, then the
+    client's end of the connection, raised starlette's ClientDisconnect out of read_body: a
+    "sage serve: error: ... ClientDisconnect" line and uvicorn's traceback in the log."""
+    srv = SoakServer(["--model", str(tiny_llama), "--no-cache"], tmp_path, serve_env(tmp_path))
+    srv.drain()
+    try:
+        parts = urlsplit(srv.url)
+        with socket.create_connection((parts.hostname, parts.port), timeout=60) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n".encode()
+                + b'{"input": '
+            )
+            _wait_for(lambda: _in_flight(srv) == 2)  # it is reading the body (and /metrics)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # an answer nobody reads, then the close
+                pass
+        _wait_for(lambda: _in_flight(srv) == 1)
+        status, body = srv.get("/metrics")
+        answered = [x for x in body.decode().splitlines() if x.startswith("sage_requests_total")]
+        assert any(path in x and '"499"' in x for x in answered), answered
+    finally:
+        code = srv.stop()
+    assert code == 143
+    log = srv.stderr_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log
 
 
 def test_after_the_soak_the_server_is_alive_and_healthy(soak_server: SoakServer) -> None:

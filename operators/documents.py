@@ -34,7 +34,13 @@ CONVERT_TIMEOUT = 300.0
 
 
 class DocumentError(Exception):
-    """A file that cannot be read as the document its name says it is (one file's error)."""
+    """A file that cannot be read as the document its name says it is (one file's error).
+
+    Its message is one line: a library's own message (lxml's ends in a newline) has its
+    whitespace runs folded to one space."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -207,12 +213,24 @@ def read_docx(data: bytes) -> Document:
         raise DocumentError(f"not a readable DOCX file ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - python-docx raises its own PackageNotFoundError...
         raise DocumentError(f"not a readable DOCX file ({type(exc).__name__}: {exc})") from None
+    try:
+        lines, title = _docx_blocks(document, Paragraph, Table)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a package whose XML is not WordprocessingML
+        # (another namespace, a missing <w:body>) fails inside python-docx's element classes
+        raise DocumentError(f"not a readable DOCX file ({type(exc).__name__}: {exc})") from None
+    return Document(["\n\n".join(lines)], {"title": title} if title else {})
+
+
+def _docx_blocks(document: Any, paragraph: type[Any], table: type[Any]) -> tuple[list[str], str]:
+    """(the lines of the document's paragraphs and tables, its title)."""
     lines: list[str] = []
     first_title = ""
     # style names by id, looked up once (python-docx's `paragraph.style` searches every time)
     names = {s.style_id: s.name or "" for s in document.styles}
     for block in document.iter_inner_content():
-        if isinstance(block, Paragraph):
+        if isinstance(block, paragraph):
             text = block.text.strip()
             if not text:
                 continue
@@ -224,15 +242,11 @@ def read_docx(data: bytes) -> Document:
                 lines.append(f"{'#' * level} {' '.join(text.split())}")
             else:
                 lines.append(text)
-        elif isinstance(block, Table):
+        elif isinstance(block, table):
             for row in block.rows:
                 cells = [" ".join(c.text.split()) for c in row.cells]
                 lines.append(" | ".join(cells))
-    meta: dict[str, Any] = {}
-    title = (document.core_properties.title or "").strip() or first_title
-    if title:
-        meta["title"] = title
-    return Document(["\n\n".join(lines)], meta)
+    return lines, (document.core_properties.title or "").strip() or first_title
 
 
 # -- converters --------------------------------------------------------------------------------

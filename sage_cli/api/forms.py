@@ -52,13 +52,19 @@ def to_script(env: LocalEnvironment) -> str:
     """`env`'s pipelines as a bash script."""
     lines = [
         "#!/usr/bin/env bash",
-        f"# {env.name}: a sage pipeline (run it with `sage run` or bash)",
+        f"# {_comment(env.name)}: a sage pipeline (run it with `sage run` or bash)",
         "set -euo pipefail",
     ]
     for pipeline in _verb_stages(env, "to_script"):
         words = [verbs.shell_words(spec.argv) for spec in pipeline]
         lines.append(" \\\n  | ".join(words))
     return "\n".join(lines) + "\n"
+
+
+def _comment(text: str) -> str:
+    """`text` for a comment line: one line of printable characters (a newline in a name would
+    start a command in the script; a NUL byte is not bash)."""
+    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
 
 
 def _plain(value: Any) -> Any:
@@ -123,10 +129,15 @@ def from_yaml(text_or_path: str | PathLike[str]) -> LocalEnvironment:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark is not None else ""
-        raise UsageError(f"{where}{at}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        why = " ".join(str(getattr(exc, "problem", None) or exc).split())  # a ReaderError's
+        raise UsageError(f"{where}{at}: not valid YAML: {why}") from None  # has 2 lines
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise UsageError(f"{where}: not valid YAML: nested too deeply") from None
+    except (ValueError, OverflowError) as exc:  # a constructor's: a date such as 2020-00-01
+        raise UsageError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(doc, dict):
         raise UsageError(f"{where}: expected a mapping with `stages:` (see docs/python.md)")
-    unknown = sorted(set(doc) - {"name", "stages", "pipelines"})
+    unknown = sorted(set(doc) - {"name", "stages", "pipelines"}, key=repr)  # keys of any type
     if unknown:
         raise UsageError(f"{where}: unknown key {unknown[0]!r} (name, stages, pipelines)")
     if ("stages" in doc) == ("pipelines" in doc):

@@ -75,14 +75,18 @@ def _is_argument(param: Any) -> bool:
 
 def _word(value: Any) -> str:
     if isinstance(value, Enum):
-        return str(value.value)
-    if isinstance(value, PathLike):
-        return str(value.__fspath__())
-    if isinstance(value, bool | int | float | str):
-        return str(value)
-    raise UsageError(
-        f"{value!r} ({type(value).__name__}) cannot be written as a command-line value"
-    )
+        word = str(value.value)
+    elif isinstance(value, PathLike):
+        word = str(value.__fspath__())
+    elif isinstance(value, bool | int | float | str):
+        word = str(value)
+    else:
+        raise UsageError(
+            f"{value!r} ({type(value).__name__}) cannot be written as a command-line value"
+        )
+    if "\x00" in word:  # no command line carries one: the bash form could not exist
+        raise UsageError(f"{value!r}: a command-line value cannot hold a NUL byte")
+    return word
 
 
 def _keywords(verb: str) -> dict[str, Any]:

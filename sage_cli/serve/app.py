@@ -37,7 +37,7 @@ import orjson
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -207,11 +207,18 @@ async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
         raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
     parts = []
     size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
-        parts.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise APIError(
+                    413, f"the request body is larger than {limit} bytes", code="too_large"
+                )
+            parts.append(part)
+    except ClientDisconnect:  # it went away before its Content-Length came: an answer, not
+        # a crash (a crash logged a traceback); 499 as for a chat whose client went away
+        gone = "the client closed the connection before the whole body came"
+        raise APIError(499, gone) from None
     return b"".join(parts)
 
 

@@ -136,6 +136,15 @@ def test_a_stage_with_no_command_line_is_named_in_the_error() -> None:
         ),
         ("stages:\n  - source: {}\n  - window: {size: 3, workers: 2}\n", "needs a stateless"),
         ("name: x\nsteps: []\n", "unknown key 'steps'"),
+        # found by tests/fuzz/harness/fuzz_yaml.py: PyYAML's RecursionError escaped
+        ("stages: " + "[" * 1000 + "\n", "not valid YAML: nested too deeply"),
+        ("stages: [2020-00-01]\n", "not valid YAML: month must be in 1..12"),
+        ("stages:\n?\n", "unknown key None"),  # keys None and 'stages' were sorted
+        (
+            "name: \x04\n",
+            "not valid YAML: unacceptable character #x0004: special characters "
+            'are not allowed in "<unicode string>", position 6',
+        ),  # was 2 lines (fuzz_yaml)
     ],
 )
 def test_sage_run_refuses_a_bad_pipeline_file_in_one_line(

@@ -1,4 +1,5 @@
-"""Hypothesis strategies shared by the fuzz tests: JSON values as orjson writes them."""
+"""Hypothesis strategies shared by the fuzz tests: JSON values as orjson writes them, and
+valid-looking bytes with a few random edits."""
 
 from __future__ import annotations
 
@@ -30,3 +31,25 @@ def json_values(
         ),
         max_leaves=max_leaves,
     )
+
+
+NASTY = [b"\n", b"\r", b"\r\n", b"\x00", b"\xff", b"\xef\xbb\xbf", b'"', b",", b"{", b"[", b"\\"]
+
+
+@st.composite
+def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
+    """Valid-looking bytes with a few random edits (insert, delete, replace, truncate)."""
+    data = bytearray(draw(base))
+    for _ in range(draw(st.integers(0, 4))):
+        pos = draw(st.integers(0, len(data)))
+        edit = draw(st.sampled_from(["insert", "delete", "replace", "truncate"]))
+        chunk = draw(st.sampled_from(NASTY) | st.binary(min_size=1, max_size=3))
+        if edit == "insert":
+            data[pos:pos] = chunk
+        elif edit == "delete":
+            del data[pos : pos + len(chunk)]
+        elif edit == "replace":
+            data[pos : pos + len(chunk)] = chunk
+        else:
+            del data[pos:]
+    return bytes(data)

@@ -20,7 +20,7 @@ from sage_cli.operators.ndjson import BadLine
 from sage_cli.operators.source import BadFile, Source
 from tests.conftest import parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
-from tests.fuzz.strategies import json_values
+from tests.fuzz.strategies import NASTY, json_values, mutated
 
 EXTENSIONS = {
     "text": ".txt",
@@ -38,28 +38,6 @@ records = st.dictionaries(
     st.sampled_from(["id", "text", "content", "_error", "x"]),
     json_values(max_leaves=12, max_size=4),
 )
-NASTY = [b"\n", b"\r", b"\r\n", b"\x00", b"\xff", b"\xef\xbb\xbf", b'"', b",", b"{", b"[", b"\\"]
-
-
-@st.composite
-def mutated(draw: st.DrawFn, base: st.SearchStrategy[bytes]) -> bytes:
-    """Valid-looking bytes with a few random edits (insert, delete, replace, truncate)."""
-    data = bytearray(draw(base))
-    for _ in range(draw(st.integers(0, 4))):
-        pos = draw(st.integers(0, len(data)))
-        edit = draw(st.sampled_from(["insert", "delete", "replace", "truncate"]))
-        chunk = draw(st.sampled_from(NASTY) | st.binary(min_size=1, max_size=3))
-        if edit == "insert":
-            data[pos:pos] = chunk
-        elif edit == "delete":
-            del data[pos : pos + len(chunk)]
-        elif edit == "replace":
-            data[pos : pos + len(chunk)] = chunk
-        else:
-            del data[pos:]
-    return bytes(data)
-
-
 ndjson_bytes = st.lists(records, max_size=6).map(
     lambda rs: b"".join(orjson.dumps(r) + b"\n" for r in rs)
 )

@@ -230,12 +230,14 @@ def check_pipeline(
 ) -> int:
     if not Path(script).exists():
         raise UsageError(f"{script}: no such script; check the path")
-    from sage_cli.run.script import Unsupported
+    from sage_cli.run.script import CommandsFailed, Unsupported
 
     try:
         pipelines = pipelines_of(script, args)
     except Unsupported as why:
         return check_bash_script(script, quiet, why)
+    except CommandsFailed as err:  # a problem of the script, whatever status its command had
+        raise UsageError(f"{err}, reading the script's words; fix the script") from None
     lines: list[str] = []
     made: set[Path] = set()
     for pipeline in pipelines:

@@ -238,6 +238,18 @@ def test_sage_run_check_exits_cleanly(text: str) -> None:
     assert sum(1 for line in err.splitlines() if line.startswith("sage run: error:")) <= 1
 
 
+def test_check_of_a_script_whose_own_command_fails_is_a_usage_error(tmp_path: Path) -> None:
+    """Regression (fuzzing: `set -e\r0`): --check exited with the failing command's status
+    (127), outside its documented codes; it is a problem of the script: exit 2, one line."""
+    path = _write(str(tmp_path), "set -e\r0\n" + PIPELINE + "\n")
+    proc = run_sage("run", "--check", str(path), cwd=str(tmp_path), timeout=60)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2, err
+    assert [ln for ln in err.splitlines() if ln.startswith("sage run: error:")] == [
+        ln for ln in err.splitlines() if "a command failed (exit 127)" in ln
+    ]
+
+
 def test_an_empty_command_before_a_separator_refuses_the_script(tmp_path: Path) -> None:
     """Regression (fuzzing, differential with bash): `;touch X` is a syntax error to bash,
     which runs nothing of that line; the parser dropped the empty command and ran `touch X`."""

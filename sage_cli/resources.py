@@ -6,8 +6,10 @@ read here (and in commands/), never in operators/, which take these values as ar
 - `SAGE_CACHE_DIR`: the embedding/generation caches and the model hash cache
   (default `$XDG_CACHE_HOME/sage`, else `~/.cache/sage`).
 - `SAGE_THREADS`: threads per model stage (default: every core: a lone model stage is the
-  common case; `sage run` sets it to a fair share, cores // model stages, for the stages it
-  starts, so the model stages of one pipeline do not fight over every core).
+  common case; under `sage run` a model stage takes a fair share, cores // model stages of its
+  pipeline: set by the supervisor for the stages it starts, worked out by the stage itself from
+  /proc when bash started it (sage_cli.run.registry.model_share), so the model stages of one
+  pipeline do not fight over every core).
 - `OMP_WAIT_POLICY`: set to PASSIVE when unset, on import (before any llama.cpp library loads):
   llama.cpp's OpenMP threads then sleep between graph runs instead of spinning. When the cores are
   shared (other stages, other processes) spinning threads starve each other: SmolLM2 decode with 2
@@ -61,7 +63,8 @@ def hash_cache_file() -> Path:
 
 
 def default_threads() -> int:
-    """Threads for one model stage: `SAGE_THREADS`, else every core."""
+    """Threads for one model stage: `SAGE_THREADS`, else under `sage run` a share of the cores
+    (every core over the model stages of its pipeline), else every core."""
     env = os.environ.get("SAGE_THREADS", "").strip()
     if env:
         try:
@@ -70,4 +73,10 @@ def default_threads() -> int:
             value = 0
         if value >= 1:
             return value
+    if os.environ.get("SAGE_RUN_PID"):  # bash started it inside `sage run`: share with its pipe
+        from sage_cli.run.registry import model_share
+
+        share = model_share()
+        if share:
+            return share
     return max(1, os.cpu_count() or 1)

@@ -185,3 +185,58 @@ def read_registry(trace_dir: str | Path) -> list[dict[str, Any]]:
         return _entries((Path(trace_dir) / REGISTRY).read_bytes())
     except OSError:
         return []
+
+
+def _stage_argv(pid: int) -> list[str] | None:
+    """The sage words of process `pid`'s command line (`embed --model m`), None if not sage."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            words = fh.read().decode("utf-8", "replace").split("\0")[:-1]
+    except OSError:
+        return None
+    for i, word in enumerate(words):
+        if word == "sage" or word.endswith("/sage"):
+            return words[i + 1 :]
+        if word == "sage_cli" and i and words[i - 1] == "-m":
+            return words[i + 1 :]
+    return None
+
+
+def pipeline_members(me: int | None = None) -> list[int]:
+    """The processes of this process's pipeline: its siblings joined to it by pipes, both ways."""
+    me = os.getpid() if me is None else me
+    parent = _ppid(me) or 0
+    siblings = _siblings(parent, me)
+    ends = {pid: (_pipe(f"/proc/{pid}/fd/0"), _pipe(f"/proc/{pid}/fd/1")) for pid in siblings}
+    ends[me] = (_pipe(f"/proc/{me}/fd/0"), _pipe(f"/proc/{me}/fd/1"))
+    members, todo = {me}, [me]
+    while todo:
+        stdin, stdout = ends[todo.pop()]
+        for pid, (other_in, other_out) in ends.items():
+            joined = (stdout is not None and other_in == stdout) or (
+                stdin is not None and other_out == stdin
+            )
+            if joined and pid not in members:
+                members.add(pid)
+                todo.append(pid)
+    return sorted(members)
+
+
+def model_share() -> int | None:
+    """A model stage's share of the cores under `sage run` when bash started it: every core over
+    the model stages of its pipeline (as the parsed path gives them), None if not under a run."""
+    if not os.environ.get(RUN_PID):
+        return None
+    from sage_cli.verbs import is_model_stage
+
+    me = os.getpid()
+    if os.environ.get("SAGE_RUN_WORKER") == "1":  # a keeper's worker: the keeper is in the pipe
+        me = _ppid(me) or me
+    try:
+        members = pipeline_members(me)
+    except OSError:
+        return None
+    models = sum(
+        1 for pid in members if (words := _stage_argv(pid)) and is_model_stage(["sage", *words])
+    )
+    return max(1, (os.cpu_count() or 1) // max(1, models))

@@ -303,3 +303,24 @@ def test_check_reads_what_it_can_and_says_what_it_skipped(tmp_path: Path) -> Non
         sage_argv("run", "--check", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=60
     )
     assert bad.returncode == 2 and b"No such option '--bogus'" in bad.stderr
+
+
+def test_model_stages_started_by_bash_share_the_cores(tmp_path: Path) -> None:
+    """Under `sage run`, bash starts the stages: a model stage counts the model stages of its
+    own pipeline (its siblings joined to it by pipes) and takes its share of the cores, as the
+    parsed path gives it; with SAGE_THREADS set it takes that."""
+    sleeper = f"{sys.executable} -c 'import time; time.sleep(3)'"
+    probe = f"{sys.executable} -c 'from sage_cli.resources import default_threads as t; print(t())'"
+    script = (
+        f"{sleeper} sage embed | {sleeper} sage generate | {probe} sage map r\n"
+        f"{sleeper} sage embed | {probe} sage map r\n"
+        f"{sleeper} sage embed | SAGE_THREADS=7 {probe} sage map r\n"
+    )
+    got = subprocess.run(
+        ["bash", "-c", script],
+        env=_env(SAGE_RUN_PID="1"),
+        capture_output=True,
+        timeout=60,
+    )
+    cores = os.cpu_count() or 1
+    assert got.stdout.split() == [str(max(1, cores // 2)).encode(), str(cores).encode(), b"7"]

@@ -401,16 +401,20 @@ def run_operator(
         ordered=not opts.unordered or keeper_worker,
     )
     if commits:
-        from sage_cli.run.keeper import REPLAY_MARKER, commit_marker, replay_lines
+        from sage_cli.run.keeper import REPLAY_MARKER, close_direct, commit_marker, replay_lines
+
+        close_direct()
 
         driver.committer = lambda line: writer.write_raw(commit_marker(line))
         if not op.stateless:  # its state is rebuilt by replaying its input from the start
             writer.write_raw(REPLAY_MARKER)
             driver.silent_through = replay_lines()
     elif keeper_worker:
-        from sage_cli.run.keeper import PASS_MARKER
+        from sage_cli.run.keeper import PASS_MARKER, write_direct
 
         writer.write_raw(PASS_MARKER)
+        writer.flush()
+        write_direct()  # never restarted: from here on its output skips the keeper
     tracer = None
     if env.trace_dir:  # set by `sage run` for the stages it starts
         from sage_cli.observability.trace import tracer_from_env

@@ -324,3 +324,43 @@ def test_model_stages_started_by_bash_share_the_cores(tmp_path: Path) -> None:
     )
     cores = os.cpu_count() or 1
     assert got.stdout.split() == [str(max(1, cores // 2)).encode(), str(cores).encode(), b"7"]
+
+
+def test_resume_through_a_pipe_with_outputs_sharing_their_inputs_id(tmp_path: Path) -> None:
+    """The issue's case: `--resume` kept only the first output per id (125,604 of 250,000).
+    stdout a pipe: the run keeps its copy, the resume skips what the copy holds."""
+    n = 3000
+    (tmp_path / "in.ndjson").write_bytes(
+        b"".join(b'{"id": "r%d", "n": %d}\n' % (i, i) for i in range(n))
+    )
+    (tmp_path / "s.sh").write_text(
+        "sage source in.ndjson | sage flatmap "
+        "\"(__import__('time').sleep(0.03) if r['n'] % 100 == 0 else 0) or "
+        "[{'id': r['id'], 'k': k} for k in range(3)]\"\n"
+    )
+    first = subprocess.Popen(
+        sage_argv("run", "-q", "s.sh"), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE
+    )
+    assert first.stdout is not None
+    got = b""
+    while got.count(b"\n") < 3000:  # a third of it came through the pipe
+        chunk = os.read(first.stdout.fileno(), 65536)
+        assert chunk, "the run ended early"
+        got += chunk
+    first.kill()
+    first.wait()
+    got += first.stdout.read()
+    first.stdout.close()
+    got = got[: got.rfind(b"\n") + 1]  # what the reader had whole
+    again = subprocess.run(
+        sage_argv("run", "-q", "--resume", "latest"),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in (got + again.stdout).splitlines()]
+    assert [(r["id"], r["k"]) for r in records] == [
+        (f"r{i}", k) for i in range(n) for k in range(3)
+    ]

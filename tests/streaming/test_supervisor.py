@@ -283,3 +283,36 @@ def test_resume_with_retries_after_the_supervisor_is_killed(work: Path) -> None:
     assert result.returncode == 0, result.stderr
     ids = output_ids(work / "out.ndjson")
     assert ids == [f"r{i}" for i in range(N)]
+
+
+def test_first_stage_reading_the_runs_own_stdin_under_kills(tmp_path: Path) -> None:
+    """The issue's case: a restarted first stage read on from where the dead one stopped (16-19k
+    of 100k lost), or from mid-line when stdin was a file. Its keeper reads `sage run`'s stdin
+    itself and feeds the new worker from the line after the last commit."""
+    n = 30_000
+    (tmp_path / "in.ndjson").write_bytes(
+        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
+    )
+    (tmp_path / "p.sh").write_text(
+        "sage map \"(__import__('time').sleep(0.02) if r['n'] % 150 == 0 else 0) or r\" "
+        '| sage map \'r | {"m": r["n"]}\' > out.ndjson\n'
+    )
+    with (tmp_path / "in.ndjson").open("rb") as stdin:
+        proc = subprocess.Popen(
+            sage_argv("run", "-q", "--retries", "3", "--backoff", "0", "p.sh"),
+            cwd=tmp_path,
+            env=env(),
+            stdin=stdin,
+            stderr=subprocess.PIPE,
+        )
+    first = worker_pids(tmp_path, "1.1-map")[0]
+    wait_for_output(tmp_path / "out.ndjson", 300_000, proc)
+    os.kill(first, signal.SIGKILL)
+    second = worker_pids(tmp_path, "1.1-map", count=2)[1]
+    wait_for_output(tmp_path / "out.ndjson", 700_000, proc)
+    os.kill(second, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    got = [orjson.loads(x)["m"] for x in (tmp_path / "out.ndjson").read_bytes().splitlines()]
+    assert got == list(range(n)), err
+    assert err.count(b"worker died (signal 9)") == 2

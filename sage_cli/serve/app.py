@@ -169,9 +169,21 @@ class Gate:
         t0 = time.perf_counter()
         metrics.started()
 
+        gone = [False]  # the client disconnected (uvicorn may have answered it already)
+
+        async def watched() -> dict[str, Any]:
+            message: dict[str, Any] = await receive()
+            if message["type"] == "http.disconnect":
+                gone[0] = True
+            return message
+
         async def counted(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            if gone[0]:
+                # nobody to answer; and after uvicorn's own 400 for a request cut short, h11
+                # refuses a second response with a LocalProtocolError (a traceback in the log)
+                return
             await send(message)
 
         try:
@@ -185,7 +197,7 @@ class Gate:
                     )
                     await send_error(counted, err, [(b"www-authenticate", b"Bearer")])
                     return
-            await self.app(scope, receive, counted)
+            await self.app(scope, watched, counted)
         finally:
             metrics.finished(route, scope.get("method", ""), status[0], time.perf_counter() - t0)
 

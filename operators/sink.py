@@ -26,8 +26,6 @@ import tempfile
 import weakref
 from typing import Any, BinaryIO, TextIO
 
-import orjson
-
 from .base import (
     Operator,
     OptionError,
@@ -210,7 +208,7 @@ class Sink(Operator):
         grid.add_column(overflow="fold")
         error = "_error" in record
         for key, value in record.items():
-            shown = value if isinstance(value, str) else orjson.dumps(value).decode()
+            shown = value if isinstance(value, str) else dumps_value(value).decode()
             grid.add_row(
                 Text(terminal_safe(str(key)), style="bold red" if key == "_error" else ""),
                 Text(terminal_safe(shown)),

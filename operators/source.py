@@ -53,6 +53,7 @@ from .documents import READERS, DocumentError, gunzip, looks_binary, run_convert
 from .ndjson import (
     BadLine,
     describe_json_error,
+    dumps_value,
     exact_numbers,
     line_blocks,
     may_hold_long_integer,
@@ -437,7 +438,7 @@ class Source(Operator):
             if isinstance(element, dict):
                 yield self._finish(element, f"{path}:{i}")
             else:
-                raw = orjson.dumps(element)[:200]
+                raw = dumps_value(element)[:200]  # a big integer too (orjson refuses it)
                 yield BadLine(path, i, f"array element {i} is not a JSON object", raw)
 
     def _csv(self, path: str, data: bytes) -> Iterator[Item]:
@@ -497,7 +498,7 @@ class Source(Operator):
         data = (
             content.encode("utf-8", "surrogatepass")
             if isinstance(content, str)
-            else orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+            else dumps_value(content, sort_keys=True)
         )
         return hashlib.sha256(data).hexdigest()[:16]
 

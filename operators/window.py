@@ -38,10 +38,9 @@ from collections.abc import Callable, Hashable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from .base import Operator, OptionError, Record, RecordError
 from .fields import hashable, lookup
+from .ndjson import dumps_value
 
 AGGREGATES = ("count", "sum", "mean", "min", "max", "collect")
 KEY_FIELD = "_key"
@@ -342,7 +341,7 @@ class Window(Operator):
         if win.key is _UNKEYED:
             record: Record = {"id": f"window:{start}"}
         else:
-            shown = win.key if isinstance(win.key, str) else orjson.dumps(win.key).decode()
+            shown = win.key if isinstance(win.key, str) else dumps_value(win.key).decode()
             record = {"id": f"window:{shown}:{start}", "key": win.key}
         record["start"] = start
         record["end"] = end

@@ -280,3 +280,20 @@ def test_source_watch_sigterm_exits_143(tmp_path):
             proc.kill()
     assert proc.returncode == 143, err
     assert rest == b"" and err == b""
+
+
+def test_a_json_array_with_a_big_integer_element_is_a_bad_line_not_a_crash(tmp_path):
+    """Found by make fuzz (atheris, source harness): the bad element's text was written with
+    orjson, which refuses integers beyond 64 bits (TypeError, exit 1)."""
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[{"n": 1}, 33333333333333333333333333333331]')
+    result = subprocess.run(
+        sage_argv("source", str(path), "--on-error", "emit"),
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    records = parse_ndjson(result.stdout)
+    assert records[0]["n"] == 1
+    assert "33333333333333333333333333333331" in records[1]["_error"]["raw"]

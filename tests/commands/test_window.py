@@ -67,3 +67,20 @@ def test_arrival_window_closes_while_stdin_is_idle():
         rest, err = proc.stdout.read(), proc.stderr.read()
     assert proc.returncode == 0, err
     assert rest == b""
+
+
+def test_a_key_beyond_64_bits_names_its_window_exactly():
+    """Found by make fuzz's class of inputs: orjson.dumps refused the key (TypeError, exit 1)."""
+    key = 18446744073709551616
+    data = b"".join(b'{"k": %d, "t": %d}\n' % (key, t) for t in range(2))
+    result = subprocess.run(
+        sage_argv("window", "--key", "k", "--size", "2"),
+        input=data,
+        capture_output=True,
+        env=clean_env(),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        b'{"id":"window:18446744073709551616:0","key":18446744073709551616'
+    )

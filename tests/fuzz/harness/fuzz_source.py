@@ -55,6 +55,7 @@ SEEDS: list[bytes] = [
     b'\x01{"id": "a", "text": "x"}\n\n{"content": "y"}\n[1]\n{bad\n',
     b'\x02[\n  {"id": "a"},\n  {"text": "b"},\n  3\n]\n',
     b'\x02\xef\xbb\xbf{"id": "a"}',
+    b"\x02[{}, 33333333333333333333333333333333331]",  # found by make fuzz: orjson.dumps failed
     b'\x03\n\nid,text\na,"multi\nline"\nb\nc,d,e\n',
     b"\x04line one\r\n\n  \nline two\xff\n",
     b"\x05%PDF-1.4\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\ntrailer << /Root 1 0 R >>\n",

@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
-from sage_cli.run.env import StageEnv
+from sage_cli.run.env import RUN_ATTEMPT, StageEnv
 
 STATS_SECONDS = 1.0
 #: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
@@ -89,7 +89,7 @@ class Tracer:
             "pid": os.getpid(),
             "argv": redact_argv(sys.argv[1:]),
         }
-        kept = os.environ.get("SAGE_RUN_ATTEMPT")  # a keeper's worker (sage_cli.run.keeper)
+        kept = os.environ.get(RUN_ATTEMPT)  # a keeper's worker (sage_cli.run.keeper)
         if kept:
             try:
                 attempt, after, first, forwarded = (int(x) for x in kept.split(","))

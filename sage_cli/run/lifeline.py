@@ -12,7 +12,6 @@ neighbours' pipes close.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import signal
@@ -35,6 +34,8 @@ def open_lifeline() -> tuple[int, int, str]:
 
 def die_with_parent() -> None:
     """In a child, before exec: SIGKILL when the parent ends."""
+    import ctypes  # not on a stage's start-up path: only `sage run` without setpriv needs it
+
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux

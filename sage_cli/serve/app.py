@@ -35,6 +35,7 @@ from typing import Any
 
 import orjson
 import uvicorn
+from h11 import LocalProtocolError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -184,7 +185,12 @@ class Gate:
                 # nobody to answer; and after uvicorn's own 400 for a request cut short, h11
                 # refuses a second response with a LocalProtocolError (a traceback in the log)
                 return
-            await send(message)
+            try:
+                await send(message)
+            except LocalProtocolError:
+                # uvicorn answered 400 itself for HTTP it could not parse that came after a good
+                # head (a malformed chunk), before it tells us the connection is gone
+                gone[0] = True
 
         try:
             if self.key is not None:

@@ -298,3 +298,33 @@ def test_after_the_soak_the_server_is_alive_and_healthy(soak_server: SoakServer)
     # SIGTERM: drained and stopped (143, as documented), no traceback in its log
     assert soak_server.stop() == 143, soak_server.stderr_text()[-3000:]
     assert "Traceback" not in soak_server.stderr_text(), soak_server.stderr_text()[-3000:]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        # answered without reading the body; the malformed chunk came in the same packet
+        b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
+        # refused for its Content-Length before the (chunked, malformed) body is read
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nZZ\r\n\r\n",
+    ],
+    ids=["health", "too-large"],
+)
+def test_an_answer_after_uvicorns_own_400_is_not_a_crash(
+    tmp_path: Path, tiny_llama: Path, request_bytes: bytes
+) -> None:
+    """Found by make fuzz in CI: uvicorn answers 400 for HTTP it cannot parse while the app is
+    already answering the same request (its head was fine); h11 then refused the app's answer
+    with a LocalProtocolError, a traceback in the log. The client gets uvicorn's 400."""
+    srv = SoakServer(["--model", str(tiny_llama), "--no-cache"], tmp_path, serve_env(tmp_path))
+    srv.drain()
+    try:
+        assert exchange(srv.url, request_bytes, end=False) in (None, 400)
+        status, _ = srv.get("/health")
+        assert status == 200
+    finally:
+        code = srv.stop()
+    assert code == 143
+    log = srv.stderr_text()
+    assert "Traceback" not in log and "LocalProtocolError" not in log, log

@@ -14,7 +14,7 @@ Two public ways from a verb to an operator, neither of which runs the CLI:
 - `build_operator(verb, **options)`: an operator from keyword options named after the verb's
   long flags (`build_operator("retrieve", index="idx/", top_k=5)`).
 
-This module is imported by `sage_cli.app`: it must stay light (no typer, click or operators at
+This module is imported by `sage_cli.cli.group`: it must stay light (no typer, click or operators at
 import time).
 """
 

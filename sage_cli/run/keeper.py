@@ -32,11 +32,12 @@ The relay loop is byte-level: big os.read/os.write blocks, bytes.find/count, no 
 
 from __future__ import annotations
 
+import fcntl
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -59,7 +60,11 @@ PASS_MARKER = b"\x1e-\n"
 REPLAY_MARKER = b"\x1e=\n"
 #: exit statuses a restart cannot change: usage, data error under fail, unavailable, stopped
 FINAL = frozenset({2, 65, 69, 130, 143})
-READ_SIZE = 1 << 20
+#: stdin is read in blocks the allocator reuses (1 MiB blocks cost a fresh page per 4 KiB)
+READ_SIZE = 64 * 1024
+PIPE_SIZE = 1 << 20
+#: chunks read from stdin ahead of the worker: reading further ahead only touches fresh pages
+AHEAD = PIPE_SIZE // READ_SIZE
 #: input a keeper holds in memory (SAGE_RUN_FLIGHT_MB overrides): past it, backpressure for a
 #: stateless worker, a spill file for a stateful one
 KEEP_MEMORY = 32 * 1024 * 1024
@@ -130,14 +135,11 @@ class _Input:
     must keep everything for a replay, writes further chunks to an unlinked spill file."""
 
     def __init__(self, memory: int = KEEP_MEMORY, spill_dir: str | None = None) -> None:
-        self.cond = threading.Condition()
         #: (data, or None when spilled, newlines before, in it, spill offset, length)
         self.chunks: deque[tuple[bytes | None, int, int, int, int]] = deque()
         self.first = 0  # absolute index of chunks[0]
         self.newlines = 0  # newlines read so far
         self.eof = False
-        self.last_byte = b"\n"
-        self.error: str | None = None
         self.memory = memory
         self.held = 0  # bytes of chunks in memory
         self.committed = 0  # input lines done
@@ -166,99 +168,187 @@ class _Input:
             self.chunks.append((data, self.newlines, n, 0, len(data)))
             self.held += len(data)
 
-    def read_all(self, fd: int) -> None:
+    def room(self) -> bool:
+        """Whether to read more now: under `memory`, or the worker has no whole line to work
+        on (one longer line is read on: no deadlock), or everything is kept anyway."""
+        return self.held < self.memory or self.keep_all or self.newlines <= self.committed
+
+    def read_from(self, fd: int) -> None:
+        """One read of stdin (it is readable: this does not block)."""
         try:
-            while True:
-                with self.cond:  # backpressure: wait for commits to free memory, as long as
-                    # whole lines wait for the worker (one longer line is read on: no deadlock)
-                    while (
-                        self.held >= self.memory
-                        and not self.keep_all
-                        and self.newlines > self.committed
-                    ):
-                        self.cond.wait(0.5)
-                data = os.read(fd, READ_SIZE)
-                with self.cond:
-                    if not data:
-                        self.eof = True
-                        self.cond.notify_all()
-                        return
-                    n = data.count(b"\n")
-                    self._keep(data, n)
-                    self.newlines += n
-                    self.last_byte = data[-1:]
-                    self.cond.notify_all()
-        except OSError as exc:
-            with self.cond:
-                self.error = exc.strerror or str(exc)
-                self.eof = True
-                self.cond.notify_all()
+            data = os.read(fd, READ_SIZE)
+        except OSError:  # closed or unreadable stdin: the input ends here, as at EOF
+            data = b""
+        if not data:
+            self.eof = True
+            return
+        n = data.count(b"\n")
+        self._keep(data, n)
+        self.newlines += n
 
     def keep_everything(self) -> None:
         """The worker is stateful: a restart replays from line 1, so keep all (spilling)."""
-        with self.cond:
-            self.keep_all = True
-            self.cond.notify_all()
+        self.keep_all = True
 
     def commit(self, lines: int) -> None:
         """Input lines 1..`lines` are done: drop the chunks that hold nothing after them. A
         chunk whose last newline ends line `lines` still holds the start of the next line
         unless that newline is its last byte (a pipe cuts chunks anywhere)."""
-        with self.cond:
-            self.committed = max(self.committed, lines)
-            chunks = self.chunks
-            while chunks:
-                data, before, n, _, _ = chunks[0]
-                if before + n > lines or (before + n == lines and not self.data(0).endswith(b"\n")):
-                    break
-                chunks.popleft()
-                if data is not None:
-                    self.held -= len(data)
-                self.first += 1
-            self.cond.notify_all()
+        self.committed = max(self.committed, lines)
+        chunks = self.chunks
+        while chunks:
+            data, before, n, _, _ = chunks[0]
+            if before + n > lines or (before + n == lines and not self.data(0).endswith(b"\n")):
+                break
+            chunks.popleft()
+            if data is not None:
+                self.held -= len(data)
+            self.first += 1
+
+    def drop_before(self, index: int) -> None:
+        """Forget the chunks before absolute index `index` (a worker that is never restarted
+        has had them)."""
+        while self.chunks and self.first < index:
+            data = self.chunks.popleft()[0]
+            if data is not None:
+                self.held -= len(data)
+            self.first += 1
 
     def start_of(self, lines: int) -> tuple[int, int]:
         """(absolute chunk index, offset) where input line `lines`+1 starts."""
-        with self.cond:
-            if lines > self.newlines:  # the last line, without a newline, is done too
-                return self.first + len(self.chunks), 0
-            for i, (_, before, n, _, _) in enumerate(self.chunks):
-                if before < lines <= before + n:  # the chunk with the newline ending `lines`
-                    data = self.data(i)
-                    offset = 0
-                    for _ in range(lines - before):
-                        offset = data.index(b"\n", offset) + 1
-                    return self.first + i, offset
-            # that newline was the last byte of a chunk already dropped: the next one starts it
-            return self.first, 0
+        if lines > self.newlines:  # the last line, without a newline, is done too
+            return self.first + len(self.chunks), 0
+        for i, (_, before, n, _, _) in enumerate(self.chunks):
+            if before < lines <= before + n:  # the chunk with the newline ending `lines`
+                data = self.data(i)
+                offset = 0
+                for _ in range(lines - before):
+                    offset = data.index(b"\n", offset) + 1
+                return self.first + i, offset
+        # that newline was the last byte of a chunk already dropped: the next one starts it
+        return self.first, 0
 
 
-def _feed(inp: _Input, start: tuple[int, int], fd: int, stop: threading.Event) -> None:
-    """Write the input from `start` on to a worker's stdin, following stdin until its end."""
-    index, offset = start
-    try:
-        while not stop.is_set():
-            with inp.cond:
-                while index - inp.first >= len(inp.chunks) and not inp.eof and not stop.is_set():
-                    inp.cond.wait(0.5)
-                if stop.is_set():
-                    return
-                at = index - inp.first
-                if at >= len(inp.chunks):
-                    return  # end of input
-                data = inp.data(max(at, 0))
-            view = memoryview(data)[offset:]
-            while view:
-                view = view[os.write(fd, view) :]
-            index += 1
-            offset = 0
-    except OSError:
-        return  # the worker is gone (EPIPE): the keeper decides what follows
-    finally:
+class _Feed:
+    """Writes the kept input from a place on to a worker's stdin, as far as its pipe takes
+    without blocking (the keeper is one thread: it must never block on a worker's input)."""
+
+    def __init__(self, inp: _Input, start: tuple[int, int], fd: int) -> None:
+        self.inp = inp
+        self.index, self.offset = start
+        self.fd = fd
+        os.set_blocking(fd, False)
+
+    def unfed(self) -> int:
+        """Chunks read and not yet given to the worker."""
+        return self.inp.first + len(self.inp.chunks) - self.index
+
+    def caught_up(self) -> bool:
+        return self.index - self.inp.first >= len(self.inp.chunks)
+
+    def write(self) -> None:
+        inp = self.inp
         try:
-            os.close(fd)
-        except OSError:
-            pass
+            while not self.caught_up():
+                at = self.index - inp.first
+                if at < 0:  # dropped by a commit: the worker had it all
+                    self.index, self.offset, at = inp.first, 0, 0
+                data = inp.data(at)
+                self.offset += os.write(self.fd, memoryview(data)[self.offset :])
+                if self.offset < len(data):
+                    return  # the pipe is full: wait until it takes more
+                self.index += 1
+                self.offset = 0
+        except BlockingIOError:
+            return
+        except OSError:  # the worker closed its stdin or is gone (EPIPE): no more input
+            self.close()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+
+class _Output:
+    """A worker's output as it comes: what a marker commits is passed on (one writev per read
+    of the worker's pipe, however many markers it held), the rest waits for the next marker.
+    `markers` holds the markers of the last `take`, in order, for the keeper to act on."""
+
+    def __init__(self) -> None:
+        self.pending: list[bytes | memoryview] = []  # output after the last marker
+        self.pending_lines = 0
+        self.partial = b""  # the start of a marker whose end has not come yet
+        self.live = False  # PASS_MARKER seen: everything is passed on as it comes
+        self.forwarded = 0  # output lines passed on
+
+    def take(self, buf: bytearray, n: int) -> tuple[list[bytes | memoryview], list[bytes]]:
+        """(what to write now, the markers found) for one read of the worker's output, the
+        first `n` bytes of `buf`. The parts to write are views of `buf`, valid until it is
+        read into again; what waits is copied."""
+        view = memoryview(buf)[:n]
+        if self.live:
+            return [view], []
+        data: bytes | bytearray = buf
+        if self.partial:
+            data, self.partial = self.partial + bytes(view), b""
+            n = len(data)
+            view = memoryview(data)
+        out: list[bytes | memoryview] = []
+        markers: list[bytes] = []
+        pos = 0
+        while True:
+            at = data.find(b"\x1e", pos, n)
+            if at < 0:
+                if pos < n:
+                    self.pending.append(bytes(view[pos:]))
+                    self.pending_lines += data.count(b"\n", pos, n)
+                break
+            end = data.find(b"\n", at, n)
+            if end < 0:  # the marker's end comes with the next read
+                if at > pos:
+                    self.pending.append(bytes(view[pos:at]))
+                    self.pending_lines += data.count(b"\n", pos, at)
+                self.partial = bytes(view[at:])
+                break
+            out += self.pending  # every marker commits the output before it
+            self.forwarded += self.pending_lines + data.count(b"\n", pos, at)
+            self.pending, self.pending_lines = [], 0
+            if at > pos:
+                out.append(view[pos:at])
+            marker = bytes(view[at + 1 : end])
+            markers.append(marker)
+            pos = end + 1
+            if marker == b"-":  # from here on the worker's output is passed on as it comes
+                self.live = True
+                if pos < n:
+                    out.append(view[pos:])
+                break
+        return out, markers
+
+    def complete_lines(self) -> bytes:
+        """What a worker that ended on its own terms left after its last marker, cut after the
+        last complete line."""
+        tail = b"".join(self.pending)
+        return tail[: tail.rfind(b"\n") + 1]
+
+
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    while parts:
+        batch = parts[:512]  # under IOV_MAX
+        n = os.writev(fd, batch)
+        done = 0
+        while done < len(batch) and n >= len(batch[done]):
+            n -= len(batch[done])
+            done += 1
+        if done < len(batch):
+            rest = memoryview(batch[done])[n:]
+            parts = [rest, *parts[done + 1 :]]
+        else:
+            parts = parts[done:]
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -270,8 +360,7 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
 def _dead_letter(inp: _Input, committed: int, prog: str, code: int, run_dir: str) -> int:
     """Put the first record after line `committed` in the run's dead.ndjson; return its line."""
     index, offset = inp.start_of(committed)
-    with inp.cond:
-        data = b"".join(inp.data(i) for i in range(index - inp.first, len(inp.chunks)))[offset:]
+    data = b"".join(inp.data(i) for i in range(index - inp.first, len(inp.chunks)))[offset:]
     line = committed
     for raw in data.split(b"\n"):
         line += 1
@@ -301,6 +390,63 @@ def _dead_letter(inp: _Input, committed: int, prog: str, code: int, run_dir: str
     return line
 
 
+def _widen_pipe(fd: int) -> None:
+    """A keeper's pipes to its worker hold 1 MiB: fewer, bigger reads and writes on both
+    sides (a 64 KiB pipe made the worker read and flush in small pieces)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (OSError, AttributeError):  # over /proc/sys/fs/pipe-max-size, or not Linux
+        pass
+
+
+def _relay(
+    inp: _Input,
+    feed: _Feed,
+    out_fd: int,
+    output: _Output,
+    proc: subprocess.Popen[bytes],
+    on_marker: Any,
+) -> bool:
+    """One worker's life, in one thread: stdin into the kept input, the kept input into the
+    worker, its committed output to stdout, until its output ends (and, while it still reads,
+    until its input is all given or it exits). True when the next stage closed its end."""
+    out_open = True
+    buf = bytearray(PIPE_SIZE)  # read into, again and again: no fresh pages per read
+    while True:
+        if output.live:  # never restarted: what it was given need not be kept
+            inp.drop_before(feed.index)
+        if feed.fd >= 0 and inp.eof and feed.caught_up():
+            feed.close()  # all of the input is given: the worker sees its end
+        if not out_open and (feed.fd < 0 or proc.poll() is not None):
+            return False
+        poller = select.poll()
+        if out_open:
+            poller.register(out_fd, select.POLLIN)
+        if feed.fd >= 0:
+            if not feed.caught_up():
+                poller.register(feed.fd, select.POLLOUT)
+            if not inp.eof and inp.room() and feed.unfed() < AHEAD:
+                poller.register(0, select.POLLIN)
+        for fd, _ in poller.poll(None if out_open else 50):
+            if fd == out_fd:
+                n = os.readv(out_fd, [buf])
+                if not n:
+                    out_open = False
+                    continue
+                parts, markers = output.take(buf, n)
+                if parts:
+                    try:
+                        _writev_all(1, parts)
+                    except BrokenPipeError:
+                        return True
+                for marker in markers:
+                    on_marker(marker)
+            elif fd == 0:
+                inp.read_from(0)
+            elif fd == feed.fd:
+                feed.write()
+
+
 def keep(argv: list[str], retries: int) -> int:
     """Run `sage <argv>` as a worker child, restarting it up to `retries` times."""
     prog = f"sage {argv[0]}" if argv else "sage"
@@ -318,7 +464,6 @@ def keep(argv: list[str], retries: int) -> int:
     inp = _Input(
         int(float(mb) * 1024 * 1024) if mb else KEEP_MEMORY, os.environ.get(RUN_DIR) or None
     )
-    threading.Thread(target=inp.read_all, args=(0,), daemon=True).start()
     committed = 0  # input lines whose outputs are forwarded
     replay_all = False  # a stateful operator: a restart replays the input from line 1
     stuck = 0  # deaths in a row with no input line committed in between
@@ -338,8 +483,19 @@ def keep(argv: list[str], retries: int) -> int:
             except OSError:
                 pass
 
+    def on_marker(marker: bytes) -> None:
+        nonlocal committed, replay_all
+        if marker == b"=":
+            replay_all = True
+            inp.keep_everything()
+        elif marker != b"-":
+            committed = max(committed, base + int(marker))
+            if not replay_all:
+                inp.commit(committed)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    base = 0
     while True:
         if replay_all:
             env[RUN_REPLAY] = str(committed)
@@ -360,87 +516,29 @@ def keep(argv: list[str], retries: int) -> int:
             os.close(direct)
         child[:] = [proc]
         assert proc.stdin is not None and proc.stdout is not None
-        stop = threading.Event()
-        feeder = threading.Thread(
-            target=_feed,
-            args=(
-                inp,
-                inp.start_of(0 if replay_all else committed),
-                os.dup(proc.stdin.fileno()),
-                stop,
-            ),
-            daemon=True,
-        )
-        proc.stdin.close()
-        feeder.start()
         base = 0 if replay_all else committed
         started_at = committed
-        held = bytearray()  # output not committed yet (and a marker's start)
-        scan = 0  # where in `held` the next marker may start
-        live = False  # PASS_MARKER seen: forward as it comes, never restart
+        feed = _Feed(inp, inp.start_of(base), os.dup(proc.stdin.fileno()))
+        proc.stdin.close()
         out_fd = proc.stdout.fileno()
-        broken = False
-        while True:
-            try:
-                data = os.read(out_fd, READ_SIZE)
-            except InterruptedError:  # pragma: no cover - PEP 475
-                continue
-            if not data:
-                break
-            if live:
-                try:
-                    _write_all(1, data)
-                except BrokenPipeError:
-                    broken = True
-                    break
-                continue
-            held += data
-            while True:
-                at = held.find(b"\x1e", scan)
-                if at < 0:
-                    scan = len(held)
-                    break
-                end = held.find(b"\n", at)
-                if end < 0:
-                    scan = at  # the marker's end comes with a later read: look here again
-                    break
-                marker = bytes(held[at + 1 : end])
-                forwarded += held.count(b"\n", 0, at)
-                try:
-                    _write_all(1, memoryview(held)[:at])
-                except BrokenPipeError:
-                    broken = True
-                    break
-                del held[: end + 1]
-                scan = 0
-                if marker == b"-":
-                    live = True
-                    _write_all(1, held)
-                    held.clear()
-                    break
-                if marker == b"=":
-                    replay_all = True
-                    inp.keep_everything()
-                    continue
-                committed = max(committed, base + int(marker))
-                if not replay_all:
-                    inp.commit(committed)
-            if broken:
-                break
+        for fd in (feed.fd, out_fd):
+            _widen_pipe(fd)
+        output = _Output()
+        output.forwarded = forwarded
+        broken = _relay(inp, feed, out_fd, output, proc, on_marker)
+        forwarded = output.forwarded
+        live = output.live
+        feed.close()
+        proc.stdout.close()
         if broken:  # the next stage wants no more: like any stage, end quietly
             proc.kill()
             proc.wait()
-            stop.set()
             return 0
         code = proc.wait()
-        stop.set()
-        with inp.cond:
-            inp.cond.notify_all()
         if code == 0 or live or code in FINAL or stopping:
             # the worker ended on its own terms: what it wrote completely is its output
-            cut = held.rfind(b"\n") + 1 if code else len(held)
             try:
-                _write_all(1, memoryview(held)[:cut])
+                _write_all(1, output.complete_lines() if code else b"".join(output.pending))
             except BrokenPipeError:
                 return 0
             if stopping and code < 0:
@@ -469,5 +567,4 @@ def keep(argv: list[str], retries: int) -> int:
             f"line {committed + 1} in {delay:g}s\n"
         )
         sys.stderr.flush()
-        feeder.join(timeout=5)
         time.sleep(delay)

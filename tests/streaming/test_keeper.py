@@ -315,6 +315,26 @@ def test_a_source_is_passed_through_live(tmp_path: Path) -> None:
     assert json.loads(proc.stdout.splitlines()[0])["text"].startswith("hello")
 
 
+def test_a_live_worker_reading_stdin_after_a_file_gets_all_of_it(tmp_path: Path) -> None:
+    """`sage map r FILE -` is passed through live (never restarted), yet reads stdin after its
+    file: more stdin than the keeper holds (SAGE_RUN_FLIGHT_MB) must still all get through.
+    (It stalled once the kept input reached the limit: nothing is ever committed live.)"""
+    (tmp_path / "first.ndjson").write_text('{"id": "first"}\n')
+    rows = "".join(json.dumps({"id": f"r{i}", "pad": "x" * 40}) + "\n" for i in range(60_000))
+    env = keeper_env(tmp_path, 1)
+    env["SAGE_RUN_FLIGHT_MB"] = "1"
+    proc = subprocess.run(
+        SAGE + ["map", "r", str(tmp_path / "first.ndjson"), "-"],
+        input=rows.encode(),
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ids = [json.loads(line)["id"] for line in proc.stdout.splitlines()]
+    assert ids == ["first"] + [f"r{i}" for i in range(60_000)]
+
+
 def workers_under(root: int) -> list[int]:
     """Keeper workers (SAGE_RUN_WORKER=1 in their environment) among `root`'s descendants."""
     found = []

@@ -33,15 +33,20 @@ def retrieve(
         str,
         typer.Option(
             "--fusion",
-            metavar="relative|rrf",
-            help="hybrid: fuse min-max normalised scores (alpha * dense + (1 - alpha) * "
-            "bm25), or reciprocal ranks (sum of 1 / (60 + rank)).",
+            metavar="adaptive|relative|rrf",
+            help="hybrid: fuse min-max normalised scores, (1 - w) * dense + w * bm25, with "
+            "BM25's weight w = (1 - alpha) * the query's lexical strength (adaptive), or the "
+            "fixed w = 1 - alpha (relative); or reciprocal ranks (sum of 1 / (60 + rank)).",
         ),
-    ] = "relative",
+    ] = "adaptive",
     alpha: Annotated[
         float,
         typer.Option(
-            "--alpha", min=0.0, max=1.0, help="hybrid, relative: the weight of the dense scores."
+            "--alpha",
+            min=0.0,
+            max=1.0,
+            help="hybrid: the weight of the dense scores (adaptive: when the query's words "
+            "match the corpus fully; dense gets more as the match weakens).",
         ),
     ] = 0.5,
     exact: Annotated[
@@ -83,7 +88,13 @@ def retrieve(
 
     By default (--mode hybrid) the embedding and BM25 rankings of the indexed text (top 50
     each) are fused by relative score: each list's scores scaled to 0..1, then
-    0.5 * dense + 0.5 * bm25. The query is embedded with
+    (1 - w) * dense + w * bm25, where BM25's weight w = 0.5 * the query's lexical strength
+    (--fusion adaptive, --alpha 0.5). Lexical strength (0..1) is the mean of two signals
+    about BM25's top hit, each clipped to 0..1: its score as a share of the most any
+    document could score for the query (0 at 0.1, 1 at 0.2), and the share of the IDF of
+    the query's content words it contains (1 at 0.8). A query in the corpus's own words gets
+    equal weights; one whose words the corpus lacks is ranked by its embedding alone (why:
+    docs/retrieval.md, "Retrieval quality"). The query is embedded with
     the index's own model (its sha256 must match the manifest: a different model is exit 69)
     unless the record already carries an `embedding`; --mode bm25 loads no model. Each hit is
     the indexed record (id, text, metadata, parent_id ...) with `score`, `rank` (from 1) and

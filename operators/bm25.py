@@ -129,6 +129,34 @@ class BM25:
             out[docs] += self.idf(hi - lo) * tf * (self.k1 + 1.0) / (tf + norm[docs])
         return out
 
+    def max_score(self, query: str) -> float:
+        """The most any document could score for `query`: the sum over its distinct terms that
+        the corpus holds of idf * (k1 + 1) (the limit of a term's BM25 part as tf grows)."""
+        index = self.term_index()
+        total = 0.0
+        for term in dict.fromkeys(terms(query)):
+            t = index.get(term)
+            if t is not None:
+                total += self.idf(int(self.indptr[t + 1] - self.indptr[t])) * (self.k1 + 1.0)
+        return total
+
+    def idf_coverage(self, query_terms: Iterable[str], doc: int) -> float:
+        """The share of the IDF mass of `query_terms` (distinct) that document `doc` contains;
+        a term the corpus lacks counts with the highest IDF (df 0). 0 for no terms."""
+        index = self.term_index()
+        total = found = 0.0
+        for term in dict.fromkeys(query_terms):
+            t = index.get(term)
+            if t is None:
+                total += self.idf(0)
+                continue
+            lo, hi = int(self.indptr[t]), int(self.indptr[t + 1])
+            weight = self.idf(hi - lo)
+            total += weight
+            if (self.doc_ids[lo:hi] == doc).any():
+                found += weight
+        return found / total if total > 0 else 0.0
+
     def search(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best (document, score) pairs, best first; documents scoring 0 are left out."""
         return top_k(self.scores(query), k, positive_only=True)

@@ -13,13 +13,17 @@ does it (`sage chunk --size 400 --overlap 60 | sage embed | sage index build`):
   questions in a user's own words; held out at first, looked at since.
 - stdlib_heldout2: scripts/stdlib_questions_heldout2.ndjson (40), the same corpus, in a user's
   words, other gold functions; written and committed before issue 14's second round tried
-  anything, measured only here.
+  anything, measured once at its end; a tuning set since the third round.
+- stdlib_heldout3: scripts/stdlib_questions_heldout3.ndjson (40), the same corpus, in a user's
+  words, other gold functions again; written and committed before the third round tried
+  anything, never tuned on.
 
-On the three tuning sets, the changes tried and not adopted (tests/bench/quality_variants.py)
-are measured too, in process.
+On the tuning sets, the changes tried (tests/bench/quality_variants.py) are measured too, in
+process.
 
 For each set: `sage retrieve -k 20` in every mode (dense, bm25, hybrid fused by reciprocal
-rank, and the default: hybrid fused by relative score), then `sage rerank` (the default,
+rank, hybrid fused by relative score with fixed equal weights: the default before the third
+round, and the default: adaptive fusion), then `sage rerank` (the default,
 phrase; and mmr) on the default's top 20, and `--method llm` on the demo set's top 5 only (one
 model call per document, about 450 prompt tokens each: 2 s of CPU per document on this
 machine; on the top 5 only recall@1 can change). recall@k here is the share of questions with a gold document in
@@ -53,14 +57,16 @@ SETS = {
     "stdlib": ("stdlib_corpus.py", "stdlib_questions.ndjson"),
     "stdlib_paraphrased": ("stdlib_corpus.py", "stdlib_questions_paraphrased.ndjson"),
     "stdlib_heldout2": ("stdlib_corpus.py", "stdlib_questions_heldout2.ndjson"),
+    "stdlib_heldout3": ("stdlib_corpus.py", "stdlib_questions_heldout3.ndjson"),
 }
 #: the sets changes were tried on (tests/bench/quality_variants.py); the others are held out
-TUNING = ("demo", "stdlib", "stdlib_paraphrased")
+TUNING = ("demo", "stdlib", "stdlib_paraphrased", "stdlib_heldout2")
 #: retrieval modes measured: name -> extra `sage retrieve` flags ("default": none)
 MODES = {
     "dense": "--mode dense",
     "bm25": "--mode bm25",
     "hybrid_rrf": "--fusion rrf",
+    "old_default": "--fusion relative",
     "default": "",
 }
 #: rerankers measured on the default's top 20: name -> `sage rerank` flags
@@ -187,6 +193,15 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
         )
     for k, i in ((1, 0), (5, 1)):
         report(
+            f"quality.{name}.default_minus_old_default.recall@{k}",
+            default[i] - scores["old_default"][i],
+            "",
+            target=">= 0",
+            command=REPRODUCE,
+            note="--fusion adaptive (default) against --fusion relative (fixed equal weights)",
+        )
+    for k, i in ((1, 0), (5, 1)):
+        report(
             f"quality.{name}.rerank_minus_default.recall@{k}",
             reranked[i] - default[i],
             "",
@@ -205,16 +220,18 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
     )
 
 
-def retrieve_latency(index: Path, questions: Path) -> float:
-    """Seconds per query of the default `sage retrieve -k 20`, in process (no start-up, the
-    model loaded once outside the timing), the mean over the set."""
+def retrieve_latency(index: Path, questions: Path, fusion: str | None = None) -> float:
+    """Seconds per query of `sage retrieve -k 20` (defaults, or another --fusion), in process
+    (no start-up, the model loaded once outside the timing), the mean over the set."""
     import orjson
 
     from sage_cli.operators.retrieve import Retriever
     from sage_cli.resources import model_dirs
 
     qs = [orjson.loads(line) for line in questions.read_bytes().splitlines() if line.strip()]
-    op = Retriever(index, k=DEPTH, model_dirs=model_dirs())
+    op = Retriever(
+        index, k=DEPTH, model_dirs=model_dirs(), **({"fusion": fusion} if fusion else {})
+    )
     op.setup()
     assert op.embedder is not None
     op.embedder.get()
@@ -294,6 +311,13 @@ def run(report) -> None:
             "s",
             command=REPRODUCE,
             note=f"`sage retrieve -k {DEPTH}` defaults, in process, query embedding included",
+        )
+        report(
+            f"quality.{name}.old_default.s_per_query",
+            retrieve_latency(indexes[script], ROOT / "scripts" / questions, "relative"),
+            "s",
+            command=REPRODUCE,
+            note=f"`sage retrieve -k {DEPTH} --fusion relative`, in process, as above",
         )
         if name in TUNING:
             measure_variants(name, indexes[script], ROOT / "scripts" / questions, report)

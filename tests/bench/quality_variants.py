@@ -1,10 +1,28 @@
-"""Retrieval changes tried for issue 14 (second round) and not adopted, measured in process on
-the tuning sets (demo, stdlib, stdlib_paraphrased) against the same index `sage retrieve`
-searches, so docs/retrieval.md's "tried and not adopted" figures come from `make bench`.
+"""Retrieval changes tried for issue 14 (second and third rounds), measured in process on the
+tuning sets (demo, stdlib, stdlib_paraphrased, and from the third round stdlib_heldout2)
+against the same index `sage retrieve` searches, so docs/retrieval.md's "tried" figures come
+from `make bench`.
 
-Every variant starts from the default's two lists (dense cosine and BM25, top 50 each, exact
-dense search here where `sage retrieve` uses annoy: `default_exact` is the default under exact
-search, the baseline of the variants) and changes one thing:
+Every variant starts from the same two lists (dense cosine and BM25, top 50 each, exact dense
+search here where `sage retrieve` uses annoy) and changes one thing. Baselines:
+`relative_exact` is relative-score fusion with fixed equal weights (the default of the first
+two rounds) and `adaptive_exact` today's default (`--fusion adaptive`), both under exact
+search.
+
+Third round: BM25's weight w (the dense list gets 1 - w) set per query from how well the query
+matches the corpus's words (relative_fusion with weights (1 - w, w); 0.5 = the old default):
+
+- r3_a_coverage: w = 0.5 * c, c = the share of the IDF mass of the query's content words that
+  the BM25 top hit contains (`BM25.idf_coverage`); r3_a_coverage_ramp: w = 0.5 * min(1, c / 0.8).
+- r3_b_fallback: dense alone when the BM25 top score is under 0.2 of the most possible
+  (`BM25.max_score`, s below), else w = 0.5; r3_b_share_ramp: w = 0.5 * clip((s - 0.1) / 0.1).
+  (BM25 returned 50 hits for every question of these sets, so "fewer than N hits" never fires.)
+- r3_c_agreement: w = 0.5 * o, o = the overlap of the two top 10s (share of 10);
+  r3_c_agreement_ramp: w = 0.5 * min(1, o / 0.2).
+- adaptive_exact (adopted, the default): w = 0.5 * the mean of the two ramps of r3_a and r3_b
+  (`operators.retrieve.lexical_strength`).
+
+Second round (each a change of `relative_exact`; none adopted):
 
 - prf_dense / prf_hybrid: pseudo-relevance feedback in embedding space,
   q' = normalize(q + b * mean of the top-k doc vectors) (of the dense or the fused list), the
@@ -40,10 +58,48 @@ def _prf(index: Any, vector: Any, rows: list[int], b: float) -> list[tuple[int, 
     return index.dense(moved / np.linalg.norm(moved), DEPTH, exact=True)
 
 
+def _clip(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+def round3_hits(
+    index: Any, query: str, dense: list[tuple[int, float]], sparse: list[tuple[int, float]]
+) -> dict[str, list[tuple[int, float]]]:
+    """The third round's query-adaptive BM25 weights (module docstring), exact dense lists."""
+    from sage_cli.operators.retrieve import (
+        DEFAULT_ALPHA,
+        adaptive_weights,
+        lexical_strength,
+        relative_fusion,
+    )
+    from sage_cli.operators.tokenize import content_terms
+
+    def weighted(w: float) -> list[tuple[int, float]]:
+        return relative_fusion([dense, sparse], [1.0 - w, w], DEPTH)
+
+    bm25 = index.bm25
+    most = bm25.max_score(query)
+    share = sparse[0][1] / most if sparse and most > 0 else 0.0
+    coverage = bm25.idf_coverage(content_terms(query), sparse[0][0]) if sparse else 0.0
+    overlap = len({r for r, _ in dense[:10]} & {r for r, _ in sparse[:10]}) / 10
+    strength = lexical_strength(bm25, query, sparse)
+    return {
+        "adaptive_exact": relative_fusion(
+            [dense, sparse], adaptive_weights(DEFAULT_ALPHA, strength), DEPTH
+        ),
+        "r3_a_coverage": weighted(0.5 * coverage),
+        "r3_a_coverage_ramp": weighted(0.5 * _clip(coverage / 0.8)),
+        "r3_b_fallback": weighted(0.0 if share < 0.2 else 0.5),
+        "r3_b_share_ramp": weighted(0.5 * _clip((share - 0.1) / 0.1)),
+        "r3_c_agreement": weighted(0.5 * overlap),
+        "r3_c_agreement_ramp": weighted(0.5 * _clip(overlap / 0.2)),
+    }
+
+
 def variant_hits(
     index: Any, query: str, vector: Any, clean_vector: Any, titles: Any, parents: list[Any]
 ) -> dict[str, list[tuple[int, float]]]:
-    """(row, score) lists, best first: the default (exact dense) and every variant."""
+    """(row, score) lists, best first: the baselines (exact dense) and every variant."""
     from sage_cli.operators.bm25 import top_k
     from sage_cli.operators.retrieve import relative_fusion
     from sage_cli.operators.tokenize import terms
@@ -54,7 +110,8 @@ def variant_hits(
     cosines = index.vectors @ vector
     dense, sparse = top_k(cosines, DEPTH), index.bm25.search(query, DEPTH)
     default = fuse(dense, sparse)
-    out = {"default_exact": default}
+    out = {"relative_exact": default}
+    out.update(round3_hits(index, query, dense, sparse))
     out["prf_dense_k5_b0.5"] = fuse(_prf(index, vector, [r for r, _ in dense[:5]], 0.5), sparse)
     out["prf_hybrid_k3_b1.0"] = fuse(_prf(index, vector, [r for r, _ in default[:3]], 1.0), sparse)
     own = set(terms(query))

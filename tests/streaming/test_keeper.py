@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO
 
 from sage_cli.run.keeper import _Input
+from tests.streaming.keepers import workers_under
 
 SAGE = [sys.executable, "-m", "sage_cli"]
 
@@ -333,32 +334,6 @@ def test_a_live_worker_reading_stdin_after_a_file_gets_all_of_it(tmp_path: Path)
     assert proc.returncode == 0, proc.stderr
     ids = [json.loads(line)["id"] for line in proc.stdout.splitlines()]
     assert ids == ["first"] + [f"r{i}" for i in range(60_000)]
-
-
-def workers_under(root: int) -> list[int]:
-    """Keeper workers (SAGE_RUN_WORKER=1 in their environment) among `root`'s descendants."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            env = Path(f"/proc/{entry}/environ").read_bytes()
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if b"SAGE_RUN_WORKER=1\0" not in env:
-            continue
-        pid = int(entry)
-        while pid > 1:  # under root?
-            if pid == root:
-                found.append(int(entry))
-                break
-            try:
-                pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                break
-        del stat
-    return found
 
 
 def test_sage_run_retries_restarts_stages_inside_a_loop(tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from tests.bench.bench_soak import (
 )
 from tests.conftest import clean_env
 from tests.readiness import wait_gone
+from tests.streaming.keepers import is_worker
 
 SMALL = 30_000
 LARGE = 240_000
@@ -127,13 +128,12 @@ def _tree_peaks(root: int, peaks: dict[int, tuple[str, float]], stop: threading.
         for pid in descendants(root):
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
             except OSError:
                 continue
             hwm = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
             if hwm is None:
                 continue
-            role = "worker" if b"SAGE_RUN_WORKER=1" in environ else "other"
+            role = "worker" if is_worker(pid) else "other"
             peaks[pid] = (role, max(float(hwm.split()[1]) / 1024, peaks.get(pid, ("", 0.0))[1]))
         time.sleep(0.05)
 

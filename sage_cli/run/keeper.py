@@ -53,7 +53,7 @@ from sage_cli.run.env import (
     RUN_WORKER,
 )
 
-MARK = 0x1E  # the first byte of every marker
+MARK = b"\x1e"  # the first byte of every marker
 PASS_MARKER = b"\x1e-\n"
 #: first from a worker of a stateful operator: keep all input; a restart replays it all
 REPLAY_MARKER = b"\x1e=\n"
@@ -196,22 +196,22 @@ class _Input:
         self.committed = max(self.committed, lines)
         chunks = self.chunks
         while chunks:
-            data, before, n, _, _ = chunks[0]
+            _, before, n, _, _ = chunks[0]
             if before + n > lines or (before + n == lines and not self.data(0).endswith(b"\n")):
                 break
-            chunks.popleft()
-            if data is not None:
-                self.held -= len(data)
-            self.first += 1
+            self._drop_first()
 
     def drop_before(self, index: int) -> None:
         """Forget the chunks before absolute index `index` (a worker that is never restarted
         has had them)."""
         while self.chunks and self.first < index:
-            data = self.chunks.popleft()[0]
-            if data is not None:
-                self.held -= len(data)
-            self.first += 1
+            self._drop_first()
+
+    def _drop_first(self) -> None:
+        data = self.chunks.popleft()[0]
+        if data is not None:
+            self.held -= len(data)
+        self.first += 1
 
     def start_of(self, lines: int) -> tuple[int, int]:
         """(absolute chunk index, offset) where input line `lines`+1 starts."""
@@ -274,11 +274,10 @@ class _Feed:
 
 class _Output:
     """A worker's output as it comes: what a marker commits is passed on (one writev per read
-    of the worker's pipe, however many markers it held), the rest waits for the next marker.
-    `markers` holds the markers of the last `take`, in order, for the keeper to act on."""
+    of the worker's pipe, however many markers it held), the rest waits for the next marker."""
 
     def __init__(self) -> None:
-        self.pending: list[bytes | memoryview] = []  # output after the last marker
+        self.pending: list[bytes] = []  # output after the last marker (copied out of the buffer)
         self.pending_lines = 0
         self.partial = b""  # the start of a marker whose end has not come yet
         self.live = False  # PASS_MARKER seen: everything is passed on as it comes
@@ -300,7 +299,7 @@ class _Output:
         markers: list[bytes] = []
         pos = 0
         while True:
-            at = data.find(b"\x1e", pos, n)
+            at = data.find(MARK, pos, n)
             if at < 0:
                 if pos < n:
                     self.pending.append(bytes(view[pos:]))
@@ -348,12 +347,6 @@ def _writev_all(fd: int, parts: list[bytes | memoryview]) -> None:
             parts = [rest, *parts[done + 1 :]]
         else:
             parts = parts[done:]
-
-
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def _dead_letter(inp: _Input, committed: int, prog: str, code: int, run_dir: str) -> int:
@@ -633,7 +626,7 @@ def keep(argv: list[str], retries: int) -> int:
         if code == 0 or live or code in FINAL or stopping:
             # the worker ended on its own terms: what it wrote completely is its output
             try:
-                _write_all(1, output.complete_lines() if code else b"".join(output.pending))
+                _writev_all(1, [output.complete_lines()] if code else list(output.pending))
             except BrokenPipeError:
                 return 0
             if stopping and code < 0:

@@ -48,7 +48,7 @@ from sage_cli.run.env import (
     TRACE_IDS,
     TRACE_STAGE,
 )
-from sage_cli.run.lifeline import die_with_parent, open_lifeline
+from sage_cli.run.lifeline import dies_with_parent, open_lifeline
 from sage_cli.run.output import Delivered, Tap, delivered, describe_stdout
 from sage_cli.run.record import Run
 from sage_cli.run.registry import read_registry
@@ -281,17 +281,16 @@ class BashSession:
         env = self._env()
         env[RUN_LIFELINE] = line
         try:
-            argv = [bash, "-o", "pipefail", str(self.script), *self.args]
-            setpriv = shutil.which("setpriv")
-            if setpriv:  # exec'd, it lets Popen use vfork (sage_cli.run.supervisor says why)
-                argv = [setpriv, "--pdeathsig", "KILL", "--", *argv]
+            argv, die_with_us = dies_with_parent(
+                [bash, "-o", "pipefail", str(self.script), *self.args]
+            )
             self.bash = subprocess.Popen(
                 argv,
                 env=env,
                 stdout=self.stdout_fd,
                 stderr=write_end,
                 pass_fds=(line_fd,),
-                preexec_fn=None if setpriv else die_with_parent,  # noqa: PLW1509
+                preexec_fn=die_with_us,  # noqa: PLW1509 (None where setpriv is there)
                 # its own process group: a Ctrl-C at the terminal reaches `sage run`, which
                 # passes it on once to every process of the run
                 process_group=0,

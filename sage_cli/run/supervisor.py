@@ -13,7 +13,6 @@ stage a keeper (keeper.py), a resume a replay (output.py).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,6 +27,7 @@ from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import THREADS, StageEnv
+from sage_cli.run.lifeline import dies_with_parent
 from sage_cli.run.record import Events
 from sage_cli.run.relay import READ_SIZE, Relay
 from sage_cli.run.script import Pipeline, Stage
@@ -35,23 +35,6 @@ from sage_cli.run.stage import StageRun
 
 TIMEOUT_STATUS = 124  # like timeout(1)
 KILL_GRACE_SECONDS = 5.0
-
-_PR_SET_PDEATHSIG = 1
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-    _prctl: Any = _libc.prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _prctl = None
-
-
-#: util-linux setpriv sets the parent-death signal and execs the stage (no Python in the child)
-_SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-
-
-def _child_setup() -> None:
-    """In the child, before exec: die with the supervisor (even on its kill -9)."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 def exit_status(wait_status: int) -> int:
@@ -171,12 +154,10 @@ class Supervisor:
         sr.attempts += 1
         status: int | None = None
         try:
-            argv = sr.argv
-            if _SETPRIV:  # exec'd, it lets Popen use vfork: far faster starts than preexec_fn
-                program = shutil.which(argv[0], path=sr.env.get("PATH"))
-                if program is None:
-                    raise FileNotFoundError(argv[0])
-                argv = [_SETPRIV, "--pdeathsig", "KILL", "--", program, *argv[1:]]
+            program = shutil.which(sr.argv[0], path=sr.env.get("PATH"))
+            if program is None:
+                raise FileNotFoundError(sr.argv[0])
+            argv, die_with_us = dies_with_parent([program, *sr.argv[1:]])
             proc = subprocess.Popen(
                 argv,
                 stdin=stdin,
@@ -185,7 +166,7 @@ class Supervisor:
                 env=sr.env,
                 cwd=self.pipeline.cwd,
                 process_group=0,
-                preexec_fn=None if _SETPRIV else _child_setup,
+                preexec_fn=die_with_us,
             )
         except FileNotFoundError:
             status = 127

@@ -220,18 +220,17 @@ def _error(err: APIError) -> Response:
 
 
 async def read_body(request: Request, limit: int = MAX_BODY) -> bytes:
+    too_large = APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes", code="too_large")
+        raise too_large
     parts = []
     size = 0
     try:
         async for part in request.stream():
             size += len(part)
             if size > limit:
-                raise APIError(
-                    413, f"the request body is larger than {limit} bytes", code="too_large"
-                )
+                raise too_large
             parts.append(part)
     except ClientDisconnect:  # it went away before its Content-Length came: an answer, not
         # a crash (a crash logged a traceback); 499 as for a chat whose client went away

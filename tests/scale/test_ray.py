@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -222,7 +221,6 @@ def test_replicas_for_a_stateful_stage_is_a_usage_error():
     assert result.returncode == 2 and b"only sage stages" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_unbounded_stdin_streams_through_ray(cluster):
     proc = subprocess.Popen(
         [sys.executable, "-c", DRIVER, json.dumps(DATAFLOW[:1]), cluster],

@@ -48,6 +48,11 @@ def work(tmp_path: Path, big_input: bytes) -> Path:
     return tmp_path
 
 
+def write_records(path: Path, n: int) -> None:
+    """`{"id": "r<i>", "n": i}` for i in 0..n-1."""
+    path.write_bytes(b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n)))
+
+
 def start(cwd: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
         sage_argv("run", *args), env=env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -237,9 +242,7 @@ def test_an_opaque_stage_that_crashes_is_not_restarted(tmp_path: Path) -> None:
     outputs came from which input, so a restart could not be exact: the run fails with its
     status, as bash's pipefail would, and nothing is written twice."""
     n = 5000
-    (tmp_path / "in.ndjson").write_bytes(
-        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
-    )
+    write_records(tmp_path / "in.ndjson", n)
     (tmp_path / "crash_once.py").write_text(
         "import os, signal, sys\n"
         "for i, line in enumerate(sys.stdin):\n"
@@ -290,9 +293,7 @@ def test_first_stage_reading_the_runs_own_stdin_under_kills(tmp_path: Path) -> N
     of 100k lost), or from mid-line when stdin was a file. Its keeper reads `sage run`'s stdin
     itself and feeds the new worker from the line after the last commit."""
     n = 30_000
-    (tmp_path / "in.ndjson").write_bytes(
-        b"".join(orjson.dumps({"id": f"r{i}", "n": i}) + b"\n" for i in range(n))
-    )
+    write_records(tmp_path / "in.ndjson", n)
     (tmp_path / "p.sh").write_text(
         "sage map \"(__import__('time').sleep(0.02) if r['n'] % 150 == 0 else 0) or r\" "
         '| sage map \'r | {"m": r["n"]}\' > out.ndjson\n'

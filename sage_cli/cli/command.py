@@ -400,6 +400,13 @@ def run_operator(
         # a keeper's worker commits in input order: a restart replays from one line on
         ordered=not opts.unordered or keeper_worker,
     )
+    kept = None
+    if keeper_worker:
+        from sage_cli.run.env import keeper_attempt
+
+        kept = keeper_attempt()
+    if kept is not None and kept[0] > 1:
+        policy.once_per_line = True  # what a dead worker put in `--errors FILE` stays once
     if commits:
         from sage_cli.run.keeper import REPLAY_MARKER, close_direct, commit_marker, replay_lines
 
@@ -433,7 +440,10 @@ def run_operator(
                 driver.run_records(records, origin=command)
             else:
                 reader = RecordReader(
-                    opts.files, on_idle=driver.idle, idle_interval=op.tick_interval
+                    opts.files,
+                    on_idle=driver.idle,
+                    idle_interval=op.tick_interval,
+                    stdin_after=kept[2] if commits and kept is not None else 0,
                 )
                 driver.run_reader(reader)
         finally:

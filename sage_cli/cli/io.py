@@ -142,24 +142,27 @@ class RecordReader:
         on_idle: Callable[[], None] | None = None,
         idle_interval: float | None = None,
         stdin: int | BinaryIO | None = None,
+        stdin_after: int = 0,
     ) -> None:
         self.paths = list(paths) if paths else ["-"]
         self.on_idle = on_idle
         self.idle_interval = idle_interval
         self.stdin = stdin  # what `-` reads (default: fd 0)
+        #: lines of the input that come before what `-` reads (a keeper's restarted worker is
+        #: fed from line N+1): its lines are numbered from N+1
+        self.stdin_after = stdin_after
 
     def blocks(self) -> Iterator[Block]:
         for path in self.paths:
             origin = "stdin" if path == "-" else path
             fd = self.stdin if path == "-" and self.stdin is not None else open_input(path)
             try:
-                yield from self._blocks_of(fd, origin)
+                yield from self._blocks_of(fd, origin, self.stdin_after if path == "-" else 0)
             finally:
                 if isinstance(fd, int) and path != "-":
                     os.close(fd)
 
-    def _blocks_of(self, fd: int | BinaryIO, origin: str) -> Iterator[Block]:
-        lineno = 0
+    def _blocks_of(self, fd: int | BinaryIO, origin: str, lineno: int = 0) -> Iterator[Block]:
         loads = _loads
         blocks = read_blocks(fd, self.on_idle, self.idle_interval)
         while True:

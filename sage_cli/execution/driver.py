@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -75,17 +75,29 @@ class ErrorPolicy:
         self.dead_letter = dead_letter
         self.stats = stats if stats is not None else Stats()
         self._dead_fh: Any = None
+        #: a keeper's restarted worker meets again lines a dead one met (uncommitted, or
+        #: replayed to rebuild state): each (stage, origin, line) goes in the dead letter once
+        self.once_per_line = False
+        self._written: set[tuple[Any, Any, Any]] | None = None
 
     def _record_dead(self, entry: Record) -> None:
         if self.dead_letter is None:
             return
         if self._dead_fh is None:
             try:
-                self._dead_fh = open(self.dead_letter, "ab")  # noqa: SIM115 - kept open for the run
+                mode = "ab+" if self.once_per_line else "ab"
+                self._dead_fh = open(self.dead_letter, mode)  # noqa: SIM115 - kept open for the run
             except OSError as exc:
                 raise SageError(
                     f"--errors {self.dead_letter}: cannot open: {exc.strerror}"
                 ) from None
+            if self.once_per_line:
+                self._written = set(map(_line_key, _entries(self._dead_fh)))
+        if self._written is not None:
+            key = _line_key(entry)
+            if key in self._written:
+                return
+            self._written.add(key)
         try:
             self._dead_fh.write(dump_record(entry))  # any record read can be written (io.py)
             self._dead_fh.flush()  # a dead letter must survive a crash of this process
@@ -144,6 +156,22 @@ class ErrorPolicy:
         if self._dead_fh is not None:
             self._dead_fh.close()
             self._dead_fh = None
+
+
+def _line_key(entry: Any) -> tuple[Any, Any, Any]:
+    if not isinstance(entry, dict):
+        return (None, None, None)
+    return (entry.get("stage"), entry.get("origin"), entry.get("line"))
+
+
+def _entries(fh: Any) -> Iterator[Any]:
+    """The dead letter's entries so far (lines that do not parse are passed over)."""
+    fh.seek(0)
+    for line in fh:
+        try:
+            yield orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
 
 
 def write_failure(exc: OSError) -> tuple[ExitCode, str]:

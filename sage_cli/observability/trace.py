@@ -34,7 +34,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
-from sage_cli.run.env import RUN_ATTEMPT, StageEnv
+from sage_cli.run.env import StageEnv, keeper_attempt
 
 STATS_SECONDS = 1.0
 #: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
@@ -89,19 +89,15 @@ class Tracer:
             "pid": os.getpid(),
             "argv": redact_argv(sys.argv[1:]),
         }
-        kept = os.environ.get(RUN_ATTEMPT)  # a keeper's worker (sage_cli.run.keeper)
-        if kept:
-            try:
-                attempt, after, first, forwarded = (int(x) for x in kept.split(","))
-            except ValueError:
-                pass
-            else:
-                event["keeper"] = {
-                    "attempt": attempt,
-                    "after": after,
-                    "from_line": first,
-                    "forwarded": forwarded,
-                }
+        kept = keeper_attempt()  # a keeper's worker (sage_cli.run.keeper)
+        if kept is not None:
+            number, after, first, forwarded = kept
+            event["keeper"] = {
+                "attempt": number,
+                "after": after,
+                "from_line": first,
+                "forwarded": forwarded,
+            }
         self._emit(event)
         self.flush()
 

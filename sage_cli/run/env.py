@@ -39,6 +39,17 @@ RUN_REPLAY = "SAGE_RUN_REPLAY"
 RUN_ATTEMPT = "SAGE_RUN_ATTEMPT"
 
 
+def keeper_attempt() -> tuple[int, int, int, int] | None:
+    """In a keeper's worker: SAGE_RUN_ATTEMPT as numbers (its attempt, 1 first; the status the
+    one before it died with; the input lines committed before it, which it is not fed; the
+    output lines forwarded before it), else None."""
+    try:
+        number, after, first, forwarded = (int(x) for x in os.environ[RUN_ATTEMPT].split(","))
+    except (KeyError, ValueError):
+        return None
+    return number, after, first, forwarded
+
+
 @dataclass(frozen=True)
 class StageEnv:
     trace_dir: str | None = None

@@ -581,13 +581,12 @@ def keep(argv: list[str], retries: int) -> int:
             replay_all = True
             inp.keep_everything()
         elif marker != b"-":
-            committed = max(committed, base + int(marker))
+            committed = max(committed, int(marker))
             if not replay_all:
                 inp.commit(committed)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    base = 0
     while True:
         if replay_all:
             env[RUN_REPLAY] = str(committed)
@@ -605,9 +604,10 @@ def keep(argv: list[str], retries: int) -> int:
         finally:
             os.close(direct)
         child[:] = [proc]
-        base = 0 if replay_all else committed
         started_at = committed
-        feed = _Feed(inp, inp.start_of(base), proc.stdin)
+        # a stateless worker is fed from the first line not committed, and numbers its lines
+        # from there (SAGE_RUN_ATTEMPT), so its markers and errors name input lines as they are
+        feed = _Feed(inp, inp.start_of(0 if replay_all else committed), proc.stdin)
         out_fd = proc.stdout
         for fd in (feed.fd, out_fd):
             _widen_pipe(fd)

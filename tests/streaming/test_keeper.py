@@ -210,6 +210,61 @@ def test_stdin_a_file_with_blank_lines_and_no_final_newline(tmp_path: Path) -> N
     assert [r["n"] for r in records] == want
 
 
+#: like PRODUCER, with a line that is not JSON (`oops N`) at every N = 5 mod 97
+WITH_BAD_LINES = """
+import json, sys, time
+n, parts = int(sys.argv[1]), int(sys.argv[2])
+step = n // parts
+for p in range(parts):
+    sys.stdout.write("".join((f"oops {i}" if i % 97 == 5 else json.dumps({"id": f"r{i}", "n": i}))
+                             + "\\n" for i in range(p * step, (p + 1) * step)))
+    sys.stdout.flush()
+    time.sleep(0.03)
+"""
+
+
+def bad_numbers(n: int) -> list[int]:
+    return [i for i in range(n) if i % 97 == 5]
+
+
+def test_errors_of_a_restarted_worker_name_their_input_lines(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.ndjson"
+    code, records, err = run_with_kills(
+        tmp_path,
+        ["map", "--on-error", "emit", "--errors", str(dead), "{'n': r['n']}"],
+        30_000,
+        kills=3,
+        source=WITH_BAD_LINES,
+    )
+    assert code == 0, err
+    assert "restart" in err
+    errors = [r["_error"] for r in records if "_error" in r]
+    # record N is input line N + 1, whichever worker met it
+    assert [e["line"] for e in errors] == [i + 1 for i in bad_numbers(30_000)]
+    assert [e["raw"] for e in errors] == [f"oops {i}" for i in bad_numbers(30_000)]
+    assert [r["n"] for r in records if "_error" not in r] == [
+        i for i in range(30_000) if i % 97 != 5
+    ]
+    entries = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert [e["line"] for e in entries] == [i + 1 for i in bad_numbers(30_000)]
+
+
+def test_a_replayed_stateful_stage_puts_each_bad_line_in_errors_once(tmp_path: Path) -> None:
+    dead = tmp_path / "dead.ndjson"
+    code, records, err = run_with_kills(
+        tmp_path,
+        ["dedupe", "--on-error", "skip", "--errors", str(dead)],
+        30_000,
+        kills=3,
+        source=WITH_BAD_LINES,
+    )
+    assert code == 0, err
+    assert "restart" in err
+    assert [r["n"] for r in records] == [i for i in range(30_000) if i % 97 != 5]
+    entries = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert [e["line"] for e in entries] == [i + 1 for i in bad_numbers(30_000)]
+
+
 def test_workers_unordered_under_kills_is_exact(tmp_path: Path) -> None:
     code, records, err = run_with_kills(
         tmp_path,

@@ -383,7 +383,8 @@ def run_operator(
             stop_at_error=policy.mode is ErrorMode.fail,
         )
     keeper_worker = is_keeper_worker()
-    commits = keeper_worker and records is None and (opts.files or ["-"]) == ["-"]
+    reads_stdin = (opts.files or ["-"]) == ["-"]
+    commits = keeper_worker and records is None and reads_stdin
     if keeper_worker:
         from sage_cli.run.keeper import worker_refusal
 
@@ -426,7 +427,7 @@ def run_operator(
     if env.trace_dir:  # set by `sage run` for the stages it starts
         from sage_cli.observability.trace import tracer_from_env
 
-        tracer = tracer_from_env(command, env)
+        tracer = tracer_from_env(command, env, reads_stdin=records is None and reads_stdin)
     envelope = None
     if env.envelope:
         from sage_cli.observability.envelope import envelope_from_env

@@ -210,6 +210,7 @@ class _Slot:
     busy: float = 0.0
     done: bool = False
     last_line: int = 0  # the last input line whose effects this slot completes (0: none)
+    first_line: int = 0  # its batch's first input line
 
 
 def usage_tokens(records: list[Record]) -> int:
@@ -492,11 +493,11 @@ class Driver:
             if result is not None:
                 self.stats.busy_seconds += result.busy
                 slot = _Slot(batch, entered, result.segments, result.busy, result.done)
-                slot.last_line = lines[-1]
+                slot.first_line, slot.last_line = lines[0], lines[-1]
                 self._emit(slot)
                 return
         slot = _Slot(batch, entered)
-        slot.last_line = lines[-1]
+        slot.first_line, slot.last_line = lines[0], lines[-1]
         self._in_flight[seq] = slot
         if self.ordered:
             self._slots.append(slot)
@@ -565,14 +566,24 @@ class Driver:
             except Exception as exc:
                 self._write(out)  # what came before the failure is written first
                 raise owned_by(exc, self.policy.stage) from None
+        # a replayed line (a stateful worker rebuilding its state): written and traced before
+        replayed = bool(self.silent_through) and slot.last_line <= self.silent_through
         if batch is not None:
             tokens = usage_tokens(out) if self._counts_tokens and out else 0
             self.stats.tokens += tokens
-            if self.tracer is not None:
-                self.tracer.batch(batch, out, slot.entered, time.perf_counter(), tokens)
+            if self.tracer is not None and not replayed:
+                self.tracer.batch(
+                    batch,
+                    out,
+                    slot.entered,
+                    time.perf_counter(),
+                    tokens,
+                    slot.first_line,
+                    self.stats.records_out,
+                )
             if self.envelope is not None:
                 self.envelope.stamp(out, slot.busy, len(batch))
-        if not self.silent_through or slot.last_line > self.silent_through:
+        if not replayed:
             self._write(out)
         if self.committer is not None and slot.last_line:
             self.committer(slot.last_line)

@@ -7,16 +7,25 @@ imported and the driver pays one `is None` test per batch.
 Events (one JSON object per line, `t` in Unix seconds):
   {"ev": "start", "t", "pid", "argv", "keeper"?}   `keeper` in a worker of `--retries` (its
       attempt, the status the one before died with, the input and output lines committed before)
-  {"ev": "b", "t", "d", "n", "o", "tok", "ids"}   one batch: when its records entered the stage,
-      the seconds until its result left it (the records' latency), records in / out, the input
-      ids (one span per record) and model tokens of its output (`usage`)
+  {"ev": "b", "t", "d", "n", "o", "l", "w", "tok", "ids", "oids"}   one batch: when its records
+      entered the stage, the seconds until its result left it (the records' latency), records
+      in / out, its first input line, the records the stage had written before its output, model
+      tokens of its output (`usage`), and ids where they cannot be worked out (below)
   {"ev": "stats", "t", "in", "out", "errors", "skipped", "busy", "tok"}   about once a second
   {"ev": "stop", "t", "status", ...stats}
   {"ev": "r", "t", "in": [...], "out": [...]}   the content of the first SAGE_TRACE_SAMPLE (20)
       records of the stage and what it made of them (long strings and vectors cut), so the
       studio can show a record before and after each stage; none with SAGE_TRACE_IDS=0
-Writes are buffered and appended to the file at most about once a second, so the cost per record
-is collecting its id; `SAGE_TRACE_IDS=0` drops the ids (counts and latencies only). A stage
+Ids only where they change. A stage whose input comes straight from another sage stage (the
+registry saw that stage's stdout as its stdin) names no input ids: its input line N is that
+stage's output record N, so a reader (sage_cli.observability.views) takes them from there, by
+`l` and `w`. Every other stage (the first of a pipeline, one after a non-sage command, one
+reading files, a keeper's worker, any stage under `--retries`) writes its input ids (`ids`). A
+batch whose output is not one record per input record, or whose first or last output id is not
+its input's, also writes its output ids (`oids`). So a chain of one-to-one stages collects ids
+once, in its first stage (collecting and writing them is ~50-60 ns a record, a tenth of a light
+stage). Writes are buffered and appended to the file at most about once a second;
+`SAGE_TRACE_IDS=0` drops the ids (counts and latencies only). A stage
 waiting for input still gets its last events onto disk within about a second (a daemon thread
 flushes what a batch left buffered), so a live view (the studio) sees records as they pass.
 """
@@ -34,7 +43,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
-from sage_cli.run.env import StageEnv, keeper_attempt
+from sage_cli.run.env import RUN_RETRIES, RUN_WORKER, StageEnv, keeper_attempt
 
 STATS_SECONDS = 1.0
 #: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
@@ -56,6 +65,9 @@ class Tracer:
         self.path = path
         self.stage = stage
         self.with_ids = with_ids
+        #: the sage stage (its name, or its pid under bash) whose output is this stage's
+        #: input: its trace names the records, this one does not (see the module's docstring)
+        self.fed_by: str | int | None = None
         #: records whose content is still to be sampled (never without ids)
         self.sample_left = sample if with_ids else 0
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -89,6 +101,8 @@ class Tracer:
             "pid": os.getpid(),
             "argv": redact_argv(sys.argv[1:]),
         }
+        if self.fed_by is not None:
+            event["fed_by"] = self.fed_by
         kept = keeper_attempt()  # a keeper's worker (sage_cli.run.keeper)
         if kept is not None:
             number, after, first, forwarded = kept
@@ -108,20 +122,39 @@ class Tracer:
         t0: float,
         t1: float,
         tokens: int = 0,
+        first_line: int = 0,
+        written: int = 0,
     ) -> None:
         """One batch: its records entered the stage at `t0` and its result left at `t1`
-        (perf_counter); `tokens`: the model tokens its output reports (the Driver counts)."""
+        (perf_counter); `tokens`: the model tokens its output reports (the Driver counts);
+        `first_line`: its first record's input line; `written`: records the stage wrote before
+        this batch's output."""
         # formatted by hand: this runs once per batch of every traced stage (DESIGN: tracing
         # costs the stage as little as it can), and the ids are the only per-record work
         t = t0 + self._offset
-        data = b'{"ev":"b","t":%.6f,"d":%.6f,"n":%d,"o":%d' % (t, t1 - t0, len(batch), len(out))
+        n, o = len(batch), len(out)
+        data = b'{"ev":"b","t":%.6f,"d":%.6f,"n":%d,"o":%d,"l":%d,"w":%d' % (
+            t,
+            t1 - t0,
+            n,
+            o,
+            first_line,
+            written,
+        )
         if tokens:
             data += b',"tok":%d' % tokens
         if self.with_ids:  # last, so a reader that needs no ids can cut the line short
-            ids = list(map(_get, batch, repeat("id")))
-            data += b',"ids":' + orjson.dumps(ids, default=str) + b"}\n"
-        else:
-            data += b"}\n"
+            if n != o or (
+                o
+                and (
+                    _get(out[0], "id") != _get(batch[0], "id")
+                    or _get(out[-1], "id") != _get(batch[-1], "id")
+                )
+            ):
+                data += b',"oids":' + orjson.dumps(list(map(_get, out, repeat("id"))), default=str)
+            if self.fed_by is None:
+                data += b',"ids":' + orjson.dumps(list(map(_get, batch, repeat("id"))), default=str)
+        data += b"}\n"
         if self.sample_left > 0:
             data += self._sample(batch, out, round(t, 6))
         with self._lock:
@@ -232,21 +265,29 @@ def clip(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
-    """The tracer `sage run` asked for through the stage's environment, or None."""
+def tracer_from_env(
+    command: str, env: StageEnv | None = None, reads_stdin: bool = False
+) -> Tracer | None:
+    """The tracer `sage run` asked for through the stage's environment, or None.
+    `reads_stdin`: the stage's records come from its stdin only."""
     env = env or StageEnv.read()
     if not env.trace_dir:
         return None
     stage = env.trace_stage or command
+    # a keeper's worker (any stage under --retries) names its inputs: what a stage that
+    # restarts writes is not one output per traced output
+    named = not reads_stdin or RUN_RETRIES in os.environ or RUN_WORKER in os.environ
+    fed_by: str | int | None = None if named else env.trace_fed_by
     if env.trace_stage is None and env.run_dir:  # started by bash inside `sage run`
-        from sage_cli.run.registry import register
+        from sage_cli.run.registry import register, sage_feeder
 
         try:
             stage = register(env.trace_dir, command, redact_argv(sys.argv[1:]))
         except OSError:
             return None
+        fed_by = None if named else sage_feeder()
     try:
-        return Tracer(
+        tracer = Tracer(
             os.path.join(env.trace_dir, f"{stage}.trace.ndjson"),
             stage,
             with_ids=env.trace_ids,
@@ -254,6 +295,8 @@ def tracer_from_env(command: str, env: StageEnv | None = None) -> Tracer | None:
         )
     except OSError:
         return None
+    tracer.fed_by = fed_by
+    return tracer
 
 
 def _int_env(name: str, default: int) -> int:

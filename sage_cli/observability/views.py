@@ -13,6 +13,7 @@ import orjson
 
 from sage_cli.errors import UsageError
 from sage_cli.run.directory import RunDirectory, read_events, summarise
+from sage_cli.run.registry import read_registry
 
 COLUMNS = [
     ("stage", "name"),
@@ -115,6 +116,63 @@ def summary_table(summary: dict[str, Any]) -> str:
     return head.rstrip() + "\n\n" + "\n".join(lines) + "\n" + tail
 
 
+class NamedBatches:
+    """A run's batch events with every batch's input ids, also where the stage did not write
+    them: a stage fed straight by another sage stage names none (its trace's start event says
+    `fed_by`: that stage's name, or its pid under bash, which the registry maps to its name;
+    sage_cli.observability.trace), and its input line N is that stage's output record N. A
+    batch's output ids are its `oids`, or its input ids when it made one record of each
+    (`n == o`); they sit at output positions `w`.. (plus, in a keeper's worker, the output
+    lines forwarded before it started)."""
+
+    def __init__(self, run: RunDirectory) -> None:
+        self.run = run
+        self.by_pid = {e.get("pid"): e.get("name") for e in read_registry(run.stages_dir)}
+        self._events: dict[str, list[dict[str, Any]]] = {}
+        self._outputs: dict[str, list[Any]] = {}
+
+    def events(self, stage: str) -> list[dict[str, Any]]:
+        """The stage's trace events, each batch with its input `ids` where they can be known."""
+        if stage not in self._events:
+            self._events[stage] = []  # a loop of feeders must not recurse for ever
+            events = read_events(self.run.trace_path(stage))
+            fed_by = next((e.get("fed_by") for e in events if e.get("ev") == "start"), None)
+            feeder = self.by_pid.get(fed_by) if isinstance(fed_by, int) else fed_by
+            upstream = self.outputs(feeder) if isinstance(feeder, str) else None
+            for ev in events:
+                if ev.get("ev") == "b" and "ids" not in ev and upstream is not None and "l" in ev:
+                    first = ev["l"] - 1
+                    ev["ids"] = [
+                        upstream[i] if 0 <= i < len(upstream) else None
+                        for i in range(first, first + ev["n"])
+                    ]
+            self._events[stage] = events
+        return self._events[stage]
+
+    def outputs(self, stage: str) -> list[Any]:
+        """The ids of the stage's output records by position (None where unknown)."""
+        if stage not in self._outputs:
+            self._outputs[stage] = []
+            out: list[Any] = []
+            offset = 0
+            for ev in self.events(stage):
+                if ev.get("ev") == "start":
+                    offset = (ev.get("keeper") or {}).get("forwarded", 0)
+                if ev.get("ev") != "b" or "w" not in ev:
+                    continue
+                ids = ev.get("oids")
+                if ids is None and ev["n"] == ev["o"]:
+                    ids = ev.get("ids")
+                if ids is None:
+                    continue
+                at = offset + ev["w"]
+                if len(out) < at + len(ids):
+                    out.extend([None] * (at + len(ids) - len(out)))
+                out[at : at + len(ids)] = ids
+            self._outputs[stage] = out
+        return self._outputs[stage]
+
+
 def _matches(rid: Any, record: str) -> bool:
     return rid == record or (isinstance(rid, str) and rid.startswith(record + "#"))
 
@@ -124,9 +182,10 @@ def follow_record(run: RunDirectory, record: str) -> str:
     summary = load_summary(run)
     out = [f"record {record} in run {run.id}"]
     found = False
+    named = NamedBatches(run)
     for stage in summary["stages"]:
         spans = []
-        for ev in read_events(run.trace_path(stage["name"])):
+        for ev in named.events(stage["name"]):
             if ev.get("ev") != "b":
                 continue
             ids = [i for i in ev.get("ids") or [] if _matches(i, record)]
@@ -403,6 +462,7 @@ def otlp_spans(run: RunDirectory, per_record: bool = True) -> dict[str, Any]:
         }
     ]
     windows = _stage_windows(run)
+    named = NamedBatches(run)
     for st in summary["stages"]:
         for n, w in enumerate(windows.get(st["name"], []), start=1):
             sid = _hex_id(f"{run.id}/{st['name']}/{n}", 16)
@@ -425,7 +485,11 @@ def otlp_spans(run: RunDirectory, per_record: bool = True) -> dict[str, Any]:
             )
         parent = _hex_id(f"{run.id}/{st['name']}/1", 16)
         k = attempt = 0
-        for ev in read_events(run.trace_path(st["name"])):
+        for ev in (
+            named.events(st["name"])
+            if per_record
+            else read_events(run.trace_path(st["name"]), ids=False)
+        ):
             if ev.get("ev") == "start":  # the spans of each attempt hang under its span
                 attempt += 1
                 parent = _hex_id(f"{run.id}/{st['name']}/{attempt}", 16)

@@ -89,6 +89,7 @@ class RunDirectory:
 
 
 _IDS = b',"ids":['
+_OIDS = b',"oids":['
 
 
 def read_events(path: Path, ids: bool = True) -> list[dict[str, Any]]:
@@ -107,8 +108,10 @@ def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
     loads = orjson.loads
     with fh:
         for line in fh:
-            if not ids:
-                cut = line.find(_IDS)
+            if not ids:  # the id lists come last, output ids first
+                cut = line.find(_OIDS)
+                if cut < 0:
+                    cut = line.find(_IDS)
                 if cut > 0:
                     line = line[:cut] + b"}"
             try:

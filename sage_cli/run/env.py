@@ -13,6 +13,8 @@ from dataclasses import dataclass
 TRACE_DIR = "SAGE_TRACE_DIR"  # where the stage appends its trace (a run's stages/)
 TRACE_STAGE = "SAGE_TRACE_STAGE"  # its name in the run: 2-embed
 TRACE_IDS = "SAGE_TRACE_IDS"  # "0": batches without record ids (--trace batches)
+#: the traced sage stage whose stdout is this stage's stdin (its trace names the records)
+TRACE_FED_BY = "SAGE_TRACE_FED_BY"
 RUN_ID = "SAGE_RUN_ID"  # the run's id, for the `_sage` envelope
 ENVELOPE = "SAGE_ENVELOPE"  # "1": stamp `_sage` on every record
 RUN_FLUSH = "SAGE_RUN_FLUSH"  # "1": every batch leaves at once (--retries isolating a crash)
@@ -55,6 +57,7 @@ class StageEnv:
     trace_dir: str | None = None
     trace_stage: str | None = None
     trace_ids: bool = True
+    trace_fed_by: str | None = None
     run_id: str | None = None
     envelope: bool = False
     flush_every_batch: bool = False
@@ -73,6 +76,7 @@ class StageEnv:
             trace_dir=env.get(TRACE_DIR) or None,
             trace_stage=env.get(TRACE_STAGE) or None,
             trace_ids=env.get(TRACE_IDS, "1") != "0",
+            trace_fed_by=env.get(TRACE_FED_BY) or None,
             run_id=env.get(RUN_ID) or None,
             envelope=env.get(ENVELOPE, "") not in ("", "0"),
             flush_every_batch=env.get(RUN_FLUSH) == "1",
@@ -90,6 +94,7 @@ class StageEnv:
             TRACE_DIR: self.trace_dir,
             TRACE_STAGE: self.trace_stage,
             TRACE_IDS: None if self.trace_ids else "0",
+            TRACE_FED_BY: self.trace_fed_by,
             RUN_ID: self.run_id,
             RUN_FLUSH: "1" if self.flush_every_batch else None,
             RUN_BATCH_SIZE: str(self.batch_size) if self.batch_size else None,

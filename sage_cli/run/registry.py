@@ -74,6 +74,14 @@ def place_in_pipeline(pid: int | None = None, top: int | None = None) -> tuple[i
     """(position from 1, the pipe that leaves the pipeline's first command, or a key of its own
     when the stage stands alone) for process `pid` (this one). `top`: the process that started
     the script's shell (`sage run`); the walk never goes above the shell it started."""
+    position, key, _ = _walk(pid, top)
+    return position, key
+
+
+def _walk(pid: int | None, top: int | None) -> tuple[int, int, int | None]:
+    """place_in_pipeline's (position, key), and the process writing `pid`'s stdin when it is
+    a sibling (None when it exited already, or stdin came from the shell)."""
+    feeder = None
     me = os.getpid() if pid is None else pid
     parent = _ppid(me) or 0
     position = 1
@@ -98,16 +106,20 @@ def place_in_pipeline(pid: int | None = None, top: int | None = None) -> tuple[i
             break
         if writer in seen:
             break
+        if current == me:
+            feeder = writer
         seen.add(writer)
         position += 1
         current = writer
         first_out = inbound
         inbound = _pipe(f"/proc/{writer}/fd/0")
     key = first_out if first_out is not None else -me  # alone: a key nobody else has
-    return position, key
+    return position, key, feeder
 
 
 _PLACE: tuple[int, int] | None = None
+#: the sibling process writing this one's stdin, when note_place saw one
+_FEEDER: int | None = None
 
 
 def _top() -> int | None:
@@ -118,16 +130,29 @@ def _top() -> int | None:
 def note_place() -> None:
     """Work out this process's place now, at start-up (sage_cli/__init__.py): before Python has
     loaded the rest, while a quick neighbour (`echo`, `jq` over a few records) is still there."""
-    global _PLACE
+    global _PLACE, _FEEDER
     given = os.environ.get(RUN_PLACE, "")  # a keeper's worker: the keeper's place
     if given:
-        position, _, key = given.partition(",")
-        _PLACE = (int(position), int(key))
+        at, _, pipe = given.partition(",")
+        _PLACE = (int(at), int(pipe))
         return
     try:
-        _PLACE = place_in_pipeline(top=_top())
+        position, key, _FEEDER = _walk(None, _top())
+        _PLACE = (position, key)
     except (OSError, ValueError):
         _PLACE = None
+
+
+def sage_feeder() -> int | None:
+    """The pid of the sage operator stage (one that traces its output) writing this stage's
+    stdin, as note_place saw it, or None: this stage's input ids are then that one's output."""
+    words = _stage_argv(_FEEDER) if _FEEDER is not None else None
+    if not words or _pipe(f"/proc/{_FEEDER}/fd/2") == _pipe(f"/proc/{_FEEDER}/fd/1"):
+        return None  # not sage, or its messages go down the pipe too (`2>&1 |`)
+    from sage_cli.verbs import VERBS
+
+    verb = VERBS.get(words[0])
+    return _FEEDER if verb is not None and verb.builder is not None else None
 
 
 def noted_place() -> tuple[int, int] | None:

@@ -110,6 +110,7 @@ class Supervisor:
                 trace_dir=str(self.run_dir.stages_dir.resolve()) if traced else None,
                 trace_stage=stage.name if traced else None,
                 trace_ids=self.opts.trace != "batches",
+                trace_fed_by=self._feeder(stage) if traced else None,
                 run_id=self.run_dir.id,
                 threads=threads,
             ).apply(env)
@@ -118,6 +119,16 @@ class Supervisor:
             if threads:
                 env[THREADS] = str(threads)
         return StageRun(stage, argv, env)
+
+    def _feeder(self, stage: Stage) -> str | None:
+        """The sage stage whose output alone is `stage`'s input (its trace names the records
+        `stage` reads, which then needs not name them again), or None."""
+        if stage.index == 0 or stage.redirect("<") is not None:
+            return None
+        before = self.pipeline.stages[stage.index - 1]
+        if not before.is_sage or before.redirect("2>&1", "&>", "&>>", ">", ">>") is not None:
+            return None
+        return before.name
 
     def warn(self, message: str) -> None:
         if self.opts.quiet:

@@ -4,6 +4,7 @@ Chromium and screenshotted) and OpenTelemetry export."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -311,3 +312,57 @@ def test_prune_keeps_the_newest_and_sage_run_caps_old_runs(three_runs) -> None:
     assert again.returncode == 0, again.stderr
     left = sorted(p.name for p in (work / ".sage" / "runs").iterdir())
     assert len(left) == 2 and ids[-1] in left and ids[1] not in left  # 1 earlier + the new one
+
+
+CHAIN = (
+    "sage map r in.ndjson | sage filter 'r[\"n\"] % 2 == 0' "
+    "| sage map \"{'id': 'x-' + r['id'], 'n': r['n']}\" | sage map r | jq -c . "
+    "| sage map r > out.ndjson"
+)
+
+
+@pytest.mark.parametrize("script", [CHAIN, f"for k in 1; do\n  {CHAIN}\ndone\n"])
+def test_ids_are_written_where_they_change_and_followed_through_every_stage(
+    tmp_path: Path, script: str
+) -> None:
+    """A stage fed straight by a sage stage names no input ids (its input line N is that
+    stage's output N); a batch that drops records or changes ids names its outputs; a stage
+    after `jq` names its inputs. `sage trace --record` and the OTLP export see every stage."""
+    (tmp_path / "in.ndjson").write_bytes(ndjson([{"id": f"r{i}", "n": i} for i in range(3000)]))
+    (tmp_path / "p.sh").write_text(script)
+    env = clean_env()
+    env["PATH"] = BIN + os.pathsep + env["PATH"]
+    run = subprocess.run(
+        sage_argv("run", "--run-dir", "run", "p.sh"), cwd=tmp_path, env=env, capture_output=True
+    )
+    assert run.returncode == 0, run.stderr
+    stages = sorted((tmp_path / "run" / "stages").glob("*.trace.ndjson"))
+    assert len(stages) == 5
+    batches = [
+        [e for e in map(orjson.loads, p.read_bytes().splitlines()) if e["ev"] == "b"]
+        for p in stages
+    ]
+    named = [all("ids" in e for e in bs) for bs in batches]
+    assert named[0] and named[4]  # the first stage, and the one after jq
+    if "for" in script:  # under bash a stage whose feeder was still starting names its inputs
+        assert not all(named[1:4])
+    else:
+        assert named == [True, False, False, False, True]
+        assert all("oids" in e for e in batches[1] + batches[2])  # drops some; changes ids
+        assert not any("oids" in e for e in batches[3])
+    follow = trace(tmp_path, "run", "--record", "r10").stdout.decode().splitlines()
+    seen = [line.split()[0] for line in follow if re.search(r"batch of \d+ +r10$", line)]
+    assert [s.split("-")[1] for s in seen] == ["map", "filter", "map"]
+    follow = trace(tmp_path, "run", "--record", "x-r10").stdout.decode().splitlines()
+    seen = [line.split()[0] for line in follow if re.search(r"batch of \d+ +x-r10$", line)]
+    assert [s.split("-")[1] for s in seen] == ["map", "map"]
+    spans = tmp_path / "spans.json"
+    assert trace(tmp_path, "export", "run", "--otlp", str(spans)).returncode == 0
+    ids = [
+        a["value"]["stringValue"]
+        for s in orjson.loads(spans.read_bytes())["resourceSpans"][0]["scopeSpans"][0]["spans"]
+        for a in s["attributes"]
+        if a["key"] == "sage.record_id"
+    ]
+    assert ids.count("r10") == 3 and ids.count("x-r10") == 2 and ids.count("r11") == 2
+    assert len(ids) == 3000 + 3000 + 1500 + 1500 + 1500

@@ -14,6 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from sage_cli.observability.views import NamedBatches
 from sage_cli.run.directory import find_run, read_events
 from tests.conftest import clean_env, sage_argv
 from tests.readiness import wait_gone
@@ -232,9 +233,16 @@ def test_trace_counts_match_the_records_seen(tmp_path: Path) -> None:
     assert got["2-filter"] == (3000, len(kept))
     assert got["3-flatmap"] == (len(kept), 2 * len(kept))
     assert summary["stages"][3]["traced"] is False and summary["stages"][3]["status"] == 0
-    # one span per record per stage: every record's id appears in each stage's batches
-    ids = [i for e in read_events(run.trace_path("2-filter")) if e["ev"] == "b" for i in e["ids"]]
+    # one span per record per stage: every record's id appears in each stage's batches, as a
+    # reader sees them; the filter, fed by 1-map, writes its output ids only (it drops some)
+    raw = [e for e in read_events(run.trace_path("2-filter")) if e["ev"] == "b"]
+    assert all("ids" not in e for e in raw)
+    assert [i for e in raw for i in e["oids"]] == [r["id"] for r in kept]
+    named = NamedBatches(run)
+    ids = [i for e in named.events("2-filter") if e["ev"] == "b" for i in e["ids"]]
     assert ids == [r["id"] for r in records]
+    flat = [i for e in named.events("3-flatmap") if e["ev"] == "b" for i in e["ids"]]
+    assert flat == [r["id"] for r in kept]
 
 
 def test_an_opaque_stage_that_crashes_is_not_restarted(tmp_path: Path) -> None:

@@ -20,7 +20,8 @@ Ids only where they change. A stage whose input comes straight from another sage
 registry saw that stage's stdout as its stdin) names no input ids: its input line N is that
 stage's output record N, so a reader (sage_cli.observability.views) takes them from there, by
 `l` and `w`. Every other stage (the first of a pipeline, one after a non-sage command, one
-reading files, a keeper's worker, any stage under `--retries`) writes its input ids (`ids`). A
+reading files, any stage under a keeper or fed by one: `--retries`) writes its input ids
+(`ids`): a worker killed with -9 takes the trace events it had not flushed with it. A
 batch whose output is not one record per input record, or whose first or last output id is not
 its input's, also writes its output ids (`oids`). So a chain of one-to-one stages collects ids
 once, in its first stage (collecting and writing them is ~50-60 ns a record, a tenth of a light
@@ -274,8 +275,8 @@ def tracer_from_env(
     if not env.trace_dir:
         return None
     stage = env.trace_stage or command
-    # a keeper's worker (any stage under --retries) names its inputs: what a stage that
-    # restarts writes is not one output per traced output
+    # under a keeper (`--retries`) a stage names its inputs: a worker killed with -9 takes the
+    # trace events it had not flushed with it, so no stage may depend on its feeder's trace
     named = not reads_stdin or RUN_RETRIES in os.environ or RUN_WORKER in os.environ
     fed_by: str | int | None = None if named else env.trace_fed_by
     if env.trace_stage is None and env.run_dir:  # started by bash inside `sage run`

@@ -321,9 +321,12 @@ CHAIN = (
 )
 
 
-@pytest.mark.parametrize("script", [CHAIN, f"for k in 1; do\n  {CHAIN}\ndone\n"])
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [(CHAIN, []), (f"for k in 1; do\n  {CHAIN}\ndone\n", []), (CHAIN, ["--retries", "1"])],
+)
 def test_ids_are_written_where_they_change_and_followed_through_every_stage(
-    tmp_path: Path, script: str
+    tmp_path: Path, script: str, flags: list[str]
 ) -> None:
     """A stage fed straight by a sage stage names no input ids (its input line N is that
     stage's output N); a batch that drops records or changes ids names its outputs; a stage
@@ -333,7 +336,10 @@ def test_ids_are_written_where_they_change_and_followed_through_every_stage(
     env = clean_env()
     env["PATH"] = BIN + os.pathsep + env["PATH"]
     run = subprocess.run(
-        sage_argv("run", "--run-dir", "run", "p.sh"), cwd=tmp_path, env=env, capture_output=True
+        sage_argv("run", *flags, "--run-dir", "run", "p.sh"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
     )
     assert run.returncode == 0, run.stderr
     stages = sorted((tmp_path / "run" / "stages").glob("*.trace.ndjson"))
@@ -344,7 +350,9 @@ def test_ids_are_written_where_they_change_and_followed_through_every_stage(
     ]
     named = [all("ids" in e for e in bs) for bs in batches]
     assert named[0] and named[4]  # the first stage, and the one after jq
-    if "for" in script:  # under bash a stage whose feeder was still starting names its inputs
+    if flags:  # under keepers every stage names its inputs
+        assert all(named)
+    elif "for" in script:  # under bash a stage whose feeder was starting names its inputs
         assert not all(named[1:4])
     else:
         assert named == [True, False, False, False, True]

@@ -428,6 +428,10 @@ def run_operator(
         from sage_cli.observability.trace import tracer_from_env
 
         tracer = tracer_from_env(command, env, reads_stdin=records is None and reads_stdin)
+        if tracer is not None and commits:
+            # the trace of what a commit marker commits is on disk before the keeper sees the
+            # marker: a stage fed by this one finds its records there even after a kill -9
+            writer.before_flush = tracer.flush
     envelope = None
     if env.envelope:
         from sage_cli.observability.envelope import envelope_from_env

@@ -261,6 +261,9 @@ class RecordWriter:
         self._size = 0
         self._last_flush = time.monotonic()
         self.records_written = 0
+        #: called before each write to the fd (a keeper's worker: its trace reaches the disk
+        #: before the output it describes can be committed)
+        self.before_flush: Callable[[], None] | None = None
 
     def write(self, records: list[Record]) -> None:
         if not records:
@@ -295,6 +298,8 @@ class RecordWriter:
         self._last_flush = time.monotonic()
         if not self._parts:
             return
+        if self.before_flush is not None:
+            self.before_flush()
         data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
         if self.stream is not None:
             self._parts = []

@@ -20,8 +20,11 @@ Ids only where they change. A stage whose input comes straight from another sage
 registry saw that stage's stdout as its stdin) names no input ids: its input line N is that
 stage's output record N, so a reader (sage_cli.observability.views) takes them from there, by
 `l` and `w`. Every other stage (the first of a pipeline, one after a non-sage command, one
-reading files, any stage under a keeper or fed by one: `--retries`) writes its input ids
-(`ids`): a worker killed with -9 takes the trace events it had not flushed with it. A
+reading files) writes its input ids (`ids`). Under `--retries` a stage's feeder is a keeper,
+which passes on committed output only: its worker numbers input lines as the input does, each
+worker's outputs start where the output forwarded before it ended (`keeper.forwarded`), and it
+flushes its trace before each write of its output, so a commit marker never reaches the keeper
+before the events of what it commits are on disk (a kill -9 cannot take them). A
 batch whose output is not one record per input record, or whose first or last output id is not
 its input's, also writes its output ids (`oids`). So a chain of one-to-one stages collects ids
 once, in its first stage (collecting and writing them is ~50-60 ns a record, a tenth of a light
@@ -44,7 +47,7 @@ from typing import Any
 import orjson
 
 from sage_cli.observability.redact import redact_argv
-from sage_cli.run.env import RUN_RETRIES, RUN_WORKER, StageEnv, keeper_attempt
+from sage_cli.run.env import StageEnv, keeper_attempt
 
 STATS_SECONDS = 1.0
 #: records per stage whose content is kept in the trace (SAGE_TRACE_SAMPLE)
@@ -275,10 +278,7 @@ def tracer_from_env(
     if not env.trace_dir:
         return None
     stage = env.trace_stage or command
-    # under a keeper (`--retries`) a stage names its inputs: a worker killed with -9 takes the
-    # trace events it had not flushed with it, so no stage may depend on its feeder's trace
-    named = not reads_stdin or RUN_RETRIES in os.environ or RUN_WORKER in os.environ
-    fed_by: str | int | None = None if named else env.trace_fed_by
+    fed_by: str | int | None = env.trace_fed_by if reads_stdin else None
     if env.trace_stage is None and env.run_dir:  # started by bash inside `sage run`
         from sage_cli.run.registry import register, sage_feeder
 
@@ -286,7 +286,7 @@ def tracer_from_env(
             stage = register(env.trace_dir, command, redact_argv(sys.argv[1:]))
         except OSError:
             return None
-        fed_by = None if named else sage_feeder()
+        fed_by = sage_feeder() if reads_stdin else None
     try:
         tracer = Tracer(
             os.path.join(env.trace_dir, f"{stage}.trace.ndjson"),

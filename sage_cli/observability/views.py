@@ -119,7 +119,8 @@ def summary_table(summary: dict[str, Any]) -> str:
 class NamedBatches:
     """A run's batch events with every batch's input ids, also where the stage did not write
     them: a stage fed straight by another sage stage names none (its trace's start event says
-    `fed_by`: that stage's name, or its pid under bash, which the registry maps to its name;
+    `fed_by`: that stage's name, or its pid under bash (its keeper's under `--retries`), which
+    the registry maps to its name;
     sage_cli.observability.trace), and its input line N is that stage's output record N. A
     batch's output ids are its `oids`, or its input ids when it made one record of each
     (`n == o`); they sit at output positions `w`.. (plus, in a keeper's worker, the output
@@ -127,7 +128,9 @@ class NamedBatches:
 
     def __init__(self, run: RunDirectory) -> None:
         self.run = run
-        self.by_pid = {e.get("pid"): e.get("name") for e in read_registry(run.stages_dir)}
+        entries = read_registry(run.stages_dir)
+        self.by_pid = {e.get("pid"): e.get("name") for e in entries}
+        self.by_pid.update((e["keeper"], e.get("name")) for e in entries if "keeper" in e)
         self._events: dict[str, list[dict[str, Any]]] = {}
         self._outputs: dict[str, list[Any]] = {}
 

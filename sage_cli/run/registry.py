@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from sage_cli.run.env import RUN_PID, RUN_PLACE, RUN_RETRIES
+from sage_cli.run.env import RUN_PID, RUN_PLACE, RUN_WORKER
 
 REGISTRY = "registry.ndjson"
 
@@ -149,12 +149,6 @@ def sage_feeder() -> int | None:
     words = _stage_argv(_FEEDER) if _FEEDER is not None else None
     if not words or _pipe(f"/proc/{_FEEDER}/fd/2") == _pipe(f"/proc/{_FEEDER}/fd/1"):
         return None  # not sage, or its messages go down the pipe too (`2>&1 |`)
-    try:
-        with open(f"/proc/{_FEEDER}/environ", "rb") as fh:
-            if f"\0{RUN_RETRIES}=".encode() in b"\0" + fh.read():
-                return None  # a keeper: its worker's trace may lose what a kill -9 cut off
-    except OSError:
-        return None
     from sage_cli.verbs import VERBS
 
     verb = VERBS.get(words[0])
@@ -194,6 +188,8 @@ def register(trace_dir: str, command: str, argv: list[str]) -> str:
             "pid": os.getpid(),
             "t": time.time(),
         }
+        if os.environ.get(RUN_WORKER) == "1":  # the process its neighbours see is its keeper
+            entry["keeper"] = os.getppid()
         os.write(fd, orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE))
     finally:
         os.close(fd)  # closing drops the lock

@@ -26,7 +26,7 @@ from typing import Any
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv
 from sage_cli.run.directory import RunDirectory
-from sage_cli.run.env import RUN_RETRIES, THREADS, StageEnv
+from sage_cli.run.env import THREADS, StageEnv
 from sage_cli.run.lifeline import dies_with_parent
 from sage_cli.run.record import Events
 from sage_cli.run.relay import READ_SIZE, Relay
@@ -128,8 +128,6 @@ class Supervisor:
         before = self.pipeline.stages[stage.index - 1]
         if not before.is_sage or before.redirect("2>&1", "&>", "&>>", ">", ">>") is not None:
             return None
-        if RUN_RETRIES in {**self.pipeline.env, **before.env}:
-            return None  # a keeper: its worker's trace may lose what a kill -9 cut off
         return before.name
 
     def warn(self, message: str) -> None:

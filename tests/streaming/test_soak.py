@@ -108,8 +108,11 @@ def test_kill_9_of_a_sink_after_its_input_spilled_loses_and_repeats_nothing(
         stderr=subprocess.PIPE,
     )
     trace = run_dir / "stages" / "1.5-sink.trace.ndjson"
+    # progress: the filter names the records it keeps (the sink, fed by a sage stage, names
+    # none); 100 KB of its ids is ~12k records, ~15% of the input, well past the spill bound
+    kept = run_dir / "stages" / "1.3-filter.trace.ndjson"
     deadline = time.monotonic() + 60
-    while not (trace.exists() and trace.stat().st_size > 100_000):  # ~10% of its input
+    while not (trace.exists() and kept.exists() and kept.stat().st_size > 100_000):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.01)
     pid = next(e["pid"] for e in read_events(trace) if e["ev"] == "start")

@@ -88,8 +88,8 @@ class RunDirectory:
         return read_events(self.events_path)
 
 
-_IDS = b',"ids":['
-_OIDS = b',"oids":['
+_ID_LIST = b'ids":['  # the end of `,"ids":[` and of `,"oids":[`
+_O = ord("o")
 
 
 def read_events(path: Path, ids: bool = True) -> list[dict[str, Any]]:
@@ -108,11 +108,10 @@ def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
     loads = orjson.loads
     with fh:
         for line in fh:
-            if not ids:  # the id lists come last, output ids first
-                cut = line.find(_OIDS)
-                if cut < 0:
-                    cut = line.find(_IDS)
+            if not ids:  # the id lists come last (`,"oids":[` before `,"ids":[`): one scan
+                cut = line.find(_ID_LIST)
                 if cut > 0:
+                    cut -= 3 if line[cut - 1] == _O else 2
                     line = line[:cut] + b"}"
             try:
                 yield loads(line)
@@ -238,23 +237,34 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     attempt: dict[str, Any] = {}
     attempts: list[dict[str, Any]] = []
 
+    # the batch events are nearly all of a trace: their sums are kept in locals, not the dict
+    b_in = b_out = b_tok = 0
+
     def close_attempt() -> None:
+        nonlocal b_in, b_out, b_tok
+        if b_in or b_out or b_tok:
+            attempt["b_in"], attempt["b_out"], attempt["b_tok"] = b_in, b_out, b_tok
+            b_in = b_out = b_tok = 0
         if attempt:
             attempts.append(dict(attempt))
             attempt.clear()
 
+    add = latencies.append
     for ev in events:
-        kind = ev.get("ev")
+        get = ev.get
+        kind = get("ev")
         if kind == "b":
-            n = ev.get("n", 0)
-            d = float(ev.get("d", 0.0))
-            latencies.append((d, n))
-            attempt["b_tok"] = attempt.get("b_tok", 0) + int(ev.get("tok") or 0)
-            t = float(ev.get("t", 0.0))
-            first = t if first is None else min(first, t)
-            last = t + d if last is None else max(last, t + d)
-            attempt["b_in"] = attempt.get("b_in", 0) + n
-            attempt["b_out"] = attempt.get("b_out", 0) + ev.get("o", 0)
+            n = get("n", 0)
+            d = float(get("d", 0.0))
+            add((d, n))
+            b_tok += int(get("tok") or 0)
+            t = float(get("t", 0.0))
+            if first is None or t < first:
+                first = t
+            if last is None or t + d > last:
+                last = t + d
+            b_in += n
+            b_out += get("o", 0)
         elif kind == "start":
             close_attempt()
             attempt["start"] = ev.get("t")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import stat
 import threading
 from dataclasses import dataclass
@@ -129,6 +130,7 @@ class Tap(threading.Thread):
         self.write_fd = -1  # the pipe's other end, for bash (closed here once bash has it)
         self.mismatch = False  # the replay did not repeat what the run had delivered
         self.on_mismatch: Any = None
+        self.out = RunStdout(out_fd, copy_fd)
 
     def run(self) -> None:
         left = self.skip.size
@@ -151,6 +153,7 @@ class Tap(threading.Thread):
                     if not data:
                         continue
                 self._write(data)
+            self._write(b"", last=True)  # a last line without a newline
             if not checked:
                 self._differs()  # the replay delivered less than the run had
         except _ReaderGone:
@@ -165,24 +168,65 @@ class Tap(threading.Thread):
         while os.read(self.read_fd, READ_SIZE):  # let the script end as it ends
             pass
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, last: bool = False) -> None:
         try:
-            _write_all(self.out_fd, data)
+            self.out.write(data, last)
         except BrokenPipeError:
             # `sage run s.sh | head`: the reader is gone; so is ours, as it would be under bash
             raise _ReaderGone from None
-        if self.copy_fd is not None:
-            _write_all(self.copy_fd, data)
 
 
 class _ReaderGone(Exception):
     pass
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+class RunStdout:
+    """The run's stdout, as the tap (bash runs the script) and the relay (a parsed pipeline)
+    write it, and the run's copy of it (`copy_fd`, what `--resume` skips), which gets each
+    part right after the reader did: a kill between the two repeats that part on resume
+    rather than losing it. To a pipe: whole lines, in writes of at most PIPE_BUF bytes, which
+    the kernel makes atomic, so a run killed with -9 in a write blocked on a slow reader
+    leaves that reader no torn last line (unless that line alone is longer than PIPE_BUF) and
+    its copy exactly what the reader got; the start of a line is held until its end comes.
+    Anything else gets the bytes as they come."""
+
+    def __init__(self, fd: int, copy_fd: int | None = None) -> None:
+        self.fd, self.copy_fd = fd, copy_fd
+        try:
+            self.lines_only = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        except OSError:
+            self.lines_only = False
+        self._partial = b""
+
+    def write(self, data: bytes, last: bool = False) -> None:
+        """Write `data` (with `last`, also a last line without its newline)."""
+        if not self.lines_only:
+            self._part(data)
+            return
+        data = self._partial + data
+        cut = len(data) if last else data.rfind(b"\n") + 1
+        if cut == 0 and len(data) >= READ_SIZE:  # a line this long is torn anyway
+            cut = len(data)
+        data, self._partial = data[:cut], data[cut:]
+        view = memoryview(data)
+        start, end = 0, len(data)
+        while start < end:
+            stop = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
+            if stop <= start:  # one line longer than PIPE_BUF
+                stop = data.find(b"\n", start) + 1 or end
+            self._part(view[start:stop])
+            start = stop
+
+    def _part(self, data: bytes | memoryview) -> None:
+        write_all(self.fd, data)
+        if self.copy_fd is not None:
+            write_all(self.copy_fd, data)
 
 
 def appends_in(text: str) -> list[tuple[int, str]]:

@@ -8,15 +8,10 @@ import os
 import threading
 from collections.abc import Callable
 
+from sage_cli.run.output import RunStdout
 from sage_cli.run.stage import StageRun
 
 READ_SIZE = 64 * 1024
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 class Relay(threading.Thread):
@@ -39,18 +34,20 @@ class Relay(threading.Thread):
     def run(self) -> None:
         rfd = self.up.stdout_r
         assert rfd is not None
+        out = RunStdout(self.target_fd, self.ledger_fd)
         try:
-            while chunk := os.read(rfd, READ_SIZE):
+            while True:
+                chunk = os.read(rfd, READ_SIZE)
                 self.records += chunk.count(b"\n")
-                if self.ledger_fd is not None:
-                    write_all(self.ledger_fd, chunk)
                 try:
-                    write_all(self.target_fd, chunk)
+                    out.write(chunk, last=not chunk)
                 except BrokenPipeError:
                     return  # our stdout was closed (`| head`): the stage gets EPIPE and ends
                 except OSError as exc:
                     self.warn(f"writing the output failed: {exc.strerror or exc}")
                     return
+                if not chunk:
+                    break
         except Exception as exc:  # noqa: BLE001 - a relay must never die silently
             self.warn(f"relay after {self.up.name} failed: {type(exc).__name__}: {exc}")
         finally:

@@ -4,11 +4,14 @@ signals, and no process left behind (sage_cli/run/session.py, sage_cli/run/regis
 
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -364,3 +367,42 @@ def test_resume_through_a_pipe_with_outputs_sharing_their_inputs_id(tmp_path: Pa
     assert [(r["id"], r["k"]) for r in records] == [
         (f"r{i}", k) for i in range(n) for k in range(3)
     ]
+
+
+def test_a_reader_of_a_run_killed_mid_write_holds_no_torn_line(tmp_path: Path) -> None:
+    """stdout a pipe to a slow reader: the run's tap writes whole lines in writes the kernel
+    makes atomic, so a kill -9 while it waits on the full pipe leaves the reader whole lines
+    (a 1 MB write cut at the pipe's 64 KB left half a record there); the resume then gives the
+    rest, each record once."""
+    n = 60_000
+    (tmp_path / "in.ndjson").write_bytes(
+        b"".join(b'{"id": "r%d", "text": "%s"}\n' % (i, b"x" * (i % 97)) for i in range(n))
+    )
+    (tmp_path / "s.sh").write_text("sage map 'r' in.ndjson\n")
+    first = subprocess.Popen(
+        sage_argv("run", "-q", "s.sh"), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE
+    )
+    assert first.stdout is not None
+    fd = first.stdout.fileno()
+    got = os.read(fd, 1000)  # the run is going; now the reader stops reading
+    deadline = time.monotonic() + 60
+    waiting = array.array("i", [0])
+    while waiting[0] < 60_000:  # the pipe is full: the tap waits in a write
+        assert first.poll() is None and time.monotonic() < deadline, "the run ended early"
+        fcntl.ioctl(fd, termios.FIONREAD, waiting)
+        time.sleep(0.01)
+    first.kill()
+    first.wait()
+    got += first.stdout.read()
+    first.stdout.close()
+    assert got.endswith(b"\n")
+    again = subprocess.run(
+        sage_argv("run", "-q", "--resume", "latest"),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert again.returncode == 0, again.stderr
+    records = [json.loads(line) for line in (got + again.stdout).splitlines()]
+    assert [r["id"] for r in records] == [f"r{i}" for i in range(n)]

@@ -24,7 +24,7 @@ def rerank(
             "not relevance; llm: the local model rates each doc 0-10 (slow; hurts with "
             "SmolLM2-135M).",
         ),
-    ] = "phrase",
+    ] = "sentence",
     lam: Annotated[
         float,
         typer.Option(
@@ -63,17 +63,14 @@ def rerank(
 ):
     """Reorder each record's `docs` (from `sage retrieve`).
 
-    --method phrase (default) ranks by relevance: each doc's retrieval `score`, scaled to
-    0..1 over the record's docs, plus 0.1 for every pair of adjacent query words found, in
-    order, in the doc's title, heading or text (what BM25 and embeddings both miss). No model;
-    measured on `retrieve -k 20` to raise recall@1 without lowering recall@5
-    (docs/retrieval.md).
-
-    --method sentence adds 2 x the best cosine between the query and one of each doc's first
-    3 sentences (the query and the sentences embedded together, with the embedding model: the
-    index's own with --index, else --model, default minilm-l6) to the phrase score: the one
-    sentence that answers a question, which a whole chunk's vector blurs. A few tenths of a
-    second per query of 20 docs on 2 cores.
+    --method sentence (default) and phrase rank by relevance. phrase: each doc's retrieval
+    `score`, scaled to 0..1 over the record's docs, plus 0.1 for every pair of adjacent query
+    words found, in order, in the doc's title, heading or text (what BM25 and embeddings both
+    miss); no model. sentence adds 2 x the best cosine between the query and one of each doc's
+    first 3 sentences (embedded together with the embedding model: the index's own with
+    --index, else --model, default minilm-l6): the one sentence that answers a question, which
+    a whole chunk's vector blurs. Measured on `retrieve -k 20`: it raises recall@1 without
+    lowering recall@5, at a few tenths of a second per query on 2 cores (docs/retrieval.md).
 
     --method mmr (maximal marginal relevance) is for diversity, not relevance: it lowers
     recall. It picks docs one by one, each maximising

@@ -1,6 +1,6 @@
 """Reorder retrieved `docs` (`sage rerank`).
 
-- `phrase` (default): relevance from the retrieval scores and the query's word pairs. Each
+- `phrase`: relevance from the retrieval scores and the query's word pairs. Each
   doc's `score` is min-max scaled to 0..1 over the record's docs (no scores: 1 for the first
   doc down to 0 for the last), and 0.1 is added for every pair of adjacent query words (not
   both stop words) that occurs, in order and adjacent, in the doc's title, heading or text:
@@ -8,7 +8,7 @@
   this is the one signal they miss. No model, under a millisecond per query. Measured on the
   top 20 of `sage retrieve` (docs/retrieval.md): recall@1 up 7.5 and 2.5 points on the two
   held-out sets, 1.0 kept on the demo set, recall@5 never lower.
-- `sentence`: the phrase score plus SENTENCE_WEIGHT (2) times the best cosine between the
+- `sentence` (default): the phrase score plus SENTENCE_WEIGHT (2) times the best cosine between the
   query and one of the doc's first SENTENCES_PER_DOC (3) sentences, all embedded in one
   batched call with the embedding model (the index's own with `index`, else `model`, default
   minilm-l6). A mean-pooled chunk vector blurs the one sentence that answers a question with
@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 METHODS = ("phrase", "sentence", "mmr", "llm")
-DEFAULT_METHOD = "phrase"
+DEFAULT_METHOD = "sentence"
 #: what each query word pair found in a doc adds to its 0..1 retrieval score
 PHRASE_WEIGHT = 0.1
 #: sentence: what the best query-sentence cosine (-1..1) of a doc adds to its phrase score

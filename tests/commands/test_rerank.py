@@ -21,7 +21,7 @@ def test_rerank_mmr_with_given_embeddings(cli):
     assert [d["retrieval_score"] for d in out["docs"]] == [0.9, 0.5]
 
 
-def test_default_rerank_is_phrase_and_needs_no_model(cli, monkeypatch, tmp_path):
+def test_rerank_phrase_needs_no_model(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("SAGE_MODEL_DIR", str(tmp_path))  # no model anywhere to load
     rec = {
         "query": "Which statement is used for repeated execution?",
@@ -39,7 +39,7 @@ def test_default_rerank_is_phrase_and_needs_no_model(cli, monkeypatch, tmp_path)
             },
         ],
     }
-    result = cli("rerank", "-k", "2", input=ndjson([rec]))
+    result = cli("rerank", "--method", "phrase", "-k", "2", input=ndjson([rec]))
     assert result.exit_code == 0, result.stderr
     [out] = parse_ndjson(result.stdout)
     assert [d["id"] for d in out["docs"]] == ["while", "compound"]
@@ -97,7 +97,7 @@ def test_rerank_llm_with_the_real_model_is_deterministic(cli):
 
 
 @pytest.mark.model
-def test_rerank_sentence_with_the_real_model_finds_the_answering_sentence(cli):
+def test_default_rerank_sentence_with_the_real_model_finds_the_answering_sentence(cli):
     """The gold doc is retrieved second and shares no word pair with the question; the real
     MiniLM matches the question to its one answering sentence and puts it first, where the
     phrase method keeps the retrieved order."""
@@ -126,7 +126,7 @@ def test_rerank_sentence_with_the_real_model_finds_the_answering_sentence(cli):
     phrase = cli("rerank", "--method", "phrase", input=ndjson([rec]))
     assert phrase.exit_code == 0, phrase.stderr
     assert [d["id"] for d in parse_ndjson(phrase.stdout)[0]["docs"]][0] == "time.time"
-    result = cli("rerank", "--method", "sentence", "-k", "2", input=ndjson([rec]))
+    result = cli("rerank", "-k", "2", input=ndjson([rec]))  # the default method
     assert result.exit_code == 0, result.stderr
     [out] = parse_ndjson(result.stdout)
     assert [d["id"] for d in out["docs"]] == ["time.sleep", "time.time"]

@@ -27,7 +27,8 @@ process.
 For each set: `sage retrieve -k 20` in every mode (dense, bm25, hybrid fused by reciprocal
 rank, hybrid fused by relative score with fixed equal weights: the default before the third
 round, and the default: adaptive fusion), then `sage rerank` (the default,
-phrase; and mmr) on the default's top 20, and `--method llm` on the demo set's top 5 only (one
+sentence; phrase, the default before the fourth round; and mmr) on the default's top 20, with
+the time per query of sentence and phrase in process (model load excluded), and `--method llm` on the demo set's top 5 only (one
 model call per document, about 450 prompt tokens each: 2 s of CPU per document on this
 machine; on the top 5 only recall@1 can change). recall@k here is the share of questions with a gold document in
 the first k hits (a question's gold ids are alternatives: any one counts); for questions with

@@ -1,19 +1,20 @@
 """Reorder retrieved `docs` (`sage rerank`).
 
-- `phrase`: relevance from the retrieval scores and the query's word pairs. Each
-  doc's `score` is min-max scaled to 0..1 over the record's docs (no scores: 1 for the first
-  doc down to 0 for the last), and 0.1 is added for every pair of adjacent query words (not
-  both stop words) that occurs, in order and adjacent, in the doc's title, heading or text:
+- `sentence` (default): the phrase score (below) plus SENTENCE_WEIGHT (2) times the best
+  cosine between the query and one of the doc's first SENTENCES_PER_DOC (3) sentences, all
+  embedded in one batched call with the embedding model (the index's own with `index`, else
+  `model`, default minilm-l6). A mean-pooled chunk vector blurs the one sentence that answers
+  a question with the rest of the chunk; matching sentence by sentence finds it. About 40-60
+  short sentences per query of 20 docs: a few tenths of a second on 2 cores. Measured on the
+  top 20 of `sage retrieve` (docs/retrieval.md): recall@1 up 5-10 points on four tuning sets
+  (1.0 kept on the demo set) and 7.5 on held-out 4; recall@5 never lower but on held-out 4
+  (-2.5, one question).
+- `phrase`: relevance from the retrieval scores and the query's word pairs. Each doc's
+  `score` is min-max scaled to 0..1 over the record's docs (no scores: 1 for the first doc
+  down to 0 for the last), and 0.1 is added for every pair of adjacent query words (not both
+  stop words) that occurs, in order and adjacent, in the doc's title, heading or text:
   "leading whitespace", "repeated execution". BM25 and embeddings both ignore word order;
-  this is the one signal they miss. No model, under a millisecond per query. Measured on the
-  top 20 of `sage retrieve` (docs/retrieval.md): recall@1 up 7.5 and 2.5 points on the two
-  held-out sets, 1.0 kept on the demo set, recall@5 never lower.
-- `sentence` (default): the phrase score plus SENTENCE_WEIGHT (2) times the best cosine between the
-  query and one of the doc's first SENTENCES_PER_DOC (3) sentences, all embedded in one
-  batched call with the embedding model (the index's own with `index`, else `model`, default
-  minilm-l6). A mean-pooled chunk vector blurs the one sentence that answers a question with
-  the rest of the chunk; matching sentence by sentence finds it. About 40-60 short sentences
-  per query of 20 docs: a few tenths of a second on 2 cores (docs/retrieval.md).
+  this is the one signal they miss. No model, under a millisecond per query.
 - `mmr` (maximal marginal relevance, Carbonell & Goldstein 1998): diversity, not relevance.
   Picks documents one at a time, each maximising `lambda * cos(query, doc) - (1 - lambda) *
   max cos(doc, already picked)`, so near-duplicates of a picked document sink. `lambda` = 1 is
@@ -306,6 +307,12 @@ class Reranker(Operator):
         self._judge: Any = None
 
     def setup(self) -> None:
+        if self.method == "sentence" and self.index_dir is None and self._embedder is None:
+            from .models import DEFAULT_EMBED, locate
+
+            # every record needs the model: an unknown or missing one fails the start (exit
+            # 2 or 69), not the first record
+            locate(self.model or DEFAULT_EMBED, self.model_dirs)
         if self.index_dir is not None and self.index is None:
             self.index = Index(self.index_dir)
             self._query_embedder = QueryEmbedder(

@@ -132,3 +132,12 @@ def test_default_rerank_sentence_with_the_real_model_finds_the_answering_sentenc
     assert [d["id"] for d in out["docs"]] == ["time.sleep", "time.time"]
     assert [d["retrieval_score"] for d in out["docs"]] == [0.88, 0.9]
     assert out["docs"][0]["score"] > out["docs"][1]["score"] > 1.0  # 0..1 + 2 * a cosine
+
+
+def test_default_rerank_refuses_an_unknown_or_missing_model_at_start(cli, tmp_path):
+    rec = {"query": "q", "docs": [{"id": "a", "text": "A b."}]}
+    unknown = cli("rerank", "--model", "nope", input=ndjson([rec]))
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.stderr
+    assert unknown.stdout == "" and "stdin:1" not in unknown.stderr  # not a record's error
+    missing = cli("rerank", "--model", str(tmp_path / "gone.gguf"), input=ndjson([rec]))
+    assert missing.exit_code == 69 and "model file not found" in missing.stderr

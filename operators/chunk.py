@@ -117,6 +117,14 @@ def _sentence_cuts(text: str, start: int, end: int) -> list[int]:
     return sorted(set(cuts))
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of `text` as `sage chunk --by sentences` counts them (`.`/`!`/`?` + space
+    + a character that is not lower case, or a blank line), stripped, blank ones left out."""
+    return [
+        text[a:b] for a, b in _span_units(text, 0, len(text), _sentence_cuts(text, 0, len(text)))
+    ]
+
+
 def _paragraph_cuts(text: str, start: int, end: int) -> list[int]:
     return [start + m.start() for m in _BLANK_RE.finditer(text[start:end])]
 

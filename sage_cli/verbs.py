@@ -217,7 +217,7 @@ REGISTRY: tuple[Verb, ...] = (
     ),
     operator_verb(
         "rerank",
-        "Reorder retrieved `docs` (query word pairs, MMR diversity, or the local model).",
+        "Reorder retrieved `docs` (best-matching sentences, query word pairs, MMR, or a model).",
         "rerank",
         model=True,
         input_paths=("--index",),

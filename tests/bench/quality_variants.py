@@ -159,3 +159,54 @@ def measure(retriever: Any, questions: list[dict[str, Any]]) -> dict[str, list[d
             docs = retriever._docs(rows[:20], None)
             out.setdefault(name, []).append({"gold_ids": question["gold_ids"], "docs": docs})
     return out
+
+
+#: fourth round (issue 14): rerankers of the default's top 20 tried before `--method
+#: sentence` was chosen: name -> (sentences per doc, None = all; weight of the best
+#: query-sentence cosine; phrase pairs counted)
+SENTENCE_VARIANTS = {
+    "r4_sentence_w1_first3": (3, 1.0, True),
+    "r4_sentence_w2_first3": (3, 2.0, True),  # adopted: `sage rerank --method sentence`
+    "r4_sentence_w3_first3": (3, 3.0, True),
+    "r4_sentence_w2_all": (None, 2.0, True),
+    "r4_sentence_w2_first1": (1, 2.0, True),
+    "r4_sentence_w2_no_phrase": (3, 2.0, False),
+}
+
+
+def rerank_variants(embedder: Any, answers: list[dict[str, Any]]) -> dict[str, list[dict]]:
+    """Per fourth-round variant (SENTENCE_VARIANTS, and `r4_chunk_cosine_w2`: the phrase score
+    + 2 * the cosine of the query and the whole chunk), one {gold_ids, docs} record per
+    retrieved record of `answers` (the default's top 20), docs in the variant's order."""
+    import numpy as np
+
+    from sage_cli.operators.chunk import sentences
+    from sage_cli.operators.rerank import phrase_order, scaled_scores
+
+    out: dict[str, list[dict]] = {}
+    for record in answers:
+        docs = record["docs"]
+        per_doc = [sentences(d["text"]) for d in docs]
+        distinct = list(dict.fromkeys(s for ss in per_doc for s in ss))
+        vectors = np.asarray(
+            embedder.embed([record["query"], *distinct] + [d["text"] for d in docs])
+        )
+        query = vectors[0]
+        cosine = dict(zip(distinct, (vectors[1 : 1 + len(distinct)] @ query).tolist(), strict=True))
+        chunk = vectors[1 + len(distinct) :] @ query
+        phrase = dict(phrase_order(record["query"], docs, len(docs)))
+        base = scaled_scores(docs)
+        variants: dict[str, list[float]] = {}
+        for name, (first, weight, pairs) in SENTENCE_VARIANTS.items():
+            variants[name] = [
+                (phrase[i] if pairs else base[i])
+                + weight * max((cosine[s] for s in per_doc[i][:first]), default=0.0)
+                for i in range(len(docs))
+            ]
+        variants["r4_chunk_cosine_w2"] = [phrase[i] + 2.0 * chunk[i] for i in range(len(docs))]
+        for name, scores in variants.items():
+            order = sorted(range(len(docs)), key=lambda i: (-round(scores[i], 9), i))
+            out.setdefault(name, []).append(
+                {"gold_ids": record["gold_ids"], "docs": [docs[i] for i in order]}
+            )
+    return out

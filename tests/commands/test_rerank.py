@@ -21,7 +21,7 @@ def test_rerank_mmr_with_given_embeddings(cli):
     assert [d["retrieval_score"] for d in out["docs"]] == [0.9, 0.5]
 
 
-def test_default_rerank_is_phrase_and_needs_no_model(cli, monkeypatch, tmp_path):
+def test_rerank_phrase_needs_no_model(cli, monkeypatch, tmp_path):
     monkeypatch.setenv("SAGE_MODEL_DIR", str(tmp_path))  # no model anywhere to load
     rec = {
         "query": "Which statement is used for repeated execution?",
@@ -39,7 +39,7 @@ def test_default_rerank_is_phrase_and_needs_no_model(cli, monkeypatch, tmp_path)
             },
         ],
     }
-    result = cli("rerank", "-k", "2", input=ndjson([rec]))
+    result = cli("rerank", "--method", "phrase", "-k", "2", input=ndjson([rec]))
     assert result.exit_code == 0, result.stderr
     [out] = parse_ndjson(result.stdout)
     assert [d["id"] for d in out["docs"]] == ["while", "compound"]
@@ -94,3 +94,50 @@ def test_rerank_llm_with_the_real_model_is_deterministic(cli):
     assert 0 <= out["docs"][1]["score"] < out["docs"][0]["score"] <= 10
     again = cli("rerank", "--method", "llm", input=ndjson([rec]))
     assert again.stdout == first.stdout
+
+
+@pytest.mark.model
+def test_default_rerank_sentence_with_the_real_model_finds_the_answering_sentence(cli):
+    """The gold doc is retrieved second and shares no word pair with the question; the real
+    MiniLM matches the question to its one answering sentence and puts it first, where the
+    phrase method keeps the retrieved order."""
+    rec = {
+        "query": "How do I make my program wait a couple of seconds?",
+        "docs": [
+            {
+                "id": "time.time",
+                "text": "Return the current time in seconds since the Epoch. "
+                "Fractions of a second may be present if the system clock provides them.",
+                "score": 0.9,
+            },
+            {
+                "id": "time.sleep",
+                "text": "This function is found in the time module. "
+                "Delay execution for a given time, in seconds.",
+                "score": 0.88,
+            },
+            {
+                "id": "math.pi",
+                "text": "The ratio of a circle's circumference to its diameter.",
+                "score": 0.1,
+            },
+        ],
+    }
+    phrase = cli("rerank", "--method", "phrase", input=ndjson([rec]))
+    assert phrase.exit_code == 0, phrase.stderr
+    assert [d["id"] for d in parse_ndjson(phrase.stdout)[0]["docs"]][0] == "time.time"
+    result = cli("rerank", "-k", "2", input=ndjson([rec]))  # the default method
+    assert result.exit_code == 0, result.stderr
+    [out] = parse_ndjson(result.stdout)
+    assert [d["id"] for d in out["docs"]] == ["time.sleep", "time.time"]
+    assert [d["retrieval_score"] for d in out["docs"]] == [0.88, 0.9]
+    assert out["docs"][0]["score"] > out["docs"][1]["score"] > 1.0  # 0..1 + 2 * a cosine
+
+
+def test_default_rerank_refuses_an_unknown_or_missing_model_at_start(cli, tmp_path):
+    rec = {"query": "q", "docs": [{"id": "a", "text": "A b."}]}
+    unknown = cli("rerank", "--model", "nope", input=ndjson([rec]))
+    assert unknown.exit_code == 2 and "unknown model 'nope'" in unknown.stderr
+    assert unknown.stdout == "" and "stdin:1" not in unknown.stderr  # not a record's error
+    missing = cli("rerank", "--model", str(tmp_path / "gone.gguf"), input=ndjson([rec]))
+    assert missing.exit_code == 69 and "model file not found" in missing.stderr

@@ -83,7 +83,7 @@ SPECS: dict[str, Spec] = {
     "index build": Spec(["{index}"], shape=AGGREGATE, model=True, record=_DOC),
     "index info": Spec(["{index}"], kind=TOOL),
     "retrieve": Spec(["--index", "{index}"], model=True, record=_QA),
-    "rerank": Spec([], record=_QA),
+    "rerank": Spec([], model=True, record=_QA),
     "prompt": Spec([], record=_QA),
     "generate": Spec([], model=True, record=_QA),
     # --no-summary: the summary record at the end would break the one-to-one checks

@@ -80,7 +80,7 @@ def test_build_operator_gives_left_out_flags_the_cli_defaults(tmp_path: Path) ->
     op = build_operator("retrieve", index=str(tmp_path / "idx"))
     assert (op.k, op.mode, op.fusion, op.alpha) == (5, "hybrid", "adaptive", 0.5)
     rerank = build_operator("rerank", top_k=2)
-    assert (rerank.method, rerank.lam, rerank.k) == ("phrase", 0.5, 2)
+    assert (rerank.method, rerank.lam, rerank.k) == ("sentence", 0.5, 2)
 
 
 @pytest.mark.parametrize(

@@ -92,13 +92,13 @@ def test_llm_method_sorts_by_judgement_keeping_ties_in_order():
 
 def test_empty_docs_pass_through_and_bad_records():
     rec = {"query": "q", "docs": [], "x": 1}
-    assert Reranker().run([rec]) == [rec]
+    assert Reranker("phrase").run([rec]) == [rec]
     with pytest.raises(RecordError, match="'docs'"):
-        Reranker().run([{"query": "q"}])
+        Reranker("phrase").run([{"query": "q"}])
     with pytest.raises(RecordError, match="list of objects"):
-        Reranker().run([{"query": "q", "docs": ["a"]}])
+        Reranker("phrase").run([{"query": "q", "docs": ["a"]}])
     with pytest.raises(RecordError, match="empty query"):
-        Reranker().run([{"query": " ", "docs": [{"text": "a"}]}])
+        Reranker("phrase").run([{"query": " ", "docs": [{"text": "a"}]}])
 
 
 @pytest.mark.parametrize("kwargs", [{"method": "bogus"}, {"lam": 1.5}, {"k": 0}])
@@ -113,7 +113,9 @@ def test_phrase_scales_scores_and_adds_query_word_pairs():
         {"id": "b", "text": "a null operation: nothing happens", "score": 2.0},
         {"id": "c", "text": "null values", "score": 1.0},
     ]
-    [out] = Reranker().run([{"query": "Which statement is a null operation?", "docs": docs}])
+    [out] = Reranker("phrase").run(
+        [{"query": "Which statement is a null operation?", "docs": docs}]
+    )
     # scaled 1, 1/1.2, 0; b holds "a null" and "null operation" (+0.2); "is a" is two stop words
     assert [d["id"] for d in out["docs"]] == ["b", "a", "c"]
     assert [d["score"] for d in out["docs"]] == [round(1 / 1.2 + 0.2, 6), 1.0, 0.0]
@@ -127,7 +129,7 @@ def test_phrase_reads_the_title_and_uses_the_order_when_scores_are_missing():
         {"id": "y", "text": "second", "metadata": {"title": "textwrap.dedent: leading whitespace"}},
         {"id": "z", "text": "third"},
     ]
-    [out] = Reranker(k=2).run([{"query": "remove leading whitespace", "docs": docs}])
+    [out] = Reranker("phrase", k=2).run([{"query": "remove leading whitespace", "docs": docs}])
     # no scores: 1, 0.5, 0 by position; y's title holds "leading whitespace"
     assert [(d["id"], d["score"]) for d in out["docs"]] == [("x", 1.0), ("y", 0.6)]
     assert word_pairs("Is it a cat?") == {("a", "cat")}
@@ -135,4 +137,4 @@ def test_phrase_reads_the_title_and_uses_the_order_when_scores_are_missing():
 
 def test_phrase_needs_doc_text():
     with pytest.raises(RecordError, match="doc 1 has no `text`"):
-        Reranker().run([{"query": "q", "docs": [{"id": 1}]}])
+        Reranker("phrase").run([{"query": "q", "docs": [{"id": 1}]}])

@@ -5,8 +5,10 @@ the read end to bash at a fixed, high descriptor, named with its inode in SAGE_R
 Every process of the script inherits it; every sage stage (sage_cli/__init__.py, first thing)
 waits on it in a daemon thread. Nobody ever writes to it, so the read returns only when the
 write end is gone, that is when `sage run` is: the stage then ends at once, as a stage of a
-parsed pipeline does through PR_SET_PDEATHSIG. bash itself dies with `sage run` by
-PR_SET_PDEATHSIG, so it starts nothing more; commands that are not sage stages end as their
+parsed pipeline does through PR_SET_PDEATHSIG, and takes its process group with it (bash's,
+which `sage run` started in a group of its own: the script's shell, its subshells and every
+command they started that did not leave the group). bash itself also dies with `sage run` by
+PR_SET_PDEATHSIG, so it starts nothing more; commands in a group of their own end as their
 neighbours' pipes close.
 """
 
@@ -80,6 +82,14 @@ def hold(value: str) -> None:
                 pass
         except OSError:
             return
+        # the script's whole process group (bash's, which `sage run` made: the script's shell,
+        # its subshells, every stage) at once, this process with it: the write end closes
+        # before the kernel sends bash its death signal, and a stage that died alone first
+        # let bash run the script's next command (`echo ... >> file`) in between
+        try:
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        except OSError:
+            pass
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=wait, name="sage-lifeline", daemon=True).start()

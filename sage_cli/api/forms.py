@@ -192,10 +192,6 @@ def yaml_script(path: str) -> str:
     return to_script(from_yaml(path))
 
 
-def is_yaml(path: str | None) -> bool:
-    return path is not None and path.endswith((".yaml", ".yml"))
-
-
 def script_for_run(path: str) -> str:
     """Write the bash form of a YAML pipeline file where `sage run` can run it (and find it
     again for --resume): .sage/pipelines/<name>-<digest>.sh under the current directory."""

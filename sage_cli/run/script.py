@@ -681,3 +681,8 @@ def expand_segment(
 
 def sage_error_for(exc: BaseException) -> SageError:
     return exc if isinstance(exc, SageError) else SageError(str(exc))
+
+
+def is_yaml(path: str | None) -> bool:
+    """A YAML pipeline file (sage_cli.api.forms), which `sage run` runs as its bash form."""
+    return path is not None and path.endswith((".yaml", ".yml"))

@@ -197,45 +197,30 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
                 command=commands[method],
                 note=f"{n} questions, top {5 if method.endswith('top5') else DEPTH} retrieved",
             )
-    dense, default, reranked = scores["dense"], scores["default"], scores["rerank_default"]
-    for k, i in ((1, 0), (5, 1)):
-        report(
-            f"quality.{name}.default_minus_dense.recall@{k}",
-            default[i] - dense[i],
-            "",
-            target=">= 0.1" if k == 1 else ">= 0",
-            command=REPRODUCE,
-            note="`sage retrieve` with default flags against --mode dense, same index",
-        )
-    for k, i in ((1, 0), (5, 1)):
-        report(
-            f"quality.{name}.default_minus_old_default.recall@{k}",
-            default[i] - scores["old_default"][i],
-            "",
-            target=">= 0",
-            command=REPRODUCE,
-            note="--fusion adaptive (default) against --fusion relative (fixed equal weights)",
-        )
-    for k, i in ((1, 0), (5, 1)):
-        report(
-            f"quality.{name}.rerank_minus_default.recall@{k}",
-            reranked[i] - default[i],
-            "",
-            target="> 0" if k == 1 else ">= 0",
-            command=REPRODUCE,
-            note=f"`sage rerank` (default) on the default retrieval's top {DEPTH}"
-            + (" (recall@1 already 1.0: nothing left to raise)" if default[0] == 1.0 else ""),
-        )
-    sentence = scores["rerank_sentence"]
-    for k, i in ((1, 0), (5, 1)):
-        report(
-            f"quality.{name}.rerank_sentence_minus_default.recall@{k}",
-            sentence[i] - default[i],
-            "",
-            target="> 0" if k == 1 else ">= 0",
-            command=REPRODUCE,
-            note=f"`sage rerank --method sentence` on the default retrieval's top {DEPTH}",
-        )
+    default = scores["default"]
+    already = " (recall@1 already 1.0: nothing left to raise)" if default[0] == 1.0 else ""
+    on_top = f"on the default retrieval's top {DEPTH}{already}"
+    # (figure, method, against, recall@1 target, recall@5 target, what it says)
+    differences = (
+        ("default_minus_dense", "default", "dense", ">= 0.1", ">= 0",
+         "`sage retrieve` with default flags against --mode dense, same index"),
+        ("default_minus_old_default", "default", "old_default", ">= 0", ">= 0",
+         "--fusion adaptive (default) against --fusion relative (fixed equal weights)"),
+        ("rerank_minus_default", "rerank_default", "default", "> 0", ">= 0",
+         f"`sage rerank` (default) {on_top}"),
+        ("rerank_sentence_minus_default", "rerank_sentence", "default", "> 0", ">= 0",
+         f"`sage rerank --method sentence` {on_top}"),
+    )  # fmt: skip
+    for figure, method, against, target1, target5, note in differences:
+        for k, i, target in ((1, 0, target1), (5, 1, target5)):
+            report(
+                f"quality.{name}.{figure}.recall@{k}",
+                scores[method][i] - scores[against][i],
+                "",
+                target=target,
+                command=REPRODUCE,
+                note=note,
+            )
     for method in TIMED:
         report(
             f"quality.{name}.rerank_{method}.s_per_query",
@@ -282,14 +267,19 @@ def measure_variants(name: str, index: Path, questions: Path, report) -> None:
     op = Retriever(index, k=DEPTH, model_dirs=model_dirs())
     answers = quality_variants.measure(op, qs)
     op.close()
-    for variant, records_ in answers.items():
+    report_tried(name, answers, "in process, exact dense search", report)
+
+
+def report_tried(name: str, tried: dict[str, list], how: str, report) -> None:
+    """recall@1 and @5 of each variant tried on a set (`quality.<set>.tried.<variant>`)."""
+    for variant, records_ in tried.items():
         for k in (1, 5):
             report(
                 f"quality.{name}.tried.{variant}.recall@{k}",
                 recall(records_, k),
                 "",
                 command=REPRODUCE,
-                note="in process, exact dense search; tests/bench/quality_variants.py",
+                note=f"{how}; tests/bench/quality_variants.py",
             )
 
 
@@ -305,15 +295,7 @@ def measure_rerank_variants(name: str, index: Path, work: Path, report) -> None:
     answers = records((work / f"{name}-retrieved.ndjson").read_bytes())
     tried = quality_variants.rerank_variants(op.embedder(), answers)
     op.close()
-    for variant, records_ in tried.items():
-        for k in (1, 5):
-            report(
-                f"quality.{name}.tried.{variant}.recall@{k}",
-                recall(records_, k),
-                "",
-                command=REPRODUCE,
-                note=f"in process, on the default's top {DEPTH}; tests/bench/quality_variants.py",
-            )
+    report_tried(name, tried, f"in process, on the default's top {DEPTH}", report)
 
 
 def measure_annoy(index: Path, report) -> None:

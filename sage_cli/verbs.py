@@ -288,6 +288,18 @@ def is_model_stage(argv: list[str]) -> bool:
         return False
 
 
+def is_operator_stage(argv: list[str]) -> bool:
+    """Whether `sage VERB ...` runs an operator over records (one that traces its batches under
+    `sage run`), not a tool such as `sage models`."""
+    words = stage_words(argv)
+    if words is argv or not words:  # not a sage command line
+        return False
+    try:
+        return lookup(words).builder is not None
+    except UsageError:
+        return False
+
+
 # -- from a command line or from keyword options to an operator -----------------------------
 
 

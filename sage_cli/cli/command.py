@@ -406,14 +406,30 @@ def run_operator(
         from sage_cli.run.env import keeper_attempt
 
         kept = keeper_attempt()
-    if kept is not None and kept[0] > 1:
-        policy.once_per_line = True  # what a dead worker put in `--errors FILE` stays once
     if commits:
-        from sage_cli.run.keeper import REPLAY_MARKER, close_direct, commit_marker, replay_lines
+        from sage_cli.run.env import RUN_ERRORS_FROM
+        from sage_cli.run.keeper import (
+            REPLAY_MARKER,
+            close_direct,
+            commit_marker,
+            errors_marker,
+            replay_lines,
+        )
 
         close_direct()
 
         driver.committer = lambda line: writer.write_raw(commit_marker(line))
+        # what a dead worker put in `--errors FILE` is not written again (sage_cli.run.keeper)
+        errors_from = os.environ.get(RUN_ERRORS_FROM, "")
+        if errors_from.isdigit():
+            policy.written_from = int(errors_from)
+        else:
+
+            def tell_keeper(size: int) -> None:
+                writer.write_raw(errors_marker(size))
+                writer.flush()  # the keeper knows it even if this worker dies next
+
+            policy.on_open = tell_keeper
         if not op.stateless:  # its state is rebuilt by replaying its input from the start
             writer.write_raw(REPLAY_MARKER)
             driver.silent_through = replay_lines()

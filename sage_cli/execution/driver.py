@@ -76,8 +76,12 @@ class ErrorPolicy:
         self.stats = stats if stats is not None else Stats()
         self._dead_fh: Any = None
         #: a keeper's restarted worker meets again lines a dead one met (uncommitted, or
-        #: replayed to rebuild state): each (stage, origin, line) goes in the dead letter once
-        self.once_per_line = False
+        #: replayed to rebuild state): the dead letter's size when the keeper's first worker
+        #: opened it; an entry (stage, origin, line) already written since is not written again
+        self.written_from: int | None = None
+        #: called with the dead letter's size when it is opened (a keeper's worker tells its
+        #: keeper, which gives it to the workers after it as `written_from`)
+        self.on_open: Callable[[int], None] | None = None
         self._written: set[tuple[Any, Any, Any]] | None = None
 
     def _record_dead(self, entry: Record) -> None:
@@ -85,14 +89,16 @@ class ErrorPolicy:
             return
         if self._dead_fh is None:
             try:
-                mode = "ab+" if self.once_per_line else "ab"
+                mode = "ab" if self.written_from is None else "ab+"
                 self._dead_fh = open(self.dead_letter, mode)  # noqa: SIM115 - kept open for the run
             except OSError as exc:
                 raise SageError(
                     f"--errors {self.dead_letter}: cannot open: {exc.strerror}"
                 ) from None
-            if self.once_per_line:
-                self._written = set(map(_line_key, _entries(self._dead_fh)))
+            if self.written_from is not None:
+                self._written = set(map(_line_key, _entries(self._dead_fh, self.written_from)))
+            elif self.on_open is not None:
+                self.on_open(self._dead_fh.seek(0, 2))
         if self._written is not None:
             key = _line_key(entry)
             if key in self._written:
@@ -164,9 +170,10 @@ def _line_key(entry: Any) -> tuple[Any, Any, Any]:
     return (entry.get("stage"), entry.get("origin"), entry.get("line"))
 
 
-def _entries(fh: Any) -> Iterator[Any]:
-    """The dead letter's entries so far (lines that do not parse are passed over)."""
-    fh.seek(0)
+def _entries(fh: Any, start: int) -> Iterator[Any]:
+    """The dead letter's entries from byte `start` on (lines that do not parse are passed
+    over)."""
+    fh.seek(start)
     for line in fh:
         try:
             yield orjson.loads(line)

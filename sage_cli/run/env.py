@@ -39,6 +39,9 @@ RUN_REPLAY = "SAGE_RUN_REPLAY"
 #: before it died with, the input lines and output lines the keeper had committed when it started;
 #: written in its trace's start event, so the run's summary counts a stage's restarts exactly
 RUN_ATTEMPT = "SAGE_RUN_ATTEMPT"
+#: a keeper's worker: the size its `--errors FILE` had when the keeper's first worker to open it
+#: did (what came after is this keeper's: a restarted worker writes no entry twice)
+RUN_ERRORS_FROM = "SAGE_RUN_ERRORS_FROM"
 
 
 def keeper_attempt() -> tuple[int, int, int, int] | None:

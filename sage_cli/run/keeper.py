@@ -27,6 +27,10 @@ SAGE_RUN_REPLAY=L, so its Driver rebuilds the state from lines 1..L writing none
 outputs (its reader's blocks are cut at L so no batch mixes the two), then goes on exactly. A
 window by arrival time would not replay the same: it refuses (exit 2).
 
+A worker that opens its `--errors FILE` first says how long the file was (`\\x1e@<size>\\n`);
+the workers after it read the entries written since and write none of them again (a restarted
+worker meets again the lines a dead one met: past its last commit, or all of them in a replay).
+
 The relay loop is byte-level: big os.read/os.write blocks, bytes.find/count, no record objects.
 """
 
@@ -46,6 +50,7 @@ from sage_cli.run.env import (
     RUN_BACKOFF,
     RUN_BATCH_SIZE,
     RUN_DIR,
+    RUN_ERRORS_FROM,
     RUN_FLUSH,
     RUN_PLACE,
     RUN_REPLAY,
@@ -71,6 +76,11 @@ KEEP_MEMORY = 32 * 1024 * 1024
 
 def commit_marker(line: int) -> bytes:
     return b"\x1e%d\n" % line
+
+
+def errors_marker(size: int) -> bytes:
+    """From a worker that opens its `--errors FILE` first: the size the file had then."""
+    return b"\x1e@%d\n" % size
 
 
 #: a keeper's worker: the descriptor of the keeper's own stdout, for a worker that passes its
@@ -580,6 +590,8 @@ def keep(argv: list[str], retries: int) -> int:
         if marker == b"=":
             replay_all = True
             inp.keep_everything()
+        elif marker.startswith(b"@"):  # the workers after it write no errors entry twice
+            env.setdefault(RUN_ERRORS_FROM, marker[1:].decode())
         elif marker != b"-":
             committed = max(committed, int(marker))
             if not replay_all:

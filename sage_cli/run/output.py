@@ -125,7 +125,7 @@ class Tap(threading.Thread):
 
     def __init__(self, read_fd: int, out_fd: int, copy_fd: int | None, skip: Delivered) -> None:
         super().__init__(name="sage-stdout", daemon=True)
-        self.read_fd, self.out_fd, self.copy_fd = read_fd, out_fd, copy_fd
+        self.read_fd, self.copy_fd = read_fd, copy_fd
         self.skip = skip
         self.write_fd = -1  # the pipe's other end, for bash (closed here once bash has it)
         self.mismatch = False  # the replay did not repeat what the run had delivered

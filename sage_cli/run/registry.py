@@ -149,10 +149,9 @@ def sage_feeder() -> int | None:
     words = _stage_argv(_FEEDER) if _FEEDER is not None else None
     if not words or _pipe(f"/proc/{_FEEDER}/fd/2") == _pipe(f"/proc/{_FEEDER}/fd/1"):
         return None  # not sage, or its messages go down the pipe too (`2>&1 |`)
-    from sage_cli.verbs import VERBS
+    from sage_cli.verbs import is_operator_stage
 
-    verb = VERBS.get(words[0])
-    return _FEEDER if verb is not None and verb.builder is not None else None
+    return _FEEDER if is_operator_stage(["sage", *words]) else None
 
 
 def noted_place() -> tuple[int, int] | None:

@@ -32,6 +32,7 @@ from sage_cli.run.record import Events
 from sage_cli.run.relay import READ_SIZE, Relay
 from sage_cli.run.script import Pipeline, Stage
 from sage_cli.run.stage import StageRun
+from sage_cli.verbs import is_operator_stage
 
 TIMEOUT_STATUS = 124  # like timeout(1)
 KILL_GRACE_SECONDS = 5.0
@@ -126,9 +127,9 @@ class Supervisor:
         if stage.index == 0 or stage.redirect("<") is not None:
             return None
         before = self.pipeline.stages[stage.index - 1]
-        if not before.is_sage or before.redirect("2>&1", "&>", "&>>", ">", ">>") is not None:
+        if before.redirect("2>&1", "&>", "&>>", ">", ">>") is not None:
             return None
-        return before.name
+        return before.name if is_operator_stage(before.argv) else None
 
     def warn(self, message: str) -> None:
         if self.opts.quiet:

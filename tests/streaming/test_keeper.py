@@ -249,6 +249,23 @@ def test_errors_of_a_restarted_worker_name_their_input_lines(tmp_path: Path) -> 
     assert [e["line"] for e in entries] == [i + 1 for i in bad_numbers(30_000)]
 
 
+def test_a_restarted_worker_keeps_the_entries_an_earlier_run_put_in_errors(
+    tmp_path: Path,
+) -> None:
+    """Two runs of the same stage append to one `--errors FILE` (a loop's iterations): the
+    second run's restarted workers skip only what that run's dead workers wrote, not the first
+    run's entries for the same lines."""
+    dead = tmp_path / "dead.ndjson"
+    argv = ["map", "--on-error", "skip", "--errors", str(dead), "{'n': r['n']}"]
+    code, _, err = run_with_kills(tmp_path, argv, 30_000, kills=0, source=WITH_BAD_LINES)
+    assert code == 0, err
+    code, _, err = run_with_kills(tmp_path, argv, 30_000, kills=3, source=WITH_BAD_LINES)
+    assert code == 0, err
+    assert "restart" in err
+    entries = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert [e["line"] for e in entries] == [i + 1 for i in bad_numbers(30_000)] * 2
+
+
 def test_a_replayed_stateful_stage_puts_each_bad_line_in_errors_once(tmp_path: Path) -> None:
     dead = tmp_path / "dead.ndjson"
     code, records, err = run_with_kills(

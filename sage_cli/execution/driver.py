@@ -405,6 +405,8 @@ class Driver:
             if out:
                 self._write(out)
         self.writer.flush()
+        if self.tracer is not None:  # a live view sees what passed before the wait
+            self.tracer.flush()
 
     def finish(self) -> None:
         """End of input: write everything in flight and what the operator still holds."""

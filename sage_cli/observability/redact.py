@@ -12,8 +12,34 @@ written (sage_cli/run/runner.py, supervisor.py, trace.py); keys read from the en
 from __future__ import annotations
 
 import re
+from typing import Any
 
 MASK = "***"
+
+
+class _Lazy:
+    """A regular expression compiled on first use: every traced stage imports this module for
+    its argv, and compiling all of them up front cost ~3 ms of each stage's start-up."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self._args = (pattern, flags)
+        self._re: re.Pattern[str] | None = None
+
+    def __getattr__(self, name: str) -> Any:  # sub, match, fullmatch
+        if self._re is None:
+            self._re = re.compile(*self._args)
+        return getattr(self._re, name)
+
+
+#: characters a secret-bearing word needs (`=` of an assignment or query, `:` of a header, a URL
+#: or `user:password`, `@` of a URL); a word with none of them, no space and no leading `-` is
+#: left as it is without running the expressions below
+_NEEDED = frozenset("=:@")
+
+
+def _plain(word: str) -> bool:
+    return word[:1] != "-" and _NEEDED.isdisjoint(word) and word.split() == [word]
+
 
 #: a name that holds a secret, judged by its last part: OPENAI_API_KEY, api-key, MYKEY,
 #: secretKey, x-auth-token, DB_PASSWORD, DB_PASS, GITHUB_PAT, client_secret; not `--key`
@@ -26,20 +52,20 @@ _SECRET_NAME = (
 #: a query parameter that holds a secret: the names above, and `key` alone (`?key=...`)
 _PARAM_NAME = r"(?:" + _SECRET_NAME + r"|key)"
 
-_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
-_QUERY = re.compile(r"([?&;]" + _PARAM_NAME + r"=)[^&;#\s'\"]*", re.IGNORECASE)
+_USERINFO = _Lazy(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@?#'\"]+@")
+_QUERY = _Lazy(r"([?&;]" + _PARAM_NAME + r"=)[^&;#\s'\"]*", re.IGNORECASE)
 _VALUE = r"""(?:'[^']*'|"[^"]*"|[^\s&;'"]+)"""
-_ASSIGN = re.compile(r"(?<![A-Za-z0-9_.-])(-{0,2}" + _SECRET_NAME + r"=)" + _VALUE, re.IGNORECASE)
-_HEADER = re.compile(
+_ASSIGN = _Lazy(r"(?<![A-Za-z0-9_.-])(-{0,2}" + _SECRET_NAME + r"=)" + _VALUE, re.IGNORECASE)
+_HEADER = _Lazy(
     r"(?<![A-Za-z0-9_.-])(" + _SECRET_NAME + r")(\s*:\s*)(?!(?:Bearer|Basic|Token)\s)[^\s'\"]+",
     re.IGNORECASE,
 )
-_BEARER = re.compile(r"\b(Bearer|Basic|Token)(\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
-_OPTION = re.compile(r"^-{1,2}" + _SECRET_NAME + r"$", re.IGNORECASE)
+_BEARER = _Lazy(r"\b(Bearer|Basic|Token)(\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_OPTION = _Lazy(r"^-{1,2}" + _SECRET_NAME + r"$", re.IGNORECASE)
 #: options whose value is `user:password` (curl -u, wget/curl --user, --proxy-user)
-_USER_OPTION = re.compile(r"^(?:-u|-U|--user|--proxy-user)$")
-_USER_PASSWORD = re.compile(r"^([^:\s]*):.+$", re.DOTALL)
-_USER_ASSIGN = re.compile(r"(?<![A-Za-z0-9_.-])(--(?:proxy-)?user=|-u)([^:\s'\"]*):[^\s'\"]+")
+_USER_OPTION = _Lazy(r"^(?:-u|-U|--user|--proxy-user)$")
+_USER_PASSWORD = _Lazy(r"^([^:\s]*):.+$", re.DOTALL)
+_USER_ASSIGN = _Lazy(r"(?<![A-Za-z0-9_.-])(--(?:proxy-)?user=|-u)([^:\s'\"]*):[^\s'\"]+")
 
 
 def redact_text(text: str) -> str:
@@ -60,6 +86,9 @@ def redact_argv(argv: list[str]) -> list[str]:
     out: list[str] = []
     hide_next = hide_password = False
     for word in argv:
+        if not (hide_next or hide_password) and _plain(word):
+            out.append(word)  # no pattern can match it, and it is no option
+            continue
         if hide_next:
             out.append(MASK)
         elif hide_password:
@@ -84,7 +113,7 @@ def redact_words(text: str) -> str:
 
 
 #: `-u user:pw`, `-u 'user:pw w'`, `--user "user:pw"` in script text
-_USER_WORDS = re.compile(
+_USER_WORDS = _Lazy(
     r"(?<!\S)(-u|-U|--user|--proxy-user)(\s+)"
     r"""(?:'([^':]*):[^']*'|"([^":]*):[^"]*"|([^\s:'"]*):[^\s'"]+)"""
 )

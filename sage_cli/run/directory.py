@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from sage_cli.errors import UsageError
+from sage_cli.observability.latency import weighted_percentiles
 from sage_cli.observability.trace import peak_rss_mb
 
 DEFAULT_BASE = os.path.join(".sage", "runs")
@@ -90,6 +91,7 @@ class RunDirectory:
 
 
 _ID_LIST = b'ids":['  # the end of `,"ids":[` and of `,"oids":[`
+_BATCH = b'{"ev":"b",'  # how a batch event starts (Tracer.batch writes it so)
 _O = ord("o")
 
 
@@ -99,9 +101,10 @@ def read_events(path: Path, ids: bool = True) -> list[dict[str, Any]]:
     return list(iter_events(path, ids))
 
 
-def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
+def iter_events(path: Path, ids: bool = True, batches: bool = True) -> Iterator[dict[str, Any]]:
     """The events of a trace file one at a time, read line by line: a trace grows with the
-    run (about 10 MB per million records with ids) and is never held in memory whole."""
+    run (about 10 MB per million records with ids) and is never held in memory whole.
+    With batches=False the batch events (nearly all of a trace) are skipped unparsed."""
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed below, also when the caller stops early
     except FileNotFoundError:
@@ -109,6 +112,8 @@ def iter_events(path: Path, ids: bool = True) -> Iterator[dict[str, Any]]:
     loads = orjson.loads
     with fh:
         for line in fh:
+            if not batches and line.startswith(_BATCH):
+                continue
             if not ids:  # the id lists come last (`,"oids":[` before `,"ids":[`): one scan
                 cut = line.find(_ID_LIST)
                 if cut > 0:
@@ -206,29 +211,6 @@ def prune_runs(
 # -- the summary ------------------------------------------------------------------------------------
 
 
-def weighted_percentiles(
-    pairs: list[tuple[float, int]], qs: tuple[float, ...]
-) -> list[float | None]:
-    """Percentiles of values given as (value, weight) pairs."""
-    pairs = [p for p in pairs if p[1] > 0]
-    if not pairs:
-        return [None for _ in qs]
-    pairs.sort()
-    total = sum(w for _, w in pairs)
-    out: list[float | None] = []
-    for q in qs:
-        target = q * total
-        acc = 0
-        for value, weight in pairs:
-            acc += weight
-            if acc >= target:
-                out.append(value)
-                break
-        else:
-            out.append(pairs[-1][0])
-    return out
-
-
 def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Counts, latency and tokens of one stage from its own trace events (all attempts)."""
     records_in = records_out = errors = skipped = tokens = 0
@@ -279,6 +261,8 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
                 attempt["hwm"] = ev.get("hwm_mb")
                 attempt["cpu"] = ev.get("cpu")
                 attempt["stop"] = ev.get("t")
+                if "lat" in ev:  # the stage's own latency figures (observability.latency)
+                    attempt["lat"] = (ev["lat"], ev.get("first"), ev.get("last"))
     close_attempt()
     for a, after in zip(attempts, [*attempts[1:], None]):  # noqa: B905 - one longer
         kept, next_kept = a.get("keeper"), after and after.get("keeper")
@@ -294,7 +278,10 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         skipped += a.get("skipped", 0)
         busy += float(a.get("busy", 0.0))
         tokens += int(a.get("tok", a.get("b_tok", 0)))  # the Driver's counter, as the table shows
-    p50, p95, p99 = weighted_percentiles(latencies, (0.5, 0.95, 0.99))
+    p50, p95, p99 = weighted_percentiles(latencies)
+    if not latencies and len(attempts) == 1 and "lat" in attempts[0]:
+        # read without its batch events (trace_figures): the stage's stop event has them
+        (p50, p95, p99), first, last = attempts[0]["lat"]
     # the stage's own peak RSS, when every attempt reported it (a crashed one did not)
     hwm = [float(a["hwm"]) for a in attempts if a.get("hwm") is not None]
     own_rss = max(hwm) if attempts and len(hwm) == len(attempts) else None
@@ -325,6 +312,19 @@ def stage_figures(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "own_started": attempts[0].get("start") if attempts else None,
         "own_ended": attempts[-1].get("stop") if attempts else None,
     }
+
+
+def trace_figures(path: Path) -> tuple[dict[str, Any], int]:
+    """`stage_figures` of one stage's trace file, and how many events it holds (0: the stage
+    was not traced). One attempt that stopped normally says its latency figures in its stop
+    event, so its batch events are skipped unparsed; otherwise (killed, restarted) they are
+    all read, streamed: the summary of a long run must not hold its traces in memory."""
+    events = list(iter_events(path, ids=False, batches=False))
+    starts = sum(1 for ev in events if ev.get("ev") == "start")
+    if starts == 1 and events[-1].get("ev") == "stop" and "lat" in events[-1]:
+        return stage_figures(events), len(events)
+    seen = [0]
+    return stage_figures(_counted(iter_events(path, ids=False), seen)), seen[0]
 
 
 def _counted(events: Iterable[dict[str, Any]], seen: list[int]) -> Iterator[dict[str, Any]]:
@@ -393,11 +393,9 @@ def summarise(run: RunDirectory) -> dict[str, Any]:
         elif kind == "relay":
             st["relay"].update({k: ev[k] for k in ("records_in", "records_out") if k in ev})
     for name, st in stages.items():
-        # streamed: the summary of a long run must not hold its traces in memory
-        seen = [0]
-        figures = stage_figures(_counted(iter_events(run.trace_path(name), ids=False), seen))
-        st["traced"] = bool(seen[0])
-        if seen[0]:
+        figures, seen = trace_figures(run.trace_path(name))
+        st["traced"] = bool(seen)
+        if seen:
             if st["attempts"] == 0:  # started by bash (no supervisor events): its own account
                 st.update(
                     attempts=max(1, figures["own_attempts"]),

@@ -16,7 +16,6 @@ when the replay differs, the resume stops before writing anything and says so.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import select
 import stat
@@ -63,12 +62,16 @@ def _appends(fd: int) -> bool:
         return False
 
 
+#: the SHA-256 of no bytes (hashlib is imported only where a digest is computed)
+_EMPTY_SHA256 = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+
+
 @dataclass
 class Delivered:
     """The bytes a run delivered (whole lines), as a length and a digest."""
 
     size: int = 0
-    digest: bytes = hashlib.sha256().digest()
+    digest: bytes = _EMPTY_SHA256
     lines: int = 0
 
 
@@ -91,6 +94,8 @@ def delivered(stdout: dict[str, Any]) -> Delivered:
         end = _after_last_newline(fh, start, os.fstat(fh.fileno()).st_size)
         if end < os.fstat(fh.fileno()).st_size:
             fh.truncate(end)  # the writer was killed mid-line
+        import hashlib  # here, not at import: off the start-up path of runs that need no digest
+
         digest = hashlib.sha256()
         lines = 0
         fh.seek(start)
@@ -133,6 +138,8 @@ class Tap(threading.Thread):
         self.out = RunStdout(out_fd, copy_fd)
 
     def run(self) -> None:
+        import hashlib  # here, not at import: off the start-up path of runs that need no digest
+
         left = self.skip.size
         digest = hashlib.sha256()
         checked = left == 0

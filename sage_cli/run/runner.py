@@ -3,7 +3,6 @@ lock, run the supervisor, write summary.json and say in one line how it went."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -63,6 +62,8 @@ def output_path(pipeline: Pipeline, run: RunDirectory) -> Path | None:
 
 
 def lock_path(script: Path, args: list[str]) -> Path:
+    import hashlib  # only with --lock: ~2 ms of every run's start-up otherwise
+
     digest = hashlib.sha1(orjson.dumps([str(script.resolve()), args])).hexdigest()[:16]
     return Path(".sage") / "locks" / f"{script.stem}-{digest}.lock"
 
@@ -136,7 +137,7 @@ def run_pipeline(
             return _run_under_bash(script_path, args, opts, run_dir, base, None, why)
         if len(segments) > 1 or segments[0].pipeline is None:
             return run_segments(script_path, segments, args, opts, run_dir, base)
-        pipeline = parse_script(script_path, args)
+        pipeline = parse_script(script_path, args, segments=segments)
         run = RunDirectory.create(run_dir, base)
         target = output_path(pipeline, run)
         # what --resume needs to know of the run's stdout: a copy only of a pipe or terminal
@@ -293,7 +294,7 @@ def _run_on_ray(
             address=address,
             replicas=replicas,
         )
-    pipeline = parse_script(script_path, args)
+    pipeline = parse_script(script_path, args, segments=segments)
     source = pipeline.stages[0].redirect("<")
     target = pipeline.stages[-1].redirect(">", ">>")
     run = RunDirectory.create(run_dir, base)

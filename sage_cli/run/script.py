@@ -446,11 +446,14 @@ def parse_script(
     args: list[str] | None = None,
     env: dict[str, str] | None = None,
     cwd: str | None = None,
+    segments: list[Segment] | None = None,
 ) -> Pipeline:
     """Read `path` (one pipeline, after simple commands) and return its pipeline with every
-    word expanded as bash would."""
+    word expanded as bash would. `segments`: what `read_segments(path)` gave, when the caller
+    has it already (each read runs `bash -n`)."""
     name = str(path)
-    segments = read_segments(path)
+    if segments is None:
+        segments = read_segments(path)
     piped = [seg for seg in segments if seg.pipeline is not None]
     if len(piped) > 1:
         raise ScriptError(

@@ -124,7 +124,7 @@ class BashStages:
             from sage_cli.run.directory import iter_events, stage_figures
 
             for st in out:
-                events = iter_events(self.run.trace_path(st.name), ids=False)
+                events = iter_events(self.run.trace_path(st.name), ids=False, batches=False)
                 st.final = True
                 st.status = stage_figures(events)["own_status"]
         return out

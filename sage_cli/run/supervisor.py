@@ -213,7 +213,6 @@ class Supervisor:
             self._kill(sr, self.signalled)
         if err_r is not None:
             t = threading.Thread(target=self._pump_stderr, args=(sr, err_r), daemon=True)
-            t.start()
             self._stderr_threads.append(t)
 
     def _pump_stderr(self, sr: StageRun, fd: int) -> None:
@@ -270,8 +269,14 @@ class Supervisor:
             stages[-1].stdout_r = r
             self.relays.append(Relay(self.warn, stages[-1], target_fd, ledger_fd))
         self._target_fd = target_fd
-        for i, sr in enumerate(stages):
-            self._spawn(sr, stdin_fds[i], stdout_fds[i])
+        try:
+            for i, sr in enumerate(stages):
+                self._spawn(sr, stdin_fds[i], stdout_fds[i])
+        finally:
+            # the stderr pumps start once every stage has: Thread.start waits for the new
+            # thread to run, which took 4-8 ms each while the stages' start-ups held both cores
+            for t in self._stderr_threads:
+                t.start()
         for relay in self.relays:
             relay.start()
 

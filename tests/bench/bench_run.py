@@ -93,6 +93,14 @@ def run(report) -> None:
         note="wall: (sage run / bash) - 1; direct pipes, full per-record traces, start-up included",
     )
     report(
+        "run.per_record_overhead",
+        (wall["run"] - wall["run_one"]) / (wall["bash"] - wall["bash_one"]) - 1,
+        "x",
+        command=commands["run"],
+        note="wall, each side less its own 1-record run: sage run's fixed start-up cost "
+        "(run.startup_seconds) left out, what a longer run's overhead tends to",
+    )
+    report(
         "run.cpu_overhead",
         cpu["run"] / cpu["bash"] - 1,
         "x",

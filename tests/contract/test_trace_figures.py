@@ -70,3 +70,63 @@ def test_tokens_and_counts_agree_in_trace_summary_table_and_progress(tmp_path, c
     line = capsys.readouterr().err
     assert "3 in, 3 out" in line
     assert f"{rate:,.1f} tok/s" in line
+
+
+def test_summary_reads_a_stopped_stage_from_its_stop_event_and_a_killed_one_from_its_batches(
+    tmp_path,
+):
+    """A stage that stopped normally puts its latency figures in its stop event, so `sage
+    run`'s summary skips its batch events; one killed before its stop event (the last line
+    gone) is summed from its batches. Both give what the batch events give."""
+    from sage_cli.run.directory import iter_events, trace_figures
+
+    _, trace = run_traced(tmp_path, [{"id": i} for i in range(1, 4)])
+    stop = read_events(trace)[-1]
+    assert stop["ev"] == "stop" and len(stop["lat"]) == 3 and stop["first"] <= stop["last"]
+    full = stage_figures(iter_events(trace, ids=False))
+    fast, seen = trace_figures(trace)
+    others = [e for e in read_events(trace) if e["ev"] != "b"]
+    assert fast == full and seen == len(others)  # the batch events were not parsed
+    assert fast["latency_ms"]["p99"] >= 3 * PAUSE * 1000
+    killed = tmp_path / "killed.trace.ndjson"
+    killed.write_bytes(b"".join(trace.read_bytes().splitlines(keepends=True)[:-1]))
+    figures, seen = trace_figures(killed)
+    assert seen == len(others) + 3 - 1 and figures["latency_ms"] == full["latency_ms"]
+    assert (figures["first_batch"], figures["last_batch"]) == (
+        full["first_batch"],
+        full["last_batch"],
+    )
+
+
+def test_a_stage_waiting_for_input_has_written_its_trace(tmp_path):
+    """While a traced stage blocks on its input pipe, the batches it has finished are in its
+    trace file (the studio shows them live): it writes its buffer before it waits."""
+    import subprocess
+    import time as clock
+
+    from tests.conftest import clean_env, sage_argv
+
+    env = clean_env(SAGE_TRACE_DIR=str(tmp_path), SAGE_TRACE_STAGE="1-map")
+    proc = subprocess.Popen(
+        sage_argv("map", "r"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(b"".join(b'{"id": %d}\n' % i for i in range(3)))
+        proc.stdin.flush()
+        assert [proc.stdout.readline() for _ in range(3)][-1] == b'{"id":2}\n'
+        trace = tmp_path / "1-map.trace.ndjson"
+        deadline = clock.monotonic() + 10
+        batches: list[dict] = []
+        while not batches and clock.monotonic() < deadline:
+            batches = [e for e in read_events(trace) if e["ev"] == "b"]
+            clock.sleep(0.02)
+        assert proc.poll() is None  # still waiting for input
+        assert [(e["n"], e["ids"]) for e in batches] == [(3, [0, 1, 2])]
+    finally:
+        proc.kill()
+        proc.wait()

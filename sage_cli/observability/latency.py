@@ -1,0 +1,80 @@
+"""Batch latency figures, computed the same way by a stage and by a reader of its trace.
+
+A stage's trace has one event per batch (`d`: seconds from its records entering the stage to
+its result leaving it, `n`: records). The summary of a run wants the record-weighted p50, p95
+and p99 of those, and the times of the first and last batch. A stage that stops normally works
+them out itself and puts them in its stop event (`BatchFigures`), so `sage run` need not parse
+every batch event of every stage after the run: that took ~35 ms per million records of a
+4-stage pipeline, on the run's critical path. A reader falls back to the batch events when an
+attempt ended without its stop event (killed) or a stage ran more than once (`--retries`).
+"""
+
+from __future__ import annotations
+
+QUANTILES = (0.5, 0.95, 0.99)
+#: batches whose latency a stage keeps in memory for its stop event; past this (a stage that
+#: has run for days) it keeps none and readers use the batch events, as for a killed stage
+MAX_BATCHES = 100_000
+
+
+def weighted_percentiles(
+    pairs: list[tuple[float, int]], qs: tuple[float, ...] = QUANTILES
+) -> list[float | None]:
+    """Percentiles of values given as (value, weight) pairs."""
+    pairs = [p for p in pairs if p[1] > 0]
+    if not pairs:
+        return [None for _ in qs]
+    pairs.sort()
+    total = sum(w for _, w in pairs)
+    out: list[float | None] = []
+    for q in qs:
+        target = q * total
+        acc = 0
+        for value, weight in pairs:
+            acc += weight
+            if acc >= target:
+                out.append(value)
+                break
+        else:
+            out.append(pairs[-1][0])
+    return out
+
+
+class BatchFigures:
+    """One attempt's batches as its trace events say them (times rounded to the trace's 6
+    decimals, so a reader of the events gets the same figures)."""
+
+    __slots__ = ("pairs", "first", "last_t", "last_d", "last_end")
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[float, int]] | None = []
+        self.first: float | None = None
+        self.last_t = self.last_d = 0.0
+        self.last_end: float | None = None
+
+    def add(self, t: float, d: float, n: int) -> None:
+        pairs = self.pairs
+        if pairs is not None:
+            if len(pairs) < MAX_BATCHES:
+                pairs.append((d, n))
+            else:
+                self.pairs = None
+        if self.first is None or t < self.first:  # unordered: not always the first written
+            self.first = t
+        end = t + d
+        if self.last_end is None or end > self.last_end:
+            self.last_end, self.last_t, self.last_d = end, t, d
+
+    def event_fields(self) -> dict[str, object]:
+        """What the stop event carries: `lat` (p50, p95, p99 in seconds), `first`, `last`;
+        nothing when too many batches were seen to keep."""
+        if self.pairs is None:
+            return {}
+        # rounding is monotonic: the pairs sorted as they are pick the value a reader of the
+        # rounded events picks
+        lat = [None if v is None else round(v, 6) for v in weighted_percentiles(self.pairs)]
+        last = None
+        if self.last_end is not None:
+            last = round(self.last_t, 6) + round(self.last_d, 6)
+        first = None if self.first is None else round(self.first, 6)
+        return {"lat": lat, "first": first, "last": last}

@@ -28,6 +28,9 @@ RUN_PLACE = "SAGE_RUN_PLACE"  # a keeper's worker: its keeper's place "position,
 #: `sage run --engine ray` under bash: the cluster a stage runs its batches on, and --replicas
 RAY_ADDRESS = "SAGE_RAY_ADDRESS"
 RAY_REPLICAS = "SAGE_RAY_REPLICAS"  # "embed=2,map=3"
+#: "0": `sage run` starts each sage stage of a parsed pipeline as a new interpreter, not as a
+#: fork of itself (sage_cli.run.fork)
+RUN_FORK = "SAGE_RUN_FORK"
 #: restart a stage that dies, up to N times (sage_cli.run.keeper): the stage becomes a keeper
 RUN_RETRIES = "SAGE_RUN_RETRIES"
 RUN_BACKOFF = "SAGE_RUN_BACKOFF"  # seconds before the first restart (doubles each time)

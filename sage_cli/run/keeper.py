@@ -398,6 +398,8 @@ class _Worker:
     `python -m sage_cli ARGV` would, and never returns into the keeper's code."""
 
     def __init__(self, argv: list[str], env: dict[str, str], keep_fd: int) -> None:
+        from sage_cli.run.fork import close_all_but, run_command
+
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         sys.stdout.flush()
@@ -408,8 +410,8 @@ class _Worker:
             try:
                 os.dup2(in_r, 0)
                 os.dup2(out_w, 1)
-                _close_all_but(keep_fd)
-                code = _run_worker(argv, env)
+                close_all_but(keep_fd)
+                code = run_command(argv, env)
             finally:
                 os._exit(code)
         os.close(in_r)
@@ -442,55 +444,6 @@ class _Worker:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def _close_all_but(keep_fd: int) -> None:
-    """In a forked worker: no descriptor of the keeper's but stdin, stdout, stderr and the
-    keeper's stdout for a worker that passes its output through."""
-    try:
-        limit = os.sysconf("SC_OPEN_MAX")
-    except (OSError, ValueError):  # pragma: no cover
-        limit = 1 << 16
-    if keep_fd > 2:
-        os.closerange(3, keep_fd)
-        os.closerange(keep_fd + 1, limit)
-    else:  # pragma: no cover
-        os.closerange(3, limit)
-
-
-def _run_worker(argv: list[str], env: dict[str, str]) -> int:  # pragma: no cover - child
-    """The command, as a fresh `python -m sage_cli ARGV` would run it, ending the way the
-    interpreter ends (non-daemon threads joined, exit handlers run, streams flushed)."""
-    import atexit
-    import threading
-    import traceback
-
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    os.environ.clear()
-    os.environ.update(env)
-    code = 1
-    try:
-        from sage_cli.cli.group import run
-
-        code = run(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if exc.code is not None and not isinstance(exc.code, int):
-            sys.stderr.write(f"{exc.code}\n")
-    except KeyboardInterrupt:
-        code = 130
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    try:
-        threading._shutdown()  # type: ignore[attr-defined]
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    return code
 
 
 def _widen_pipe(fd: int) -> None:

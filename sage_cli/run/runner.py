@@ -93,6 +93,25 @@ def acquire_lock(script: Path, args: list[str]) -> Any:
     return fh
 
 
+def supervise(sup: Supervisor, run: RunDirectory, opts: RunOptions, ledger: int | None) -> int:
+    """Run one parsed pipeline, with the live table (unless --quiet) from the moment its
+    stages have started: they start as forks of this process, which must have no other
+    thread then (sage_cli.run.fork)."""
+    dashboard: list[Any] = []
+
+    def show() -> None:
+        if not opts.quiet:
+            from sage_cli.observability.dashboard import start_dashboard
+
+            dashboard.append(start_dashboard(run, sup, progress=opts.progress))
+
+    try:
+        return sup.run(ledger_fd=ledger, on_started=show)
+    finally:
+        for shown in dashboard:
+            shown.stop()
+
+
 def run_pipeline(
     script: str | None,
     args: list[str],
@@ -158,16 +177,9 @@ def run_pipeline(
             resumed=False,
         )
         sup = Supervisor(pipeline, run, opts, args, events=record.events)
-        dashboard = None
-        if not opts.quiet:
-            from sage_cli.observability.dashboard import start_dashboard
-
-            dashboard = start_dashboard(run, sup, progress=opts.progress)
         try:
-            status = sup.run(ledger_fd=ledger)
+            status = supervise(sup, run, opts, ledger)
         finally:
-            if dashboard is not None:
-                dashboard.stop()
             if ledger is not None:
                 os.close(ledger)
         record.finish(status, quiet=opts.quiet)
@@ -424,16 +436,9 @@ def run_segments(
             if output_path(pipeline, run) is None and stdout["kind"] == "copy":
                 ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             sup = Supervisor(pipeline, run, opts, args, events=record.events)
-            dashboard = None
-            if not opts.quiet:
-                from sage_cli.observability.dashboard import start_dashboard
-
-                dashboard = start_dashboard(run, sup, progress=opts.progress)
             try:
-                status = sup.run(ledger_fd=ledger)
+                status = supervise(sup, run, opts, ledger)
             finally:
-                if dashboard is not None:
-                    dashboard.stop()
                 if ledger is not None:
                     os.close(ledger)
             if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED, 124) or (status and errexit):

@@ -20,6 +20,8 @@ class StageRun:
     pid: int | None = None
     started: float = 0.0
     stdout_r: int | None = None  # the relay reads the stage's output here
+    #: a sage stage: its arguments, to run in a forked copy of the supervisor (run.fork)
+    fork_argv: list[str] | None = None
     cpu: float = 0.0
     rss_mb: float = 0.0
 

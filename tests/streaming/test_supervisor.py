@@ -332,3 +332,40 @@ def test_first_stage_reading_the_runs_own_stdin_under_kills(tmp_path: Path) -> N
     got = [orjson.loads(x)["m"] for x in (tmp_path / "out.ndjson").read_bytes().splitlines()]
     assert got == list(range(n)), err
     assert err.count(b"worker died (signal 9)") == 2
+
+
+def _proc_facts(pid: int) -> tuple[str, int, int]:
+    """(command name, parent pid, process group) of a running process."""
+    comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return comm, int(fields[1]), int(fields[2])
+
+
+@pytest.mark.parametrize("fork", ["1", "0"])
+def test_sage_stages_start_as_forks_of_sage_run_and_give_the_same_output(
+    work: Path, fork: str
+) -> None:
+    """The sage stages of a parsed pipeline are forks of `sage run` (no interpreter start-up:
+    ps shows them as `sage map`), each in its own process group; SAGE_RUN_FORK=0 starts them
+    as new interpreters. Both give every record once, in order."""
+    proc = subprocess.Popen(
+        sage_argv("run", "-q", "p.sh"),
+        env=env() | {"SAGE_RUN_FORK": fork},
+        cwd=work,
+        stderr=subprocess.PIPE,
+    )
+    pids = stage_pids(work)
+    facts = {}
+    for name, pid in pids.items():
+        try:
+            facts[name] = _proc_facts(pid)
+        except (OSError, ValueError):  # already done
+            continue
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert facts, "no stage was still running to look at"
+    for name, (comm, parent, group) in facts.items():
+        assert parent == proc.pid and group == pids[name]
+        assert (comm == "sage map") == (fork == "1"), (name, comm)
+    assert output_ids(work / "out.ndjson") == [f"r{i}" for i in range(N)]

@@ -2,8 +2,9 @@
 it starts, signals, times out and reaps the stages of one pipeline. Beside it: the relay of the
 last stage's output (relay.py), a stage's process (stage.py), the run's record (record.py).
 
-It starts every stage of a parsed pipeline itself (`sage` stages as `python -m sage_cli` in this
-interpreter, others as they are), each in its own process group and killed with the supervisor
+It starts every stage of a parsed pipeline itself (`sage` stages as forks of this process that
+run their command at once, sage_cli/run/fork.py, or as `python -m sage_cli` where it cannot fork;
+others as they are), each in its own process group and killed with the supervisor
 (PR_SET_PDEATHSIG), connects them with direct pipes, forwards SIGINT/SIGTERM to every group,
 reaps every process, records each stage's exit status, CPU time and peak memory, and exits as
 bash's `set -o pipefail` would: the status of the last (rightmost) stage that failed, 0 if none.

@@ -27,9 +27,21 @@ _PR_SET_NAME = 15
 _prctl: list[Callable[..., int] | None] = []  # libc's prctl, looked up once (None: not there)
 
 
-def can_fork() -> bool:
-    """Linux, and no thread but this one."""
-    return sys.platform.startswith("linux") and threading.active_count() == 1
+#: variables read when an interpreter (or libc) starts, not after: a stage whose environment
+#: sets one differently from this process's (`PYTHONPATH=lib sage map ...`) needs a new one
+_READ_AT_START = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "LC_", "LANG")
+
+
+def can_fork(env: dict[str, str] | None = None) -> bool:
+    """Linux, no thread but this one, and (for a command that runs with `env`) nothing in
+    `env` that only a new interpreter would take into account."""
+    if not sys.platform.startswith("linux") or threading.active_count() != 1:
+        return False
+    if env is None:
+        return True
+    mine = os.environ
+    names = {k for k in (*env, *mine) if k.startswith(_READ_AT_START)}
+    return all(env.get(k) == mine.get(k) for k in names)
 
 
 def close_all_but(keep_fd: int) -> None:
@@ -102,7 +114,7 @@ def fork_command(
 ) -> int:
     """Start `sage ARGV` in a forked child with these descriptors as its 0, 1 and 2, in `cwd`,
     in a process group of its own, killed when this process dies (even by kill -9), shown as
-    `name` by ps and top; returns its pid. The caller checks `can_fork()` first."""
+    `name` by ps and top; returns its pid. The caller checks `can_fork(env)` first."""
     prctl = _libc_prctl()
     parent = os.getpid()
     sys.stdout.flush()
@@ -110,7 +122,11 @@ def fork_command(
     # a signal for this process (Ctrl-C) must not run this process's handlers in the child
     # before it has set its own: held back across the fork
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        raise
     if pid == 0:  # pragma: no cover - the child (what the tests check is its behaviour)
         code = 1
         try:

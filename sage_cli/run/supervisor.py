@@ -175,7 +175,7 @@ class Supervisor:
         status: int | None = None
         pid = None
         try:
-            if sr.fork_argv is not None and self._forks and can_fork():
+            if sr.fork_argv is not None and self._forks and can_fork(sr.env):
                 pid = self._fork(sr, stdin, stdout, err_fd)
             if pid is None:
                 program = shutil.which(sr.argv[0], path=sr.env.get("PATH"))

@@ -369,3 +369,21 @@ def test_sage_stages_start_as_forks_of_sage_run_and_give_the_same_output(
         assert parent == proc.pid and group == pids[name]
         assert (comm == "sage map") == (fork == "1"), (name, comm)
     assert output_ids(work / "out.ndjson") == [f"r{i}" for i in range(N)]
+
+
+def test_a_stage_whose_environment_a_new_interpreter_reads_is_not_forked(tmp_path: Path) -> None:
+    """`PYTHONPATH=lib sage map ...`: only a new interpreter puts lib/ on its path, so that stage
+    starts as one (a fork of `sage run` would not find the module)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "sage_test_mod.py").write_text("V = 42\n")
+    write_records(tmp_path / "in.ndjson", 3)
+    (tmp_path / "p.sh").write_text(
+        "sage map r in.ndjson | PYTHONPATH=lib sage map "
+        '\'r | {"v": __import__("sage_test_mod").V}\' > out.ndjson\n'
+    )
+    result = subprocess.run(
+        sage_argv("run", "-q", "p.sh"), env=env(), cwd=tmp_path, capture_output=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    out = [orjson.loads(line) for line in (tmp_path / "out.ndjson").read_bytes().splitlines()]
+    assert [r["v"] for r in out] == [42, 42, 42]

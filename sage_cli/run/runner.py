@@ -233,7 +233,8 @@ def _run_under_bash(
     from sage_cli.run.script import check_syntax
     from sage_cli.run.session import run_bash_script
 
-    check_syntax(script, str(script))
+    if why is None or not why.syntax_checked:
+        check_syntax(script, str(script))
     if resume:
         raise UsageError(f"--resume works for scripts of simple commands and pipelines ({why})")
     return run_bash_script(

@@ -134,6 +134,9 @@ class Unsupported(ScriptError):
     subshells, background jobs, a script without a pipeline): `sage run` hands such a script to
     bash whole (sage_cli.run.session)."""
 
+    #: found after `bash -n` had accepted the script (no need to ask bash again)
+    syntax_checked = False
+
 
 class _Incomplete(ScriptError):
     """A quote or substitution goes on past the end of the line."""
@@ -425,7 +428,9 @@ def read_segments(path: str | Path) -> list[Segment]:
     for number, group, _ in entries:
         for cmd in group:
             if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
-                raise Unsupported(f"{name}:{number}: a `{cmd[0]}` block or function")
+                found = Unsupported(f"{name}:{number}: a `{cmd[0]}` block or function")
+                found.syntax_checked = True
+                raise found
     if not any(p for _, _, p in entries):  # no `|` at all: the last command is the pipeline
         entries[-1] = (entries[-1][0], entries[-1][1], True)
     segments: list[Segment] = []

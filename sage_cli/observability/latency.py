@@ -44,13 +44,12 @@ class BatchFigures:
     """One attempt's batches as its trace events say them (times rounded to the trace's 6
     decimals, so a reader of the events gets the same figures)."""
 
-    __slots__ = ("pairs", "first", "last_t", "last_d", "last_end")
+    __slots__ = ("pairs", "first", "last")
 
     def __init__(self) -> None:
         self.pairs: list[tuple[float, int]] | None = []
         self.first: float | None = None
-        self.last_t = self.last_d = 0.0
-        self.last_end: float | None = None
+        self.last: tuple[float, float] | None = None  # (t, d) of the batch that left last
 
     def add(self, t: float, d: float, n: int) -> None:
         pairs = self.pairs
@@ -61,9 +60,8 @@ class BatchFigures:
                 self.pairs = None
         if self.first is None or t < self.first:  # unordered: not always the first written
             self.first = t
-        end = t + d
-        if self.last_end is None or end > self.last_end:
-            self.last_end, self.last_t, self.last_d = end, t, d
+        if self.last is None or t + d > sum(self.last):
+            self.last = (t, d)
 
     def event_fields(self) -> dict[str, object]:
         """What the stop event carries: `lat` (p50, p95, p99 in seconds), `first`, `last`;
@@ -71,10 +69,8 @@ class BatchFigures:
         if self.pairs is None:
             return {}
         # rounding is monotonic: the pairs sorted as they are pick the value a reader of the
-        # rounded events picks
+        # rounded events picks; `last` is summed as a reader sums the rounded t and d
         lat = [None if v is None else round(v, 6) for v in weighted_percentiles(self.pairs)]
-        last = None
-        if self.last_end is not None:
-            last = round(self.last_t, 6) + round(self.last_d, 6)
+        last = None if self.last is None else round(self.last[0], 6) + round(self.last[1], 6)
         first = None if self.first is None else round(self.first, 6)
         return {"lat": lat, "first": first, "last": last}

@@ -44,7 +44,6 @@ from __future__ import annotations
 import os
 import resource
 import sys
-import threading
 import time
 from itertools import repeat
 from typing import Any
@@ -89,7 +88,6 @@ class Tracer:
         #: batch events not formatted yet: (t, d, n, o, l, w)
         self._plain: list[tuple[float, float, int, int, int, int]] = []
         self._size = 0
-        self._lock = threading.Lock()
         self._last_flush = time.monotonic()
         self._last_stats = 0.0
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
@@ -99,13 +97,12 @@ class Tracer:
 
     def _emit(self, event: dict[str, Any]) -> None:
         data = orjson.dumps(event, option=orjson.OPT_APPEND_NEWLINE, default=str)
-        with self._lock:
-            self._format_plain()
-            self._parts.append(data)
+        self._format_plain()
+        self._parts.append(data)
 
     def _format_plain(self) -> None:
-        """The batch events kept as numbers, formatted in one go (with the lock held): one at
-        a time, each batch's formatting was most of what tracing cost a light stage."""
+        """The batch events kept as numbers, formatted in one go: one at a time, each batch's
+        formatting was most of what tracing cost a light stage."""
         plain = self._plain
         if plain:
             self._plain = []
@@ -171,8 +168,7 @@ class Tracer:
             # record in): formatted later, many at once (_format_plain)
             self._plain.append((t, d, n, o, first_line, written))
             if len(self._plain) >= PLAIN_BATCHES:
-                with self._lock:
-                    self._format_plain()
+                self._format_plain()
         else:
             data = _BATCH % (t, d, n, o, first_line, written)
             if tokens:
@@ -184,10 +180,9 @@ class Tracer:
             data += b"}\n"
             if self.sample_left > 0:
                 data += self._sample(batch, out, round(t, 6))
-            with self._lock:
-                self._format_plain()
-                self._parts.append(data)
-                self._size += len(data)
+            self._format_plain()
+            self._parts.append(data)
+            self._size += len(data)
         if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in
             self.flush()
         now = time.monotonic()
@@ -242,26 +237,25 @@ class Tracer:
             "stop", status=status, hwm_mb=peak_rss_mb(), cpu=cpu, **self.figures.event_fields()
         )
         self.flush()
-        with self._lock:  # nothing writes to a closed (or reused) fd
-            fd, self.fd = self.fd, -1
+        fd, self.fd = self.fd, -1  # nothing writes to a closed (or reused) fd
         try:
             os.close(fd)
         except OSError:
             pass
 
     def flush(self) -> None:
-        with self._lock:  # one writer at a time: events stay in order
-            self._format_plain()
-            self._last_flush = time.monotonic()
-            if not self._parts or self.fd < 0:
-                return
-            data = b"".join(self._parts)
-            self._parts = []
-            self._size = 0
-            try:
-                os.write(self.fd, data)
-            except OSError:
-                pass  # a trace must never stop the data
+        """Everything buffered onto disk, in order (one thread uses a tracer: its stage's)."""
+        self._format_plain()
+        self._last_flush = time.monotonic()
+        if not self._parts or self.fd < 0:
+            return
+        data = b"".join(self._parts)
+        self._parts = []
+        self._size = 0
+        try:
+            os.write(self.fd, data)
+        except OSError:
+            pass  # a trace must never stop the data
 
 
 def peak_rss_mb() -> float | None:

@@ -44,7 +44,7 @@ def can_fork(env: dict[str, str] | None = None) -> bool:
     return all(env.get(k) == mine.get(k) for k in names)
 
 
-def close_all_but(keep_fd: int) -> None:
+def _close_all_but(keep_fd: int) -> None:
     """In a forked child: no descriptor of the parent's but stdin, stdout, stderr and
     `keep_fd` (a keeper's stdout, for a worker that passes its output through; -1: none)."""
     try:
@@ -58,13 +58,11 @@ def close_all_but(keep_fd: int) -> None:
         os.closerange(3, limit)
 
 
-def run_command(argv: list[str], env: dict[str, str]) -> int:  # pragma: no cover - child
+def _run_command(argv: list[str], env: dict[str, str]) -> int:  # pragma: no cover - child
     """The command, as a fresh `python -m sage_cli ARGV` would run it, ending the way the
     interpreter ends (non-daemon threads joined, exit handlers run, streams flushed)."""
     import traceback
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     _forget_parent_exit_handlers()
     os.environ.clear()
     os.environ.update(env)
@@ -108,14 +106,19 @@ def fork_command(
     env: dict[str, str],
     stdin: int,
     stdout: int,
-    stderr: int,
-    cwd: str,
-    name: str,
+    stderr: int = 2,
+    *,
+    cwd: str | None = None,
+    name: str | None = None,
+    own_group: bool = True,
+    dies_with_parent: bool = True,
+    keep_fd: int = -1,
 ) -> int:
-    """Start `sage ARGV` in a forked child with these descriptors as its 0, 1 and 2, in `cwd`,
-    in a process group of its own, killed when this process dies (even by kill -9), shown as
-    `name` by ps and top; returns its pid. The caller checks `can_fork(env)` first."""
-    prctl = _libc_prctl()
+    """Start `sage ARGV` in a forked child with these descriptors as its 0, 1 and 2 (and
+    `keep_fd`, all others closed), in `cwd`; in a process group of its own (`own_group`), killed
+    when this process dies, even by kill -9 (`dies_with_parent`), shown as `name` by ps and
+    top. Returns its pid. The caller checks `can_fork(env)` first."""
+    prctl = _libc_prctl() if dies_with_parent or name else None
     parent = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -130,31 +133,36 @@ def fork_command(
     if pid == 0:  # pragma: no cover - the child (what the tests check is its behaviour)
         code = 1
         try:
-            os.setpgid(0, 0)
+            if own_group:
+                os.setpgid(0, 0)
             if prctl is not None:
-                prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-                prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-            if os.getppid() != parent:  # the parent died before the death signal was set
+                if dies_with_parent:
+                    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if name:
+                    prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+            if dies_with_parent and os.getppid() != parent:  # it died before the signal was set
                 os._exit(137)
             for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
                 if fd != target:
                     os.dup2(fd, target)
-            close_all_but(-1)
-            os.chdir(cwd)
+            _close_all_but(keep_fd)
+            if cwd is not None:
+                os.chdir(cwd)
             if not sys.flags.safe_path and sys.path:
                 del sys.path[0]  # -P: the script's or pipeline's directory is not searched
             sys.argv = ["sage", *argv]
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
-            code = run_command(argv, env)
+            code = _run_command(argv, env)
         finally:
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_SETMASK, held)
-    try:
-        os.setpgid(pid, pid)  # also here: the parent may signal the group before the child ran
-    except OSError:
-        pass  # it has set it itself (or is gone already)
+    if own_group:
+        try:
+            os.setpgid(pid, pid)  # here too: the parent may signal the group before it ran
+        except OSError:
+            pass  # it has set it itself (or is gone already)
     return pid
 
 

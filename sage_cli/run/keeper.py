@@ -398,22 +398,14 @@ class _Worker:
     `python -m sage_cli ARGV` would, and never returns into the keeper's code."""
 
     def __init__(self, argv: list[str], env: dict[str, str], keep_fd: int) -> None:
-        from sage_cli.run.fork import close_all_but, run_command
+        from sage_cli.run.fork import fork_command
 
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child (its behaviour is what the tests check)
-            code = 1
-            try:
-                os.dup2(in_r, 0)
-                os.dup2(out_w, 1)
-                close_all_but(keep_fd)
-                code = run_command(argv, env)
-            finally:
-                os._exit(code)
+        # in the keeper's process group (a signal to the script's stages reaches it too)
+        pid = fork_command(
+            argv, env, in_r, out_w, own_group=False, dies_with_parent=False, keep_fd=keep_fd
+        )
         os.close(in_r)
         os.close(out_w)
         self.pid = pid

@@ -237,7 +237,13 @@ class Supervisor:
         verb = sr.fork_argv[0] if sr.fork_argv else ""
         try:
             return fork_command(
-                sr.fork_argv, sr.env, stdin, stdout, stderr, self.pipeline.cwd, f"sage {verb}"
+                sr.fork_argv,
+                sr.env,
+                stdin,
+                stdout,
+                stderr,
+                cwd=self.pipeline.cwd,
+                name=f"sage {verb}",
             )
         except OSError:
             return None

@@ -62,6 +62,15 @@ def build(
             '({"id", "deleted": true}); documents it does not name are kept.',
         ),
     ] = False,
+    sentences: Annotated[
+        bool,
+        typer.Option(
+            "--sentences/--no-sentences",
+            help="Also keep vectors of each chunk's first 3 sentences (sentences.npz), which "
+            "the default `sage retrieve` ranks with; needs the model, even for records that "
+            "come with their vectors.",
+        ),
+    ] = True,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -79,12 +88,15 @@ def build(
     dimension, metric, count, build parameters, created). Everything is written to a temporary
     directory beside DIR and renamed into place: readers see the old index or the new one,
     never half of one; a failed build leaves the old index alone. A non-empty DIR that is not
-    an index is never replaced.
+    an index is never replaced. With the records' model at hand (found by name, same
+    sha256), the first 3 sentences of every chunk are embedded too (sentences.npz, used by
+    the default `sage retrieve`; --no-sentences skips them, as does a model not found here).
 
     Records take their vector from `embedding` (floats, or base64 float32) or `embedding_b64`
     and their model from `embedding_model`; a record without a vector is embedded here with
     --model. Vectors from two models, or two dimensions, are refused (exit 65, naming the
-    record); ids must be unique. Output: one summary record (index, count, dimension, model).
+    record); ids must be unique. Output: one summary record (index, count, dimension, model,
+    sentence_vectors).
     No input records: nothing is written, no output.
 
     --update rebuilds DIR from the input, taking the vector of every chunk whose id and text
@@ -116,6 +128,7 @@ def build(
         hash_cache=hash_cache_file(),
         update=update,
         keep_missing=keep_missing,
+        sentences=sentences,
     )
 
 

@@ -49,6 +49,17 @@ def retrieve(
             "match the corpus fully; dense gets more as the match weakens).",
         ),
     ] = 0.5,
+    sentence_weight: Annotated[
+        float,
+        typer.Option(
+            "--sentence-weight",
+            min=0.0,
+            max=10.0,
+            help="hybrid: a candidate's dense score is its cosine + this x the best cosine of "
+            "one of its first 3 sentences (when the index has sentence vectors); 0: chunk "
+            "vectors alone.",
+        ),
+    ] = 0.5,
     exact: Annotated[
         bool, typer.Option("--exact", help="Exact numpy search over every vector instead of annoy.")
     ] = False,
@@ -94,7 +105,10 @@ def retrieve(
     document could score for the query (0 at 0.1, 1 at 0.2), and the share of the IDF of
     the query's content words it contains (1 at 0.8). A query in the corpus's own words gets
     equal weights; one whose words the corpus lacks is ranked by its embedding alone (why:
-    docs/retrieval.md, "Retrieval quality"). The query is embedded with
+    docs/retrieval.md, "Retrieval quality"). Before fusion, when the index holds sentence
+    vectors (built with its model at hand), each candidate's dense score becomes its cosine
+    + 0.5 x the best cosine of one of its first 3 sentences (--sentence-weight); --mode dense
+    is chunk vectors alone. The query is embedded with
     the index's own model (its sha256 must match the manifest: a different model is exit 69)
     unless the record already carries an `embedding`; --mode bm25 loads no model. Each hit is
     the indexed record (id, text, metadata, parent_id ...) with `score`, `rank` (from 1) and
@@ -117,6 +131,7 @@ def retrieve(
         mode=mode,
         fusion=fusion,
         alpha=alpha,
+        sentence_weight=sentence_weight,
         exact=exact,
         search_k=search_k,
         min_score=min_score,

@@ -7,6 +7,8 @@ An index is a directory:
     vectors.npy      the vectors, float32 (count, dimension), L2-normalised, row i = record i
     records.ndjson   the records, one per line in row order, without their embedding fields
     bm25.npz         BM25 statistics of the records' text (operators.bm25)
+    sentences.npz    optional: the vectors of each record's first sentences
+                     (operators.sentence_vectors), when the build could load the model
 
 The manifest (JSON) holds `format` ("sage-index"), `format_version`, `model` ({name, sha256,
 file} of the embedding model, or null when unknown), `dimension`, `metric`, `count`, `build`
@@ -57,6 +59,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from .bm25 import BM25
+    from .sentence_vectors import SentenceVectors
 
 FORMAT = "sage-index"
 FORMAT_VERSION = 1
@@ -69,6 +72,8 @@ FILES = {
     "records": "records.ndjson",
     "bm25": "bm25.npz",
 }
+#: files an index may lack (an index built before them, or without the model at hand)
+OPTIONAL_FILES = {"sentences": "sentences.npz"}
 #: record fields that hold the vector (never stored in records.ndjson)
 EMBEDDING_FIELDS = ("embedding", "embedding_b64", "embedding_model")
 REBUILD = "rebuild it with `sage index build DIR`"
@@ -215,8 +220,10 @@ def write_index(
     seed: int = DEFAULT_SEED,
     n_jobs: int = 1,
     version: str | None = None,
+    sentences: Sequence[np.ndarray] | None = None,
 ) -> dict[str, Any]:
-    """Write an index atomically (temp dir + rename) and return its manifest.
+    """Write an index atomically (temp dir + rename) and return its manifest. `sentences`:
+    one array of sentence vectors per record (operators.sentence_vectors), or None.
 
     An OSError on the way (disk full, quota, I/O error) removes the temporary directory and
     becomes OutputFailed (exit 75 for a full disk, else 1) saying the old index is untouched."""
@@ -228,7 +235,9 @@ def write_index(
     target = check_target(directory)
     had_index = target.is_dir() and any(target.iterdir())
     try:
-        return _write_index(target, vectors, records, model, trees, seed, n_jobs, version)
+        return _write_index(
+            target, vectors, records, model, trees, seed, n_jobs, version, sentences
+        )
     except OSError as exc:  # disk full, quota, read-only, I/O error: nothing half-written stays
         kept = (
             f"the old index in {target} is untouched"
@@ -247,6 +256,7 @@ def _write_index(
     seed: int,
     n_jobs: int,
     version: str | None,
+    sentences: Sequence[np.ndarray] | None,
 ) -> dict[str, Any]:
     import numpy as np
     from annoy import AnnoyIndex
@@ -267,6 +277,12 @@ def _write_index(
                 fh.write(dump_record(record))
         bm25 = BM25.build(record_text(r) for r in records)
         bm25.save(tmp / FILES["bm25"])
+        files = dict(FILES)
+        if sentences is not None:
+            from . import sentence_vectors
+
+            files["sentences"] = OPTIONAL_FILES["sentences"]
+            sentence_vectors.save(tmp / files["sentences"], sentences, dim)
         forest = AnnoyIndex(dim, METRIC)
         forest.set_seed(seed)
         for i, vec in enumerate(vectors):
@@ -287,10 +303,11 @@ def _write_index(
                 "seed": seed,
                 "bm25": {"k1": bm25.k1, "b": bm25.b},
                 "normalised": True,
+                **({"sentences": {"leading": _leading()}} if sentences is not None else {}),
             },
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sage_version": version or sage_version(),
-            "files": dict(FILES),
+            "files": files,
         }
         with open(tmp / "manifest.json", "wb") as fh:
             fh.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
@@ -466,6 +483,9 @@ def _open_manifest(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], B
         raise ResourceUnavailable(f"{path}/manifest.json lists no files {sorted(FILES)}; {REBUILD}")
     for role in FILES:
         _safe_file(path, role, files[role])
+    for role in OPTIONAL_FILES:
+        if role in files:
+            _safe_file(path, role, files[role])
     return manifest, fh
 
 
@@ -516,6 +536,8 @@ class Index:
     def _close_files(self) -> None:
         self.forest.unload()
         self._bm25_file.close()
+        if self._sentences_file is not None:
+            self._sentences_file.close()
 
     def close(self) -> None:
         """Let go of the files (the mapped vectors go when the last reference does)."""
@@ -579,6 +601,12 @@ class Index:
         bm25_path = _safe_file(where, "bm25", files["bm25"])
         self._bm25_name = str(bm25_path)
         self._bm25_file: BinaryIO = open(bm25_path, "rb")  # noqa: SIM115 - kept open
+        self._sentences: SentenceVectors | None = None
+        self._sentences_file: BinaryIO | None = None
+        if "sentences" in files:  # the same: read on first use, from this generation
+            path = _safe_file(where, "sentences", files["sentences"])
+            self._sentences_name = str(path)
+            self._sentences_file = open(path, "rb")  # noqa: SIM115 - kept open
         self._rows: dict[str, int] | None = None
 
     def _read_records(self, path: Path) -> list[Record]:
@@ -621,6 +649,19 @@ class Index:
                 )
         return self._bm25
 
+    @property
+    def sentences(self) -> SentenceVectors | None:
+        """The sentence vectors of this generation, or None when the index has none."""
+        if self._sentences is None and self._sentences_file is not None:
+            from .sentence_vectors import SentenceVectors
+
+            self._sentences = SentenceVectors(
+                self._sentences_file, self._sentences_name, self.count, self.dimension, REBUILD
+            )
+            self._sentences_file.close()
+            self._sentences_file = None
+        return self._sentences
+
     def row_of(self, doc_id: Any) -> int | None:
         """The row of the record with this id (None when the index has no such record)."""
         if self._rows is None:
@@ -658,6 +699,12 @@ class Index:
         scores = self.vectors[np.asarray(rows)] @ query
         order = sorted(range(len(rows)), key=lambda i: (-float(scores[i]), rows[i]))
         return [(int(rows[i]), float(scores[i])) for i in order]
+
+
+def _leading() -> int:
+    from .sentence_vectors import LEADING
+
+    return LEADING
 
 
 def document_of(record: Record) -> str:
@@ -720,6 +767,7 @@ class IndexBuilder(Operator):
         hash_cache: str | os.PathLike[str] | None = None,
         update: bool = False,
         keep_missing: bool = False,
+        sentences: bool = True,
     ) -> None:
         if trees < 1:
             raise OptionError(f"--trees must be at least 1, got {trees}")
@@ -743,6 +791,10 @@ class IndexBuilder(Operator):
         self.model: ModelRef | None = None
         self.dimension: int | None = None
         self.vectors: list[np.ndarray] = []
+        #: per record, its sentence vectors (operators.sentence_vectors) when taken from the
+        #: index being updated, else None (embedded at the end)
+        self.with_sentences = sentences
+        self.sentence_rows: list[np.ndarray | None] = []
         self.records: list[Record] = []
         self.ids: set[str] = set()
         self._embedder: Any = None
@@ -804,11 +856,14 @@ class IndexBuilder(Operator):
     # -- the operator ----------------------------------------------------------------------
 
     def process(self, batch: list[Record]) -> list[Record]:
+        import numpy as np
+
         # check the whole batch before keeping any of it: the driver retries a failed batch
         # record by record, and nothing may be kept twice
         model, dim = self.model, self.dimension
         ids: set[str] = set()
         kept: list[tuple[Record, np.ndarray | None]] = []
+        old_rows: dict[int, int] = {}  # kept position -> row of the index being updated
         need_vector: list[int] = []
         reused = 0
         deletions: list[Record] = []
@@ -831,10 +886,13 @@ class IndexBuilder(Operator):
             if vec is None:
                 ref: ModelRef | None = self._embedder_for(model)[1]
                 assert ref is not None
-                vec = self._old_vector(doc_id, text, ref)
-                if vec is None:
+                row = self._old_row(doc_id, text, ref)
+                if row is None:
                     need_vector.append(len(kept))
                 else:
+                    assert self.old is not None
+                    vec = np.array(self.old.vectors[row], dtype=np.float32)
+                    old_rows[len(kept)] = row
                     reused += 1
                     dim = int(vec.shape[0]) if dim is None else dim
             else:
@@ -867,10 +925,11 @@ class IndexBuilder(Operator):
             for row, i in zip(rows, need_vector, strict=True):
                 kept[i] = (kept[i][0], row)
         self.model, self.dimension = model, dim
-        for stored, vec in kept:
+        for i, (stored, vec) in enumerate(kept):
             assert vec is not None
             self.records.append(stored)
             self.vectors.append(vec)
+            self.sentence_rows.append(self._old_sentences(old_rows.get(i)))
             self.documents.add(document_of(stored))
         self.ids |= ids
         self.embedded += len(need_vector)
@@ -882,17 +941,62 @@ class IndexBuilder(Operator):
                 self.deleted_paths.add(meta["path"])
         return []
 
-    def _old_vector(self, doc_id: str, text: str, ref: ModelRef) -> np.ndarray | None:
-        """The vector the index being updated holds for this very chunk (same id, same text,
+    def _old_row(self, doc_id: str, text: str, ref: ModelRef) -> int | None:
+        """The row of the index being updated that holds this very chunk (same id, same text,
         same model), or None when it must be embedded."""
-        import numpy as np
-
         if self.old is None or self.old.model is None or not self.old.model.same_as(ref):
             return None
         row = self.old_rows.get(doc_id)
         if row is None or self.old.records[row].get("text") != text:
             return None
-        return np.array(self.old.vectors[row], dtype=np.float32)
+        return row
+
+    def _old_sentences(self, row: int | None) -> np.ndarray | None:
+        """The sentence vectors of a row of the index being updated (None: to be embedded)."""
+        import numpy as np
+
+        if row is None or self.old is None or not self.with_sentences:
+            return None
+        sentences = self.old.sentences
+        return None if sentences is None else np.array(sentences.of_row(row), dtype=np.float32)
+
+    def _sentence_vectors(self) -> list[np.ndarray] | None:
+        """Every record's sentence vectors: those taken from the index being updated, the
+        rest embedded now with the index's model. None (no sentences.npz) when the records
+        name no model or it cannot be loaded here: retrieval then ranks by chunk vectors."""
+        import numpy as np
+
+        from .sentence_vectors import leading_sentences
+
+        rows = self.sentence_rows
+        if not self.with_sentences or self.model is None or not self.model.name:
+            return None
+        missing = [i for i, v in enumerate(rows) if v is None]
+        if missing:
+            try:
+                embedder, ref = self._embedder_for(self.model)
+            except (ResourceUnavailable, OptionError):
+                return None
+            if not ref.same_as(self.model):
+                return None
+            per_row = [leading_sentences(self.records[i]["text"]) for i in missing]
+            # a chunk of one sentence: its own vector says it all (rescore counts it twice)
+            per_row = [
+                [] if len(row) == 1 and row[0] == self.records[i]["text"].strip() else row
+                for i, row in zip(missing, per_row, strict=True)
+            ]
+            flat = [s for row in per_row for s in row]
+            vectors = embedder.embed(flat) if flat else None
+            if vectors is not None and vectors.shape[1] != self.dimension:
+                return None
+            start = 0
+            for i, row in zip(missing, per_row, strict=True):
+                if vectors is None:
+                    rows[i] = np.zeros((0, self.dimension or 0), dtype=np.float32)
+                else:
+                    rows[i] = vectors[start : start + len(row)]
+                start += len(row)
+        return [v for v in rows if v is not None]
 
     def _carry_over(self) -> None:
         """--keep-missing: the old index's documents that the input did not name or delete."""
@@ -927,6 +1031,7 @@ class IndexBuilder(Operator):
                 )
             self.records.append(record)
             self.vectors.append(np.array(old.vectors[i], dtype=np.float32))
+            self.sentence_rows.append(self._old_sentences(i))
             self.ids.add(str(record.get("id")))
             self.reused += 1
         if self.model is None:
@@ -937,11 +1042,12 @@ class IndexBuilder(Operator):
     def close(self) -> list[Record]:
         import numpy as np
 
+        if self.keep_missing and (self.records or self.deleted_ids or self.deleted_paths):
+            self._carry_over()
+        sentences = self._sentence_vectors() if self.records else None
         if self._embedder is not None:
             self._embedder.close()
             self._embedder = None
-        if self.keep_missing and (self.records or self.deleted_ids or self.deleted_paths):
-            self._carry_over()
         if not self.records:
             old, self.old = self.old, None
             if old is not None:
@@ -965,7 +1071,13 @@ class IndexBuilder(Operator):
             if spec is not None:  # named by the records: record the registry's file name too
                 model = ModelRef(model.name, model.sha256, spec.filename)
         self.manifest = write_index(
-            self.directory, vectors, self.records, model, trees=self.trees, seed=self.seed
+            self.directory,
+            vectors,
+            self.records,
+            model,
+            trees=self.trees,
+            seed=self.seed,
+            sentences=sentences,
         )
         summary = {
             "index": str(self.directory),
@@ -974,6 +1086,7 @@ class IndexBuilder(Operator):
             "model": model.name if model else None,
             "model_sha256": model.sha256 if model else None,
             "trees": self.trees,
+            "sentence_vectors": sum(len(v) for v in sentences) if sentences is not None else 0,
         }
         if self.update:
             removed = sum(1 for doc_id in self.old_rows if doc_id not in self.ids)
@@ -981,5 +1094,5 @@ class IndexBuilder(Operator):
         if self.old is not None:
             self.old.close()
             self.old = None
-        self.vectors, self.records = [], []
+        self.vectors, self.records, self.sentence_rows = [], [], []
         return [summary]

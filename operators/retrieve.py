@@ -17,6 +17,11 @@ explicitly, with no fallback). Modes:
   where BM25 is weak; adaptive fusion keeps the demo and stdlib figures and ties or beats
   dense there (0.475 / 0.825). On a third held-out set, measured once after it was chosen:
   0.35 / 0.725 against dense's 0.325 / 0.70 and fixed weights' 0.25 / 0.625.
+  When the index has sentence vectors (operators.sentence_vectors: an index built with its
+  model at hand), the dense list is re-scored before fusion: every row of either list scores
+  its cosine + `sentence_weight` (0.5) x the best cosine of one of its first sentences, so a
+  chunk with the one sentence that answers the question rises (docs/retrieval.md, fifth
+  round). `sentence_weight=0`, or an index without them: chunk vectors alone.
 - `dense`: the query is embedded with the index's own model (found through the
   registry by the name in the manifest, its sha256 checked against the manifest: a different
   model is `ResourceUnavailable`, exit 69) and searched in the annoy forest with a `search_k`
@@ -41,6 +46,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .base import Operator, OptionError, Record, RecordError, ResourceUnavailable
 from .index import Index, ModelRef, make_embedder, record_vector
+from .sentence_vectors import DEFAULT_WEIGHT as SENTENCE_WEIGHT
 from .tokenize import content_terms
 
 if TYPE_CHECKING:
@@ -245,6 +251,7 @@ class Retriever(Operator):
         mode: str = DEFAULT_MODE,
         fusion: str = DEFAULT_FUSION,
         alpha: float = DEFAULT_ALPHA,
+        sentence_weight: float = SENTENCE_WEIGHT,
         exact: bool = False,
         search_k: int | None = None,
         min_score: float | None = None,
@@ -263,6 +270,10 @@ class Retriever(Operator):
             raise OptionError(f"--fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
         if not 0.0 <= alpha <= 1.0:
             raise OptionError(f"--alpha must be between 0 and 1, got {alpha}")
+        if not 0.0 <= sentence_weight <= 10.0:
+            raise OptionError(
+                f"--sentence-weight must be between 0 and 10, got {sentence_weight}"
+            )
         if search_k is not None and search_k < 1:
             raise OptionError(f"--search-k must be at least 1, got {search_k}")
         self.index_dir = Path(index)
@@ -270,6 +281,7 @@ class Retriever(Operator):
         self.mode = mode
         self.fusion = fusion
         self.alpha = alpha
+        self.sentence_weight = sentence_weight
         self.exact = exact
         self.search_k = search_k
         self.min_score = min_score
@@ -344,6 +356,10 @@ class Retriever(Operator):
             depth = max(k, HYBRID_DEPTH)  # the same lists, so -k 5 = the top 5 of -k 20
             dense = index.dense(vector, depth, exact=self.exact, search_k=self.search_k)
             sparse = index.bm25.search(query, depth)
+            sentences = index.sentences if self.sentence_weight > 0 else None
+            if sentences is not None:  # both lists' rows, by chunk + best sentence cosine
+                rows = [r for r, _ in dense] + [r for r, _ in sparse]
+                dense = sentences.rescore(index.vectors, vector, rows, self.sentence_weight, depth)
             if self.fusion == "rrf":
                 hits = rrf([[r for r, _ in dense], [r for r, _ in sparse]], k)
             elif self.fusion == "adaptive":

@@ -1,6 +1,6 @@
 """Fuzzing index directories as `sage retrieve` and `sage index info` read them: a garbage or
 wrongly typed manifest, huge numbers, files swapped for one another, and truncated or mutated
-`index.ann`, `vectors.npy`, `records.ndjson` and `bm25.npz` give a ResourceUnavailable (exit
+`index.ann`, `vectors.npy`, `records.ndjson`, `bm25.npz` and `sentences.npz` give a ResourceUnavailable (exit
 69) with a one-line message, or an index that answers queries: never a traceback, a segfault
 or an abort. (Manifest *path confinement* is tested by the security tests.)
 
@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sage_cli.operators.base import ResourceUnavailable
-from sage_cli.operators.index import FILES, Index, read_manifest, write_index
+from sage_cli.operators.index import FILES, OPTIONAL_FILES, Index, read_manifest, write_index
 from tests.conftest import ROOT, clean_env, ndjson, parse_ndjson, run_sage
 from tests.fuzz.conftest import examples
 
@@ -38,7 +38,8 @@ def _build(directory: Path) -> Path:
     records = [
         {"id": f"d{i}", "text": f"doc {i} about topic {i % 5} word{i}"} for i in range(COUNT)
     ]
-    write_index(directory, vectors, records, None, trees=4)
+    sentences = [rng.standard_normal((i % 4, DIM)).astype(np.float32) for i in range(COUNT)]
+    write_index(directory, vectors, records, None, trees=4, sentences=sentences)
     return directory
 
 
@@ -66,6 +67,10 @@ def _use(directory: Path) -> str:
                 for hit, score in index.dense(q, k):
                     assert 0 <= hit < index.count and isinstance(score, float)
             index.dense(q, 3, exact=True)
+            sentences = index.sentences
+            if sentences is not None:
+                for hit, _score in sentences.rescore(index.vectors, q, [0, 5, COUNT - 1], 0.5, 3):
+                    assert 0 <= hit < index.count
         for text in ("topic 3", "word7 doc", "nothing"):
             for hit, _score in index.bm25.search(text, 5):
                 assert 0 <= hit < index.count
@@ -216,16 +221,17 @@ def damaged(draw: st.DrawFn, data: bytes) -> bytes:
     return bytes(out)
 
 
-@pytest.mark.parametrize("role", ["annoy", "vectors", "records", "bm25"])
+@pytest.mark.parametrize("role", ["annoy", "vectors", "records", "bm25", "sentences"])
 def test_damaged_index_file_is_69_or_answers(index_dir: Path, role: str) -> None:
-    original = (index_dir / FILES[role]).read_bytes()
+    name = {**FILES, **OPTIONAL_FILES}[role]
+    original = (index_dir / name).read_bytes()
 
     @given(damaged(original))
     @settings(max_examples=examples(15 if role == "annoy" else 40))
     def check(data: bytes) -> None:
         with tempfile.TemporaryDirectory(prefix="fuzz-index-") as tmp:
             directory = _copy(index_dir, tmp)
-            (directory / FILES[role]).write_bytes(data)
+            (directory / name).write_bytes(data)
             if role != "annoy":
                 _use(directory)  # pure Python and numpy: safe in this process
                 return

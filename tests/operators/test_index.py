@@ -240,6 +240,7 @@ def test_builder_writes_index_and_summary(tmp_path):
             "model": "m1",
             "model_sha256": None,
             "trees": 5,
+            "sentence_vectors": 0,  # m1 is no model found here: none
         }
     ]
     index = Index(tmp_path / "ix")

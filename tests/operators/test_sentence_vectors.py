@@ -1,0 +1,170 @@
+"""Sentence vectors in an index (operators.sentence_vectors): written by the builder when it
+has the model, reused by --update, read by the default `sage retrieve` to re-score its dense
+candidates, and checked like every other index file."""
+
+import numpy as np
+import orjson
+import pytest
+
+from sage_cli.operators.base import ResourceUnavailable
+from sage_cli.operators.index import Index, IndexBuilder, ModelRef, read_manifest, write_index
+from sage_cli.operators.retrieve import Retriever
+from sage_cli.operators.sentence_vectors import SentenceVectors, leading_sentences
+from tests.operators.test_index import FakeEmbedder
+
+DIM = 8
+TEXTS = {
+    "a": "Red apples grow on trees. They are sweet. Pick them in autumn. Store them cool.",
+    "b": "Blue sky at noon.",
+    "c": "Green grass needs rain. Cut it weekly.",
+}
+
+
+def _builder(tmp_path, fake, **kwargs):
+    (tmp_path / "models").mkdir(exist_ok=True)
+    (tmp_path / "models" / "all-MiniLM-L6-v2.f16.gguf").write_bytes(b"GGUF")  # never loaded
+    return IndexBuilder(
+        tmp_path / "ix",
+        model="minilm-l6",
+        model_dirs=[str(tmp_path / "models")],
+        embedder_factory=lambda p, t: fake,
+        **kwargs,
+    )
+
+
+def _records(texts=TEXTS):
+    return [{"id": k, "text": v} for k, v in texts.items()]
+
+
+def test_builder_embeds_the_first_three_sentences_of_each_chunk(tmp_path):
+    fake = FakeEmbedder()
+    [summary] = _builder(tmp_path, fake).run(_records())
+    # the chunks, then the sentences: a's first 3, none for b (one sentence: its own vector)
+    assert fake.calls[1] == [
+        "Red apples grow on trees.",
+        "They are sweet.",
+        "Pick them in autumn.",
+        "Green grass needs rain.",
+        "Cut it weekly.",
+    ]
+    assert summary["sentence_vectors"] == 5
+    manifest = read_manifest(tmp_path / "ix")
+    assert manifest["files"]["sentences"] == "sentences.npz"
+    assert manifest["build"]["sentences"] == {"leading": 3}
+    sentences = Index(tmp_path / "ix").sentences
+    assert sentences is not None
+    assert sentences.offsets.tolist() == [0, 3, 3, 5]
+    want = FakeEmbedder().embed(fake.calls[1])
+    assert np.allclose(sentences.of_row(0), want[:3]) and np.allclose(sentences.of_row(2), want[3:])
+
+
+def test_no_sentences_without_the_flag_or_without_the_model(tmp_path):
+    fake = FakeEmbedder()
+    [summary] = _builder(tmp_path, fake, sentences=False).run(_records())
+    assert summary["sentence_vectors"] == 0 and len(fake.calls) == 1
+    assert "sentences" not in read_manifest(tmp_path / "ix")["files"]
+    assert Index(tmp_path / "ix").sentences is None
+    # vectors given by the records, from a model this machine does not have: the index is
+    # built as before, without sentence vectors
+    vecs = FakeEmbedder().embed(list(TEXTS.values()))
+    given = [
+        {"id": k, "text": t, "embedding": v.tolist(), "embedding_model": "elsewhere"}
+        for (k, t), v in zip(TEXTS.items(), vecs, strict=True)
+    ]
+    [summary] = IndexBuilder(tmp_path / "other", model_dirs=[]).run(given)
+    assert summary["sentence_vectors"] == 0 and summary["count"] == 3
+    # the installed model has another sha256 than the records' vectors: none either
+    other = FakeEmbedder(sha="0" * 64)
+    for r in given:
+        r["embedding_model"] = "minilm-l6@" + "f" * 64
+    builder = _builder(tmp_path, other)
+    builder.directory = tmp_path / "third"
+    [summary] = builder.run(given)
+    assert summary["sentence_vectors"] == 0 and other.calls == []
+
+
+def test_update_embeds_only_the_sentences_of_changed_chunks(tmp_path):
+    _builder(tmp_path, FakeEmbedder()).run(_records())
+    before = Index(tmp_path / "ix").sentences
+    assert before is not None
+    changed = dict(TEXTS, c="Yellow sand is dry. Rake it daily.")
+    fake = FakeEmbedder()
+    [summary] = _builder(tmp_path, fake, update=True).run(_records(changed))
+    assert summary["embedded"] == 1 and summary["reused"] == 2
+    assert fake.calls == [[changed["c"]], ["Yellow sand is dry.", "Rake it daily."]]
+    after = Index(tmp_path / "ix").sentences
+    assert after is not None and after.offsets.tolist() == [0, 3, 3, 5]
+    assert np.array_equal(after.of_row(0), before.of_row(0))  # taken, not embedded again
+    assert np.allclose(after.of_row(2), FakeEmbedder().embed(fake.calls[1]))
+    # --keep-missing carries the documents it does not name with their sentence vectors
+    fake = FakeEmbedder()
+    _builder(tmp_path, fake, keep_missing=True).run([{"id": "d", "text": "New. Two."}])
+    kept = Index(tmp_path / "ix")
+    assert kept.sentences is not None and [r["id"] for r in kept.records] == ["d", "a", "b", "c"]
+    assert np.array_equal(kept.sentences.of_row(1), before.of_row(0))
+
+
+def _unit(v):
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_rescore_adds_the_best_sentence_cosine():
+    query = _unit([1, 0, 0, 0])
+    chunks = np.stack([_unit([0.6, 0.8, 0, 0]), _unit([0.5, 0, 0.866, 0]), _unit([0, 0, 0, 1])])
+    per_row = [_unit([0.3, 0.95, 0, 0])[None], _unit([0.99, 0.14, 0, 0])[None], np.zeros((0, 4))]
+    vectors = SentenceVectors.__new__(SentenceVectors)
+    vectors.vectors = np.vstack([p for p in per_row if len(p)]).astype(np.float32)
+    vectors.offsets = np.array([0, 1, 2, 2])
+    hits = vectors.rescore(chunks, query, [0, 1, 2, 1], 0.5, 3)
+    assert [r for r, _ in hits] == [1, 0, 2]  # row 1's sentence answers; rows once each
+    assert hits[0][1] == pytest.approx(0.5 + 0.5 * 0.99, abs=1e-3)
+    assert hits[2][1] == pytest.approx(0.0)  # no sentences: its own cosine stands in
+    assert vectors.rescore(chunks, query, [], 0.5, 3) == []
+
+
+def test_default_retrieve_ranks_by_sentences_and_weight_0_or_dense_mode_do_not(tmp_path):
+    query = _unit([1, 0, 0, 0])
+    chunks = np.stack([_unit([0.6, 0.8, 0, 0]), _unit([0.5, 0, 0.866, 0])])
+    records = [{"id": "plain", "text": "alpha beta"}, {"id": "answer", "text": "gamma delta"}]
+    sentences = [_unit([0.3, 0.95, 0, 0])[None], _unit([0.99, 0.14, 0, 0])[None]]
+    write_index(tmp_path / "ix", chunks, records, ModelRef("m"), trees=2, sentences=sentences)
+    asked = [{"query": "zzz", "embedding": query.tolist()}]  # no word in common: dense alone
+
+    def top(**kwargs):
+        [out] = Retriever(tmp_path / "ix", k=2, exact=True, **kwargs).run(asked)
+        return [d["id"] for d in out["docs"]]
+
+    assert top() == ["answer", "plain"]
+    assert top(sentence_weight=0.0) == ["plain", "answer"]
+    assert top(mode="dense") == ["plain", "answer"]
+    write_index(tmp_path / "old", chunks, records, ModelRef("m"), trees=2)  # none: as before
+    [out] = Retriever(tmp_path / "old", k=2, exact=True).run(asked)
+    assert [d["id"] for d in out["docs"]] == ["plain", "answer"]
+
+
+def test_damaged_or_unsafe_sentence_files_are_refused(tmp_path):
+    chunks = np.stack([_unit([1, 0]), _unit([0, 1])])
+    records = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}]
+    write_index(
+        tmp_path / "ix", chunks, records, ModelRef("m"), trees=2, sentences=[chunks[:1], chunks]
+    )
+    asked = [{"query": "x", "embedding": [1.0, 0.0]}]
+    (tmp_path / "ix" / "sentences.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(ResourceUnavailable, match="corrupt sentence vectors"):
+        Retriever(tmp_path / "ix", exact=True).run(asked)
+    # offsets that do not fit the index: refused, not read past
+    with open(tmp_path / "ix" / "sentences.npz", "wb") as fh:
+        np.savez(fh, vectors=chunks.astype(np.float32), offsets=np.array([0, 5, 2]))
+    with pytest.raises(ResourceUnavailable, match="do not fit the index"):
+        Retriever(tmp_path / "ix", exact=True).run(asked)
+    manifest = orjson.loads((tmp_path / "ix" / "manifest.json").read_bytes())
+    manifest["files"]["sentences"] = "../elsewhere.npz"
+    (tmp_path / "ix" / "manifest.json").write_bytes(orjson.dumps(manifest))
+    with pytest.raises(ResourceUnavailable, match="unsafe sentences file"):
+        Index(tmp_path / "ix")
+
+
+def test_leading_sentences_are_the_chunkers_sentences():
+    text = "One thing. Another thing! A third? A fourth."
+    assert leading_sentences(text) == ["One thing.", "Another thing!", "A third?"]

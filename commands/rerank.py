@@ -66,12 +66,13 @@ def rerank(
     --method sentence (default) and phrase rank by relevance. phrase: each doc's retrieval
     `score`, scaled to 0..1 over the record's docs, plus 0.1 for every pair of adjacent query
     words found, in order, in the doc's title, heading or text (what BM25 and embeddings both
-    miss); no model. sentence adds 2 x the best cosine between the query and one of each doc's
+    miss); no model. sentence adds 1 x the best cosine between the query and one of each doc's
     first 3 sentences (embedded together with the embedding model: the index's own with
     --index, else --model, default minilm-l6): the one sentence that answers a question, which
-    a whole chunk's vector blurs. Measured on `retrieve -k 20`: recall@1 up 2.5-10 points on
-    the question sets, recall@5 kept or raised but on one set (-2.5), a few tenths of a second
-    per query on 2 cores (docs/retrieval.md). --method phrase needs no model.
+    a whole chunk's vector blurs (the default `sage retrieve` already weighs first sentences;
+    this adds all of each doc's first 3 to the word pairs). Measured on `retrieve -k 20`:
+    recall@1 raised on most question sets, not all, recall@5 lowered on some; a few tenths of
+    a second per query on 2 cores (docs/retrieval.md). --method phrase needs no model.
 
     --method mmr (maximal marginal relevance) is for diversity, not relevance: it lowers
     recall. It picks docs one by one, each maximising

@@ -1,14 +1,14 @@
 """Reorder retrieved `docs` (`sage rerank`).
 
-- `sentence` (default): the phrase score (below) plus SENTENCE_WEIGHT (2) times the best
+- `sentence` (default): the phrase score (below) plus SENTENCE_WEIGHT (1) times the best
   cosine between the query and one of the doc's first SENTENCES_PER_DOC (3) sentences, all
   embedded in one batched call with the embedding model (the index's own with `index`, else
   `model`, default minilm-l6). A mean-pooled chunk vector blurs the one sentence that answers
   a question with the rest of the chunk; matching sentence by sentence finds it. About 40-60
-  short sentences per query of 20 docs: a few tenths of a second on 2 cores. Measured on the
-  top 20 of `sage retrieve` (docs/retrieval.md): recall@1 up 5-10 points on four tuning sets
-  (1.0 kept on the demo set) and 7.5 on held-out 4; recall@5 never lower but on held-out 4
-  (-2.5, one question).
+  short sentences per query of 20 docs: a few tenths of a second on 2 cores. Since the default
+  `sage retrieve` ranks by sentence vectors itself (operators.sentence_vectors), the weight
+  is 1 (it was 2 over chunk-vector retrieval): measured in docs/retrieval.md ("Fifth round"),
+  it raises recall@1 on most question sets and lowers it on one, and lowers recall@5 on two.
 - `phrase`: relevance from the retrieval scores and the query's word pairs. Each doc's
   `score` is min-max scaled to 0..1 over the record's docs (no scores: 1 for the first doc
   down to 0 for the last), and 0.1 is added for every pair of adjacent query words (not both
@@ -60,7 +60,7 @@ DEFAULT_METHOD = "sentence"
 #: what each query word pair found in a doc adds to its 0..1 retrieval score
 PHRASE_WEIGHT = 0.1
 #: sentence: what the best query-sentence cosine (-1..1) of a doc adds to its phrase score
-SENTENCE_WEIGHT = 2.0
+SENTENCE_WEIGHT = 1.0
 #: sentence: the sentences of each doc compared with the query (the first ones)
 SENTENCES_PER_DOC = 3
 #: characters of a document shown to the judging model

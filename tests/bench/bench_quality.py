@@ -1,7 +1,7 @@
 """Retrieval quality on the real MiniLM model (issue 14): what docs/retrieval.md and the README
 quote, measured with the commands a user runs.
 
-Six question sets over two corpora, each corpus chunked, embedded and indexed as the demo
+Seven question sets over two corpora, each corpus chunked, embedded and indexed as the demo
 does it (`sage chunk --size 400 --overlap 60 | sage embed | sage index build`):
 
 - demo: scripts/rag_questions.ndjson (20) over CPython's help topics (scripts/pydoc_corpus.py);
@@ -19,14 +19,19 @@ does it (`sage chunk --size 400 --overlap 60 | sage embed | sage index build`):
   anything, measured once at its end; a tuning set since the fourth round.
 - stdlib_heldout4: scripts/stdlib_questions_heldout4.ndjson (40), the same corpus, in a user's
   words, functions that are gold in none of the other sets; written and committed before the
-  fourth round (a reranker) tried anything, never tuned on.
+  fourth round (a reranker) tried anything, measured once at its end; a tuning set since
+  the fifth round.
+- stdlib_heldout5: scripts/stdlib_questions_heldout5.ndjson (40), the same corpus, in a user's
+  words, functions gold in none of the other sets; written and committed before the fifth
+  round (sentence vectors in the index) measured anything on it.
 
 On the tuning sets, the changes tried (tests/bench/quality_variants.py) are measured too, in
 process.
 
 For each set: `sage retrieve -k 20` in every mode (dense, bm25, hybrid fused by reciprocal
 rank, hybrid fused by relative score with fixed equal weights: the default before the third
-round, and the default: adaptive fusion), then `sage rerank` (the default,
+round, adaptive fusion without sentence vectors: the default of the fourth round, and the
+default: adaptive fusion over chunk + sentence vectors), then `sage rerank` (the default,
 sentence; phrase, the default before the fourth round; and mmr) on the default's top 20, with
 the time per query of sentence and phrase in process (model load excluded), and `--method llm` on the demo set's top 5 only (one
 model call per document, about 450 prompt tokens each: 2 s of CPU per document on this
@@ -63,15 +68,26 @@ SETS = {
     "stdlib_heldout2": ("stdlib_corpus.py", "stdlib_questions_heldout2.ndjson"),
     "stdlib_heldout3": ("stdlib_corpus.py", "stdlib_questions_heldout3.ndjson"),
     "stdlib_heldout4": ("stdlib_corpus.py", "stdlib_questions_heldout4.ndjson"),
+    "stdlib_heldout5": ("stdlib_corpus.py", "stdlib_questions_heldout5.ndjson"),
 }
 #: the sets changes were tried on (tests/bench/quality_variants.py); the others are held out
-TUNING = ("demo", "stdlib", "stdlib_paraphrased", "stdlib_heldout2", "stdlib_heldout3")
+TUNING = (
+    "demo",
+    "stdlib",
+    "stdlib_paraphrased",
+    "stdlib_heldout2",
+    "stdlib_heldout3",
+    "stdlib_heldout4",
+)
 #: retrieval modes measured: name -> extra `sage retrieve` flags ("default": none)
 MODES = {
     "dense": "--mode dense",
     "bm25": "--mode bm25",
-    "hybrid_rrf": "--fusion rrf",
-    "old_default": "--fusion relative",
+    # these two as they were measured before the index had sentence vectors (fused with them,
+    # both lose to the default too: one bench run, docs/retrieval.md)
+    "hybrid_rrf": "--fusion rrf --sentence-weight 0",
+    "old_default": "--fusion relative --sentence-weight 0",
+    "no_sentences": "--sentence-weight 0",
     "default": "",
 }
 #: rerankers measured on the default's top 20: name -> `sage rerank` flags
@@ -122,7 +138,12 @@ def recall(answers: list[dict[str, Any]], k: int) -> float:
 
 
 def build_index(script: str, work: Path, env: dict[str, str], report) -> Path:
-    corpus, index = work / f"{Path(script).stem}.ndjson", work / f"{Path(script).stem}-index"
+    """The demo's commands over the corpus; `sage index build` timed on its own, with its
+    sentence vectors (the default) and without (--no-sentences), from the same embedded
+    chunks."""
+    stem = Path(script).stem
+    corpus, index = work / f"{stem}.ndjson", work / f"{stem}-index"
+    embedded = work / f"{stem}-embedded.ndjson"
     shutil.rmtree(index, ignore_errors=True)
     command = (
         f"{rel(Path(sys.executable))} scripts/{script} > {rel(corpus)} && "
@@ -131,14 +152,32 @@ def build_index(script: str, work: Path, env: dict[str, str], report) -> Path:
         + sage("chunk", CHUNK)
         + " | "
         + sage("embed")
-        + " | "
-        + sage("index", "build", rel(index))
+        + f" > {rel(embedded)}"
     )
     t0 = time.perf_counter()
-    summary = records(shell(command, env))[0]
+    shell(command, env)
+    embed_seconds = time.perf_counter() - t0
+    seconds = {}
+    for label, flags in (("no_sentences", "--no-sentences"), ("default", "")):
+        target = work / f"{stem}-index-{label}" if flags else index
+        shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        summary = records(shell(sage("index", "build", rel(target), flags, rel(embedded)), env))[0]
+        seconds[label] = time.perf_counter() - t0
     report.note(
-        f"{script}: {summary['count']:,} chunks indexed in {time.perf_counter() - t0:.0f} s"
+        f"{script}: {summary['count']:,} chunks embedded in {embed_seconds:.0f} s (cached "
+        f"after the first run), indexed in {seconds['default']:.1f} s with "
+        f"{summary['sentence_vectors']:,} sentence vectors, {seconds['no_sentences']:.1f} s without"
     )
+    for label, value in seconds.items():
+        report(
+            f"quality.{stem}.index_build_{label}.seconds",
+            value,
+            "s",
+            command=REPRODUCE,
+            note=f"`sage index build` of {summary['count']:,} embedded chunks (MiniLM), "
+            + ("--no-sentences" if label == "no_sentences" else "the default: sentence vectors"),
+        )
     return index
 
 
@@ -170,6 +209,10 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
         out[mode] = records(shell(commands[mode], env))
     retrieved = work / f"{name}-retrieved.ndjson"
     retrieved.write_bytes(shell(commands["default"], env))
+    # the fourth round's default (chunk vectors only): its rerankers are measured on this
+    (work / f"{name}-retrieved-no_sentences.ndjson").write_bytes(
+        shell(commands["no_sentences"], env)
+    )
     for method, flags in RERANKERS.items():
         commands[method] = sage("rerank", flags.format(index=rel(index)), rel(retrieved))
         out[method] = records(shell(commands[method], env))
@@ -206,6 +249,8 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
          "`sage retrieve` with default flags against --mode dense, same index"),
         ("default_minus_old_default", "default", "old_default", ">= 0", ">= 0",
          "--fusion adaptive (default) against --fusion relative (fixed equal weights)"),
+        ("default_minus_no_sentences", "default", "no_sentences", ">= 0", ">= 0",
+         "the default against --sentence-weight 0 (chunk vectors only, the fourth round's)"),
         ("rerank_minus_default", "rerank_default", "default", "> 0", ">= 0",
          f"`sage rerank` (default) {on_top}"),
         ("rerank_sentence_minus_default", "rerank_sentence", "default", "> 0", ">= 0",
@@ -233,18 +278,16 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
         )
 
 
-def retrieve_latency(index: Path, questions: Path, fusion: str | None = None) -> float:
-    """Seconds per query of `sage retrieve -k 20` (defaults, or another --fusion), in process
-    (no start-up, the model loaded once outside the timing), the mean over the set."""
+def retrieve_latency(index: Path, questions: Path, **options: Any) -> float:
+    """Seconds per query of `sage retrieve -k 20` (defaults, or other Retriever options), in
+    process (no start-up, the model loaded once outside the timing), the mean over the set."""
     import orjson
 
     from sage_cli.operators.retrieve import Retriever
     from sage_cli.resources import model_dirs
 
     qs = [orjson.loads(line) for line in questions.read_bytes().splitlines() if line.strip()]
-    op = Retriever(
-        index, k=DEPTH, model_dirs=model_dirs(), **({"fusion": fusion} if fusion else {})
-    )
+    op = Retriever(index, k=DEPTH, model_dirs=model_dirs(), **options)
     op.setup()
     assert op.embedder is not None
     op.embedder.get()
@@ -284,18 +327,26 @@ def report_tried(name: str, tried: dict[str, list], how: str, report) -> None:
 
 
 def measure_rerank_variants(name: str, index: Path, work: Path, report) -> None:
-    """The fourth round's rerankers tried (quality_variants.rerank_variants) on the default's
-    top 20 of a tuning set (the file measure_set wrote), in process."""
+    """The rerankers tried (quality_variants.rerank_variants), in process, on the top 20 that
+    measure_set wrote for a tuning set: the fourth round's on the chunk-vector default's
+    (--sentence-weight 0), the fifth round's on today's default's."""
     from sage_cli.operators.rerank import Reranker
     from sage_cli.resources import default_threads, model_dirs
     from tests.bench import quality_variants
 
     op = Reranker("sentence", index=index, model_dirs=model_dirs(), threads=default_threads())
     op.setup()
-    answers = records((work / f"{name}-retrieved.ndjson").read_bytes())
+    answers = records((work / f"{name}-retrieved-no_sentences.ndjson").read_bytes())
     tried = quality_variants.rerank_variants(op.embedder(), answers)
+    report_tried(
+        name, tried, f"in process, on the top {DEPTH} of --sentence-weight 0 (round 4)", report
+    )
+    answers = records((work / f"{name}-retrieved.ndjson").read_bytes())
+    tried = quality_variants.rerank_variants(
+        op.embedder(), answers, quality_variants.SENTENCE_VARIANTS_R5, "r5_"
+    )
     op.close()
-    report_tried(name, tried, f"in process, on the default's top {DEPTH}", report)
+    report_tried(name, tried, f"in process, on the default's top {DEPTH} (round 5)", report)
 
 
 def measure_annoy(index: Path, report) -> None:
@@ -347,10 +398,22 @@ def run(report) -> None:
         )
         report(
             f"quality.{name}.old_default.s_per_query",
-            retrieve_latency(indexes[script], ROOT / "scripts" / questions, "relative"),
+            retrieve_latency(
+                indexes[script],
+                ROOT / "scripts" / questions,
+                fusion="relative",
+                sentence_weight=0.0,
+            ),
             "s",
             command=REPRODUCE,
-            note=f"`sage retrieve -k {DEPTH} --fusion relative`, in process, as above",
+            note=f"`sage retrieve -k {DEPTH} --fusion relative --sentence-weight 0`, in process, as above",
+        )
+        report(
+            f"quality.{name}.no_sentences.s_per_query",
+            retrieve_latency(indexes[script], ROOT / "scripts" / questions, sentence_weight=0.0),
+            "s",
+            command=REPRODUCE,
+            note=f"`sage retrieve -k {DEPTH} --sentence-weight 0`, in process, as above",
         )
         if name in TUNING:
             measure_variants(name, indexes[script], ROOT / "scripts" / questions, report)

@@ -1,5 +1,6 @@
-"""Retrieval changes tried for issue 14 (second and third rounds), measured in process on the
-tuning sets (demo, stdlib, stdlib_paraphrased, and from the third round stdlib_heldout2)
+"""Retrieval changes tried for issue 14 (second, third and fifth rounds), measured in process on
+the tuning sets (demo, stdlib, stdlib_paraphrased, from the third round stdlib_heldout2, from
+the fourth stdlib_heldout3, from the fifth stdlib_heldout4)
 against the same index `sage retrieve` searches, so docs/retrieval.md's "tried" figures come
 from `make bench`.
 
@@ -21,6 +22,16 @@ matches the corpus's words (relative_fusion with weights (1 - w, w); 0.5 = the o
   r3_c_agreement_ramp: w = 0.5 * min(1, o / 0.2).
 - adaptive_exact (adopted, the default): w = 0.5 * the mean of the two ramps of r3_a and r3_b
   (`operators.retrieve.lexical_strength`).
+
+Fifth round: sentence vectors (the index's `sentences.npz`: each chunk's first 3 sentences
+embedded one by one). `s` = a row's best query-sentence cosine (its own cosine when it has
+none), `cos` its chunk cosine; the dense list is the top 50 of a score over every row, then
+fused with BM25 by adaptive fusion as the default does:
+
+- r5_sum_W: cos + W * s (W 0.25, 0.5, 0.75, 1, 2); r5_sum_0.5 adopted (`sage retrieve`
+  re-scores only the rows of its two lists, which gave the same figures on every set).
+- r5_max: max(cos, s); r5_sentences_only: s alone.
+- r5_three_lists: cos, s and BM25 as three lists, weights (1 - w, 0.5 * (1 - w), w).
 
 Second round (each a change of `relative_exact`; none adopted):
 
@@ -131,6 +142,58 @@ def variant_hits(
     out["clean_query"] = fuse(
         top_k(index.vectors @ clean_vector, DEPTH), index.bm25.search(cleaned, DEPTH)
     )
+    out.update(round5_hits(index, query, vector, cosines, sparse))
+    return out
+
+
+def best_sentence_cosines(index: Any, vector: Any, cosines: Any) -> Any:
+    """Per row, the best cosine of the query and one of its sentence vectors (its own cosine
+    for a row without any)."""
+    import numpy as np
+
+    sentences = index.sentences
+    offsets = sentences.offsets
+    counts = np.diff(offsets)
+    best = np.array(cosines, dtype=np.float64)
+    if sentences.vectors.shape[0]:
+        owner = np.repeat(np.arange(len(counts)), counts)
+        found = np.full(len(counts), -np.inf)
+        np.maximum.at(found, owner, sentences.vectors @ vector)
+        best[counts > 0] = found[counts > 0]
+    return best
+
+
+def round5_hits(
+    index: Any, query: str, vector: Any, cosines: Any, sparse: list[tuple[int, float]]
+) -> dict[str, list[tuple[int, float]]]:
+    """The fifth round's sentence-vector variants (module docstring); none without them."""
+    import numpy as np
+
+    from sage_cli.operators.bm25 import top_k
+    from sage_cli.operators.retrieve import (
+        DEFAULT_ALPHA,
+        adaptive_weights,
+        lexical_strength,
+        relative_fusion,
+    )
+
+    if index.sentences is None:
+        return {}
+    best = best_sentence_cosines(index, vector, cosines)
+    weights = adaptive_weights(DEFAULT_ALPHA, lexical_strength(index.bm25, query, sparse))
+
+    def fused(score: Any) -> list[tuple[int, float]]:
+        return relative_fusion([top_k(score, DEPTH), sparse], weights, DEPTH)
+
+    out = {f"r5_sum_{w}": fused(cosines + w * best) for w in (0.25, 0.5, 0.75, 1.0, 2.0)}
+    out["r5_max"] = fused(np.maximum(cosines, best))
+    out["r5_sentences_only"] = fused(best)
+    dense_w, bm25_w = weights
+    out["r5_three_lists"] = relative_fusion(
+        [top_k(cosines, DEPTH), top_k(best, DEPTH), sparse],
+        [dense_w, 0.5 * dense_w, bm25_w],
+        DEPTH,
+    )
     return out
 
 
@@ -172,12 +235,28 @@ SENTENCE_VARIANTS = {
     "r4_sentence_w2_first1": (1, 2.0, True),
     "r4_sentence_w2_no_phrase": (3, 2.0, False),
 }
+#: fifth round: the same kind of reranker on the top 20 of the default that ranks by sentence
+#: vectors itself (the weight of the sentences then counted twice)
+SENTENCE_VARIANTS_R5 = {
+    "sentence_w0.5_first3": (3, 0.5, True),
+    "sentence_w1_first3": (3, 1.0, True),  # adopted: `sage rerank --method sentence`
+    "sentence_w2_first3": (3, 2.0, True),  # the fourth round's default
+    "sentence_w1_all": (None, 1.0, True),
+    "sentence_w1_no_phrase": (3, 1.0, False),
+    "phrase_only": (3, 0.0, True),
+}
 
 
-def rerank_variants(embedder: Any, answers: list[dict[str, Any]]) -> dict[str, list[dict]]:
-    """Per fourth-round variant (SENTENCE_VARIANTS, and `r4_chunk_cosine_w2`: the phrase score
-    + 2 * the cosine of the query and the whole chunk), one {gold_ids, docs} record per
-    retrieved record of `answers` (the default's top 20), docs in the variant's order."""
+def rerank_variants(
+    embedder: Any,
+    answers: list[dict[str, Any]],
+    tried: dict[str, tuple[int | None, float, bool]] = SENTENCE_VARIANTS,
+    prefix: str = "",
+) -> dict[str, list[dict]]:
+    """Per variant of `tried` (SENTENCE_VARIANTS: the fourth round's, and `r4_chunk_cosine_w2`:
+    the phrase score + 2 * the cosine of the query and the whole chunk), one {gold_ids, docs}
+    record per retrieved record of `answers` (a top 20), docs in the variant's order; names
+    `prefix` + the variant's."""
     import numpy as np
 
     from sage_cli.operators.chunk import sentences
@@ -197,13 +276,15 @@ def rerank_variants(embedder: Any, answers: list[dict[str, Any]]) -> dict[str, l
         phrase = dict(phrase_order(record["query"], docs, len(docs)))
         base = scaled_scores(docs)
         variants: dict[str, list[float]] = {}
-        for name, (first, weight, pairs) in SENTENCE_VARIANTS.items():
-            variants[name] = [
+        for name, (first, weight, pairs) in tried.items():
+            variants[prefix + name] = [
                 (phrase[i] if pairs else base[i])
                 + weight * max((cosine[s] for s in per_doc[i][:first]), default=0.0)
                 for i in range(len(docs))
             ]
-        variants["r4_chunk_cosine_w2"] = [phrase[i] + 2.0 * chunk[i] for i in range(len(docs))]
+        variants[(prefix or "r4_") + "chunk_cosine_w2"] = [
+            phrase[i] + 2.0 * chunk[i] for i in range(len(docs))
+        ]
         for name, scores in variants.items():
             order = sorted(range(len(docs)), key=lambda i: (-round(scores[i], 9), i))
             out.setdefault(name, []).append(

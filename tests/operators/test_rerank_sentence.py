@@ -65,12 +65,13 @@ def test_only_the_first_three_sentences_count_and_repeats_are_embedded_once():
 
     docs = [
         {"id": "a", "text": "One. Two. Three. Match four.", "score": 1.0},
-        {"id": "b", "text": "One. Match.", "score": 0.0},
+        {"id": "b", "text": "One. Match.", "score": 0.4},
+        {"id": "c", "text": "Zero.", "score": 0.0},
     ]
     order = sentence_order("q", docs, embed, 2)
     assert [i for i, _ in order] == [1, 0]  # a's match is its fourth sentence: not read
-    assert calls == [["q", "One.", "Two.", "Three.", "Match."]]
-    assert order[0][1] == pytest.approx(0.0 + SENTENCE_WEIGHT * 1.0)
+    assert calls == [["q", "One.", "Two.", "Three.", "Match.", "Zero."]]
+    assert order[0][1] == pytest.approx(0.4 + SENTENCE_WEIGHT * 1.0)
     assert order[1][1] == pytest.approx(1.0 + SENTENCE_WEIGHT * 0.0)
 
 

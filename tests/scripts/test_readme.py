@@ -187,7 +187,7 @@ def _check_update(d: Done) -> None:
 def _check_info(d: Done) -> None:
     (r,) = d.records
     assert r["format"] == "sage-index" and r["dimension"] == 384 and r["count"] > 0
-    assert set(r["files"]) == {"annoy", "vectors", "records", "bm25"}
+    assert set(r["files"]) == {"annoy", "vectors", "records", "bm25", "sentences"}
 
 
 def _check_rag(d: Done) -> None:

@@ -271,9 +271,7 @@ class Retriever(Operator):
         if not 0.0 <= alpha <= 1.0:
             raise OptionError(f"--alpha must be between 0 and 1, got {alpha}")
         if not 0.0 <= sentence_weight <= 10.0:
-            raise OptionError(
-                f"--sentence-weight must be between 0 and 10, got {sentence_weight}"
-            )
+            raise OptionError(f"--sentence-weight must be between 0 and 10, got {sentence_weight}")
         if search_k is not None and search_k < 1:
             raise OptionError(f"--search-k must be at least 1, got {search_k}")
         self.index_dir = Path(index)

@@ -64,7 +64,9 @@ class SentenceVectors:
                 self.vectors = np.asarray(archive["vectors"])
                 self.offsets = np.asarray(archive["offsets"])
         except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a method byte)...
-            raise ResourceUnavailable(f"{name}: corrupt sentence vectors ({exc}); {rebuild}") from None
+            raise ResourceUnavailable(
+                f"{name}: corrupt sentence vectors ({exc}); {rebuild}"
+            ) from None
         v, o = self.vectors, self.offsets
         ok = (
             v.dtype == np.float32

@@ -749,6 +749,10 @@ class IndexBuilder(Operator):
         "count": {"type": "integer"},
         "dimension": {"type": "integer"},
         "model": {"type": ["string", "null"]},
+        "sentence_vectors": {
+            "type": "integer",
+            "description": "sentence vectors kept (0: none, e.g. the model was not found)",
+        },
     }
     memory = "whole-input"
     stateless = False

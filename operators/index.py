@@ -961,7 +961,10 @@ class IndexBuilder(Operator):
 
         if row is None or self.old is None or not self.with_sentences:
             return None
-        sentences = self.old.sentences
+        try:
+            sentences = self.old.sentences
+        except ResourceUnavailable:  # damaged: this build embeds them again, the index heals
+            return None
         return None if sentences is None else np.array(sentences.of_row(row), dtype=np.float32)
 
     def _sentence_vectors(self) -> list[np.ndarray] | None:

@@ -104,6 +104,19 @@ def test_update_embeds_only_the_sentences_of_changed_chunks(tmp_path):
     assert np.array_equal(kept.sentences.of_row(1), before.of_row(0))
 
 
+def test_update_over_damaged_sentence_vectors_embeds_them_again(tmp_path):
+    _builder(tmp_path, FakeEmbedder()).run(_records())
+    (tmp_path / "ix" / "sentences.npz").write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(ResourceUnavailable, match="corrupt sentence vectors"):
+        Index(tmp_path / "ix").sentences
+    fake = FakeEmbedder()
+    [summary] = _builder(tmp_path, fake, update=True).run(_records())
+    assert summary["reused"] == 3 and summary["embedded"] == 0  # chunk vectors were fine
+    assert summary["sentence_vectors"] == 5 and len(fake.calls) == 1  # sentences: once more
+    healed = Index(tmp_path / "ix").sentences
+    assert healed is not None and healed.offsets.tolist() == [0, 3, 3, 5]
+
+
 def _unit(v):
     v = np.asarray(v, dtype=np.float32)
     return v / np.linalg.norm(v)

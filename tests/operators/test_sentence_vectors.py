@@ -108,7 +108,7 @@ def test_update_over_damaged_sentence_vectors_embeds_them_again(tmp_path):
     _builder(tmp_path, FakeEmbedder()).run(_records())
     (tmp_path / "ix" / "sentences.npz").write_bytes(b"PK\x03\x04 damaged")
     with pytest.raises(ResourceUnavailable, match="corrupt sentence vectors"):
-        Index(tmp_path / "ix").sentences
+        _ = Index(tmp_path / "ix").sentences
     fake = FakeEmbedder()
     [summary] = _builder(tmp_path, fake, update=True).run(_records())
     assert summary["reused"] == 3 and summary["embedded"] == 0  # chunk vectors were fine

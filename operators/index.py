@@ -277,12 +277,13 @@ def _write_index(
                 fh.write(dump_record(record))
         bm25 = BM25.build(record_text(r) for r in records)
         bm25.save(tmp / FILES["bm25"])
-        files = dict(FILES)
+        files, leading = dict(FILES), 0
         if sentences is not None:
             from . import sentence_vectors
 
             files["sentences"] = OPTIONAL_FILES["sentences"]
             sentence_vectors.save(tmp / files["sentences"], sentences, dim)
+            leading = sentence_vectors.LEADING
         forest = AnnoyIndex(dim, METRIC)
         forest.set_seed(seed)
         for i, vec in enumerate(vectors):
@@ -303,7 +304,7 @@ def _write_index(
                 "seed": seed,
                 "bm25": {"k1": bm25.k1, "b": bm25.b},
                 "normalised": True,
-                **({"sentences": {"leading": _leading()}} if sentences is not None else {}),
+                **({"sentences": {"leading": leading}} if leading else {}),
             },
             "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "sage_version": version or sage_version(),
@@ -699,12 +700,6 @@ class Index:
         scores = self.vectors[np.asarray(rows)] @ query
         order = sorted(range(len(rows)), key=lambda i: (-float(scores[i]), rows[i]))
         return [(int(rows[i]), float(scores[i])) for i in order]
-
-
-def _leading() -> int:
-    from .sentence_vectors import LEADING
-
-    return LEADING
 
 
 def document_of(record: Record) -> str:

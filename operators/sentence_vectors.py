@@ -87,6 +87,25 @@ class SentenceVectors:
     def of_row(self, row: int) -> np.ndarray:
         return self.vectors[self.offsets[row] : self.offsets[row + 1]]
 
+    def best_cosines(self, query: np.ndarray, rows: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """Per row of `rows`, the best cosine between `query` and one of its sentence vectors;
+        `own` (the rows' own cosines) for a row without any."""
+        import numpy as np
+
+        starts, stops = self.offsets[rows], self.offsets[rows + 1]
+        best = np.array(own, dtype=np.float64)
+        taken = np.concatenate(
+            [np.arange(a, b) for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+        if taken.size:
+            found = np.full(len(rows), -np.inf)
+            np.maximum.at(
+                found, np.repeat(np.arange(len(rows)), stops - starts), self.vectors[taken] @ query
+            )
+            best = np.where(stops > starts, found, best)
+        return best
+
     def rescore(
         self, chunk_vectors: Any, query: np.ndarray, rows: Sequence[int], weight: float, k: int
     ) -> list[tuple[int, float]]:
@@ -98,17 +117,6 @@ class SentenceVectors:
             return []
         rows_a = np.asarray(sorted(set(rows)), dtype=np.int64)
         cosines = np.asarray(chunk_vectors[rows_a] @ query, dtype=np.float64)
-        starts, stops = self.offsets[rows_a], self.offsets[rows_a + 1]
-        best = cosines.copy()
-        spans = [np.arange(a, b) for a, b in zip(starts.tolist(), stops.tolist(), strict=True)]
-        taken = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
-        if taken.size:
-            sims = self.vectors[taken] @ query
-            owner = np.repeat(np.arange(len(rows_a)), stops - starts)
-            best[:] = -np.inf
-            np.maximum.at(best, owner, sims)
-            empty = stops == starts
-            best[empty] = cosines[empty]
-        scores = cosines + weight * best
+        scores = cosines + weight * self.best_cosines(query, rows_a, cosines)
         order = sorted(range(len(rows_a)), key=lambda i: (-float(scores[i]), int(rows_a[i])))
         return [(int(rows_a[i]), float(scores[i])) for i in order[:k]]

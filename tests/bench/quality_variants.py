@@ -146,23 +146,6 @@ def variant_hits(
     return out
 
 
-def best_sentence_cosines(index: Any, vector: Any, cosines: Any) -> Any:
-    """Per row, the best cosine of the query and one of its sentence vectors (its own cosine
-    for a row without any)."""
-    import numpy as np
-
-    sentences = index.sentences
-    offsets = sentences.offsets
-    counts = np.diff(offsets)
-    best = np.array(cosines, dtype=np.float64)
-    if sentences.vectors.shape[0]:
-        owner = np.repeat(np.arange(len(counts)), counts)
-        found = np.full(len(counts), -np.inf)
-        np.maximum.at(found, owner, sentences.vectors @ vector)
-        best[counts > 0] = found[counts > 0]
-    return best
-
-
 def round5_hits(
     index: Any, query: str, vector: Any, cosines: Any, sparse: list[tuple[int, float]]
 ) -> dict[str, list[tuple[int, float]]]:
@@ -179,7 +162,7 @@ def round5_hits(
 
     if index.sentences is None:
         return {}
-    best = best_sentence_cosines(index, vector, cosines)
+    best = index.sentences.best_cosines(vector, np.arange(index.count), cosines)
     weights = adaptive_weights(DEFAULT_ALPHA, lexical_strength(index.bm25, query, sparse))
 
     def fused(score: Any) -> list[tuple[int, float]]:

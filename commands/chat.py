@@ -5,7 +5,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT
+from sage_cli.cli.guard import guarded
 from sage_cli.cli.options import Threads
 from sage_cli.commands.serve import Index, MaxTokens, Model, NCtx, NoCache, Template, TopK
 

@@ -5,7 +5,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.cli.command import guarded, single_command_app
+from sage_cli.cli.command import single_command_app
+from sage_cli.cli.guard import guarded
 
 app = single_command_app()
 

@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.cli.command import CONTEXT, guarded, operator_command
+from sage_cli.cli.command import CONTEXT, operator_command
+from sage_cli.cli.guard import guarded
 
 app = typer.Typer(
     add_completion=False,

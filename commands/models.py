@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT
+from sage_cli.cli.guard import guarded
 
 app = typer.Typer(
     add_completion=False,

@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT
+from sage_cli.cli.guard import guarded
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 
@@ -168,11 +169,11 @@ def run(
 
     script_args = list(args or [])
     if engine not in ("local", "ray"):
-        from sage_cli.cli.command import fail
+        from sage_cli.cli.guard import fail
 
         raise typer.Exit(fail("sage run", f"--engine {engine}: choose local or ray", 2))
     if engine == "ray" and (retries or resume or watch):
-        from sage_cli.cli.command import fail
+        from sage_cli.cli.guard import fail
 
         # Ray replaces dead actors and re-sends their batches itself
         raise typer.Exit(
@@ -184,7 +185,7 @@ def run(
             )
         )
     if trace not in ("full", "batches", "off"):
-        from sage_cli.cli.command import fail
+        from sage_cli.cli.guard import fail
 
         raise typer.Exit(fail("sage run", f"--trace {trace}: choose full, batches or off", 2))
     opts = RunOptions(

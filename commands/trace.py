@@ -4,7 +4,8 @@ from typing import Annotated
 
 import typer
 
-from sage_cli.cli.command import CONTEXT, guarded
+from sage_cli.cli.command import CONTEXT
+from sage_cli.cli.guard import guarded
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 

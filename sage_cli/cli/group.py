@@ -13,7 +13,8 @@ import typer
 import typer.core
 
 from sage_cli import __version__
-from sage_cli.cli.command import CONTEXT, fail
+from sage_cli.cli.command import CONTEXT
+from sage_cli.cli.guard import fail
 from sage_cli.verbs import commands
 
 # typer 0.19 escapes option help (\[default: fail]) whenever rich is installed, even with

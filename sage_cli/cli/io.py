@@ -215,7 +215,7 @@ class WriteGuard:
     """Holds back SIGINT/SIGTERM while stdout is being written.
 
     A handler that raised between a partial `os.write` and the bookkeeping after it would leave
-    half a record on stdout (or write a block twice). The handlers `sage_cli.cli.command.guarded`
+    half a record on stdout (or write a block twice). The handlers `sage_cli.cli.guard.guarded`
     installs call `hold` first: during a write it notes the signal and returns, and the writer
     raises it once the block is out. A second signal during the same write is not held, so a
     consumer that never reads cannot make a stage ignore Ctrl-C.

@@ -31,13 +31,8 @@ from typing import Any, BinaryIO
 
 import ray
 
-from sage_cli.cli.command import (
-    fail,
-    forget_signal,
-    make_progress,
-    reclaim_signals,
-    report_error,
-)
+from sage_cli.cli.command import make_progress
+from sage_cli.cli.guard import fail, forget_signal, reclaim_signals, report_error
 from sage_cli.cli.io import RecordReader, RecordWriter
 from sage_cli.errors import SageError, TempFailError
 from sage_cli.execution.driver import Driver, ErrorMode, ErrorPolicy, Stats
@@ -522,7 +517,7 @@ def _unignore_signals() -> list[signal.Signals]:
 
 
 def _guarded_run(prog: str, body: Any, writer: RecordWriter) -> int:
-    from sage_cli.cli.command import guarded
+    from sage_cli.cli.guard import guarded
 
     return guarded(prog, body, on_stop=writer.flush)
 

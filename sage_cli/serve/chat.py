@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, TextIO
 
-from sage_cli.cli.command import signal_handled
+from sage_cli.cli.guard import signal_handled
 from sage_cli.operators.base import terminal_safe
 from sage_cli.serve.batching import ModelWorker
 from sage_cli.serve.engine import ChatAnswer, ChatEngine, ChatRequest

@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from sage_cli.cli.command import CONTEXT
-from sage_cli.cli.guard import guarded
+from sage_cli.run.launch import launch
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=CONTEXT)
 
@@ -165,112 +165,24 @@ def run(
       sage run --lock --timeout 600 nightly.sh    # from cron
       sage run --engine ray --address auto --replicas embed=4 ingest.sh docs/
     """
-    from sage_cli.run.supervisor import RunOptions
-
-    script_args = list(args or [])
-    if engine not in ("local", "ray"):
-        from sage_cli.cli.guard import fail
-
-        raise typer.Exit(fail("sage run", f"--engine {engine}: choose local or ray", 2))
-    if engine == "ray" and (retries or resume or watch):
-        from sage_cli.cli.guard import fail
-
-        # Ray replaces dead actors and re-sends their batches itself
-        raise typer.Exit(
-            fail(
-                "sage run",
-                "--engine ray takes no --retries/--resume/--watch: "
-                "Ray replaces lost actors and re-sends their batches",
-                2,
-            )
+    raise typer.Exit(
+        launch(
+            script,
+            args,
+            retries=retries,
+            backoff=backoff,
+            timeout=timeout,
+            run_dir=run_dir,
+            resume=resume,
+            lock=lock,
+            watch=watch,
+            check=check,
+            trace=trace,
+            engine=engine,
+            address=address,
+            replicas=replicas,
+            quiet=quiet,
+            progress=progress,
+            print_script=print_script,
         )
-    if trace not in ("full", "batches", "off"):
-        from sage_cli.cli.guard import fail
-
-        raise typer.Exit(fail("sage run", f"--trace {trace}: choose full, batches or off", 2))
-    opts = RunOptions(
-        retries=retries,
-        backoff=backoff,
-        timeout=timeout,
-        quiet=quiet,
-        progress=progress,
-        trace=trace,
     )
-    result = 0
-
-    def body() -> None:
-        nonlocal result, script
-        if print_script:
-            result = _print_script(script)
-            return
-        from sage_cli.run.script import is_yaml
-
-        # a YAML pipeline runs as its bash form, like any script (the Python API's package,
-        # sage_cli.api, is imported for one only: ~3 ms of every `sage run`'s start)
-        if is_yaml(script):
-            from sage_cli.api.forms import script_for_run
-
-            assert script is not None
-            pipeline_file, script = script, script_for_run(script)
-            if not quiet:
-                import sys
-
-                sys.stderr.write(f"sage run: {pipeline_file} runs as {script}\n")
-        if check:
-            from sage_cli.run.check import check_pipeline
-
-            if script is None:
-                from sage_cli.errors import UsageError
-
-                raise UsageError("missing the pipeline script: sage run --check SCRIPT")
-            result = check_pipeline(
-                script, script_args, quiet=quiet, engine=engine, replicas=list(replicas or [])
-            )
-            return
-        if watch:
-            from sage_cli.run.watch import watch_pipeline
-
-            result = watch_pipeline(script, script_args, opts, run_dir, lock)
-            return
-        if engine == "ray":
-            from sage_cli.run.runner import run_on_ray
-
-            result = run_on_ray(
-                script,
-                script_args,
-                address=address,
-                replicas=list(replicas or []),
-                opts=opts,
-                run_dir=run_dir,
-                lock=lock,
-            )
-            return
-        from sage_cli.run.runner import run_pipeline
-
-        result = run_pipeline(script, script_args, opts, run_dir=run_dir, resume=resume, lock=lock)
-
-    code = guarded("sage run", body)
-    raise typer.Exit(code or result)
-
-
-def _print_script(script: str | None) -> int:
-    """`sage run --print-script SCRIPT`: the bash a YAML pipeline runs as (a script: itself)."""
-    import sys
-
-    from sage_cli.api.forms import yaml_script
-    from sage_cli.errors import UsageError
-    from sage_cli.run.script import is_yaml
-
-    if script is None:
-        raise UsageError("missing the pipeline file: sage run --print-script PIPELINE.yaml")
-    if is_yaml(script):
-        text = yaml_script(script)
-    else:
-        try:
-            with open(script, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise UsageError(f"{script}: cannot read: {exc.strerror}") from None
-    sys.stdout.write(text)
-    sys.stdout.flush()
-    return 0

@@ -1,6 +1,7 @@
 """`sage`: the entry point. It imports nothing heavy itself: a keeper of `sage run --retries`
 (SAGE_RUN_RETRIES) starts its worker before typer and the command group are loaded
-(sage_cli.cli.group), since every stage's start-up is on its pipeline's critical path."""
+(sage_cli.cli.group), since every stage's start-up is on its pipeline's critical path, and the
+common `sage run` command lines start the run without typer (sage_cli.run.argv)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
         retries = retries_asked()
         if retries is not None:  # SAGE_RUN_RETRIES=N: this process keeps a worker running
             return keep(args, retries)
+    if args and args[0] == "run":
+        from sage_cli.run.argv import quick_options
+
+        options = quick_options(args[1:])
+        if options is not None:
+            from sage_cli.run.launch import launch
+
+            return launch(**options)
     from sage_cli.cli.group import run
 
     return run(args)

@@ -235,6 +235,11 @@ class Supervisor:
         as a new interpreter)."""
         assert sr.fork_argv is not None
         verb = sr.fork_argv[0] if sr.fork_argv else ""
+        # typer and the command group, once, here: `sage run` may have started without them
+        # (sage_cli.run.argv), and every child would import them again. Not the verb's own
+        # module: one that loads a native library may start threads a fork cannot copy.
+        import sage_cli.cli.group  # noqa: F401
+
         try:
             return fork_command(
                 sr.fork_argv,

@@ -220,6 +220,8 @@ def run_operator(
     on_batch = progress.update if progress else None
     if progress and hasattr(op, "on_progress"):  # a model stage: progress within a batch too
         op.on_progress = lambda: progress.update(stats)
+    if progress and hasattr(op, "on_closing"):  # work after the last record (index build)
+        op.on_closing = progress.step
     executor = None
     if env.ray_address and factory is not None and records is None:  # --engine ray, any script
         from sage_cli.execution.ray import stage_executor

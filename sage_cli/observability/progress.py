@@ -36,6 +36,9 @@ class Progress:
         self.total = total
         #: a model stage's operator: `completed` records and `generated_tokens` so far
         self.op = op if hasattr(op, "generated_tokens") and hasattr(op, "completed") else None
+        #: the work after the input being shown (`step`), and when it began
+        self._step = ""
+        self._step_started = 0.0
 
     def line(self, stats: Any, now: float) -> str:
         elapsed = max(now - self.started, 1e-9)
@@ -63,8 +66,27 @@ class Progress:
         now = time.monotonic()
         if not force and (now - self._last < self.every or now - self.started < DELAY_SECONDS):
             return
+        self._show(self.line(stats, now), now)
+
+    def step(self, what: str, done: int, total: int) -> None:
+        """Work after the last input record (an index build's sentence vectors): `done` of
+        `total`, with its own ETA. Its first line comes at once with --progress, and on a
+        terminal once the work has lasted past the quiet start."""
+        now = time.monotonic()
+        if what != self._step:
+            self._step, self._step_started = what, now
+            force = not self.tty or now - self.started >= DELAY_SECONDS
+        else:
+            force = done >= total and self._shown
+        if not force and (now - self._last < self.every or now - self.started < DELAY_SECONDS):
+            return
+        text = f"{self.prog}: {what} {done:,} of {total:,}"
+        if 0 < done < total:
+            text += f", ETA {clock((total - done) * (now - self._step_started) / done)}"
+        self._show(text + f", {clock(now - self.started)}", now)
+
+    def _show(self, text: str, now: float) -> None:
         self._last = now
-        text = self.line(stats, now)
         if self.tty:
             if self.color:
                 text = f"\x1b[2m{text}\x1b[0m"

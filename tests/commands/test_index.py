@@ -101,3 +101,25 @@ def test_build_embeds_text_with_the_real_model(cli, tmp_path):
     vectors = np.load(tmp_path / "idx" / "vectors.npy", allow_pickle=False)
     assert vectors.shape == (len(DOCS), 384)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+
+
+@pytest.mark.model
+def test_build_with_progress_tells_the_sentence_vectors_work(sage, tmp_path):
+    """The sentence vectors are embedded after the last input record: with --progress that
+    work has lines of its own (it was silent: 27 s for the demo corpus)."""
+    from tests.conftest import clean_env
+
+    docs = [
+        {"id": f"d{i}", "text": f"Topic {i} starts here. It has a second sentence. And a third."}
+        for i in range(40)
+    ]
+    result = sage(
+        "index", "build", "--progress", str(tmp_path / "idx"), input=ndjson(docs),
+        env=clean_env(SAGE_CACHE_DIR=str(tmp_path / "cache")),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.decode()
+    assert "sage index build: sentence vectors 0 of 120" in err, err
+    assert "sage index build: sentence vectors 120 of 120" in err, err
+    [summary] = parse_ndjson(result.stdout)
+    assert summary["sentence_vectors"] == 120

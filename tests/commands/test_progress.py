@@ -61,3 +61,37 @@ def test_generate_progress_moves_within_a_batch(tmp_path):
     lines = [line for line in result.stderr.decode().splitlines() if " done," in line]
     assert lines, result.stderr  # at least one line while the one batch of 8 was running
     assert "of 8, ETA" in lines[0] and "tok/s" in lines[0]
+
+
+def test_work_after_the_input_shows_its_own_progress(capsys, monkeypatch):
+    """`step` (an index build's sentence vectors, after the last record): a line at its start
+    with --progress, then paced like the rest, with an ETA of its own, and one at its end."""
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress_mod.sys.stderr, "isatty", lambda: False)
+    bar = Progress("sage index build")
+    bar.step("sentence vectors", 0, 1000)
+    assert capsys.readouterr().err == "sage index build: sentence vectors 0 of 1,000, 0:00\n"
+    clock[0] += 1.0
+    bar.step("sentence vectors", 100, 1000)
+    assert capsys.readouterr().err == ""  # paced: one line per LINE_SECONDS
+    clock[0] += progress_mod.LINE_SECONDS
+    bar.step("sentence vectors", 500, 1000)
+    assert capsys.readouterr().err == (
+        "sage index build: sentence vectors 500 of 1,000, ETA 0:06, 0:06\n"
+    )
+    clock[0] += 0.5
+    bar.step("sentence vectors", 1000, 1000)
+    assert capsys.readouterr().err == "sage index build: sentence vectors 1,000 of 1,000, 0:07\n"
+
+
+def test_a_quick_step_on_a_terminal_stays_quiet(capsys, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress_mod.sys.stderr, "isatty", lambda: True)
+    bar = Progress("sage index build")
+    clock[0] += 0.2
+    bar.step("sentence vectors", 0, 10)
+    bar.step("sentence vectors", 10, 10)
+    bar.close()
+    assert capsys.readouterr().err == ""

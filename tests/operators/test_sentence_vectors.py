@@ -181,3 +181,29 @@ def test_damaged_or_unsafe_sentence_files_are_refused(tmp_path):
 def test_leading_sentences_are_the_chunkers_sentences():
     text = "One thing. Another thing! A third? A fourth."
     assert leading_sentences(text) == ["One thing.", "Another thing!", "A third?"]
+
+
+def test_builder_tells_how_far_the_sentence_vectors_got(tmp_path, monkeypatch):
+    """The embedding after the last record is told as it goes (the progress display), in
+    slices, and gives the vectors one call gives."""
+    import sage_cli.operators.index as index_mod
+
+    monkeypatch.setattr(index_mod, "CLOSING_SLICE", 2)
+    told: list[tuple[str, int, int]] = []
+    fake = FakeEmbedder()
+    builder = _builder(tmp_path, fake)
+    builder.on_closing = lambda what, done, total: told.append((what, done, total))
+    builder.run(_records())
+    assert told == [("sentence vectors", n, 5) for n in (0, 2, 4, 5)]
+    assert fake.calls[1:] == [
+        ["Red apples grow on trees.", "They are sweet."],
+        ["Pick them in autumn.", "Green grass needs rain."],
+        ["Cut it weekly."],
+    ]
+    quiet = FakeEmbedder()
+    (tmp_path / "quiet").mkdir()
+    _builder(tmp_path / "quiet", quiet).run(_records())
+    a = Index(tmp_path / "ix").sentences
+    b = Index(tmp_path / "quiet" / "ix").sentences
+    assert a is not None and b is not None
+    assert np.array_equal(a.vectors, b.vectors) and np.array_equal(a.offsets, b.offsets)

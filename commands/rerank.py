@@ -43,8 +43,9 @@ def rerank(
             "--index",
             metavar="DIR",
             help="MMR: take doc vectors from this index by id (and embed "
-            "the query with its model) instead of re-embedding the docs; sentence: embed "
-            "with the index's own model.",
+            "the query with its model) instead of re-embedding the docs; sentence: the "
+            "index's own model, and the sentence vectors it keeps for the docs it holds "
+            "(only the query is embedded: milliseconds instead of tenths of a second).",
             show_default=False,
         ),
     ] = None,
@@ -72,7 +73,8 @@ def rerank(
     a whole chunk's vector blurs (the default `sage retrieve` already weighs first sentences;
     this adds all of each doc's first 3 to the word pairs). Measured on `retrieve -k 20`:
     recall@1 raised on most question sets, not all, recall@5 lowered on some; a few tenths of
-    a second per query on 2 cores (docs/retrieval.md). --method phrase needs no model.
+    a second per query on 2 cores, far less with --index, whose stored sentence vectors it
+    uses (docs/retrieval.md). --method phrase needs no model.
 
     --method mmr (maximal marginal relevance) is for diversity, not relevance: it lowers
     recall. It picks docs one by one, each maximising
@@ -86,6 +88,7 @@ def rerank(
     \b
     Examples:
       sage retrieve --index idx/ -k 20 < q.ndjson | sage rerank -k 5
+      sage retrieve --index idx/ -k 20 < q.ndjson | sage rerank --index idx/ -k 5
       sage retrieve --index idx/ -k 20 < q.ndjson | sage rerank --method phrase -k 5
       sage retrieve --index idx/ -k 10 < q.ndjson | sage rerank --method mmr --index idx/
       sage retrieve --index idx/ -k 8 < q.ndjson | sage rerank --method llm -k 3

@@ -181,9 +181,11 @@ def build_index(script: str, work: Path, env: dict[str, str], report) -> Path:
     return index
 
 
-def rerank_latency(answers: list[dict[str, Any]], method: str, index: Path) -> float:
-    """Seconds per query of `sage rerank --method METHOD --index INDEX`, in process (no
-    start-up; a method's model loaded before the clock starts), the mean."""
+def rerank_latency(answers: list[dict[str, Any]], method: str, index: Path | None) -> float:
+    """Seconds per query of `sage rerank --method METHOD --index INDEX` (no --index: None),
+    in process (no start-up; a method's model loaded before the clock starts), the mean.
+    With the index, `sentence` takes the docs' sentence vectors from it; without, it embeds
+    them."""
     from sage_cli.operators.rerank import Reranker
     from sage_cli.resources import default_threads, model_dirs
 
@@ -273,9 +275,18 @@ def measure_set(name: str, index: Path, questions: Path, work: Path, env, report
             "s",
             target="<= 0.5",
             command=REPRODUCE,
-            note=f"`sage rerank --method {method}` on {DEPTH} docs per query, in process "
-            f"(model load excluded), mean over {n}",
+            note=f"`sage rerank --method {method} --index INDEX` on {DEPTH} docs per query, in "
+            f"process (model load excluded), mean over {n}",
         )
+    report(
+        f"quality.{name}.rerank_sentence_without_index.s_per_query",
+        rerank_latency(records(retrieved.read_bytes()), "sentence", None),
+        "s",
+        target="<= 0.5",
+        command=REPRODUCE,
+        note=f"`sage rerank` (sentence) without --index: every doc's first sentences embedded "
+        f"per query, {DEPTH} docs, in process (model load excluded), mean over {n}",
+    )
 
 
 def retrieve_latency(index: Path, questions: Path, **options: Any) -> float:

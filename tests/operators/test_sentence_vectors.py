@@ -207,3 +207,46 @@ def test_builder_tells_how_far_the_sentence_vectors_got(tmp_path, monkeypatch):
     b = Index(tmp_path / "quiet" / "ix").sentences
     assert a is not None and b is not None
     assert np.array_equal(a.vectors, b.vectors) and np.array_equal(a.offsets, b.offsets)
+
+
+def test_rerank_with_the_index_takes_its_sentence_vectors(tmp_path):
+    """`sage rerank --index DIR` (sentence): the docs the index holds with the same text are
+    scored with its sentences.npz, so only the query (and what the index lacks) is embedded,
+    and the order and scores are those of embedding everything."""
+    from sage_cli.operators.rerank import Reranker
+
+    _builder(tmp_path, FakeEmbedder()).run(_records())
+    docs = [
+        {"id": "c", "text": TEXTS["c"], "score": 0.5},
+        {"id": "a", "text": TEXTS["a"], "score": 0.6},
+        {"id": "b", "text": TEXTS["b"], "score": 0.4},  # one sentence: none kept for it
+        {"id": "a2", "text": "Not in the index. Two sentences.", "score": 0.3},
+        {"id": "a", "text": "Changed since the build. Its vectors are stale.", "score": 0.2},
+    ]
+    asked = [{"query": "when to pick apples", "docs": docs}]
+    fake = FakeEmbedder()
+    op = Reranker(
+        "sentence",
+        index=tmp_path / "ix",
+        model_dirs=[str(tmp_path / "models")],
+        embedder_factory=lambda p, t: fake,
+    )
+    [out] = op.run(asked)
+    assert fake.calls == [
+        [
+            "when to pick apples",
+            "Blue sky at noon.",
+            "Not in the index.",
+            "Two sentences.",
+            "Changed since the build.",
+            "Its vectors are stale.",
+        ]
+    ]
+    everything = FakeEmbedder()
+    [want] = Reranker("sentence", model=__file__, embedder_factory=lambda p, t: everything).run(
+        asked
+    )
+    assert len(everything.calls[0]) == 1 + 10
+    assert [(d["id"], d["text"], d["score"]) for d in out["docs"]] == [
+        (d["id"], d["text"], d["score"]) for d in want["docs"]
+    ]

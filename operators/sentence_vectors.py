@@ -52,6 +52,43 @@ def save(path: str | os.PathLike[str], per_row: Sequence[np.ndarray], dimension:
         np.savez(fh, vectors=vectors, offsets=offsets)
 
 
+def _mapped_member(fh: BinaryIO, member: str) -> np.ndarray | None:
+    """The array stored uncompressed as `member` of the .npz open in `fh`, memory-mapped
+    read-only (np.savez stores members uncompressed; np.load of an .npz reads them whole:
+    about 3x vectors.npy, for every process that opens the index); None when it is not stored
+    so (compressed, Fortran order), for np.load to read."""
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    info = zipfile.ZipFile(fh).getinfo(member)
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    fh.seek(info.header_offset)
+    local = fh.read(30)  # a zip local file header: its name and extra field lengths at 26
+    if len(local) != 30 or local[:4] != b"PK\x03\x04":
+        raise ValueError(f"{member}: no local file header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    fh.seek(info.header_offset + 30 + name_length + extra_length)
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        return None
+    if fortran or dtype.hasobject:
+        return None
+    start = fh.tell()
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if start + size > os.fstat(fh.fileno()).st_size:
+        raise ValueError(f"{member}: cut short")
+    if size == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(fh, dtype=dtype, mode="r", offset=start, shape=shape)
+
+
 class SentenceVectors:
     """The sentence vectors of one index generation, read from an open file."""
 
@@ -61,8 +98,9 @@ class SentenceVectors:
         try:
             fh.seek(0)
             with np.load(fh, allow_pickle=False) as archive:
-                self.vectors = np.asarray(archive["vectors"])
                 self.offsets = np.asarray(archive["offsets"])
+                mapped = _mapped_member(fh, "vectors.npy")
+                self.vectors = mapped if mapped is not None else np.asarray(archive["vectors"])
         except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a method byte)...
             raise ResourceUnavailable(
                 f"{name}: corrupt sentence vectors ({exc}); {rebuild}"

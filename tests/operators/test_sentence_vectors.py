@@ -250,3 +250,30 @@ def test_rerank_with_the_index_takes_its_sentence_vectors(tmp_path):
     assert [(d["id"], d["text"], d["score"]) for d in out["docs"]] == [
         (d["id"], d["text"], d["score"]) for d in want["docs"]
     ]
+
+
+def test_sentence_vectors_are_mapped_not_read_and_other_npz_forms_still_load(tmp_path):
+    """np.load of an .npz reads its members whole (about 3x vectors.npy, in every process that
+    opens the index): the stored `vectors` member is memory-mapped instead; a compressed file
+    (written by other tools) is read as before; one cut short is refused."""
+    chunks = np.stack([_unit([1, 0]), _unit([0, 1])]).astype(np.float32)
+    records = [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}]
+    write_index(
+        tmp_path / "ix", chunks, records, ModelRef("m"), trees=2, sentences=[chunks[:1], chunks]
+    )
+    mapped = Index(tmp_path / "ix").sentences
+    assert mapped is not None and isinstance(mapped.vectors, np.memmap)
+    assert np.array_equal(mapped.of_row(1), chunks) and mapped.offsets.tolist() == [0, 1, 3]
+    path = tmp_path / "ix" / "sentences.npz"
+    with open(path, "wb") as fh:
+        np.savez_compressed(
+            fh, vectors=np.vstack([chunks[:1], chunks]), offsets=np.array([0, 1, 3])
+        )
+    read = Index(tmp_path / "ix").sentences
+    assert read is not None and not isinstance(read.vectors, np.memmap)
+    assert np.array_equal(read.of_row(1), chunks)
+    with open(path, "wb") as fh:
+        np.savez(fh, offsets=np.array([0, 1, 3]), vectors=np.vstack([chunks[:1], chunks]))
+    path.write_bytes(path.read_bytes()[:-40])  # the vectors' last bytes (and the directory) gone
+    with pytest.raises(ResourceUnavailable, match="corrupt sentence vectors"):
+        _ = Index(tmp_path / "ix").sentences

@@ -343,7 +343,7 @@ CHECKS: dict[str, Callable[[Done], None]] = {
     "sage source gold.ndjson | sage retrieve --index idx/ -k 3 | sage eval -k 3 "
     "| tail -1": _check_eval,
     'echo \'{"query": "Who completed the Eiffel Tower?"}\' | sage retrieve --index idx/ -k 20 '
-    '| sage rerank -k 2 | sage map \'{"query": r["query"], '
+    '| sage rerank --index idx/ -k 2 | sage map \'{"query": r["query"], '
     '"docs": [d["id"] for d in r["docs"]]}\'': _check_rerank,
     "sage source questions.txt -R | sage retrieve --index idx/ -k 2 | sage prompt --template qa "
     '| sage generate --max-tokens 32 | sage eval | sage map \'{"answer": r.get("answer"), '

@@ -27,6 +27,7 @@ from typing import Any
 import orjson
 
 from sage_cli.run.env import RUN_PID, RUN_PLACE, RUN_WORKER
+from sage_cli.run.procs import HAS_CHILDREN_LISTS, children
 
 REGISTRY = "registry.ndjson"
 
@@ -53,6 +54,8 @@ def _ppid(pid: int | str) -> int | None:
 
 
 def _siblings(parent: int, me: int) -> list[int]:
+    if HAS_CHILDREN_LISTS:  # a few reads, not one per process on the machine
+        return [pid for pid in children(parent) if pid != me]
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != me and _ppid(entry) == parent:

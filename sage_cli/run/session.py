@@ -50,6 +50,7 @@ from sage_cli.run.env import (
 )
 from sage_cli.run.lifeline import dies_with_parent, open_lifeline
 from sage_cli.run.output import Delivered, Tap, delivered, describe_stdout
+from sage_cli.run.procs import descendants
 from sage_cli.run.record import Run
 from sage_cli.run.registry import read_registry
 from sage_cli.run.supervisor import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
@@ -63,79 +64,6 @@ def _become_subreaper() -> None:
         libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux: direct children only
         pass
-
-
-def descendants(root: int, exclude: frozenset[int] = frozenset()) -> list[int]:
-    """Every live process below `root`, deepest last, leaving out the subtrees of `exclude`
-    (processes `sage run` started for itself: a private Ray). From each process's children
-    lists in /proc (a few reads for a run's dozen processes: `sage run` asks before and after
-    the script and every 50 ms while it stops one), else from every process's parent link."""
-    if not _HAS_CHILDREN_LISTS:
-        return _descendants_by_parent_links(root, exclude)
-    out: list[int] = []
-    todo = [root]
-    while todo:
-        for child in _children(todo.pop()):
-            if child in exclude or _state(child) in (None, b"Z"):
-                continue
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-#: Linux with CONFIG_PROC_CHILDREN: /proc/PID/task/TID/children lists a thread's children
-_HAS_CHILDREN_LISTS = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-
-
-def _children(pid: int) -> list[int]:
-    """The children of every thread of `pid` (none when it is gone)."""
-    out: list[int] = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for task in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{task}/children", "rb") as fh:
-                out.extend(int(child) for child in fh.read().split())
-        except OSError:
-            continue
-    return out
-
-
-def _state(pid: int) -> bytes | None:
-    """A process's state letter (b"Z": a zombie), None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    return stat[stat.rindex(b")") + 2 :].split(maxsplit=1)[0]
-
-
-def _descendants_by_parent_links(root: int, exclude: frozenset[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(b")") + 2 :].split()
-        if fields[0] == b"Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out: list[int] = []
-    todo = [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child in exclude:
-                continue
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 class _Stage:

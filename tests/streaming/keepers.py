@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sage_cli.run.session import descendants
+from sage_cli.run.procs import descendants
 
 
 def _cmdline(pid: int) -> bytes | None:

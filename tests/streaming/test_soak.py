@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from sage_cli.run.directory import read_events
-from sage_cli.run.session import descendants
+from sage_cli.run.procs import descendants
 from tests.bench.bench_soak import (
     RSS_LIMIT_MB,
     SCRIPT,

@@ -1,7 +1,7 @@
 """`sage run` overhead (issues 4 and 12): a 4-stage pipeline script under `sage run` against the
 same script under plain bash (targets: the supervisor alone <= 5%, with full tracing <= 10%),
-the same pipeline inside an `if` (bash runs the script: no stage forked from sage run), the
-same with `--retries 1` (bash runs it, every sage stage a keeper relaying its worker's
+the same pipeline inside an `if` (bash runs the script: no stage forked from sage run; traced,
+untraced, over one record, CPU), the same with `--retries 1` (bash runs it, every sage stage a keeper relaying its worker's
 committed output; target <= 30%), and the cost of full per-record tracing of one `sage map`
 stage (SAGE_TRACE_DIR set vs not).
 
@@ -59,6 +59,8 @@ def run(report) -> None:
     wrapped.write_text("set -euo pipefail\nif true; then\n" + body + "fi\n")
     tiny = work / "four_stages_one_record.sh"
     tiny.write_text(script.read_text().replace(str(data), str(one)))
+    tiny_wrapped = work / "four_stages_in_if_one_record.sh"
+    tiny_wrapped.write_text(wrapped.read_text().replace(str(data), str(one)))
     sage = " ".join(sage_command()).replace(str(ROOT) + "/", "")
     runs = rel(work / "runs")
     trace_dir = work / "trace"
@@ -72,6 +74,10 @@ def run(report) -> None:
         f"{rel(script)}",
         "run_in_if": f"rm -rf {runs}/e; {sage} run -q --run-dir {runs}/e {rel(wrapped)}",
         "bash_in_if": f"bash {rel(wrapped)}",
+        "run_in_if_untraced": f"rm -rf {runs}/f; {sage} run -q --trace off --run-dir {runs}/f "
+        f"{rel(wrapped)}",
+        "bash_in_if_one": f"bash {rel(tiny_wrapped)}",
+        "run_in_if_one": f"rm -rf {runs}/g; {sage} run -q --run-dir {runs}/g {rel(tiny_wrapped)}",
         "bash_one": f"bash {rel(tiny)}",
         "run_one": f"rm -rf {runs}/c; {sage} run -q --run-dir {runs}/c {rel(tiny)}",
         "map": f"{sage} map r < {rel(data)} > /dev/null",
@@ -109,6 +115,28 @@ def run(report) -> None:
         command=commands["run_in_if"],
         note="the same 4 stages inside `if true; then ... fi`: bash runs the script, each sage "
         "stage a new interpreter that names itself to the run (full tracing)",
+    )
+    report(
+        "run.bash_script_untraced_overhead",
+        wall["run_in_if_untraced"] / wall["bash_in_if"] - 1,
+        "x",
+        command=commands["run_in_if_untraced"],
+        note="the same, --trace off: what is left is sage run's own start and end",
+    )
+    report(
+        "run.bash_script_startup_seconds",
+        wall["run_in_if_one"] - wall["bash_in_if_one"],
+        "s",
+        command=commands["run_in_if_one"],
+        note="the script in the `if` over one record, sage run minus bash: sage run's own start "
+        "and end (its stages start as under bash)",
+    )
+    report(
+        "run.bash_script_cpu_overhead",
+        cpu["run_in_if"] / cpu["bash_in_if"] - 1,
+        "x",
+        command=commands["run_in_if"],
+        note="CPU seconds of every process, the script in the `if`: (sage run / bash) - 1",
     )
     report(
         "run.per_record_overhead",

@@ -41,13 +41,7 @@ def test_descendants_are_every_live_process_below_and_not_the_excluded() -> None
         rest = procs.descendants(os.getpid(), frozenset({tree.pid}))
         assert keeps_zombie.pid in rest and not {tree.pid, *below} & set(rest)
     finally:
-        for pid in [*procs.descendants(tree.pid), tree.pid, keeps_zombie.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        tree.wait()
-        keeps_zombie.wait()
+        _kill_trees(tree, keeps_zombie)
 
 
 def test_a_stage_finds_its_siblings_as_the_parent_links_give_them() -> None:
@@ -66,10 +60,15 @@ def test_a_stage_finds_its_siblings_as_the_parent_links_give_them() -> None:
         assert kids == by_links
         assert sorted(registry._siblings(shell.pid, kids[0])) == kids[1:]
     finally:
-        for pid in procs.descendants(shell.pid):
+        _kill_trees(shell)
+
+
+def _kill_trees(*roots: subprocess.Popen) -> None:
+    """SIGKILL what this test started (each root and everything below it), nothing else."""
+    for root in roots:
+        for pid in [*procs.descendants(root.pid), root.pid]:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        shell.kill()
-        shell.wait()
+        root.wait()

@@ -415,3 +415,34 @@ def _joined(got: bytes, again: bytes) -> bytes:
     cuts = [i + 1 for i, byte in enumerate(again[: select.PIPE_BUF]) if byte == ord("\n")]
     repeat = max((cut for cut in cuts if got.endswith(again[:cut])), default=0)
     return got + again[repeat:]
+
+
+def test_a_replay_found_different_after_the_script_ended_still_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The tap may compare the replay's first bytes only after bash has exited (a busy
+    machine: `make check` saw exit 0 once): the resume fails all the same, and says why."""
+    from sage_cli.run import output
+    from sage_cli.run.runner import run_pipeline
+    from sage_cli.run.supervisor import RunOptions
+
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(
+        'if true; then sage map \'r | {"x": __import__("random").random()}\' < in.ndjson; fi\n'
+    )
+    first = subprocess.run(
+        sage_argv("run", "-q", "s.sh"), cwd=work, env=_env(), capture_output=True
+    )
+    assert first.returncode == 0 and first.stdout
+    behind = output.Tap.run
+
+    def late(self: output.Tap) -> None:
+        time.sleep(1.0)  # the one-line script has ended by now
+        behind(self)
+
+    monkeypatch.setattr(output.Tap, "run", late)
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", _env()["PATH"])
+    status = run_pipeline(None, [], RunOptions(quiet=True), resume="latest")
+    assert status == 1
+    assert "differ from what run" in capfd.readouterr().err

@@ -52,17 +52,17 @@ def save(path: str | os.PathLike[str], per_row: Sequence[np.ndarray], dimension:
         np.savez(fh, vectors=vectors, offsets=offsets)
 
 
-def _mapped_member(fh: BinaryIO, member: str) -> np.ndarray | None:
-    """The array stored uncompressed as `member` of the .npz open in `fh`, memory-mapped
-    read-only (np.savez stores members uncompressed; np.load of an .npz reads them whole:
-    about 3x vectors.npy, for every process that opens the index); None when it is not stored
-    so (compressed, Fortran order), for np.load to read."""
+def _mapped_member(fh: BinaryIO, info: Any) -> np.ndarray | None:
+    """The array stored uncompressed as the .npz member `info` (a ZipInfo of the archive open
+    in `fh`), memory-mapped read-only (np.savez stores members uncompressed; np.load of an .npz
+    reads them whole: about 3x vectors.npy, for every process that opens the index); None when
+    it is not stored so (compressed, Fortran order), for np.load to read."""
     import struct
     import zipfile
 
     import numpy as np
 
-    info = zipfile.ZipFile(fh).getinfo(member)
+    member = info.filename
     if info.compress_type != zipfile.ZIP_STORED:
         return None
     fh.seek(info.header_offset)
@@ -99,7 +99,8 @@ class SentenceVectors:
             fh.seek(0)
             with np.load(fh, allow_pickle=False) as archive:
                 self.offsets = np.asarray(archive["offsets"])
-                mapped = _mapped_member(fh, "vectors.npy")
+                # the archive's own directory, not a second read of it
+                mapped = _mapped_member(fh, archive.zip.getinfo("vectors.npy"))
                 self.vectors = mapped if mapped is not None else np.asarray(archive["vectors"])
         except Exception as exc:  # noqa: BLE001 - BadZipFile, NotImplementedError (a method byte)...
             raise ResourceUnavailable(

@@ -30,6 +30,12 @@ def descendants(root: int, exclude: frozenset[int] = frozenset()) -> list[int]:
 
 def children(pid: int) -> list[int]:
     """The children of every thread of `pid` (none when it is gone)."""
+    if not HAS_CHILDREN_LISTS:
+        return [
+            int(entry)
+            for entry in os.listdir("/proc")
+            if entry.isdigit() and parent_of(entry) == pid
+        ]
     out: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -42,6 +48,16 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def parent_of(pid: int | str) -> int | None:
+    """A process's parent (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2 :].split(maxsplit=2)[1])
 
 
 def state(pid: int) -> bytes | None:

@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 
 from sage_cli.run.env import RUN_PID, RUN_PLACE, RUN_WORKER
-from sage_cli.run.procs import HAS_CHILDREN_LISTS, children
+from sage_cli.run.procs import children, parent_of
 
 REGISTRY = "registry.ndjson"
 
@@ -43,24 +43,8 @@ def _pipe(path: str) -> int | None:
     return None
 
 
-def _ppid(pid: int | str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: the fields start after the last ')'
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
-
-
 def _siblings(parent: int, me: int) -> list[int]:
-    if HAS_CHILDREN_LISTS:  # a few reads, not one per process on the machine
-        return [pid for pid in children(parent) if pid != me]
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != me and _ppid(entry) == parent:
-            out.append(int(entry))
-    return out
+    return [pid for pid in children(parent) if pid != me]
 
 
 def _writer_of(pipe: int, parent: int, me: int) -> int | None:
@@ -86,7 +70,7 @@ def _walk(pid: int | None, top: int | None) -> tuple[int, int, int | None]:
     a sibling (None when it exited already, or stdin came from the shell)."""
     feeder = None
     me = os.getpid() if pid is None else pid
-    parent = _ppid(me) or 0
+    parent = parent_of(me) or 0
     position = 1
     current = me
     first_out = _pipe(f"/proc/{me}/fd/1")
@@ -97,7 +81,7 @@ def _walk(pid: int | None, top: int | None) -> tuple[int, int, int | None]:
             # stdin came from the shell that started this one: a function or a `{ }`/`( )`
             # group in a pipeline runs in a subshell, which takes the command's place in it;
             # the script's own shell reads what came from outside the script
-            grand = _ppid(parent)
+            grand = parent_of(parent)
             if grand is None or parent == top or grand == top or grand <= 1:
                 break
             current, parent = parent, grand
@@ -234,7 +218,7 @@ def _stage_argv(pid: int) -> list[str] | None:
 def pipeline_members(me: int | None = None) -> list[int]:
     """The processes of this process's pipeline: its siblings joined to it by pipes, both ways."""
     me = os.getpid() if me is None else me
-    parent = _ppid(me) or 0
+    parent = parent_of(me) or 0
     siblings = _siblings(parent, me)
     ends = {pid: (_pipe(f"/proc/{pid}/fd/0"), _pipe(f"/proc/{pid}/fd/1")) for pid in siblings}
     ends[me] = (_pipe(f"/proc/{me}/fd/0"), _pipe(f"/proc/{me}/fd/1"))
@@ -260,7 +244,7 @@ def model_share() -> int | None:
 
     me = os.getpid()
     if os.environ.get("SAGE_RUN_WORKER") == "1":  # a keeper's worker: the keeper is in the pipe
-        me = _ppid(me) or me
+        me = parent_of(me) or me
     try:
         members = pipeline_members(me)
     except OSError:

@@ -55,7 +55,7 @@ def test_a_stage_finds_its_siblings_as_the_parent_links_give_them() -> None:
         kids = sorted(procs.children(shell.pid))
         assert len(kids) == 3
         by_links = sorted(
-            int(e) for e in os.listdir("/proc") if e.isdigit() and registry._ppid(e) == shell.pid
+            int(e) for e in os.listdir("/proc") if e.isdigit() and procs.parent_of(e) == shell.pid
         )
         assert kids == by_links
         assert sorted(registry._siblings(shell.pid, kids[0])) == kids[1:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sage_cli.run.procs import descendants
+from sage_cli.run.procs import descendants, parent_of
 
 
 def _cmdline(pid: int) -> bytes | None:
@@ -20,19 +20,12 @@ def _cmdline(pid: int) -> bytes | None:
         return None
 
 
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def is_worker(pid: int) -> bool:
     mine = _cmdline(pid)
-    keeper = _ppid(pid)
+    keeper = parent_of(pid)
     if not mine or b"sage" not in mine or keeper is None:
         return False
-    above = _ppid(keeper)
+    above = parent_of(keeper)
     return _cmdline(keeper) == mine and above is not None and _cmdline(above) != mine
 
 

@@ -28,7 +28,7 @@ def launch(
     print_script: bool = False,
 ) -> int:
     """Run (or check, watch, print) SCRIPT as `sage run` does; returns the exit status."""
-    from sage_cli.run.supervisor import RunOptions
+    from sage_cli.run.options import RunOptions
 
     script_args = list(args or [])
     if engine not in ("local", "ray"):

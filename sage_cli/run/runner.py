@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -15,6 +15,7 @@ from sage_cli.errors import SageError, UsageError
 from sage_cli.exitcodes import ExitCode
 from sage_cli.observability.redact import redact_argv, redact_words
 from sage_cli.run.directory import DEFAULT_BASE, RunDirectory, find_run
+from sage_cli.run.options import RunOptions
 from sage_cli.run.output import describe_stdout
 from sage_cli.run.record import Run
 from sage_cli.run.script import (
@@ -26,7 +27,9 @@ from sage_cli.run.script import (
     parse_script,
     read_segments,
 )
-from sage_cli.run.supervisor import RunOptions, Supervisor
+
+if TYPE_CHECKING:  # the supervisor is loaded for a parsed pipeline only
+    from sage_cli.run.supervisor import Supervisor
 
 
 def describe(pipeline: Pipeline) -> list[dict[str, Any]]:
@@ -176,6 +179,8 @@ def run_pipeline(
             stages=describe(pipeline),
             resumed=False,
         )
+        from sage_cli.run.supervisor import Supervisor
+
         sup = Supervisor(pipeline, run, opts, args, events=record.events)
         try:
             status = supervise(sup, run, opts, ledger)
@@ -436,6 +441,8 @@ def run_segments(
             ledger = None
             if output_path(pipeline, run) is None and stdout["kind"] == "copy":
                 ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            from sage_cli.run.supervisor import Supervisor
+
             sup = Supervisor(pipeline, run, opts, args, events=record.events)
             try:
                 status = supervise(sup, run, opts, ledger)

@@ -49,11 +49,11 @@ from sage_cli.run.env import (
     TRACE_STAGE,
 )
 from sage_cli.run.lifeline import dies_with_parent, open_lifeline
+from sage_cli.run.options import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
 from sage_cli.run.output import Delivered, Tap, delivered, describe_stdout
 from sage_cli.run.procs import descendants
 from sage_cli.run.record import Run
 from sage_cli.run.registry import read_registry
-from sage_cli.run.supervisor import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
 
 _PR_SET_CHILD_SUBREAPER = 36
 

@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sage_cli.exitcodes import ExitCode
@@ -31,14 +30,12 @@ from sage_cli.run.directory import RunDirectory
 from sage_cli.run.env import RUN_FORK, THREADS, StageEnv
 from sage_cli.run.fork import can_fork, fork_command
 from sage_cli.run.lifeline import dies_with_parent
+from sage_cli.run.options import KILL_GRACE_SECONDS, TIMEOUT_STATUS, RunOptions
 from sage_cli.run.record import Events
 from sage_cli.run.relay import READ_SIZE, Relay
 from sage_cli.run.script import Pipeline, Stage
 from sage_cli.run.stage import StageRun
 from sage_cli.verbs import is_operator_stage
-
-TIMEOUT_STATUS = 124  # like timeout(1)
-KILL_GRACE_SECONDS = 5.0
 
 
 def exit_status(wait_status: int) -> int:
@@ -57,17 +54,6 @@ def pipefail(statuses: list[int | None]) -> int:
 
 
 # -- the supervisor -------------------------------------------------------------------------------
-
-
-@dataclass
-class RunOptions:
-    retries: int = 0
-    backoff: float = 0.5
-    timeout: float | None = None
-    quiet: bool = False
-    progress: bool = False
-    resume: bool = False
-    trace: str = "full"  # full: a span per record; batches: no ids; off: no stage traces
 
 
 class Supervisor:

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 from sage_cli.exitcodes import ExitCode
+from sage_cli.run.options import RunOptions
 from sage_cli.run.runner import run_pipeline
 from sage_cli.run.script import Pipeline, parse_script
-from sage_cli.run.supervisor import RunOptions
 
 
 def watched_paths(script: str, pipeline: Pipeline) -> list[str]:

@@ -127,7 +127,8 @@ def test_parse_refuses_what_it_does_not_run(tmp_path: Path, text: str, message: 
 
 
 def test_model_stages_share_the_cores(tmp_path: Path) -> None:
-    from sage_cli.run.supervisor import RunOptions, Supervisor
+    from sage_cli.run.options import RunOptions
+    from sage_cli.run.supervisor import Supervisor
 
     script = write(
         tmp_path / "p.sh",

@@ -115,3 +115,60 @@ def test_a_run_started_so_loads_no_typer(tmp_path: Path) -> None:
     )
     assert done.stdout.splitlines()[-1] == "0 False False"
     assert (tmp_path / "run" / "summary.json").is_file()
+
+
+#: a process that writes, then ends through app._exit_now; {setup} runs first
+EXITING = """
+import sys
+from sage_cli.app import _exit_now
+{setup}
+sys.stdout.write("o" * 200_000)
+sys.stderr.write("e" * 10_000)
+_exit_now(3)
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("setup", "ends_there"),
+    [
+        ("", True),
+        ("import atexit; atexit.register(lambda: print('atexit ran'))", False),
+        (
+            "import threading, time; threading.Thread(target=time.sleep, args=(0.3,)).start()",
+            False,
+        ),
+    ],
+    ids=["nothing-left", "atexit-callback", "thread-running"],
+)
+def test_sage_run_ends_at_once_only_when_nothing_is_left(setup: str, ends_there: bool) -> None:
+    """sage run's quick path skips the interpreter's teardown (os._exit) with its output
+    flushed, and only when no thread and no atexit callback is left to finish."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING.format(setup=setup)], capture_output=True, timeout=60
+    )
+    assert done.stderr == b"e" * 10_000
+    if ends_there:
+        assert done.returncode == 3
+        assert done.stdout == b"o" * 200_000
+    else:  # it returned: Python's own exit ran what was left
+        assert done.returncode == 0
+        assert done.stdout.startswith(b"o" * 200_000 + b"returned\n")
+        if "atexit" in setup:
+            assert done.stdout.endswith(b"atexit ran\n")
+
+
+def test_a_sage_run_process_exits_with_the_scripts_status_and_all_its_output(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text("if true; then seq 1 100000; exit 7; fi\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_cli", "run", "--run-dir", str(tmp_path / "r"), str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 7
+    assert done.stdout.split() == [str(i) for i in range(1, 100_001)]
+    assert "sage run" in done.stderr  # its own summary line, flushed before the end

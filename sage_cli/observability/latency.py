@@ -63,6 +63,25 @@ class BatchFigures:
         if self.last is None or t + d > sum(self.last):
             self.last = (t, d)
 
+    def add_rows(self, rows: list[tuple[float, float, int, int, int, int]]) -> None:
+        """`add` for many batches at once, given as the trace's (t, d, n, ...) numbers."""
+        if not rows:
+            return
+        pairs = self.pairs
+        if pairs is not None:
+            if len(pairs) + len(rows) <= MAX_BATCHES:
+                pairs.extend([(row[1], row[2]) for row in rows])
+            else:
+                self.pairs = None
+        first = min([row[0] for row in rows])
+        if self.first is None or first < self.first:
+            self.first = first
+        ends = [row[0] + row[1] for row in rows]
+        end = max(ends)
+        if self.last is None or end > sum(self.last):
+            row = rows[ends.index(end)]
+            self.last = (row[0], row[1])
+
     def event_fields(self) -> dict[str, object]:
         """What the stop event carries: `lat` (p50, p95, p99 in seconds), `first`, `last`;
         nothing when too many batches were seen to keep."""

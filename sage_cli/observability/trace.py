@@ -88,7 +88,8 @@ class Tracer:
         #: batch events not formatted yet: (t, d, n, o, l, w)
         self._plain: list[tuple[float, float, int, int, int, int]] = []
         self._size = 0
-        self._last_flush = time.monotonic()
+        # perf_counter, the clock the batches come timed with: no clock read of its own
+        self._last_flush = time.perf_counter()
         self._last_stats = 0.0
         # perf_counter -> Unix time, fixed once: batches are timed with perf_counter
         self._offset = time.time() - time.perf_counter()
@@ -106,6 +107,7 @@ class Tracer:
         plain = self._plain
         if plain:
             self._plain = []
+            self.figures.add_rows(plain)
             data = b"".join([_PLAIN % numbers for numbers in plain])
             self._parts.append(data)
             self._size += len(data)
@@ -151,7 +153,6 @@ class Tracer:
         t = t0 + self._offset
         d = t1 - t0
         n, o = len(batch), len(out)
-        self.figures.add(t, d, n)
         with_ids = self.with_ids
         oids = with_ids and (
             n != o
@@ -180,16 +181,16 @@ class Tracer:
             data += b"}\n"
             if self.sample_left > 0:
                 data += self._sample(batch, out, round(t, 6))
-            self._format_plain()
+            self._format_plain()  # the batches before this one first, in the figures too
+            self.figures.add(t, d, n)
             self._parts.append(data)
             self._size += len(data)
         if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in
             self.flush()
-        now = time.monotonic()
-        if now - self._last_stats >= STATS_SECONDS:
-            self._last_stats = now
+        if t1 - self._last_stats >= STATS_SECONDS:
+            self._last_stats = t1
             self._emit_stats("stats")
-        if now - self._last_flush >= FLUSH_SECONDS:
+        if t1 - self._last_flush >= FLUSH_SECONDS:
             self.flush()
 
     def _sample(self, batch: list[dict[str, Any]], out: list[dict[str, Any]], t: float) -> bytes:
@@ -233,6 +234,7 @@ class Tracer:
         # process image the stage's exec replaced (the supervisor's, ~22 MB)
         usage = resource.getrusage(resource.RUSAGE_SELF)
         cpu = round(usage.ru_utime + usage.ru_stime, 3)  # a run bash runs has no wait4 of its own
+        self._format_plain()  # every batch in the figures
         self._emit_stats(
             "stop", status=status, hwm_mb=peak_rss_mb(), cpu=cpu, **self.figures.event_fields()
         )
@@ -246,7 +248,7 @@ class Tracer:
     def flush(self) -> None:
         """Everything buffered onto disk, in order (one thread uses a tracer: its stage's)."""
         self._format_plain()
-        self._last_flush = time.monotonic()
+        self._last_flush = time.perf_counter()
         if not self._parts or self.fd < 0:
             return
         data = b"".join(self._parts)

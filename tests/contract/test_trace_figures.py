@@ -130,3 +130,33 @@ def test_a_stage_waiting_for_input_has_written_its_trace(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_stop_events_figures_are_the_batch_events_figures_when_batches_wait_unformatted(
+    tmp_path,
+):
+    """A stage fed by another sage stage keeps its plain batch events as numbers and adds them
+    to its figures many at once: its stop event still says what its batch events say, with
+    batches that must be written at once (ids changed) in between."""
+    from sage_cli.run.directory import iter_events, trace_figures
+
+    trace = tmp_path / "2-map.trace.ndjson"
+    tracer = Tracer(str(trace), "2-map", sample=0)  # no "r" events: plain but where ids change
+    tracer.fed_by = "1-map"
+    tracer.start(Stats())
+    t = time.perf_counter()
+    for k in range(1200):  # more than PLAIN_BATCHES: formatted in several goes
+        batch = [{"id": f"r{k}-{i}"} for i in range(1 + k % 5)]
+        out = batch if k % 97 != 50 else [{"id": "changed"}]  # now and then, ids change
+        d = ((k * 7919) % 1000) / 1e5
+        tracer.batch(batch, out, t + k / 1e4, t + k / 1e4 + d, 0, k, k)
+    tracer.stop(0)
+    events = list(iter_events(trace))
+    assert sum(1 for e in events if e["ev"] == "b") == 1200
+    assert sum(1 for e in events if e["ev"] == "b" and "oids" in e) == 12  # k = 50, 147, ...
+    stop = events[-1]
+    assert stop["ev"] == "stop" and "lat" in stop
+    full = stage_figures(iter_events(trace, ids=False))
+    fast, _ = trace_figures(trace)  # from the stop event
+    assert fast["latency_ms"] == full["latency_ms"]
+    assert (fast["first_batch"], fast["last_batch"]) == (full["first_batch"], full["last_batch"])

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.bench import ROOT, best_of, rel, sage_command, small_records_file
+from tests.bench import ROOT, Timing, best_of, rel, sage_command, small_records_file
+
+#: more runs of the script bash runs and its baseline (below)
+EXTRA_RUNS = 4
 
 #: a map that changes every id (the case that made the id relay quadratic)
 KEEPER_EXPR = "\"{'id': 'x-' + r['id'], 'n': r['n']}\""
@@ -88,6 +91,13 @@ def run(report) -> None:
         f"SAGE_TRACE_STAGE=bench {sage} map r < {rel(data)} > /dev/null",
     }
     best = best_of(commands, report.repeat)
+    # the script bash runs is judged against its 10% target within a few points of it, and
+    # best of 3 moved it by 4-5 points from run to run (9.0% and 13.5% minutes apart): its
+    # three commands run 4 more times each, interleaved, and keep their fastest
+    closer = ("bash_in_if", "run_in_if", "run_in_if_untraced")
+    more = best_of({k: commands[k] for k in closer}, EXTRA_RUNS, warmup=False)
+    for k in closer:
+        best[k] = Timing(min(best[k].wall, more[k].wall), min(best[k].cpu, more[k].cpu))
     wall = {k: t.wall for k, t in best.items()}
     cpu = {k: t.cpu for k, t in best.items()}
     report(
@@ -113,8 +123,11 @@ def run(report) -> None:
         wall["run_in_if"] / wall["bash_in_if"] - 1,
         "x",
         command=commands["run_in_if"],
+        # issue 12's target holds for any script: "default `sage run` within 10% of bash"
+        target="<= 0.10",
         note="the same 4 stages inside `if true; then ... fi`: bash runs the script, each sage "
-        "stage a new interpreter that names itself to the run (full tracing)",
+        f"stage a new interpreter that names itself to the run (full tracing); best of "
+        f"{report.repeat + EXTRA_RUNS}, as its baseline and the --trace off row",
     )
     report(
         "run.bash_script_untraced_overhead",

@@ -19,11 +19,9 @@ from sage_cli.run.options import RunOptions
 from sage_cli.run.output import describe_stdout
 from sage_cli.run.record import Run
 from sage_cli.run.script import (
-    CommandsFailed,
     Pipeline,
-    Segment,
     Unsupported,
-    expand_segment,
+    needs_bash,
     parse_script,
     read_segments,
 )
@@ -157,8 +155,9 @@ def run_pipeline(
             segments = read_segments(script_path)
         except Unsupported as why:
             return _run_under_bash(script_path, args, opts, run_dir, base, None, why)
-        if len(segments) > 1 or segments[0].pipeline is None:
-            return run_segments(script_path, segments, args, opts, run_dir, base)
+        bash_only = needs_bash(segments, str(script_path))
+        if bash_only is not None:
+            return _run_under_bash(script_path, args, opts, run_dir, base, None, bash_only)
         pipeline = parse_script(script_path, args, segments=segments)
         run = RunDirectory.create(run_dir, base)
         target = output_path(pipeline, run)
@@ -388,68 +387,3 @@ class _RayStages:
     def finish(self, status: int) -> None:
         for stage in self.stages:
             stage.final, stage.status = True, status
-
-
-def run_segments(
-    script: Path,
-    segments: list[Segment],
-    args: list[str],
-    opts: RunOptions,
-    run_dir: str | None,
-    base: str,
-) -> int:
-    """A script with several pipelines: each runs supervised in turn, in one run directory
-    (stages named `<pipeline>.<stage>-<op>`), with the commands between them run by bash
-    and the shell's variables, functions, options and directory carried from one to the next.
-    As under bash, a failure stops the script only under `set -e`."""
-    import tempfile
-
-    run = RunDirectory.create(run_dir, base)
-    stages: list[dict[str, Any]] = []
-    record = Run(
-        run,
-        script=str(script),
-        **stored_args(args),
-        cwd=os.getcwd(),
-        stdout=(stdout := describe_stdout(1, run.output_path.resolve())),
-        started=time.time(),
-        retries=opts.retries,
-        stages=stages,
-        resumed=False,
-    )
-    status = 0
-    number = 0
-    with tempfile.TemporaryDirectory(prefix="sage-state-") as tmp:
-        state_in: str | None = None
-        for k, segment in enumerate(segments):
-            state_out = os.path.join(tmp, f"state{k}.sh")
-            if segment.pipeline is not None:
-                number += 1
-            try:
-                pipeline, errexit, last = expand_segment(
-                    script, segment, args, state_in=state_in, state_out=state_out, group=number
-                )
-            except CommandsFailed as err:
-                status = int(err.code)
-                break
-            state_in = state_out
-            if pipeline is None:
-                status = last  # the script's tail ran: its status is that of its last command
-                continue
-            stages.extend(describe(pipeline))
-            record.update(stages=stages)
-            ledger = None
-            if output_path(pipeline, run) is None and stdout["kind"] == "copy":
-                ledger = os.open(run.output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            from sage_cli.run.supervisor import Supervisor
-
-            sup = Supervisor(pipeline, run, opts, args, events=record.events)
-            try:
-                status = supervise(sup, run, opts, ledger)
-            finally:
-                if ledger is not None:
-                    os.close(ledger)
-            if status in (ExitCode.INTERRUPTED, ExitCode.TERMINATED, 124) or (status and errexit):
-                break
-    record.finish(status, quiet=opts.quiet)
-    return status

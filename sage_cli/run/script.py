@@ -446,6 +446,65 @@ def read_segments(path: str | Path) -> list[Segment]:
     return segments
 
 
+#: commands whose effect lives in the shell process that runs the whole script, which the
+#: parsed path splits (the commands before the pipeline run in one bash, the pipeline is
+#: forked by `sage run`): limits and the umask a stage would not inherit, traps that would fire
+#: at the wrong moment, `exec`/`exit`/`kill $$` that end a different shell, jobs and `wait`
+_SHELL_PROCESS_WORDS = frozenset(
+    {
+        "trap", "exec", "exit", "return", "ulimit", "umask", "kill", "wait", "eval", "source",
+        ".", "coproc", "disown", "suspend", "fg", "bg", "jobs", "enable", "builtin", "command",
+        "caller", "times", "logout",
+    }
+)  # fmt: skip
+#: words that name the script's own shell process or the last pipeline's statuses
+_SHELL_PROCESS_VARIABLES = ("$$", "${$}", "$!", "${!}", "BASHPID", "PIPESTATUS", "PPID")
+
+
+def _is_sage(cmd: list[str]) -> bool:
+    words = [w for w in cmd if not _is_assignment(w)]
+    return bool(words) and (words[0] == "sage" or words[0].endswith("/sage"))
+
+
+def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
+    """Why bash must run this script whole although it reads as simple commands and pipelines
+    (None: the parsed path gives what bash gives). The parsed path runs a script of one
+    pipeline with a sage stage, last, after commands that set the shell's state or run other
+    programs; a script
+    with several pipelines or commands after its pipeline (`echo "status $?"`, `exit
+    ${PIPESTATUS[0]}`) runs under bash, as does any script that uses the shell's own process
+    (`trap`, `ulimit`, `exec`, `kill $$`, ...): under the split those came out differently
+    from bash (issue 12's "any script bash runs")."""
+    why = None
+    if len(segments) > 1 or segments[0].pipeline is None:
+        lines = [seg.line for seg in segments if seg.pipeline is not None]
+        why = (
+            f"{name}: pipelines on lines {', '.join(map(str, lines))}"
+            if len(lines) > 1
+            else f"{name}:{segments[-1].line}: commands after the pipeline"
+        )
+    elif not any(_is_sage(cmd) for cmd in segments[0].pipeline or []):
+        why = f"{name}:{segments[0].line}: no sage stage in the last pipeline"
+    elif any(_is_sage(cmd) for cmd in segments[0].commands):
+        # a sage command before the pipeline would run in the bash that expands the words,
+        # outside the run: bash runs the script, and every sage stage traces itself
+        why = f"{name}:{segments[0].line}: sage commands outside the last pipeline"
+    else:
+        for cmd in [*segments[0].commands, *(segments[0].pipeline or [])]:
+            words = [w for w in cmd if not _is_assignment(w)] or cmd
+            if words[0] in _SHELL_PROCESS_WORDS:
+                why = f"{name}:{segments[0].line}: `{words[0]}` acts on the script's own shell"
+                break
+            if any(v in w for w in cmd for v in _SHELL_PROCESS_VARIABLES):
+                why = f"{name}:{segments[0].line}: the script's shell process or statuses"
+                break
+    if why is None:
+        return None
+    found = Unsupported(why)
+    found.syntax_checked = True  # read_segments ran `bash -n`
+    return found
+
+
 def parse_script(
     path: str | Path,
     args: list[str] | None = None,

@@ -28,7 +28,7 @@ BIN = str(Path(sys.executable).parent)
 
 RECORDS = "".join(f'{{"id": "r{i}", "n": {i}, "tag": "{"ab"[i % 2]}"}}\n' for i in range(40))
 
-#: scripts the pipeline parser refuses and bash runs: each compared with bash itself
+#: scripts bash runs whole under sage run: each compared with bash itself
 SCRIPTS = {
     "set_e_if_for": """
 set -euo pipefail
@@ -78,6 +78,34 @@ echo '{"never": true}'
     "pipefail_status": """
 sage head 2 < in.ndjson | false
 """,
+    # simple commands and pipelines, but acting on the script's own shell: the parsed path
+    # (commands in one bash, the pipeline forked by sage run) gave something else for each
+    "trap_exit": """
+trap 'echo "{\\"trap\\": \\"exit\\"}"' EXIT
+sage head 1 < in.ndjson
+""",
+    "trap_err": """
+trap 'echo "{\\"trap\\": \\"err\\"}"' ERR
+sage map 'r["missing"]' < in.ndjson 2>/dev/null | sage head 1
+echo '{"after": 1}'
+""",
+    "ulimit_reaches_the_stages": """
+ulimit -n 77
+sage map '{"nofile": __import__("resource").getrlimit(7)[0]}' < in.ndjson | sage head 1
+""",
+    "exec_a_stage": """
+exec sage head 2 < in.ndjson
+""",
+    "status_after_the_pipeline": """
+sage map 'r["missing"]' < in.ndjson 2>/dev/null | sage head 1
+echo "{\\"status\\": $?, \\"statuses\\": \\"${PIPESTATUS[*]}\\"}"
+sage head 1 < in.ndjson
+exit 3
+""",
+    "kill_own_shell": """
+sage head 1 < in.ndjson
+kill -TERM $$
+""",
 }
 
 
@@ -110,7 +138,9 @@ def test_sage_run_gives_what_bash_gives(tmp_path: Path, name: str) -> None:
     run = subprocess.run(
         sage_argv("run", "-q", "s.sh"), cwd=work, env=_env(), capture_output=True, timeout=120
     )
-    assert (run.returncode, run.stdout) == (bash.returncode, bash.stdout), run.stderr.decode()
+    # bash killed by a signal (`kill $$`) is what a shell reports as 128 + its number
+    expected = 128 - bash.returncode if bash.returncode < 0 else bash.returncode
+    assert (run.returncode, run.stdout) == (expected, bash.stdout), run.stderr.decode()
     assert run.stdout or bash.returncode  # the comparison compared something
 
 
@@ -446,3 +476,32 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
     )
     assert result.returncode == 1, result.stderr
     assert b"differ from what run" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ('set -euo pipefail\nN=1\nsage head "$N" < in.ndjson | sage map r\n', None),
+        ("sage head 1 < in.ndjson\nsage head 2 < in.ndjson\n", "bash"),  # two pipelines
+        ("sage head 1 < in.ndjson\necho done\n", "bash"),  # a command after it
+        ("umask 077\nsage head 1 < in.ndjson > out.ndjson\n", "bash"),
+        ("p=$$\nsage head 1 < in.ndjson\n", "bash"),
+    ],
+    ids=["one-pipeline", "two-pipelines", "tail", "umask", "own-pid"],
+)
+def test_only_a_script_the_split_runs_exactly_is_taken_apart(
+    tmp_path: Path, text: str, mode: str | None
+) -> None:
+    """sage run forks the stages of a script only when that gives what bash gives: one
+    pipeline, last, after commands that do not act on the script's own shell."""
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(text)
+    run = subprocess.run(
+        sage_argv("run", "-q", "--run-dir", "r", "s.sh"),
+        cwd=work,
+        env=_env(),
+        capture_output=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr.decode()
+    assert json.loads((work / "r" / "run.json").read_text()).get("mode") == mode

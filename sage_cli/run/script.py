@@ -454,7 +454,7 @@ _SHELL_PROCESS_WORDS = frozenset(
     {
         "trap", "exec", "exit", "return", "ulimit", "umask", "kill", "wait", "eval", "source",
         ".", "coproc", "disown", "suspend", "fg", "bg", "jobs", "enable", "builtin", "command",
-        "caller", "times", "logout",
+        "caller", "times", "logout", "alias", "unalias",
     }
 )  # fmt: skip
 #: words that name the script's own shell process or the last pipeline's statuses
@@ -464,6 +464,22 @@ _SHELL_PROCESS_VARIABLES = ("$$", "${$}", "$!", "${!}", "BASHPID", "PIPESTATUS",
 def _is_sage(cmd: list[str]) -> bool:
     words = [w for w in cmd if not _is_assignment(w)]
     return bool(words) and (words[0] == "sage" or words[0].endswith("/sage"))
+
+
+def _redirects_the_split_refuses(segment: Segment, name: str) -> str | None:
+    """What the supervisor cannot wire but bash can (`>&2` on a stage, `<` on a stage that
+    also reads the pipe, `>` in the middle): bash runs such a script as written."""
+    stages = segment.pipeline or []
+    where = f"{name}:{segment.line}"
+    for index, cmd in enumerate(stages):
+        for op, _ in _split_stage(cmd, where)[2]:
+            if _FD_DUP.fullmatch(op) and op != "2>&1":
+                return f"{where}: `{op}` in the pipeline"
+            if op == "<" and index > 0:
+                return f"{where}: `<` on stage {index + 1}, which also reads the pipe"
+            if op in (">", ">>", "&>", "&>>") and index < len(stages) - 1:
+                return f"{where}: `{op}` on stage {index + 1}, before the last"
+    return None
 
 
 def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
@@ -490,6 +506,8 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
         # outside the run: bash runs the script, and every sage stage traces itself
         why = f"{name}:{segments[0].line}: sage commands outside the last pipeline"
     else:
+        why = _redirects_the_split_refuses(segments[0], name)
+    if why is None:
         for cmd in [*segments[0].commands, *(segments[0].pipeline or [])]:
             words = [w for w in cmd if not _is_assignment(w)] or cmd
             if words[0] in _SHELL_PROCESS_WORDS:
@@ -563,7 +581,8 @@ def _body_file(script: Path, text: str) -> str:
 
 
 class CommandsFailed(SageError):
-    """A command before a pipeline failed under `set -e`: the script stops with its status."""
+    """A command before a pipeline failed under `set -e`, or the shell ended expanding the
+    pipeline's words: the script stops with that status, as under bash."""
 
 
 def expand_segment(
@@ -647,10 +666,15 @@ def expand_segment(
         words_out = dump.read()
     fields = words_out.split(b"\0")
     if proc.returncode != 0 and (not segment.commands or len(fields) > 2):
+        # the shell ended expanding the pipeline's words (`set -u` and an unset variable,
+        # `${X:?}`, a bad substitution): the script ends there under bash too, with bash's
+        # message and status
         msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         why = msg[-1] if msg else f"bash exited with status {proc.returncode}"
         why = re.sub(r"^.*?: line [0-9]+: ", "", why)
-        raise ScriptError(f"{name}: cannot expand the script: {why}")
+        # this bash runs with -c, where such an exit is status 127; a script file's is 1
+        status = 1 if proc.returncode == 127 else proc.returncode
+        raise CommandsFailed(f"{where}: {why}", status)  # type: ignore[arg-type]
     if proc.stderr:
         sys.stderr.write(proc.stderr.decode("utf-8", "replace"))
         sys.stderr.flush()
@@ -673,6 +697,9 @@ def expand_segment(
             )
         marker = f"__sage_{taken}".encode()
         if not 1 <= count < len(fields) - pos or fields[pos + 1] != marker:
+            said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            if said:  # bash gave up on a word (`${}`: bad substitution): its reason, its status
+                raise CommandsFailed(f"{where}: {re.sub(r'^.*?: line [0-9]+: ', '', said[-1])}", 1)  # type: ignore[arg-type]
             raise ScriptError(
                 f"{where}: bash joins lines or quotes of this script differently from "
                 "sage run's reading of it (an unusual quote or continuation?); simplify it"

@@ -106,6 +106,21 @@ exit 3
 sage head 1 < in.ndjson
 kill -TERM $$
 """,
+    "alias_in_the_pipeline": """
+shopt -s expand_aliases
+alias h='sage head'
+h 2 < in.ndjson | sage map r
+""",
+    "second_stage_reads_a_file": """
+sage head 1 < in.ndjson | sage map '{"id": r["id"]}' < in.ndjson
+""",
+    "unset_variable_in_the_pipeline": """
+set -u
+sage head "$NOPE" < in.ndjson | sage map r
+""",
+    "bad_substitution_in_the_pipeline": """
+sage head ${} < in.ndjson | sage map r
+""",
 }
 
 
@@ -486,8 +501,9 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         ("sage head 1 < in.ndjson\necho done\n", "bash"),  # a command after it
         ("umask 077\nsage head 1 < in.ndjson > out.ndjson\n", "bash"),
         ("p=$$\nsage head 1 < in.ndjson\n", "bash"),
+        ("sage head 1 < in.ndjson >&2\n", "bash"),
     ],
-    ids=["one-pipeline", "two-pipelines", "tail", "umask", "own-pid"],
+    ids=["one-pipeline", "two-pipelines", "tail", "umask", "own-pid", "fd-dup"],
 )
 def test_only_a_script_the_split_runs_exactly_is_taken_apart(
     tmp_path: Path, text: str, mode: str | None

@@ -45,15 +45,25 @@ def lifeline() -> Iterator[tuple[int, int, str]]:
             pass
 
 
-def start(lifeline: tuple[int, int, str], before: str = "") -> tuple[subprocess.Popen, int, int]:
-    high, _, value = lifeline
-    proc = subprocess.Popen(
+def spawn(
+    lifeline: tuple[int, int, str], value: str | None = None, before: str = ""
+) -> subprocess.Popen:
+    """The child, handed the lifeline's read end and SAGE_RUN_LIFELINE (`value`: another)."""
+    high, _, own = lifeline
+    return subprocess.Popen(
         [sys.executable, "-c", CHILD.format(before=before)],
-        env=clean_env(SAGE_RUN_LIFELINE=value),
+        env=clean_env(SAGE_RUN_LIFELINE=own if value is None else value),
         pass_fds=(high,),
         stdout=subprocess.PIPE,
         start_new_session=True,
     )
+
+
+def start(
+    lifeline: tuple[int, int, str], before: str = "", value: str | None = None
+) -> tuple[subprocess.Popen, int, int]:
+    """spawn, and what the child says once it is set up: its threads and its helper's pid."""
+    proc = spawn(lifeline, value, before)
     assert proc.stdout is not None
     threads, helper = (int(x) for x in proc.stdout.readline().split())
     return proc, threads, helper
@@ -94,14 +104,7 @@ def test_a_stage_started_after_sage_run_died_ends_at_once(
     lifeline: tuple[int, int, str],
 ) -> None:
     os.close(lifeline[1])
-    high, _, value = lifeline
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD.format(before="")],
-        env=clean_env(SAGE_RUN_LIFELINE=value),
-        pass_fds=(high,),
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = spawn(lifeline)
     try:
         assert proc.wait(timeout=10) == -signal.SIGKILL
         assert proc.stdout is not None and proc.stdout.read() == b""  # ended before it printed
@@ -114,20 +117,11 @@ def test_a_stage_started_after_sage_run_died_ends_at_once(
 def test_a_descriptor_that_is_not_the_lifeline_is_left_alone(
     lifeline: tuple[int, int, str],
 ) -> None:
-    high, write_end, value = lifeline
-    other = value.split(":")[0] + ":1"  # the same descriptor, another inode
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD.format(before="")],
-        env=clean_env(SAGE_RUN_LIFELINE=other),
-        pass_fds=(high,),
-        stdout=subprocess.PIPE,
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    seen, helper = (int(x) for x in proc.stdout.readline().split())
+    other = lifeline[2].split(":")[0] + ":1"  # the same descriptor, another inode
+    proc, seen, helper = start(lifeline, value=other)
     try:
         assert seen == 1
-        os.close(write_end)
+        os.close(lifeline[1])
         with pytest.raises(subprocess.TimeoutExpired):
             proc.wait(timeout=0.5)  # a bound on a negative: nothing is armed to kill it
     finally:

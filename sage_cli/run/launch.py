@@ -4,6 +4,8 @@ run without loading typer."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from sage_cli.cli.guard import fail, guarded
 
 
@@ -60,6 +62,13 @@ def launch(
             return
         from sage_cli.run.script import is_yaml
 
+        if script == "-" and not Path("-").exists():
+            from sage_cli.errors import UsageError
+
+            raise UsageError(
+                "-: sage run reads its script from a file (its stdin is the script's input, "
+                "as for `bash FILE`); write the script to a file and name it"
+            )
         # a YAML pipeline runs as its bash form, like any script (the Python API's package,
         # sage_cli.api, is imported for one only: ~3 ms of every `sage run`'s start)
         if is_yaml(script):

@@ -172,3 +172,18 @@ def test_a_sage_run_process_exits_with_the_scripts_status_and_all_its_output(
     assert done.returncode == 7
     assert done.stdout.split() == [str(i) for i in range(1, 100_001)]
     assert "sage run" in done.stderr  # its own summary line, flushed before the end
+
+
+def test_a_script_named_dash_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """`sage run -` cannot read its script from stdin: stdin is the script's own input."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sage_cli", "run", "-q", "-"],
+        input="sage head 1\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("sage run: error: -: sage run reads its script from a file")
+    assert done.stderr.count("\n") == 1

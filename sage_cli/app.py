@@ -51,8 +51,9 @@ def _exit_now(code: int) -> None:
     if atexit._ncallbacks():  # noqa: SLF001 - the one way to ask
         return
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: closed before Python started (`>&-`)
+                stream.flush()
     except (OSError, ValueError):
         return  # a closed or broken stream: Python's own exit says so as usual
     os._exit(code)

@@ -210,6 +210,13 @@ def run_operator(
     from sage_cli.run.env import StageEnv
 
     env = StageEnv.read()
+    if sys.stdout is None:  # descriptor 1 was closed before the stage started (`>&-`)
+        return fail(
+            prog,
+            "stdout is closed (`>&-`): give the stage somewhere to write its records "
+            "(`> /dev/null` to discard them)",
+            int(ExitCode.FAILURE),
+        )
     writer = RecordWriter(line_buffered=opts.line_buffered or env.flush_every_batch)
     stats = Stats()
     policy = ErrorPolicy(prog, opts.on_error, opts.errors, stats)

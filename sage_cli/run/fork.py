@@ -58,12 +58,28 @@ def _close_all_but(keep_fd: int) -> None:
         os.closerange(3, limit)
 
 
+def _open_missing_std_streams() -> None:  # pragma: no cover - child
+    """In a forked child: a standard stream the parent started without (its descriptor was
+    closed, `sage run ... >&-`) is None in Python, while the child's descriptor is now its pipe
+    or file: open it as a new interpreter would have."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            continue  # closed here too: None, as in a new interpreter
+        errors = "backslashreplace" if name == "stderr" else "strict"
+        setattr(sys, name, open(fd, mode, encoding="utf-8", errors=errors, closefd=False))  # noqa: SIM115
+
+
 def _run_command(argv: list[str], env: dict[str, str]) -> int:  # pragma: no cover - child
     """The command, as a fresh `python -m sage_cli ARGV` would run it, ending the way the
     interpreter ends (non-daemon threads joined, exit handlers run, streams flushed)."""
     import traceback
 
     _forget_parent_exit_handlers()
+    _open_missing_std_streams()
     os.environ.clear()
     os.environ.update(env)
     code = 1
@@ -120,8 +136,9 @@ def fork_command(
     top. Returns its pid. The caller checks `can_fork(env)` first."""
     prctl = _libc_prctl() if dies_with_parent or name else None
     parent = os.getpid()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: that descriptor was closed when Python started (`>&-`)
+            stream.flush()
     # a signal for this process (Ctrl-C) must not run this process's handlers in the child
     # before it has set its own: held back across the fork
     held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})

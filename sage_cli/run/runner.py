@@ -4,6 +4,7 @@ lock, run the supervisor, write summary.json and say in one line how it went."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +157,11 @@ def run_pipeline(
         except Unsupported as why:
             return _run_under_bash(script_path, args, opts, run_dir, base, None, why)
         bash_only = needs_bash(segments, str(script_path))
+        if bash_only is None and sys.stdout is None:
+            # descriptor 1 closed (`sage run ... >&-`): the supervisor's relay has nowhere to
+            # write; under bash the last stage says so itself and fails, as it would alone
+            bash_only = Unsupported(f"{script_path}: stdout is closed")
+            bash_only.syntax_checked = True
         if bash_only is not None:
             return _run_under_bash(script_path, args, opts, run_dir, base, None, bash_only)
         pipeline = parse_script(script_path, args, segments=segments)

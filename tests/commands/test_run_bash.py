@@ -521,3 +521,42 @@ def test_only_a_script_the_split_runs_exactly_is_taken_apart(
     )
     assert run.returncode == 0, run.stderr.decode()
     assert json.loads((work / "r" / "run.json").read_text()).get("mode") == mode
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sage head 2 < in.ndjson | sage map r\n",  # taken apart, stages forked
+        "if true; then sage head 2 < in.ndjson | sage map r; fi\n",  # bash runs it
+    ],
+    ids=["parsed", "bash"],
+)
+def test_closed_standard_descriptors_as_under_bash(tmp_path: Path, text: str) -> None:
+    """`sage run` started with stdout closed (`>&-`, as some cron setups do) fails as bash does,
+    the last stage saying why in one line; with stdin closed, a script that does not read it
+    runs as usual."""
+    work = _workdir(tmp_path)
+    (work / "s.sh").write_text(text)
+    sage = " ".join(f"'{w}'" for w in sage_argv("run", "-q", "s.sh"))
+
+    def status(redirect: str, command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-c", f"{command} {redirect}; echo $? >&2"],
+            cwd=work,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    closed_out = status(">&-", sage)
+    by_bash = status(">&-", "bash -o pipefail s.sh")
+    assert closed_out.stderr.splitlines()[-1] == by_bash.stderr.splitlines()[-1] == "1"
+    said = closed_out.stderr.splitlines()[:-1]
+    assert said == [
+        "sage map: error: stdout is closed (`>&-`): give the stage somewhere to write its "
+        "records (`> /dev/null` to discard them)"
+    ]
+    closed_in = status("<&-", sage)
+    assert closed_in.stderr.splitlines() == ["0"], closed_in.stderr
+    assert [json.loads(x)["id"] for x in closed_in.stdout.splitlines()] == ["r0", "r1"]

@@ -15,6 +15,8 @@ _GROUP = ("app", "COMMANDS", "LazyGroup", "available_commands")
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `sage` script: usage errors become one line and exit 2."""
     args = sys.argv[1:] if argv is None else argv
+    if argv is None and sys.stderr is None:
+        _stderr_to_devnull()
     if argv is None:
         from sage_cli.run.keeper import keep, retries_asked
 
@@ -35,6 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     from sage_cli.cli.group import run
 
     return run(args)
+
+
+def _stderr_to_devnull() -> None:
+    """Started with descriptor 2 closed (`2>&-`): what sage would say goes to /dev/null, as
+    with `2>/dev/null`, and the exit status still tells; every message would otherwise fail
+    on a missing sys.stderr and turn a run that went well into exit 1."""
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        if fd != 2:
+            os.dup2(fd, 2)
+            os.close(fd)
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    except OSError:
+        pass
 
 
 def _exit_now(code: int) -> None:

@@ -57,6 +57,8 @@ def open_input(path: str) -> int | BinaryIO:
     stdin that is not a real file descriptor (a test harness) comes back as a binary stream.
     """
     if path == "-":
+        if sys.stdin is None:  # descriptor 0 was closed before the stage started (`<&-`)
+            raise SageError("stdin is closed (`<&-`): give the stage a file or a pipe to read")
         try:
             return sys.stdin.fileno()
         except (AttributeError, OSError, ValueError):

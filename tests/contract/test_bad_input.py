@@ -235,3 +235,38 @@ def test_a_record_nested_past_what_orjson_writes_goes_through(tmp_path, args):
     proc = run_sage(*argv, input=run_sage("map", "r", input=deep).stdout)
     assert proc.returncode == 0, proc.stderr
     assert (out.read_bytes() if "--to" in args else proc.stdout) == deep
+
+
+# -- closed standard descriptors (`<&-`, `>&-`, `2>&-`, as daemons and some cron setups leave
+# them): a one-line reason and exit 1 where the stage needs the descriptor, nothing otherwise
+
+
+def _with_closed(fd: int, *words: str, path: str) -> subprocess.CompletedProcess[bytes]:
+    streams = {0: "stdin", 1: "stdout", 2: "stderr"}
+    kwargs: dict = {k: subprocess.PIPE for k in ("stdout", "stderr")}
+    kwargs.pop(streams[fd], None)
+    return subprocess.run(
+        sage_argv("map", *words, path),
+        env=clean_env(),
+        timeout=60,
+        pass_fds=(),
+        preexec_fn=lambda: os.close(fd),  # noqa: PLW1509 - closes one descriptor, nothing else
+        **kwargs,
+    )
+
+
+def test_closed_descriptors_give_one_line_or_nothing(tmp_path):
+    data = tmp_path / "in.ndjson"
+    data.write_bytes(GOOD)
+    no_stdin = _with_closed(0, "r", path="-")
+    assert no_stdin.returncode == 1
+    assert "stdin is closed (`<&-`)" in one_line(no_stdin.stderr)
+    read_file = _with_closed(0, "r", path=str(data))  # a stage that reads no stdin runs on
+    assert read_file.returncode == 0 and parse_ndjson(read_file.stdout) == parse_ndjson(GOOD)
+    no_stdout = _with_closed(1, "r", path=str(data))
+    assert no_stdout.returncode == 1
+    assert "stdout is closed (`>&-`)" in one_line(no_stdout.stderr)
+    no_stderr = _with_closed(2, "r", path=str(data))  # it had nothing to say: it runs as usual
+    assert no_stderr.returncode == 0 and parse_ndjson(no_stderr.stdout) == parse_ndjson(GOOD)
+    failing = _with_closed(2, 'r["missing"]', path=str(data))  # the status still tells
+    assert failing.returncode == 65 and failing.stdout == b""

@@ -187,9 +187,19 @@ def test_every_sage_stage_is_in_the_trace_by_pipeline_and_position(tmp_path: Pat
     assert b"6 stage(s)" in result.stderr
 
 
-def test_timeout_ends_the_whole_script_wherever_it_is(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sleep 30\nfor i in 1 2 3; do sleep 30; done\n",
+        # the case: a script of one pipeline after a long first command (it ran the
+        # command out and exited 0 when the pipeline was taken apart)
+        "sleep 30\nsage head 1 < in.ndjson | sage map r\n",
+    ],
+    ids=["loop", "one-pipeline"],
+)
+def test_timeout_ends_the_whole_script_wherever_it_is(tmp_path: Path, text: str) -> None:
     work = _workdir(tmp_path)
-    (work / "s.sh").write_text("sleep 30\nfor i in 1 2 3; do sleep 30; done\n")
+    (work / "s.sh").write_text(text)
     started = time.monotonic()
     result = subprocess.run(
         sage_argv("run", "--timeout", "1", "s.sh"),

@@ -157,11 +157,6 @@ def run_pipeline(
         except Unsupported as why:
             return _run_under_bash(script_path, args, opts, run_dir, base, None, why)
         bash_only = needs_bash(segments, str(script_path))
-        if bash_only is None and opts.timeout is not None and segments[0].commands:
-            # the commands before the pipeline run in the bash that expands its words, which
-            # no timer watches (`sleep 6` under --timeout 2 ran its 6 s and exited 0)
-            bash_only = Unsupported(f"{script_path}: --timeout over commands before a pipeline")
-            bash_only.syntax_checked = True
         if bash_only is None and sys.stdout is None:
             # descriptor 1 closed (`sage run ... >&-`): the supervisor's relay has nowhere to
             # write; under bash the last stage says so itself and fails, as it would alone

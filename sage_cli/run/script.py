@@ -457,6 +457,14 @@ _SHELL_PROCESS_WORDS = frozenset(
         "caller", "times", "logout", "alias", "unalias",
     }
 )  # fmt: skip
+#: builtins that set the shell's state or print, at once: what may come before a pipeline the
+#: parsed path takes apart
+_STATE_BUILTINS = frozenset(
+    {
+        "set", "export", "cd", "shopt", "unset", "declare", "typeset", "readonly", "echo",
+        "printf", ":", "true", "false",
+    }
+)  # fmt: skip
 #: words that name the script's own shell process or the last pipeline's statuses
 _SHELL_PROCESS_VARIABLES = ("$$", "${$}", "$!", "${!}", "BASHPID", "PIPESTATUS", "PPID")
 
@@ -485,12 +493,13 @@ def _redirects_the_split_refuses(segment: Segment, name: str) -> str | None:
 def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
     """Why bash must run this script whole although it reads as simple commands and pipelines
     (None: the parsed path gives what bash gives). The parsed path runs a script of one
-    pipeline with a sage stage, last, after commands that set the shell's state or run other
-    programs; a script
-    with several pipelines or commands after its pipeline (`echo "status $?"`, `exit
-    ${PIPESTATUS[0]}`) runs under bash, as does any script that uses the shell's own process
-    (`trap`, `ulimit`, `exec`, `kill $$`, ...): under the split those came out differently
-    from bash (issue 12's "any script bash runs")."""
+    pipeline with a sage stage, last, after shell builtins that set its state (assignments,
+    `set`, `export`, `cd`, `echo`...): they run at once in the bash that expands the words. A
+    script with several pipelines or commands after its pipeline (`echo "status $?"`, `exit
+    ${PIPESTATUS[0]}`), one that runs a program before it (no timer, signal or lifeline
+    reaches that bash: `sleep 6` under `--timeout 2` ran 6 s), and one that uses the shell's
+    own process (`trap`, `ulimit`, `exec`, `kill $$`, ...) runs under bash: under the split
+    those came out differently from bash (issue 12's "any script bash runs")."""
     why = None
     if len(segments) > 1 or segments[0].pipeline is None:
         lines = [seg.line for seg in segments if seg.pipeline is not None]
@@ -507,6 +516,14 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
         why = f"{name}:{segments[0].line}: sage commands outside the last pipeline"
     else:
         why = _redirects_the_split_refuses(segments[0], name)
+    if why is None:
+        for cmd in segments[0].commands:
+            words = [w for w in cmd if not _is_assignment(w)]
+            if (words and words[0] not in _STATE_BUILTINS) or any(
+                "$(" in w or "`" in w for w in cmd
+            ):
+                why = f"{name}:{segments[0].line}: a program runs before the pipeline"
+                break
     if why is None:
         for cmd in [*segments[0].commands, *(segments[0].pipeline or [])]:
             words = [w for w in cmd if not _is_assignment(w)] or cmd

@@ -512,8 +512,21 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         ("umask 077\nsage head 1 < in.ndjson > out.ndjson\n", "bash"),
         ("p=$$\nsage head 1 < in.ndjson\n", "bash"),
         ("sage head 1 < in.ndjson >&2\n", "bash"),
+        ("echo starting >&2\nexport X=1\nsage head 1 < in.ndjson | sage map r\n", None),
+        ("mkdir -p d\nsage head 1 < in.ndjson | sage map r\n", "bash"),  # a program first
+        ('X="$(ls)"\nsage head 1 < in.ndjson | sage map r\n', "bash"),
     ],
-    ids=["one-pipeline", "two-pipelines", "tail", "umask", "own-pid", "fd-dup"],
+    ids=[
+        "one-pipeline",
+        "two-pipelines",
+        "tail",
+        "umask",
+        "own-pid",
+        "fd-dup",
+        "builtins-first",
+        "program-first",
+        "substitution-first",
+    ],
 )
 def test_only_a_script_the_split_runs_exactly_is_taken_apart(
     tmp_path: Path, text: str, mode: str | None

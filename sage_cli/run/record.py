@@ -1,7 +1,6 @@
 """One run's record in its run directory: run.json (what ran), events.ndjson (the supervisor's
 event stream) and summary.json (what came of it, with the one line on stderr at the end). Every
-kind of run writes them through `Run`: a one-pipeline script, a script with several pipelines,
-a Ray run."""
+kind of run writes them through `Run`: a script taken apart, a script bash runs, a Ray run."""
 
 from __future__ import annotations
 

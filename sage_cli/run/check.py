@@ -178,11 +178,16 @@ def pipelines_of(script: str, args: list[str]) -> list[Pipeline]:
     --check must not do the script's work (`mkdir`, `python make_corpus.py > x`)."""
     import tempfile
 
-    from sage_cli.run.script import Segment, expand_segment, read_segments
+    from sage_cli.run.script import Segment, expand_segment, needs_bash, read_segments
 
     segments = read_segments(script)
     if len(segments) == 1 and segments[0].pipeline is not None:
-        return [parse_script(script, args)]
+        # a script `sage run` hands to bash is checked as bash runs it (below, statically):
+        # expanding it here would run the programs before its pipeline
+        bash_only = needs_bash(segments, script)
+        if bash_only is not None:
+            raise bash_only
+        return [parse_script(script, args, segments=segments)]
     out: list[Pipeline] = []
     number = 0
     with tempfile.TemporaryDirectory(prefix="sage-check-") as tmp:

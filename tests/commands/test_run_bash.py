@@ -368,6 +368,28 @@ def test_check_reads_what_it_can_and_says_what_it_skipped(tmp_path: Path) -> Non
     assert bad.returncode == 2 and b"No such option '--bogus'" in bad.stderr
 
 
+def test_check_runs_none_of_the_scripts_programs(tmp_path: Path) -> None:
+    """--check of a one-pipeline script with a program before the pipeline checks it as bash
+    runs it, reading its words: it ran the program (`touch MADE` made the file) to expand them;
+    and a redirection only bash wires (`>&2`) is no error."""
+    work = _workdir(tmp_path)
+    for text in (
+        "touch MADE\nsage head 1 < in.ndjson | sage map r\n",
+        "sage head 1 < in.ndjson >&2\n",
+    ):
+        (work / "s.sh").write_text(text)
+        done = subprocess.run(
+            sage_argv("run", "--check", "s.sh"),
+            cwd=work,
+            env=_env(),
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        assert b"bash runs it whole" in done.stderr and b"stage(s) OK" in done.stderr
+        assert not (work / "MADE").exists()
+
+
 def test_model_stages_started_by_bash_share_the_cores(tmp_path: Path) -> None:
     """Under `sage run`, bash starts the stages: a model stage counts the model stages of its
     own pipeline (its siblings joined to it by pipes) and takes its share of the cores, as the

@@ -240,13 +240,20 @@ def test_sage_run_check_exits_cleanly(text: str) -> None:
 
 def test_check_of_a_script_whose_own_command_fails_is_a_usage_error(tmp_path: Path) -> None:
     """Regression (fuzzing: `set -e\r0`): --check exited with the failing command's status
-    (127), outside its documented codes; it is a problem of the script: exit 2, one line."""
+    (127), outside its documented codes; it is a problem of the script: exit 2, one line.
+    That input now reads as a program (`0`) before the pipeline, so bash would run the script
+    whole and --check reads it without running it (exit 0); a builtin that fails under
+    `set -e` still stops the check with exit 2."""
     path = _write(str(tmp_path), "set -e\r0\n" + PIPELINE + "\n")
+    proc = run_sage("run", "--check", str(path), cwd=str(tmp_path), timeout=60)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 0 and "bash runs it whole" in err, err
+    path = _write(str(tmp_path), "set -e\nfalse\n" + PIPELINE + "\n")
     proc = run_sage("run", "--check", str(path), cwd=str(tmp_path), timeout=60)
     err = proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 2, err
     assert [ln for ln in err.splitlines() if ln.startswith("sage run: error:")] == [
-        ln for ln in err.splitlines() if "a command failed (exit 127)" in ln
+        ln for ln in err.splitlines() if "a command failed (exit 1)" in ln
     ]
 
 

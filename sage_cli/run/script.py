@@ -469,6 +469,13 @@ _STATE_BUILTINS = frozenset(
 _SHELL_PROCESS_VARIABLES = ("$$", "${$}", "$!", "${!}", "BASHPID", "PIPESTATUS", "PPID")
 
 
+def _traces_commands(args: list[str]) -> bool:
+    """`set` arguments that turn on xtrace or verbose (`-x`, `-eux`, `-o xtrace`, `-v`)."""
+    return any(a in ("xtrace", "verbose") for a in args) or any(
+        a.startswith("-") and not a.startswith("--") and ("x" in a or "v" in a) for a in args
+    )
+
+
 def _is_sage(cmd: list[str]) -> bool:
     words = [w for w in cmd if not _is_assignment(w)]
     return bool(words) and (words[0] == "sage" or words[0].endswith("/sage"))
@@ -523,6 +530,10 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
                 "$(" in w or "`" in w for w in cmd
             ):
                 why = f"{name}:{segments[0].line}: a program runs before the pipeline"
+                break
+            if words and words[0] == "set" and _traces_commands(words[1:]):
+                # bash would trace the expanding shell's own machinery (`++ __sage_words ...`)
+                why = f"{name}:{segments[0].line}: `set -x` or `-v` traces the script"
                 break
     if why is None:
         for cmd in [*segments[0].commands, *(segments[0].pipeline or [])]:

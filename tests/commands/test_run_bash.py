@@ -537,6 +537,8 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         ("echo starting >&2\nexport X=1\nsage head 1 < in.ndjson | sage map r\n", None),
         ("mkdir -p d\nsage head 1 < in.ndjson | sage map r\n", "bash"),  # a program first
         ('X="$(ls)"\nsage head 1 < in.ndjson | sage map r\n', "bash"),
+        ("set -eux\nsage head 1 < in.ndjson | sage map r\n", "bash"),  # xtrace: bash's own
+        ("set -o pipefail\nsage head 1 < in.ndjson | sage map r\n", None),
     ],
     ids=[
         "one-pipeline",
@@ -548,6 +550,8 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         "builtins-first",
         "program-first",
         "substitution-first",
+        "xtrace",
+        "pipefail",
     ],
 )
 def test_only_a_script_the_split_runs_exactly_is_taken_apart(

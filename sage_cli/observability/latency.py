@@ -51,20 +51,10 @@ class BatchFigures:
         self.first: float | None = None
         self.last: tuple[float, float] | None = None  # (t, d) of the batch that left last
 
-    def add(self, t: float, d: float, n: int) -> None:
-        pairs = self.pairs
-        if pairs is not None:
-            if len(pairs) < MAX_BATCHES:
-                pairs.append((d, n))
-            else:
-                self.pairs = None
-        if self.first is None or t < self.first:  # unordered: not always the first written
-            self.first = t
-        if self.last is None or t + d > sum(self.last):
-            self.last = (t, d)
-
     def add_rows(self, rows: list[tuple[float, float, int, int, int, int]]) -> None:
-        """`add` for many batches at once, given as the trace's (t, d, n, ...) numbers."""
+        """Batches as the trace's (t, d, n, o, l, w) numbers, added together: a light stage
+        traces thousands a second (with one clock read fewer, a plain batch event went from 2.5 to
+        1.8-1.9 us, by hand over 4,576 batches)."""
         if not rows:
             return
         pairs = self.pairs

@@ -182,7 +182,7 @@ class Tracer:
             if self.sample_left > 0:
                 data += self._sample(batch, out, round(t, 6))
             self._format_plain()  # the batches before this one first, in the figures too
-            self.figures.add(t, d, n)
+            self.figures.add_rows([(t, d, n, o, first_line, written)])
             self._parts.append(data)
             self._size += len(data)
         if self._size >= FLUSH_BYTES:  # small writes: no large buffers to allocate and fault in

@@ -163,13 +163,10 @@ def check(pipeline: Pipeline, made_before: set[Path] | None = None) -> list[str]
 
 
 #: commands --check runs from a script with several pipelines (they only set shell state)
-_STATE_COMMANDS = frozenset({"set", "export", "cd", "shopt", "unset", "declare", "readonly"})
-
-
 def _sets_state_only(cmd: list[str]) -> bool:
-    from sage_cli.run.script import _is_assignment
+    from sage_cli.run.script import STATE_COMMANDS, _is_assignment
 
-    return all(_is_assignment(w) for w in cmd) or cmd[0] in _STATE_COMMANDS
+    return all(_is_assignment(w) for w in cmd) or cmd[0] in STATE_COMMANDS
 
 
 def pipelines_of(script: str, args: list[str]) -> list[Pipeline]:

@@ -4,7 +4,7 @@ run without loading typer."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from sage_cli.cli.guard import fail, guarded
 
@@ -62,7 +62,7 @@ def launch(
             return
         from sage_cli.run.script import is_yaml
 
-        if script == "-" and not Path("-").exists():
+        if script == "-" and not os.path.exists("-"):
             from sage_cli.errors import UsageError
 
             raise UsageError(

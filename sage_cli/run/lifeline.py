@@ -12,9 +12,9 @@ processes share the inherited one), makes it signal-driven (O_ASYNC) with SIGKIL
 (F_SETSIG) and its group as the owner. A pipe signals its readers when its last writer closes.
 Where that cannot be set up, a daemon thread blocks on the pipe and kills the group itself; the
 kernel's way is preferred because any second thread costs a light stage ~4% more CPU (glibc's
-malloc takes locks once a process has two threads: measured on `sage filter` over 1M records). bash itself also dies with `sage run` by
-PR_SET_PDEATHSIG, so it starts nothing more; commands in a group of their own end as their
-neighbours' pipes close.
+malloc takes locks once a process has two threads: measured on `sage filter` over 1M
+records). bash itself also dies with `sage run` by PR_SET_PDEATHSIG, so it starts nothing more;
+commands in a group of their own end as their neighbours' pipes close.
 """
 
 from __future__ import annotations
@@ -110,9 +110,7 @@ def _kernel_kills_group_when_closed(fd: int) -> bool:
     # write end may have closed before it was armed: then nothing would signal
     try:
         gone = os.read(own, 1) == b""
-    except BlockingIOError:
-        gone = False
-    except OSError:
+    except OSError:  # BlockingIOError: the writer is there
         gone = False
     if gone:
         _kill_group()

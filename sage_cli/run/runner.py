@@ -160,8 +160,7 @@ def run_pipeline(
         if bash_only is None and sys.stdout is None:
             # descriptor 1 closed (`sage run ... >&-`): the supervisor's relay has nowhere to
             # write; under bash the last stage says so itself and fails, as it would alone
-            bash_only = Unsupported(f"{script_path}: stdout is closed")
-            bash_only.syntax_checked = True
+            bash_only = Unsupported.after_syntax_check(f"{script_path}: stdout is closed")
         if bash_only is not None:
             return _run_under_bash(script_path, args, opts, run_dir, base, None, bash_only)
         pipeline = parse_script(script_path, args, segments=segments)

@@ -137,6 +137,12 @@ class Unsupported(ScriptError):
     #: found after `bash -n` had accepted the script (no need to ask bash again)
     syntax_checked = False
 
+    @classmethod
+    def after_syntax_check(cls, why: str) -> Unsupported:
+        found = cls(why)
+        found.syntax_checked = True
+        return found
+
 
 class _Incomplete(ScriptError):
     """A quote or substitution goes on past the end of the line."""
@@ -428,9 +434,9 @@ def read_segments(path: str | Path) -> list[Segment]:
     for number, group, _ in entries:
         for cmd in group:
             if cmd[0] in _UNSUPPORTED_WORDS or cmd[0].endswith("()"):
-                found = Unsupported(f"{name}:{number}: a `{cmd[0]}` block or function")
-                found.syntax_checked = True
-                raise found
+                raise Unsupported.after_syntax_check(
+                    f"{name}:{number}: a `{cmd[0]}` block or function"
+                )
     if not any(p for _, _, p in entries):  # no `|` at all: the last command is the pipeline
         entries[-1] = (entries[-1][0], entries[-1][1], True)
     segments: list[Segment] = []
@@ -457,14 +463,13 @@ _SHELL_PROCESS_WORDS = frozenset(
         "caller", "times", "logout", "alias", "unalias",
     }
 )  # fmt: skip
-#: builtins that set the shell's state or print, at once: what may come before a pipeline the
-#: parsed path takes apart
-_STATE_BUILTINS = frozenset(
-    {
-        "set", "export", "cd", "shopt", "unset", "declare", "typeset", "readonly", "echo",
-        "printf", ":", "true", "false",
-    }
-)  # fmt: skip
+#: builtins that only set the shell's state (what `--check` runs of a script's commands)
+STATE_COMMANDS = frozenset(
+    {"set", "export", "cd", "shopt", "unset", "declare", "typeset", "readonly"}
+)
+#: ... and those that print or do nothing besides: what may come, at once, before a pipeline
+#: the parsed path takes apart
+_STATE_BUILTINS = STATE_COMMANDS | {"echo", "printf", ":", "true", "false"}
 #: words that name the script's own shell process or the last pipeline's statuses
 _SHELL_PROCESS_VARIABLES = ("$$", "${$}", "$!", "${!}", "BASHPID", "PIPESTATUS", "PPID")
 
@@ -544,11 +549,7 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
             if any(v in w for w in cmd for v in _SHELL_PROCESS_VARIABLES):
                 why = f"{name}:{segments[0].line}: the script's shell process or statuses"
                 break
-    if why is None:
-        return None
-    found = Unsupported(why)
-    found.syntax_checked = True  # read_segments ran `bash -n`
-    return found
+    return None if why is None else Unsupported.after_syntax_check(why)  # read_segments ran it
 
 
 def parse_script(

@@ -57,6 +57,20 @@ class Stats:
     started: float = field(default_factory=time.monotonic)
 
 
+def plain_text_hint(bad: BadLine) -> str:
+    """How to read text, for a bad first line that starts like prose rather than JSON (a
+    letter: not a bracket, quote, digit or sign): text given where records were expected.
+    Empty for any other bad line."""
+    textual = bad.reason.startswith("invalid JSON") and bad.raw.lstrip()[:1].isalpha()
+    if bad.line != 1 or not textual:
+        return ""
+    if bad.origin == "stdin":
+        return "; for lines of plain text, put `sage source - -R |` in front"
+    import shlex
+
+    return f"; for a file of plain text, read it with `sage source {shlex.quote(bad.origin)} -R`"
+
+
 class ErrorPolicy:
     """Applies `--on-error` and `--errors FILE` to a bad line or a failed record."""
 
@@ -127,7 +141,9 @@ class ErrorPolicy:
             "error": bad.reason,
             "raw": bad.raw_text(),
         }
-        return self._apply(entry, bad.message(), ExitCode.DATA, {"_error": entry})
+        # text given where records were expected: the fix is a source, not an error policy
+        message = bad.message() + plain_text_hint(bad)
+        return self._apply(entry, message, ExitCode.DATA, {"_error": entry})
 
     def bad_record(
         self, record: Record, origin: str, line: int, exc: BaseException

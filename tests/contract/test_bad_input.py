@@ -53,6 +53,21 @@ def test_invalid_json_in_a_file_names_file_and_line(tmp_path):
     assert_good_written(result.stdout)
 
 
+def test_plain_text_where_records_were_expected_says_how_to_read_text(tmp_path):
+    result = run_sage("map", "r", input=b"How do I decode DER data?\nsecond line\n")
+    assert result.returncode == 65
+    err = one_line(result.stderr)
+    assert "stdin:1: invalid JSON" in err and "put `sage source - -R |` in front" in err
+    notes = tmp_path / "my notes.txt"
+    notes.write_bytes(b"plain words\n")
+    err = one_line(run_sage("map", "r", str(notes)).stderr)
+    assert f"read it with `sage source '{notes}' -R`" in err
+    # JSON gone wrong, or a bad line after good records, is not plain text: no such advice
+    for data in (b"{oops}\n", GOOD + b"plain words\n", b"[1,\n", b"  \x22a\n", b"true\n"):
+        err = one_line(run_sage("map", "r", input=data).stderr)
+        assert "sage source" not in err, data
+
+
 @pytest.mark.parametrize(
     ("line", "kind"),
     [

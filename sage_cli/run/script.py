@@ -509,8 +509,9 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
     `set`, `export`, `cd`, `echo`...): they run at once in the bash that expands the words. A
     script with several pipelines or commands after its pipeline (`echo "status $?"`, `exit
     ${PIPESTATUS[0]}`), one that runs a program before it (no timer, signal or lifeline
-    reaches that bash: `sleep 6` under `--timeout 2` ran 6 s), and one that uses the shell's
-    own process (`trap`, `ulimit`, `exec`, `kill $$`, ...) runs under bash: under the split
+    reaches that bash: `sleep 6` under `--timeout 2` ran 6 s; a `$(...)` in the pipeline's own
+    words, for the same reason), and one that uses the shell's own process (`trap`, `ulimit`,
+    `exec`, `kill $$`, ...) runs under bash: under the split
     those came out differently from bash (issue 12's "any script bash runs")."""
     why = None
     if len(segments) > 1 or segments[0].pipeline is None:
@@ -540,6 +541,12 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
                 # bash would trace the expanding shell's own machinery (`++ __sage_words ...`)
                 why = f"{name}:{segments[0].line}: `set -x` or `-v` traces the script"
                 break
+    if why is None and any(
+        "$(" in w or "`" in w for cmd in segments[0].pipeline or [] for w in cmd
+    ):
+        # the bash that expands the pipeline's words would run it, where no timer, signal or
+        # lifeline reaches (`$(sleep 60)` outlived `--timeout 1`)
+        why = f"{name}:{segments[0].line}: a command substitution in the pipeline's words"
     if why is None:
         for cmd in [*segments[0].commands, *(segments[0].pipeline or [])]:
             words = [w for w in cmd if not _is_assignment(w)] or cmd

@@ -194,8 +194,10 @@ def test_every_sage_stage_is_in_the_trace_by_pipeline_and_position(tmp_path: Pat
         # the case: a script of one pipeline after a long first command (it ran the
         # command out and exited 0 when the pipeline was taken apart)
         "sleep 30\nsage head 1 < in.ndjson | sage map r\n",
+        # a program in the pipeline's own words ran in the bash that expands them, unwatched
+        'sage head 1 < in.ndjson | sage map "r | {\\"x\\": \\"$(sleep 30)\\"}"\n',
     ],
-    ids=["loop", "one-pipeline"],
+    ids=["loop", "one-pipeline", "substitution-in-pipeline"],
 )
 def test_timeout_ends_the_whole_script_wherever_it_is(tmp_path: Path, text: str) -> None:
     work = _workdir(tmp_path)
@@ -539,6 +541,7 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         ('X="$(ls)"\nsage head 1 < in.ndjson | sage map r\n', "bash"),
         ("set -eux\nsage head 1 < in.ndjson | sage map r\n", "bash"),  # xtrace: bash's own
         ("set -o pipefail\nsage head 1 < in.ndjson | sage map r\n", None),
+        ('sage head "$(echo 1)" < in.ndjson | sage map r\n', "bash"),  # run by the expander
     ],
     ids=[
         "one-pipeline",
@@ -552,6 +555,7 @@ def test_a_replay_found_different_after_the_script_ended_still_fails(tmp_path: P
         "substitution-first",
         "xtrace",
         "pipefail",
+        "substitution-in-pipeline",
     ],
 )
 def test_only_a_script_the_split_runs_exactly_is_taken_apart(

@@ -182,6 +182,9 @@ class Source(Operator):
         self.convert = {k.lower(): v for k, v in (convert or {}).items()}
         self.verbose = verbose
         self.skipped: list[tuple[str, str]] = []  # (path, reason) of every entry walked past
+        #: (path, why) of every file refused as one file's error (under --on-error skip or
+        #: emit the read goes on; --verbose names them at the end, with the skipped ones)
+        self.unreadable: list[tuple[str, str]] = []
         # files found in a directory only because they may be text (no extension, or any file
         # under --format text): binary content skips them (counted), it is not an error
         self._maybe_text: set[str] = set()
@@ -197,7 +200,10 @@ class Source(Operator):
             yield from self._watch()
             return
         for path in self.expand():
-            yield from self.read_path(path)
+            for item in self.read_path(path):
+                if isinstance(item, BadFile):
+                    self.unreadable.append((item.origin, item.reason))
+                yield item
 
     def expand(self) -> list[str]:
         """The inputs named by `paths`: files, directories walked in sorted order, globs."""
@@ -257,11 +263,18 @@ class Source(Operator):
         return EXTENSIONS.get(ext, "text")
 
     def notes(self) -> list[str]:
-        """Lines for stderr at the end: what was skipped, summed up (and listed if verbose)."""
+        """Lines for stderr at the end: what was skipped, summed up (and listed if verbose),
+        and with --verbose the files refused as errors."""
+        if self.verbose:
+            lines = [f"could not read {path}: {why}" for path, why in self.unreadable]
+        elif self.unreadable:
+            lines = [f"could not read {len(self.unreadable)} file(s); --verbose names them"]
+        else:
+            lines = []
         if not self.skipped:
-            return []
-        lines = [f"skipped {path} ({SKIP_REASONS[why]})" for path, why in self.skipped]
-        lines = lines if self.verbose else []
+            return lines
+        if self.verbose:
+            lines += [f"skipped {path} ({SKIP_REASONS[why]})" for path, why in self.skipped]
         by_reason: dict[str, int] = {}
         by_ext: dict[str, int] = {}
         for path, why in self.skipped:

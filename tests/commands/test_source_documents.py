@@ -53,6 +53,14 @@ def test_corrupt_pdf_is_one_files_error_and_the_rest_go_through(tmp_path):
     records = parse_ndjson(emitted.stdout)
     assert records[0]["text"] == "first document" and records[2]["text"] == "third document"
     assert records[1]["_error"]["origin"] == str(docs / "b.pdf")
+    # skipped, the files are counted, and --verbose names each with why
+    skipped = run_sage("source", str(docs), "--on-error", "skip")
+    assert skipped.returncode == 0
+    assert [r["text"] for r in parse_ndjson(skipped.stdout)] == ["first document", "third document"]
+    assert "sage source: could not read 1 file(s); --verbose names them" in skipped.stderr.decode()
+    verbose = run_sage("source", str(docs), "--on-error", "skip", "--verbose").stderr.decode()
+    assert f"sage source: could not read {docs / 'b.pdf'}: not a readable PDF" in verbose
+    assert "could not read 1 file(s)" not in verbose
 
 
 def test_html_keeps_the_main_text_and_title_without_nav_scripts_styles_footer(tmp_path):

@@ -2,7 +2,8 @@
 
 The parent (a `sage map --workers 2` stage) is killed while its workers hold batches; a worker
 that finishes its batch then finds the pipe back to the parent broken. It must end without a
-traceback, and soon: none of them may outlive the parent for long.
+traceback, and soon: none of them may outlive the parent for long. A worker deep in a long call
+dies with its parent too, by the kernel's death signal: it keeps no thread to watch for it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ import os, time
 def hold(r):
     open(os.path.join(os.environ["MARKS"], "%d-%d" % (os.getpid(), r["id"])), "w").close()
     time.sleep(0.3)
+    return r
+
+def stall(r):
+    open(os.path.join(os.environ["MARKS"], "%d" % os.getpid()), "w").close()
+    time.sleep(600)
     return r
 """
 
@@ -54,3 +60,45 @@ def test_orphaned_workers_exit_without_a_traceback(tmp_path: Path) -> None:
     err = proc.stderr.read().decode()
     assert "Traceback" not in err, err
     assert "BrokenPipe" not in err, err
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no thread count for {pid}")
+
+
+def test_a_worker_in_a_long_call_dies_with_its_parent_and_keeps_one_thread(tmp_path: Path) -> None:
+    (tmp_path / "usermod.py").write_text(USER_CODE)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    proc = subprocess.Popen(
+        sage_argv("map", "--fn", "usermod:stall", "--workers", "2", "--batch-size", "1"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=clean_env(MARKS=str(marks)),
+    )
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.write(b'{"id": 1}\n')
+    proc.stdin.flush()
+    deadline = time.monotonic() + 60
+    while not any(marks.iterdir()):
+        assert time.monotonic() < deadline, "the worker never started"
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    worker = int(next(marks.iterdir()).name)
+    assert _threads(worker) == 1  # no thread polling for the parent (it was 2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists():
+        state = Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0]
+        if state == "Z":  # dead, waiting for init to reap it
+            break
+        assert time.monotonic() < deadline, "the worker outlived its parent"
+        time.sleep(0.05)
+    proc.stdin.close()
+    proc.stderr.close()

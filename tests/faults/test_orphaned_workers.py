@@ -13,6 +13,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import clean_env, sage_argv
 
@@ -31,12 +32,14 @@ def stall(r):
 """
 
 
-def test_orphaned_workers_exit_without_a_traceback(tmp_path: Path) -> None:
+def _start_workers(tmp_path: Path, fn: str, records: int, busy: int) -> tuple[Any, Path]:
+    """`sage map --fn usermod:FN --workers 2` fed `records` records, once `busy` workers are
+    inside a call (each marks a file named after its pid in the returned folder)."""
     (tmp_path / "usermod.py").write_text(USER_CODE)
     marks = tmp_path / "marks"
     marks.mkdir()
     proc = subprocess.Popen(
-        sage_argv("map", "--fn", "usermod:hold", "--workers", "2", "--batch-size", "1"),
+        sage_argv("map", "--fn", f"usermod:{fn}", "--workers", "2", "--batch-size", "1"),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -44,14 +47,19 @@ def test_orphaned_workers_exit_without_a_traceback(tmp_path: Path) -> None:
         env=clean_env(MARKS=str(marks)),
     )
     assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write(b"".join(b'{"id": %d}\n' % i for i in range(40)))
+    proc.stdin.write(b"".join(b'{"id": %d}\n' % i for i in range(records)))
     proc.stdin.flush()
     deadline = time.monotonic() + 60
-    # both workers are inside a batch, with more batches queued to them
-    while len({p.name.split("-")[0] for p in marks.iterdir()}) < 2:
+    while len({p.name.split("-")[0] for p in marks.iterdir()}) < busy:
         assert time.monotonic() < deadline, "the workers never started"
         assert proc.poll() is None, proc.stderr.read()
         time.sleep(0.05)
+    return proc, marks
+
+
+def test_orphaned_workers_exit_without_a_traceback(tmp_path: Path) -> None:
+    # both workers are inside a batch, with more batches queued to them
+    proc, _ = _start_workers(tmp_path, "hold", records=40, busy=2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
     proc.stdin.close()
@@ -70,25 +78,7 @@ def _threads(pid: int) -> int:
 
 
 def test_a_worker_in_a_long_call_dies_with_its_parent_and_keeps_one_thread(tmp_path: Path) -> None:
-    (tmp_path / "usermod.py").write_text(USER_CODE)
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    proc = subprocess.Popen(
-        sage_argv("map", "--fn", "usermod:stall", "--workers", "2", "--batch-size", "1"),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=tmp_path,
-        env=clean_env(MARKS=str(marks)),
-    )
-    assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write(b'{"id": 1}\n')
-    proc.stdin.flush()
-    deadline = time.monotonic() + 60
-    while not any(marks.iterdir()):
-        assert time.monotonic() < deadline, "the worker never started"
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
+    proc, marks = _start_workers(tmp_path, "stall", records=1, busy=1)
     worker = int(next(marks.iterdir()).name)
     assert _threads(worker) == 1  # no thread polling for the parent (it was 2)
     os.kill(proc.pid, signal.SIGKILL)
@@ -100,5 +90,5 @@ def test_a_worker_in_a_long_call_dies_with_its_parent_and_keeps_one_thread(tmp_p
             break
         assert time.monotonic() < deadline, "the worker outlived its parent"
         time.sleep(0.05)
-    proc.stdin.close()
-    proc.stderr.close()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        stream.close()

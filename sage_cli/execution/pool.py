@@ -14,7 +14,6 @@ import os
 import pickle
 import queue
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -28,7 +27,6 @@ from sage_cli.operators.base import Record
 #: batches sent to one worker before it must answer; 2 keeps a worker busy while the parent
 #: reads its last answer
 PER_WORKER = 2
-_PR_SET_PDEATHSIG = 1
 
 
 # -- the worker side -------------------------------------------------------------------------
@@ -44,19 +42,13 @@ def _watch_parent(parent: int) -> None:
 
 def _die_with_parent(parent: int) -> bool:
     """Have the kernel kill this worker when the thread that started it ends, the parent's
-    main thread (PR_SET_PDEATHSIG): then no thread has to watch for it, and a second thread
-    costs a light operator ~4% CPU (glibc's malloc takes locks once a process has two).
-    False where prctl is not there."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
+    main thread (PR_SET_PDEATHSIG): at once, even deep in a long call, and with no thread
+    in the worker to watch for it. False where prctl is not there."""
+    from sage_cli.run.fork import PR_SET_PDEATHSIG, libc_prctl
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - a libc without prctl
-        return False
-    if prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:  # pragma: no cover
-        return False
+    prctl = libc_prctl()
+    if prctl is None or prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False  # pragma: no cover - not Linux
     if os.getppid() != parent:  # it was gone before the signal was set
         os._exit(1)
     return True

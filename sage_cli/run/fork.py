@@ -22,7 +22,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-_PR_SET_PDEATHSIG = 1
+#: prctl(2) options: die by a signal when the parent thread ends; name the process
+PR_SET_PDEATHSIG = 1
 _PR_SET_NAME = 15
 _prctl: list[Callable[..., int] | None] = []  # libc's prctl, looked up once (None: not there)
 
@@ -134,7 +135,7 @@ def fork_command(
     `keep_fd`, all others closed), in `cwd`; in a process group of its own (`own_group`), killed
     when this process dies, even by kill -9 (`dies_with_parent`), shown as `name` by ps and
     top. Returns its pid. The caller checks `can_fork(env)` first."""
-    prctl = _libc_prctl() if dies_with_parent or name else None
+    prctl = libc_prctl() if dies_with_parent or name else None
     parent = os.getpid()
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:  # None: that descriptor was closed when Python started (`>&-`)
@@ -154,7 +155,7 @@ def fork_command(
                 os.setpgid(0, 0)
             if prctl is not None:
                 if dies_with_parent:
-                    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if name:
                     prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
             if dies_with_parent and os.getppid() != parent:  # it died before the signal was set
@@ -183,7 +184,8 @@ def fork_command(
     return pid
 
 
-def _libc_prctl() -> Callable[..., int] | None:
+def libc_prctl() -> Callable[..., int] | None:
+    """libc's prctl(2), looked up once; None where there is none (not Linux)."""
     if not _prctl:
         try:
             import ctypes

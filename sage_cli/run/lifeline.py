@@ -28,7 +28,6 @@ from collections.abc import Callable
 #: where bash finds the read end: above what scripts use (0-9, and bash's {var} fds from 10),
 #: below 255 (bash keeps the script itself there)
 LOWEST_FD = 200
-_PR_SET_PDEATHSIG = 1
 
 
 def open_lifeline() -> tuple[int, int, str]:
@@ -54,15 +53,15 @@ def dies_with_parent(argv: list[str]) -> tuple[list[str], Callable[[], None] | N
         _SETPRIV.append(shutil.which("setpriv") if sys.platform.startswith("linux") else None)
     if _SETPRIV[0]:
         return [_SETPRIV[0], "--pdeathsig", "KILL", "--", *argv], None
-    import ctypes  # not on a stage's start-up path: only a child started without setpriv
+    # not on a stage's start-up path: only a child started without setpriv
+    from sage_cli.run.fork import PR_SET_PDEATHSIG, libc_prctl
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # pragma: no cover - not Linux
+    prctl = libc_prctl()
+    if prctl is None:  # pragma: no cover - not Linux
         return argv, None
 
     def set_death_signal() -> None:  # in the child, before exec: nothing to import there
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
     return argv, set_death_signal
 

@@ -24,7 +24,7 @@
   the index given with `index` (looked up by the doc's id, no model needed for the docs); the
   embedding model (the index's own, sha256-checked, or `model`, default minilm-l6). The query
   vector is the record's `embedding` when it has the right dimension, else the query embedded
-  with the same model. It lowers recall on every measured set: use it to spread a context
+  with the same model. It lowers recall@5 on every measured set: use it to spread a context
   over more documents, not to find the right one.
 - `llm`: the local generation model (default smollm2-135m) judges each document: asked (in its
   own chat template) whether the document helps answer the question, its next-token

@@ -162,8 +162,9 @@ def check(pipeline: Pipeline, made_before: set[Path] | None = None) -> list[str]
     return report
 
 
-#: commands --check runs from a script with several pipelines (they only set shell state)
 def _sets_state_only(cmd: list[str]) -> bool:
+    """Whether --check runs this command of a script with several pipelines: it only sets
+    shell state (assignments, `set`, `export`, `cd`...)."""
     from sage_cli.run.script import STATE_COMMANDS, _is_assignment
 
     return all(_is_assignment(w) for w in cmd) or cmd[0] in STATE_COMMANDS

@@ -481,6 +481,12 @@ def _traces_commands(args: list[str]) -> bool:
     )
 
 
+def _substitutes(cmd: list[str]) -> bool:
+    """Whether a command's words hold a command substitution (`$(...)` or backquotes): bash
+    runs a program to expand them."""
+    return any("$(" in w or "`" in w for w in cmd)
+
+
 def _is_sage(cmd: list[str]) -> bool:
     words = [w for w in cmd if not _is_assignment(w)]
     return bool(words) and (words[0] == "sage" or words[0].endswith("/sage"))
@@ -532,18 +538,14 @@ def needs_bash(segments: list[Segment], name: str) -> Unsupported | None:
     if why is None:
         for cmd in segments[0].commands:
             words = [w for w in cmd if not _is_assignment(w)]
-            if (words and words[0] not in _STATE_BUILTINS) or any(
-                "$(" in w or "`" in w for w in cmd
-            ):
+            if (words and words[0] not in _STATE_BUILTINS) or _substitutes(cmd):
                 why = f"{name}:{segments[0].line}: a program runs before the pipeline"
                 break
             if words and words[0] == "set" and _traces_commands(words[1:]):
                 # bash would trace the expanding shell's own machinery (`++ __sage_words ...`)
                 why = f"{name}:{segments[0].line}: `set -x` or `-v` traces the script"
                 break
-    if why is None and any(
-        "$(" in w or "`" in w for cmd in segments[0].pipeline or [] for w in cmd
-    ):
+    if why is None and any(_substitutes(cmd) for cmd in segments[0].pipeline or []):
         # the bash that expands the pipeline's words would run it, where no timer, signal or
         # lifeline reaches (`$(sleep 60)` outlived `--timeout 1`)
         why = f"{name}:{segments[0].line}: a command substitution in the pipeline's words"
@@ -614,6 +616,12 @@ def _body_file(script: Path, text: str) -> str:
             fh.write(text)
         return path
     raise ScriptError(f"{script}: cannot write a temporary file")
+
+
+def _bash_said(stderr: bytes) -> str:
+    """bash's last message on `stderr` without its `NAME: line N: ` prefix ("" for none)."""
+    lines = stderr.decode("utf-8", "replace").strip().splitlines()
+    return re.sub(r"^.*?: line [0-9]+: ", "", lines[-1]) if lines else ""
 
 
 class CommandsFailed(SageError):
@@ -705,9 +713,7 @@ def expand_segment(
         # the shell ended expanding the pipeline's words (`set -u` and an unset variable,
         # `${X:?}`, a bad substitution): the script ends there under bash too, with bash's
         # message and status
-        msg = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        why = msg[-1] if msg else f"bash exited with status {proc.returncode}"
-        why = re.sub(r"^.*?: line [0-9]+: ", "", why)
+        why = _bash_said(proc.stderr) or f"bash exited with status {proc.returncode}"
         # this bash runs with -c, where such an exit is status 127; a script file's is 1
         status = 1 if proc.returncode == 127 else proc.returncode
         raise CommandsFailed(f"{where}: {why}", status)  # type: ignore[arg-type]
@@ -733,9 +739,9 @@ def expand_segment(
             )
         marker = f"__sage_{taken}".encode()
         if not 1 <= count < len(fields) - pos or fields[pos + 1] != marker:
-            said = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            said = _bash_said(proc.stderr)
             if said:  # bash gave up on a word (`${}`: bad substitution): its reason, its status
-                raise CommandsFailed(f"{where}: {re.sub(r'^.*?: line [0-9]+: ', '', said[-1])}", 1)  # type: ignore[arg-type]
+                raise CommandsFailed(f"{where}: {said}", 1)  # type: ignore[arg-type]
             raise ScriptError(
                 f"{where}: bash joins lines or quotes of this script differently from "
                 "sage run's reading of it (an unusual quote or continuation?); simplify it"
